@@ -1,0 +1,31 @@
+# Quick start:  make train   (set up, then train on 8 devices)
+#               make test    (set up, then run the tests)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup data train test bench clean
+
+setup: $(STAMP)
+
+# Rebuild the venv when the dependencies change.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || "$$(scripts/find-python.sh)" -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	@touch $@
+
+data:
+	@scripts/get-data.sh
+
+train: setup data
+	$(BIN)/lenet-dist train --devices 8 $(ARGS)
+
+test: setup data
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: setup data
+	$(BIN)/lenet-dist bench --devices 1 --devices 8 $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

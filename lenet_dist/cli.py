@@ -1,0 +1,132 @@
+"""`lenet-dist`: a thin click CLI. Each command parses options and calls the library.
+
+JAX-heavy modules are imported inside commands, after `runtime.configure`
+has set the device count and XLA flags, and so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from lenet_dist.config import DATASETS, OPTIMIZERS, PRESETS
+from lenet_dist.errors import UserError
+
+DEVICES = click.option(
+    "--devices", type=click.IntRange(min=1), default=None,
+    help="Devices in the data-parallel mesh [default: all]. On CPU, this many "
+         "devices are simulated when the host has fewer.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"],
+                               "show_default": True})
+@click.version_option(package_name="lenet-dist")
+def cli():
+    """Train LeNet-5 data-parallel with jax.sharding, from a laptop to a TPU pod."""
+
+
+@cli.command()
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="seed",
+              help="Starting recipe; the options below override its fields.")
+@DEVICES
+@click.option("--dataset", type=click.Choice(DATASETS), default=None,
+              help="[default: fashion_mnist]")
+@click.option("--data-dir", type=click.Path(), default=None,
+              help="Directory of IDX files (gz or not); skips the TFDS/system lookup.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Global batch, split over devices [default: 128].")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="[default: 10]")
+@click.option("--learning-rate", "--lr", type=float, default=None, help="[default: 0.1]")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None,
+              help="[default: sgd]")
+@click.option("--momentum", type=float, default=None, help="For --optimizer momentum.")
+@click.option("--seed", type=int, default=None, help="Init and data-order seed [default: 0].")
+@click.option("--eval-batch-size", type=click.IntRange(min=1), default=None,
+              help="[default: 1000, rounded up to a multiple of the devices]")
+@click.option("--train-limit", type=click.IntRange(min=1), default=None,
+              help="Train on the first N training images only.")
+@click.option("--workdir", type=click.Path(), default=None,
+              help="Run directory for metrics.jsonl [default: runs/lenet].")
+@click.option("--progress/--no-progress", default=None,
+              help="Per-step progress bar [default: on when stderr is a terminal].")
+def train(preset, devices, progress, **overrides):
+    """Train LeNet-5 (the d2l seed recipe by default)."""
+    from lenet_dist import runtime
+    from lenet_dist.config import preset as get_preset
+
+    config = get_preset(preset).replace(devices=devices, **overrides).validate()
+    runtime.configure(cpu_devices=config.devices)
+    from lenet_dist.train import train as run
+
+    if progress is None:
+        progress = sys.stderr.isatty()
+    run(config, progress=progress)
+
+
+@cli.command()
+def summary():
+    """Layer-by-layer output shapes for one 28x28 image, and the parameter count."""
+    from lenet_dist import runtime
+
+    runtime.configure()
+    from lenet_dist import model
+
+    rows = model.layer_summary()
+    click.echo(f"{'layer':<10}output shape")
+    for name, shape in rows:
+        click.echo(f"{name:<10}{shape}")
+    import jax
+
+    click.echo(f"parameters: {model.param_count(model.init_params(jax.random.key(0))):,}")
+
+
+@cli.command()
+@DEVICES
+def devices(devices):
+    """Platform, devices, and the mesh that `--devices N` would build."""
+    from lenet_dist import runtime
+
+    runtime.configure(cpu_devices=devices)
+    from lenet_dist.mesh import describe, make_mesh
+
+    click.echo(describe(make_mesh(devices)))
+
+
+@cli.command()
+@click.option("--devices", "device_counts", type=click.IntRange(min=1), multiple=True,
+              default=(1, 8), help="Device counts to compare (repeat the option).")
+@click.option("--epochs", type=click.IntRange(min=2), default=3,
+              help="Epochs per run; the first (compilation) is not counted.")
+@click.option("--rounds", type=click.IntRange(min=1), default=2,
+              help="Interleaved repetitions, to see the machine's noise.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128)
+@click.option("--data-dir", type=click.Path(), default=None)
+def bench(device_counts, epochs, rounds, batch_size, data_dir):
+    """Steady-state training images/s per device count, each in a fresh process."""
+    from lenet_dist.bench import bench_training
+
+    bench_training(device_counts, epochs=epochs, rounds=rounds, batch_size=batch_size,
+                   data_dir=data_dir, echo=click.echo)
+
+
+def main(argv=None) -> int:
+    """Entry point: every failure is one line on stderr and a non-zero exit."""
+    try:
+        rv = cli.main(args=argv, prog_name="lenet-dist", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        return e.exit_code
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        return 2
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo("error: interrupted", err=True)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Fashion-MNIST / MNIST on the host as uint8 arrays, from the first source that works.
+
+Sources, in order: an explicit `--data-dir` of IDX files, a TFDS copy already
+prepared in the TFDS data dir, the system copy Debian's `dataset-fashion-mnist`
+installs, then a TFDS download. Every process loads the whole (small) dataset
+itself, so multi-host jobs need no coordination here; the devices do the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lenet_dist.errors import UserError
+
+NUM_CLASSES = 10
+IMAGE_SHAPE = (28, 28, 1)
+IMAGES_MAGIC = 2051
+LABELS_MAGIC = 2049
+
+CLASS_NAMES = {
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    "mnist": tuple(str(i) for i in range(10)),
+}
+SYSTEM_DIRS = {
+    "fashion_mnist": "/usr/share/datasets/fashion-mnist",
+    "mnist": "/usr/share/datasets/mnist",
+}
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8 [n, 28, 28, 1]
+    labels: np.ndarray  # int32 [n]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, n: int | None) -> "Split":
+        return self if n is None else Split(self.images[:n], self.labels[:n])
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    name: str
+    source: str  # where it came from, for logs and metadata
+    train: Split
+    test: Split
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return CLASS_NAMES[self.name]
+
+
+# ---------------------------------------------------------------- IDX files
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def read_idx(path: str | os.PathLike, expect_magic: int | None = None) -> np.ndarray:
+    """Parse one IDX file (gzipped or not) into a uint8 array, checking its header."""
+    path = Path(path)
+    raw = _read_bytes(path)
+    if len(raw) < 8:
+        raise UserError(f"{path} is not an IDX file: {len(raw)} bytes, too short for a header")
+    magic = int.from_bytes(raw[:4], "big")
+    if expect_magic is not None and magic != expect_magic:
+        kind = "images" if expect_magic == IMAGES_MAGIC else "labels"
+        raise UserError(
+            f"{path} has IDX magic {magic}, expected {expect_magic} for {kind}; "
+            "is it the right file, and not corrupted?")
+    if magic >> 8 != 0x08:  # 0x08 = unsigned byte data
+        raise UserError(f"{path} has IDX magic {magic:#x}: not an unsigned-byte IDX file")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise UserError(f"{path} is truncated inside its header")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(dims, dtype=np.int64))
+    if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "longer than its header says"
+        raise UserError(
+            f"{path} is {what}: {len(raw)} bytes, header {dims} needs {expected}; "
+            "re-download or reinstall the data")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"),
+                 stem.replace("-idx", ".idx") + ".gz"):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def check_split(images: np.ndarray, labels: np.ndarray, where: str) -> Split:
+    """Validate shapes, counts and label range; return NHWC uint8 + int32 labels."""
+    if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE[:2]:
+        raise UserError(f"{where}: images have shape {images.shape}, expected [n, 28, 28]")
+    if labels.ndim != 1:
+        raise UserError(f"{where}: labels have shape {labels.shape}, expected [n]")
+    if len(images) != len(labels):
+        raise UserError(
+            f"{where}: {len(images)} images but {len(labels)} labels; "
+            "the image and label files do not belong together")
+    if len(labels) and int(labels.max()) >= NUM_CLASSES:
+        raise UserError(
+            f"{where}: label {int(labels.max())} is out of range 0..{NUM_CLASSES - 1}")
+    return Split(images.reshape(-1, *IMAGE_SHAPE), labels.astype(np.int32))
+
+
+def load_idx_dir(directory: str | os.PathLike, name: str) -> Dataset:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"--data-dir {directory} does not exist or is not a directory")
+    splits = {}
+    for split, (img_stem, lbl_stem) in IDX_FILES.items():
+        img, lbl = _find_idx(directory, img_stem), _find_idx(directory, lbl_stem)
+        if img is None or lbl is None:
+            missing = img_stem if img is None else lbl_stem
+            raise UserError(
+                f"{directory} has no {missing}[.gz]; it needs the four IDX files "
+                f"{', '.join(s for pair in IDX_FILES.values() for s in pair)}")
+        splits[split] = check_split(read_idx(img, IMAGES_MAGIC),
+                                    read_idx(lbl, LABELS_MAGIC), f"{directory} {split}")
+    return Dataset(name, str(directory), splits["train"], splits["test"])
+
+
+# ---------------------------------------------------------------- TFDS
+
+
+def tfds_data_dir() -> Path:
+    return Path(os.environ.get("TFDS_DATA_DIR", Path.home() / "tensorflow_datasets"))
+
+
+def tfds_prepared(name: str) -> bool:
+    """Cheap check (no TensorFlow import) for a prepared TFDS copy on disk."""
+    return any((tfds_data_dir() / name).glob("*/dataset_info.json"))
+
+
+def load_tfds(name: str, download: bool) -> Dataset:
+    import tensorflow_datasets as tfds  # heavy: only when this source is used
+
+    splits = {}
+    for split in ("train", "test"):
+        ds = tfds.load(name, split=split, batch_size=-1, data_dir=str(tfds_data_dir()),
+                       download=download)
+        arrays = tfds.as_numpy(ds)
+        splits[split] = check_split(arrays["image"][..., 0], arrays["label"],
+                                    f"TFDS {name} {split}")
+    return Dataset(name, f"tfds:{tfds_data_dir()}", splits["train"], splits["test"])
+
+
+# ---------------------------------------------------------------- resolution
+
+
+def resolve_source(name: str, data_dir: str | None) -> tuple[str, str | None]:
+    """Which source `load` will use: ("idx", dir), ("tfds", None) or ("download", None)."""
+    if name not in SYSTEM_DIRS:
+        raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(SYSTEM_DIRS)}")
+    if data_dir is not None:
+        return "idx", data_dir
+    if tfds_prepared(name):
+        return "tfds", None
+    system = Path(SYSTEM_DIRS[name])
+    if _find_idx(system, IDX_FILES["train"][0]) is not None:
+        return "idx", str(system)
+    return "download", None
+
+
+def how_to_get(name: str) -> str:
+    pkg = "dataset-fashion-mnist" if name == "fashion_mnist" else "an MNIST IDX copy"
+    return (f"get {name} one of three ways: pass --data-dir DIR holding its four IDX files; "
+            f"let TFDS download it (needs internet) into {tfds_data_dir()}; "
+            f"or install {pkg} (apt-get install -y dataset-fashion-mnist) "
+            f"into {SYSTEM_DIRS[name]}")
+
+
+def load(name: str = "fashion_mnist", data_dir: str | None = None) -> Dataset:
+    kind, where = resolve_source(name, data_dir)
+    if kind == "idx":
+        return load_idx_dir(where, name)
+    if kind == "tfds":
+        return load_tfds(name, download=False)
+    try:
+        return load_tfds(name, download=True)
+    except UserError:
+        raise
+    except Exception as e:  # network, TFDS or TensorFlow missing: all mean "no data"
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"no {name} data found and download failed ({first}); "
+                        + how_to_get(name)) from None

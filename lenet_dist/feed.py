@@ -1,0 +1,84 @@
+"""The dataset on the devices: placed once, shuffled per epoch on device.
+
+Each epoch's order is `permutation(fold_in(key(seed), epoch))`, independent of
+the device count, so every global batch holds the same images on 1 or 8
+devices. Arrays are built with `make_array_from_callback`, which only asks
+this process for its own devices' pieces: the same code serves multi-host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import numpy as np
+
+from lenet_dist.data import Split
+from lenet_dist.errors import UserError
+from lenet_dist.mesh import Shardings, check_batch
+
+
+def put(array: np.ndarray, sharding) -> jax.Array:
+    return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainFeed:
+    images: jax.Array  # uint8 [n, 28, 28, 1], replicated
+    labels: jax.Array  # int32 [n], replicated
+    batch_size: int
+    steps_per_epoch: int
+    epoch_fn: object
+
+    def epoch(self, seed: int, epoch: int) -> tuple[jax.Array, jax.Array]:
+        """[steps, batch, ...] arrays for `epoch`, each step's batch split over "data"."""
+        return self.epoch_fn(self.images, self.labels, jax.random.key(seed), epoch)
+
+
+def _shuffle(images, labels, key, epoch, *, steps, batch):
+    perm = jax.random.permutation(jax.random.fold_in(key, epoch), labels.shape[0])
+    take = perm[: steps * batch]
+    xs = images[take].reshape(steps, batch, *images.shape[1:])
+    ys = labels[take].reshape(steps, batch)
+    return xs, ys
+
+
+def train_feed(split: Split, batch_size: int, shardings: Shardings) -> TrainFeed:
+    """Put the training split on the devices. The last partial batch is dropped."""
+    check_batch(batch_size, shardings.size)
+    steps = len(split) // batch_size
+    if steps == 0:
+        raise UserError(f"{len(split)} training images is less than one batch of {batch_size}")
+    fn = jax.jit(partial(_shuffle, steps=steps, batch=batch_size),
+                 in_shardings=(shardings.replicated,) * 4,
+                 out_shardings=(shardings.stacked_batches,) * 2)
+    return TrainFeed(put(split.images, shardings.replicated),
+                     put(split.labels, shardings.replicated), batch_size, steps, fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalFeed:
+    images: jax.Array  # uint8 [batches, batch, 28, 28, 1]
+    labels: jax.Array  # int32 [batches, batch]
+    mask: jax.Array    # bool  [batches, batch]: False on padding
+    size: int          # real examples
+
+    @property
+    def num_batches(self) -> int:
+        return self.images.shape[0]
+
+
+def eval_feed(split: Split, batch_size: int, shardings: Shardings) -> EvalFeed:
+    """The whole split, padded to full batches and masked, so every image counts once."""
+    n_dev = shardings.size
+    batch = -(-batch_size // n_dev) * n_dev  # round up to a multiple of the devices
+    batches = max(1, -(-len(split) // batch))
+    pad = batches * batch - len(split)
+    images = np.concatenate([split.images, np.zeros((pad, *split.images.shape[1:]), np.uint8)])
+    labels = np.concatenate([split.labels, np.zeros(pad, np.int32)])
+    mask = np.arange(batches * batch) < len(split)
+    shape = (batches, batch)
+    sh = shardings.stacked_batches
+    return EvalFeed(put(images.reshape(*shape, *images.shape[1:]), sh),
+                    put(labels.reshape(shape), sh), put(mask.reshape(shape), sh), len(split))
