@@ -11,7 +11,7 @@ import sys
 import click
 
 from lenet_dist.config import DATASETS, OPTIMIZERS, PRESETS
-from lenet_dist.errors import UserError
+from lenet_dist.errors import Preempted, UserError
 
 DEVICES = click.option(
     "--devices", type=click.IntRange(min=1), default=None,
@@ -48,10 +48,22 @@ def cli():
               help="Train on the first N training images only.")
 @click.option("--workdir", type=click.Path(), default=None,
               help="Run directory for metrics.jsonl [default: runs/lenet].")
+@click.option("--save-every-steps", type=click.IntRange(min=0), default=None,
+              help="Also checkpoint every K steps mid-epoch (0: only at epoch ends).")
+@click.option("--keep-checkpoints", type=click.IntRange(min=1), default=None,
+              help="Keep the latest K checkpoints (and always the best) [default: 3].")
+@click.option("--checkpoint/--no-checkpoint", default=None,
+              help="Save checkpoints and resume from them [default: on].")
+@click.option("--allow-config-change", is_flag=True,
+              help="Resume even if the workdir's saved run had other hyper-parameters.")
 @click.option("--progress/--no-progress", default=None,
               help="Per-step progress bar [default: on when stderr is a terminal].")
-def train(preset, devices, progress, **overrides):
-    """Train LeNet-5 (the d2l seed recipe by default)."""
+def train(preset, devices, progress, allow_config_change, **overrides):
+    """Train LeNet-5 (the d2l seed recipe by default), resuming from --workdir.
+
+    SIGTERM/SIGINT finish the step in flight, save a checkpoint and exit with
+    128 + the signal number (143, 130); the same command then resumes.
+    """
     from lenet_dist import runtime
     from lenet_dist.config import preset as get_preset
 
@@ -61,7 +73,52 @@ def train(preset, devices, progress, **overrides):
 
     if progress is None:
         progress = sys.stderr.isatty()
-    run(config, progress=progress)
+    run(config, progress=progress, allow_config_change=allow_config_change)
+
+
+WORKDIR = click.option("--workdir", type=click.Path(), default="runs/lenet",
+                       help="Run directory holding checkpoints/.")
+
+
+@cli.command("eval")
+@WORKDIR
+@click.option("--step", type=click.IntRange(min=0), default=None,
+              help="Checkpoint step [default: latest].")
+@click.option("--best", is_flag=True, help="The checkpoint with the best test accuracy.")
+@DEVICES
+@click.option("--data-dir", type=click.Path(), default=None)
+def eval_cmd(workdir, step, best, devices, data_dir):
+    """Evaluate a checkpoint on the full test set (all 10,000 images)."""
+    if step is not None and best:
+        raise click.UsageError("--step and --best are exclusive; give one")
+    from lenet_dist import runtime
+
+    runtime.configure(cpu_devices=devices)
+    from lenet_dist.evaluate import evaluate_checkpoint
+
+    r = evaluate_checkpoint(workdir, step=step, best=best, devices=devices, data_dir=data_dir)
+    click.echo(f"step {r['step']} (epoch {r['epoch']:g}) on {r['devices']} device(s): "
+               f"test loss {r['test_loss']:.4f}  test accuracy {r['test_accuracy']:.4f}  "
+               f"({r['examples']:,} images)")
+
+
+@cli.command()
+@WORKDIR
+def checkpoints(workdir):
+    """List saved checkpoints with their test metrics; mark the best."""
+    from lenet_dist import runtime
+
+    runtime.configure()
+    from lenet_dist.evaluate import list_checkpoints
+
+    rows = list_checkpoints(workdir)
+    if not rows:
+        raise UserError(f"no checkpoints in {workdir}")
+    click.echo(f"{'step':>8}  {'test acc':>8}  {'test loss':>9}")
+    for r in rows:
+        acc = f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "-"
+        loss = f"{r['test_loss']:.4f}" if r["test_loss"] is not None else "-"
+        click.echo(f"{r['step']:>8}  {acc:>8}  {loss:>9}" + ("  best" if r["best"] else ""))
 
 
 @cli.command()
@@ -123,6 +180,9 @@ def main(argv=None) -> int:
     except UserError as e:
         click.echo(f"error: {e}", err=True)
         return 2
+    except Preempted as e:
+        click.echo(f"{e}", err=True)
+        return e.exit_code
     except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("error: interrupted", err=True)
         return 130

@@ -32,6 +32,10 @@ class Config:
     eval_batch_size: int = 1000
     train_limit: int | None = None
     workdir: str = "runs/lenet"
+    # Checkpointing: always at epoch ends (unless off), and every K steps if K > 0.
+    checkpoint: bool = True
+    save_every_steps: int = 0
+    keep_checkpoints: int = 3
 
     def replace(self, **overrides: Any) -> "Config":
         """Apply overrides, ignoring the ones left unset (None) by the CLI."""
@@ -58,6 +62,8 @@ class Config:
                 f"--train-limit {self.train_limit} is smaller than one batch "
                 f"({self.batch_size}); raise it or lower --batch-size"
             )
+        if self.save_every_steps < 0 or self.keep_checkpoints < 1:
+            raise UserError("--save-every-steps must be >= 0 and --keep-checkpoints >= 1")
         if not self.learning_rate > 0:
             raise UserError("--learning-rate must be > 0")
         return self

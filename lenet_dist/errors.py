@@ -1,5 +1,21 @@
-"""The one exception type the CLI turns into a one-line error and exit code 2."""
+"""Exceptions the CLI turns into one line and an exit code (no traceback)."""
+
+import signal
 
 
 class UserError(Exception):
     """Bad input or environment: the message says what is wrong and what to do."""
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after saving a checkpoint."""
+
+    def __init__(self, signum: int, step: int, saved: bool = True):
+        self.signum, self.step = signum, step
+        what = ("checkpoint saved; run the same command to resume" if saved
+                else "checkpointing was off, nothing saved")
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; {what}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT

@@ -15,7 +15,7 @@ import optax
 
 from lenet_dist.mesh import Shardings
 from lenet_dist.model import LeNet
-from lenet_dist.state import TrainState, state_shardings
+from lenet_dist.state import TrainState, init_state, state_shardings
 
 MODEL = LeNet()
 
@@ -79,6 +79,7 @@ class Steps:
     train: Callable
     evaluate: Callable
     zeros: Callable  # () -> metric accumulators, already placed on the mesh
+    abstract: Callable  # () -> {"state", "acc"} ShapeDtypeStructs with this mesh's shardings
 
 
 def build_steps(tx: optax.GradientTransformation, shardings: Shardings) -> Steps:
@@ -109,7 +110,14 @@ def build_steps(tx: optax.GradientTransformation, shardings: Shardings) -> Steps
         out_shardings=metrics_sh,
     )
     zeros = jax.jit(zero_metrics, out_shardings=metrics_sh)
-    return Steps(train=train, evaluate=evaluate, zeros=zeros)
+
+    def abstract():
+        shapes = jax.eval_shape(lambda k: init_state(k, tx), jax.random.key(0))
+        attach = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)  # noqa: E731
+        return {"state": jax.tree.map(attach, shapes, state_sh),
+                "acc": jax.tree.map(attach, jax.eval_shape(zero_metrics), metrics_sh)}
+
+    return Steps(train=train, evaluate=evaluate, zeros=zeros, abstract=abstract)
 
 
 def summarize(acc: dict) -> dict[str, float]:

@@ -16,10 +16,11 @@ from typing import Callable
 import jax
 from tqdm.auto import tqdm
 
+from lenet_dist import checkpoint as ckpt_lib
 from lenet_dist import data as data_lib
 from lenet_dist.config import Config
 from lenet_dist.errors import UserError
-from lenet_dist.feed import EvalFeed, TrainFeed, eval_feed, train_feed
+from lenet_dist.feed import EvalFeed, eval_feed, train_feed
 from lenet_dist.mesh import Shardings, check_batch, make_mesh
 from lenet_dist.state import TrainState, create_state, make_optimizer
 from lenet_dist.step import Steps, build_steps, summarize
@@ -48,22 +49,20 @@ def evaluate(steps: Steps, params, feed: EvalFeed) -> dict[str, float]:
     return metrics
 
 
-def run_epoch(steps: Steps, state: TrainState, feed: TrainFeed, seed: int, epoch: int,
-              progress: bool, desc: str) -> tuple[TrainState, dict[str, float], float]:
-    """One pass over the shuffled training set; returns state, metrics, seconds."""
-    start = time.perf_counter()
-    xs, ys = feed.epoch(seed, epoch)
-    acc = steps.zeros()
-    bar = tqdm(total=feed.steps_per_epoch, desc=desc, unit="step", disable=not progress,
+def run_steps(steps: Steps, state: TrainState, acc: dict, xs, ys, first: int, last: int,
+              progress: bool, desc: str, after_step: Callable[[int, TrainState, dict], bool]):
+    """Steps first..last-1 of an epoch. `after_step(i, state, acc)` returns True to stop."""
+    bar = tqdm(total=last, initial=first, desc=desc, unit="step", disable=not progress,
                leave=False, dynamic_ncols=True)
-    for i in range(feed.steps_per_epoch):
+    for i in range(first, last):
         previous = acc
         state, acc = steps.train(state, acc, xs, ys, i)
         jax.block_until_ready(previous)  # wait one step behind: the device stays busy
         bar.update()
-    metrics = summarize(acc)
+        if after_step(i, state, acc):
+            break
     bar.close()
-    return state, metrics, time.perf_counter() - start
+    return state, acc
 
 
 def format_epoch(r: dict, epochs: int) -> str:
@@ -74,8 +73,12 @@ def format_epoch(r: dict, epochs: int) -> str:
 
 
 def train(config: Config, dataset: data_lib.Dataset | None = None,
-          log: Callable[[str], None] = print, progress: bool = False) -> TrainResult:
-    """Train `config` end to end; append each epoch to <workdir>/metrics.jsonl."""
+          log: Callable[[str], None] = print, progress: bool = False,
+          allow_config_change: bool = False) -> TrainResult:
+    """Train `config` end to end, resuming from <workdir>/checkpoints if it holds a run.
+
+    Raises `Preempted` after saving a checkpoint when SIGTERM/SIGINT arrives.
+    """
     config = config.validate()
     t0 = time.perf_counter()
 
@@ -83,57 +86,126 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
     mesh = make_mesh(config.devices)
     shardings = Shardings(mesh)
     check_batch(config.batch_size, shardings.size)
+    workdir = _prepare_workdir(config.workdir)
 
     # Input: host uint8 arrays -> device-resident feeds.
     dataset = dataset or data_lib.load(config.dataset, config.data_dir)
     train_split = dataset.train.take(config.train_limit)
     tfeed = train_feed(train_split, config.batch_size, shardings)
     efeed = eval_feed(dataset.test, config.eval_batch_size, shardings)
+    spe = tfeed.steps_per_epoch
+    total_steps = spe * config.epochs
 
     # Model, optimizer and state, born replicated; steps jitted once.
     tx = make_optimizer(config)
-    state = create_state(config.seed, tx, shardings)
     steps = build_steps(tx, shardings)
 
-    workdir = _prepare_workdir(config.workdir)
+    # Checkpoint restore: this run's latest readable checkpoint, else scratch.
+    ckpt = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints) if config.checkpoint \
+        else None
+    restored = ckpt.restore_latest(steps.abstract(), warn=log) if ckpt else None
+    history: list[dict] = []
+    if restored is None:
+        state, acc = create_state(config.seed, tx, shardings), steps.zeros()
+    else:
+        tree, meta = restored
+        if not allow_config_change:
+            ckpt_lib.check_compatible(meta["config"], config.to_dict(), config.workdir)
+        state, acc, history = tree["state"], tree["acc"], meta["history"]
+        _write_metrics(workdir, history)  # drop epochs recorded after this checkpoint
+    start = int(state.step)
+    if restored is not None:
+        if start >= total_steps:
+            log(f"run in {workdir} is finished: {start} steps = {config.epochs} epochs"
+                + (f", test accuracy {history[-1]['test_accuracy']:.4f}" if history else "")
+                + "; use --epochs to train longer or a new --workdir")
+            ckpt.close()
+            return TrainResult(state=state, history=history, config=config)
+        log(f"resuming from checkpoint at step {start} (epoch {start // spe + 1}, "
+            f"step {start % spe} of {spe}) in {ckpt.directory}")
+
     log(f"training LeNet-5 on {dataset.name} ({len(train_split):,} train / "
         f"{efeed.size:,} test images from {dataset.source}) over {shardings.size} "
         f"{mesh.devices.flat[0].platform} device(s), global batch {config.batch_size}, "
         f"{config.optimizer} lr {config.learning_rate}, {config.epochs} epochs")
 
-    history = []
-    for epoch in range(config.epochs):
-        desc = f"epoch {epoch + 1}/{config.epochs}"
-        start = time.perf_counter()
-        state, train_m, train_secs = run_epoch(steps, state, tfeed, config.seed, epoch,
-                                               progress, desc)
-        test_m = evaluate(steps, state.params, efeed)
-        record = {
-            "epoch": epoch + 1,
-            "step": tfeed.steps_per_epoch * (epoch + 1),
-            "train_loss": train_m["loss"], "train_accuracy": train_m["accuracy"],
-            "test_loss": test_m["loss"], "test_accuracy": test_m["accuracy"],
-            "images_per_sec": train_m["count"] / train_secs,
-            "train_seconds": train_secs,
-            "epoch_seconds": time.perf_counter() - start,
-            "devices": shardings.size,
-            "batch_size": config.batch_size,
-            "time": time.time(),
-        }
-        history.append(record)
-        with open(workdir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        log(format_epoch(record, config.epochs))
-        if not math.isfinite(record["train_loss"]):
-            raise UserError(f"training diverged at epoch {epoch + 1} (loss "
-                            f"{record['train_loss']}); lower --learning-rate")
+    def meta_for(step: int) -> dict:
+        return {"config": config.to_dict(), "step": step, "epoch": step / spe,
+                "steps_per_epoch": spe, "history": list(history), "mesh": dict(mesh.shape),
+                "versions": ckpt_lib.versions(), "dataset_source": dataset.source}
+
+    try:
+        with ckpt_lib.stop_signals() as signals:
+            def after_step(i: int, state, acc) -> bool:
+                step = epoch * spe + i + 1
+                stop = bool(signals) or (multi_process and ckpt.manager.reached_preemption(step))
+                mid_epoch = i + 1 < spe
+                if ckpt and mid_epoch and (stop or (config.save_every_steps
+                                                    and step % config.save_every_steps == 0)):
+                    ckpt.save(step, {"state": state, "acc": acc}, meta_for(step), wait=stop)
+                if stop and mid_epoch:
+                    raise ckpt_lib.Preempted(signals[0] if signals else 15, step, saved=bool(ckpt))
+                return False
+
+            multi_process = jax.process_count() > 1 and ckpt is not None
+            for epoch in range(start // spe, config.epochs):
+                desc = f"epoch {epoch + 1}/{config.epochs}"
+                t_epoch = time.perf_counter()
+                first = start - epoch * spe if epoch == start // spe else 0
+                if first == 0:
+                    acc = steps.zeros()
+                xs, ys = tfeed.epoch(config.seed, epoch)
+                state, acc = run_steps(steps, state, acc, xs, ys, first, spe, progress, desc,
+                                       after_step)
+                train_m = summarize(acc)
+                train_secs = time.perf_counter() - t_epoch
+                test_m = evaluate(steps, state.params, efeed)
+                record = {
+                    "epoch": epoch + 1,
+                    "step": spe * (epoch + 1),
+                    "train_loss": train_m["loss"], "train_accuracy": train_m["accuracy"],
+                    "test_loss": test_m["loss"], "test_accuracy": test_m["accuracy"],
+                    "images_per_sec": (spe - first) * config.batch_size / train_secs,
+                    "train_seconds": train_secs,
+                    "epoch_seconds": time.perf_counter() - t_epoch,
+                    "devices": shardings.size,
+                    "batch_size": config.batch_size,
+                    "time": time.time(),
+                }
+                history.append(record)
+                with open(workdir / METRICS_FILE, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                log(format_epoch(record, config.epochs))
+                if not math.isfinite(record["train_loss"]):
+                    raise UserError(f"training diverged at epoch {epoch + 1} (loss "
+                                    f"{record['train_loss']}); lower --learning-rate")
+                if ckpt:
+                    ckpt.save(record["step"], {"state": state, "acc": acc},
+                              meta_for(record["step"]),
+                              metrics={"test_accuracy": record["test_accuracy"],
+                                       "test_loss": record["test_loss"]},
+                              wait=bool(signals))
+                if signals and epoch + 1 < config.epochs:
+                    raise ckpt_lib.Preempted(signals[0], record["step"], saved=bool(ckpt))
+
+    finally:
+        if ckpt:
+            ckpt.close()  # let an in-flight async save finish
 
     total = time.perf_counter() - t0
-    images = sum(r["images_per_sec"] * r["train_seconds"] for r in history)
-    log(f"done in {total:.1f} s wall ({images / sum(r['train_seconds'] for r in history):,.0f} "
-        f"img/s while training); final test accuracy {history[-1]['test_accuracy']:.4f}; "
-        f"metrics in {workdir / METRICS_FILE}")
+    trained = [r for r in history if r["epoch"] > start // spe]
+    rate = sum(r["images_per_sec"] * r["train_seconds"] for r in trained) / max(
+        sum(r["train_seconds"] for r in trained), 1e-9)
+    log(f"done in {total:.1f} s wall ({rate:,.0f} img/s while training); final test "
+        f"accuracy {history[-1]['test_accuracy']:.4f}; metrics in {workdir / METRICS_FILE}")
     return TrainResult(state=state, history=history, config=config)
+
+
+def _write_metrics(workdir: Path, history: list[dict]) -> None:
+    """Rewrite metrics.jsonl from a checkpoint's history (atomically)."""
+    tmp = workdir / (METRICS_FILE + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+    tmp.replace(workdir / METRICS_FILE)
 
 
 def _prepare_workdir(path: str) -> Path:

@@ -1,0 +1,167 @@
+"""Orbax checkpoints in <workdir>/checkpoints: save, find the latest good one, restore.
+
+Restore order: this run's latest readable checkpoint, else scratch. Each
+checkpoint holds the train state and the partial-epoch metric sums (so a
+mid-epoch resume reports the same epoch metrics) plus JSON metadata. The data
+order needs no saving: it is a function of (seed, epoch) and the step.
+Restores go into the abstract, sharded state of the *current* mesh, so the
+device count may change between save and restore.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import signal
+import threading
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from lenet_dist.errors import Preempted, UserError  # noqa: F401 (Preempted re-exported)
+
+CHECKPOINT_DIR = "checkpoints"
+BEST_METRIC = "test_accuracy"
+# Fields that decide what a run computes: resuming with any of them changed
+# would silently continue a different experiment.
+COMPATIBLE_FIELDS = ("dataset", "batch_size", "optimizer", "learning_rate", "momentum",
+                     "seed", "train_limit")
+
+log = logging.getLogger(__name__)
+
+
+def versions() -> dict[str, str]:
+    import flax
+    import optax
+
+    return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+            "orbax-checkpoint": ocp.__version__ if hasattr(ocp, "__version__") else "?",
+            "python": platform.python_version()}
+
+
+class Checkpoints:
+    """One CheckpointManager: async saves, keep the latest K and the best by test accuracy."""
+
+    def __init__(self, workdir: str | Path, keep: int = 3, read_only: bool = False):
+        quiet_orbax()
+        self.directory = Path(workdir).absolute() / CHECKPOINT_DIR
+        if read_only and not self.directory.is_dir():
+            raise UserError(f"no checkpoints in {Path(workdir)}; train there first "
+                            f"(lenet-dist train --workdir {workdir})")
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policies.AnyPreservationPolicy([
+                policies.LatestN(n=keep),
+                policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+                               keep_checkpoints_without_metrics=False),
+            ]),
+            best_fn=lambda m: m[BEST_METRIC], best_mode="max",
+            enable_async_checkpointing=True,
+            read_only=read_only,
+            create=not read_only,
+            cleanup_tmp_directories=not read_only,
+        )
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        except OSError as e:
+            raise UserError(f"cannot use {self.directory}: {e.strerror or e}") from None
+
+    # -- saving ---------------------------------------------------------------
+
+    def save(self, step: int, tree: dict, meta: dict, metrics: dict | None = None,
+             wait: bool = False) -> None:
+        """Save asynchronously (the device-to-host copy happens before returning)."""
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
+            metrics=metrics, force=True)
+        if wait:
+            self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    # -- reading --------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def best_step(self) -> int | None:
+        has_metrics = [s for s in self.steps() if self.metrics(s) is not None]
+        return self.manager.best_step() if has_metrics else None
+
+    def metrics(self, step: int) -> dict | None:
+        try:
+            return self.manager.metrics(step)
+        except Exception:  # unreadable metrics file: treat as none
+            return None
+
+    def meta(self, step: int) -> dict:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))
+        return restored["meta"]
+
+    def restore(self, step: int, abstract: dict) -> tuple[dict, dict]:
+        if step not in self.steps():
+            raise UserError(f"no checkpoint at step {step} in {self.directory}; "
+                            f"available: {', '.join(map(str, self.steps())) or 'none'}")
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        return restored["state"], restored["meta"]
+
+    def restore_latest(self, abstract: dict,
+                       warn: Callable[[str], None] = print) -> tuple[dict, dict] | None:
+        """Newest checkpoint that restores; unreadable ones are skipped, never deleted."""
+        for step in reversed(self.steps()):
+            try:
+                return self.restore(step, abstract)
+            except Exception as e:  # torn or corrupted: fall back to the previous one
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                warn(f"warning: checkpoint step {step} is unreadable ({first}); "
+                     "trying the previous one")
+        return None
+
+
+def check_compatible(saved: dict, current: dict, workdir: str) -> None:
+    diffs = [f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}"
+             for k in COMPATIBLE_FIELDS if saved.get(k) != current.get(k)]
+    if diffs:
+        raise UserError(f"--workdir {workdir} holds a different run ({'; '.join(diffs)}); "
+                        "use another --workdir, or --allow-config-change to continue anyway")
+
+
+@contextmanager
+def stop_signals():
+    """Turn SIGTERM/SIGINT into a flag the loop checks between steps.
+
+    A second signal gets the default behaviour (e.g. Ctrl-C twice kills).
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        received.append(signum)
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, previous[s])
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def quiet_orbax() -> None:
+    """Orbax warns through absl about expected states (a mid-epoch save without
+    metrics, a read-only manager); keep the CLI's output to what matters."""
+    for name in ("absl", "orbax"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="orbax")
+
