@@ -14,6 +14,7 @@ import logging
 import platform
 import signal
 import threading
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +49,7 @@ class Checkpoints:
     """One CheckpointManager: async saves, keep the latest K and the best by test accuracy."""
 
     def __init__(self, workdir: str | Path, keep: int = 3, read_only: bool = False):
+        self.read_only = read_only
         quiet_orbax()
         self.directory = Path(workdir).absolute() / CHECKPOINT_DIR
         if read_only and not self.directory.is_dir():
@@ -115,15 +117,28 @@ class Checkpoints:
 
     def restore_latest(self, abstract: dict,
                        warn: Callable[[str], None] = print) -> tuple[dict, dict] | None:
-        """Newest checkpoint that restores; unreadable ones are skipped, never deleted."""
+        """Newest checkpoint that restores. An unreadable one is moved aside to
+        <workdir>/corrupt-checkpoints (never deleted), so training can save that
+        step again, and the previous one is tried."""
         for step in reversed(self.steps()):
             try:
                 return self.restore(step, abstract)
             except Exception as e:  # torn or corrupted: fall back to the previous one
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+                where = self._quarantine(step)
                 warn(f"warning: checkpoint step {step} is unreadable ({first}); "
+                     f"{'moved to ' + str(where) if where else 'left in place'}; "
                      "trying the previous one")
         return None
+
+    def _quarantine(self, step: int) -> Path | None:
+        if self.read_only:
+            return None
+        target = self.directory.parent / "corrupt-checkpoints" / f"{step}-{int(time.time())}"
+        target.parent.mkdir(exist_ok=True)
+        (self.directory / str(step)).rename(target)
+        self.manager.reload()
+        return target
 
 
 def check_compatible(saved: dict, current: dict, workdir: str) -> None:

@@ -1,0 +1,195 @@
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from lenet_dist.checkpoint import Checkpoints
+from lenet_dist.cli import main
+from lenet_dist.config import Config
+from lenet_dist.errors import UserError
+from lenet_dist.evaluate import evaluate_checkpoint, restore_params
+from lenet_dist.mesh import Shardings, make_mesh
+from lenet_dist.train import train
+from tests.test_cli import run_cli
+
+QUIET = dict(log=lambda _: None)
+
+
+def assert_same_params(a, b, atol=0.0):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol)
+
+
+def small(workdir, **kw) -> Config:
+    base = dict(devices=8, epochs=2, train_limit=640, batch_size=64, learning_rate=0.5,
+                workdir=str(workdir))
+    return Config(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory):
+    """An uninterrupted 2-epoch run saving every 3 steps (10 steps per epoch)."""
+    work = tmp_path_factory.mktemp("ref")
+    result = train(small(work, save_every_steps=3, keep_checkpoints=20), dataset=dataset, **QUIET)
+    return work, result
+
+
+def test_checkpoints_listed_with_best(reference):
+    work, result = reference
+    ckpts = Checkpoints(work, read_only=True)
+    assert ckpts.steps() == [3, 6, 9, 10, 12, 15, 18, 20]
+    assert ckpts.metrics(10)["test_accuracy"] == result.history[0]["test_accuracy"]
+    assert ckpts.metrics(12) is None  # mid-epoch saves carry no test metrics
+    best = max(r["test_accuracy"] for r in result.history)
+    assert ckpts.best_step() in (10, 20)
+    assert ckpts.metrics(ckpts.best_step())["test_accuracy"] == best
+
+
+@pytest.mark.parametrize("resume_from", [10, 12])  # an epoch end, and mid-epoch
+def test_interrupted_run_continues_exactly(reference, dataset, tmp_path, resume_from):
+    ref_work, ref = reference
+    work = tmp_path / "run"
+    shutil.copytree(ref_work, work)
+    for step_dir in (work / "checkpoints").iterdir():  # as if killed just after this save
+        if step_dir.name.isdigit() and int(step_dir.name) > resume_from:
+            shutil.rmtree(step_dir)
+    logs = []
+    resumed = train(small(work, save_every_steps=3, keep_checkpoints=20), dataset=dataset,
+                    log=logs.append)
+    assert any(f"resuming from checkpoint at step {resume_from}" in line for line in logs)
+    assert_same_params(resumed.state.params, ref.state.params, atol=1e-6)
+    for a, b in zip(resumed.history, ref.history):
+        for k in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+            assert a[k] == pytest.approx(b[k], abs=1e-6), k
+    lines = (work / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # the epoch recomputed after the checkpoint is not duplicated
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_checkpoint_from_8_devices_restores_on_fewer(trained, dataset, n):
+    params, config, step, meta, _ = restore_params(trained.config.workdir, None, False,
+                                                   Shardings(make_mesh(n)))
+    assert meta["mesh"] == {"data": 8} and step == trained.final["step"]
+    assert {len(p.sharding.device_set) for p in jax.tree.leaves(params)} == {n}
+    assert_same_params(params, trained.state.params)
+    result = evaluate_checkpoint(trained.config.workdir, devices=n)
+    assert result["examples"] == len(dataset.test)
+    assert result["test_accuracy"] == pytest.approx(trained.final["test_accuracy"], abs=1e-6)
+
+
+def test_training_continues_on_4_devices(reference, dataset, tmp_path):
+    ref_work, ref = reference
+    runs = {}
+    for n in (8, 4):
+        work = tmp_path / f"d{n}"
+        shutil.copytree(ref_work, work)
+        runs[n] = train(small(work, devices=n, epochs=3), dataset=dataset, **QUIET)
+        assert len(runs[n].history) == 3
+    assert_same_params(runs[4].state.params, runs[8].state.params, atol=1e-5)
+
+
+def test_finished_run_says_so(reference, dataset):
+    work, ref = reference
+    before = sorted(p.name for p in (work / "checkpoints").iterdir())
+    logs = []
+    result = train(small(work, save_every_steps=3, keep_checkpoints=20), dataset=dataset,
+                   log=logs.append)
+    assert "is finished: 20 steps = 2 epochs" in logs[0] and len(logs) == 1
+    assert_same_params(result.state.params, ref.state.params)
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == before
+
+
+def test_other_runs_workdir_is_refused_and_untouched(reference, dataset):
+    work, _ = reference
+    before = sorted(p.name for p in (work / "checkpoints").iterdir())
+    with pytest.raises(UserError, match=r"holds a different run \(dataset: saved "
+                                        r"'fashion_mnist', now 'mnist'; batch_size"):
+        train(small(work, dataset="mnist", batch_size=32), dataset=dataset, **QUIET)
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == before
+
+
+def test_truncated_latest_checkpoint_falls_back(reference, dataset, tmp_path):
+    ref_work, ref = reference
+    work = tmp_path / "run"
+    shutil.copytree(ref_work, work)
+    files = [f for f in (work / "checkpoints" / "20").rglob("*") if f.is_file()
+             and f.stat().st_size > 1000]
+    for f in files:  # truncate the array data of the latest checkpoint
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    logs = []
+    resumed = train(small(work, save_every_steps=3, keep_checkpoints=20), dataset=dataset,
+                    log=logs.append)
+    assert any("warning: checkpoint step 20 is unreadable" in line and "moved to" in line
+               for line in logs)
+    assert len(list((work / "corrupt-checkpoints").iterdir())) == 1  # kept, not deleted
+    assert any("resuming from checkpoint at step 18" in line for line in logs)
+    assert_same_params(resumed.state.params, ref.state.params, atol=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--workdir", "{tmp}/none"], "no checkpoints in"),
+    (["checkpoints", "--workdir", "{tmp}/none"], "no checkpoints in"),
+    (["eval", "--workdir", "{ref}", "--step", "7"], "no checkpoint at step 7; available: 3, 6"),
+    (["eval", "--workdir", "{ref}", "--step", "3", "--best"], "--step and --best are exclusive"),
+    (["train", "--workdir", "{file}"], "is a file, not a directory"),
+    (["train", "--workdir", "{file}/sub"], "cannot write to --workdir"),
+])
+def test_checkpoint_bad_input(capsys, devices, reference, tmp_path, args, message):
+    (tmp_path / "f").write_text("x")
+    fmt = dict(tmp=tmp_path, ref=reference[0], file=tmp_path / "f")
+    assert main([a.format(**fmt) for a in args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_best_without_metrics_is_refused(capsys, devices, reference, tmp_path):
+    work = tmp_path / "mid"
+    shutil.copytree(reference[0], work)
+    for d in (work / "checkpoints").iterdir():
+        if d.name in ("10", "20"):
+            shutil.rmtree(d)
+    assert main(["eval", "--workdir", str(work), "--best"]) == 2
+    assert "has test metrics yet" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_matches(reference, tmp_path):
+    """SIGTERM mid-run: exit 143 with a checkpoint; the rerun ends where the
+    uninterrupted in-process reference run ended."""
+    _, ref = reference
+    from tests.test_cli import data_dir as _  # noqa: F401  (fixture module import)
+    from tests.conftest import REAL_DIR, real_data_available
+
+    if not real_data_available():
+        pytest.skip("needs the real data on disk for the subprocess")
+    args = ["train", "--devices", "8", "--epochs", "2", "--train-limit", "640",
+            "--batch-size", "64", "--lr", "0.5", "--save-every-steps", "3",
+            "--keep-checkpoints", "20", "--data-dir", REAL_DIR, "--workdir",
+            str(tmp_path), "--no-progress", "--eval-batch-size", "1000"]
+    import os
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, "-m", "lenet_dist", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt_dir = tmp_path / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpt_dir.is_dir() and any(
+            p.name.isdigit() for p in ckpt_dir.iterdir())):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("run finished before the signal landed")
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM at step" in err and "checkpoint saved" in err
+    assert "Traceback" not in err
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from checkpoint at step" in again.stdout
+    params, *_ = restore_params(str(tmp_path), None, False, Shardings(make_mesh(8)))
+    assert_same_params(params, ref.state.params, atol=1e-6)
