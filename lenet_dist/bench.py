@@ -15,40 +15,53 @@ from typing import Callable, Sequence
 from lenet_dist.errors import UserError
 
 
-def steady_rate(metrics_file: Path) -> float:
-    """Median images/s over the epochs after the first (which compiles)."""
+def steady_figures(metrics_file: Path) -> tuple[float, float]:
+    """Over the epochs after the first (which compiles): median training images/s,
+    and median wall seconds from one epoch's end to the next (train + eval + save)."""
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
-    return statistics.median(r["images_per_sec"] for r in rows[1:])
+    rate = statistics.median(r["images_per_sec"] for r in rows[1:])
+    wall = statistics.median(b["time"] - a["time"] for a, b in zip(rows, rows[1:]))
+    return rate, wall
 
 
 def run_once(devices: int, epochs: int, batch_size: int, data_dir: str | None,
-             workdir: Path) -> float:
+             workdir: Path, extra: Sequence[str] = ()) -> tuple[float, float]:
     cmd = [sys.executable, "-m", "lenet_dist", "train", "--devices", str(devices),
            "--epochs", str(epochs), "--batch-size", str(batch_size), "--no-progress",
-           "--workdir", str(workdir)]
+           "--workdir", str(workdir), *extra]
     if data_dir:
         cmd += ["--data-dir", data_dir]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"benchmark run with --devices {devices} failed: {last}")
-    return steady_rate(workdir / "metrics.jsonl")
+    return steady_figures(workdir / "metrics.jsonl")
 
 
 def bench_training(device_counts: Sequence[int], epochs: int, rounds: int, batch_size: int,
-                   data_dir: str | None, echo: Callable[[str], None] = print) -> dict:
-    rates: dict[int, list[float]] = {n: [] for n in device_counts}
+                   data_dir: str | None, echo: Callable[[str], None] = print,
+                   checkpoint_cost: bool = False) -> dict:
+    """Compare device counts (checkpointing off); with `checkpoint_cost`, compare
+    checkpointing on vs off on the first device count instead."""
+    n0 = device_counts[0]
+    if checkpoint_cost:
+        variants = {"checkpoint off": (n0, ["--no-checkpoint"]),
+                    "checkpoint on (every epoch)": (n0, [])}
+    else:
+        variants = {f"--devices {n}": (n, ["--no-checkpoint"]) for n in device_counts}
+    figures: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
-            for n in device_counts:
-                rate = run_once(n, epochs, batch_size, data_dir, Path(tmp) / f"r{r}-d{n}")
-                rates[n].append(rate)
-                echo(f"round {r + 1}: --devices {n}: {rate:,.0f} img/s")
-    base = statistics.median(rates[device_counts[0]])
-    echo(f"steady-state training images/s (batch {batch_size}, median of {rounds} rounds "
-         f"x {epochs - 1} epochs):")
-    for n, values in rates.items():
-        med = statistics.median(values)
-        echo(f"  --devices {n}: {med:,.0f} img/s  ({med / base:.2f}x --devices "
-             f"{device_counts[0]}; runs {', '.join(f'{v:,.0f}' for v in values)})")
-    return {n: statistics.median(v) for n, v in rates.items()}
+            for i, (name, (n, extra)) in enumerate(variants.items()):
+                fig = run_once(n, epochs, batch_size, data_dir, Path(tmp) / f"r{r}-v{i}", extra)
+                figures[name].append(fig)
+                echo(f"round {r + 1}: {name}: {fig[0]:,.0f} img/s training, "
+                     f"{fig[1]:.2f} s per epoch end to end")
+    first = next(iter(figures))
+    medians = {name: (statistics.median(f[0] for f in v), statistics.median(f[1] for f in v))
+               for name, v in figures.items()}
+    echo(f"steady state (batch {batch_size}, median of {rounds} rounds x {epochs - 1} epochs):")
+    for name, (rate, wall) in medians.items():
+        echo(f"  {name}: {rate:,.0f} img/s training ({rate / medians[first][0]:.2f}x); "
+             f"{wall:.2f} s per epoch with eval and saves ({wall / medians[first][1]:.2f}x)")
+    return medians

@@ -159,12 +159,14 @@ def devices(devices):
               help="Interleaved repetitions, to see the machine's noise.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128)
 @click.option("--data-dir", type=click.Path(), default=None)
-def bench(device_counts, epochs, rounds, batch_size, data_dir):
+@click.option("--checkpoint-cost", is_flag=True,
+              help="Compare checkpointing on vs off on the first device count instead.")
+def bench(device_counts, epochs, rounds, batch_size, data_dir, checkpoint_cost):
     """Steady-state training images/s per device count, each in a fresh process."""
     from lenet_dist.bench import bench_training
 
     bench_training(device_counts, epochs=epochs, rounds=rounds, batch_size=batch_size,
-                   data_dir=data_dir, echo=click.echo)
+                   data_dir=data_dir, echo=click.echo, checkpoint_cost=checkpoint_cost)
 
 
 def main(argv=None) -> int:
