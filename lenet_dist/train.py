@@ -134,6 +134,7 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
                 "steps_per_epoch": spe, "history": list(history), "mesh": dict(mesh.shape),
                 "versions": ckpt_lib.versions(), "dataset_source": dataset.source}
 
+    multi_process = jax.process_count() > 1 and ckpt is not None
     try:
         with ckpt_lib.stop_signals() as signals:
             def after_step(i: int, state, acc) -> bool:
@@ -147,7 +148,6 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
                     raise ckpt_lib.Preempted(signals[0] if signals else 15, step, saved=bool(ckpt))
                 return False
 
-            multi_process = jax.process_count() > 1 and ckpt is not None
             for epoch in range(start // spe, config.epochs):
                 desc = f"epoch {epoch + 1}/{config.epochs}"
                 t_epoch = time.perf_counter()

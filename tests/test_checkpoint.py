@@ -1,3 +1,4 @@
+import os
 import shutil
 import signal
 import subprocess
@@ -163,7 +164,6 @@ def test_sigterm_saves_and_resume_matches(reference, tmp_path):
     """SIGTERM mid-run: exit 143 with a checkpoint; the rerun ends where the
     uninterrupted in-process reference run ended."""
     _, ref = reference
-    from tests.test_cli import data_dir as _  # noqa: F401  (fixture module import)
     from tests.conftest import REAL_DIR, real_data_available
 
     if not real_data_available():
@@ -172,7 +172,6 @@ def test_sigterm_saves_and_resume_matches(reference, tmp_path):
             "--batch-size", "64", "--lr", "0.5", "--save-every-steps", "3",
             "--keep-checkpoints", "20", "--data-dir", REAL_DIR, "--workdir",
             str(tmp_path), "--no-progress", "--eval-batch-size", "1000"]
-    import os
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.Popen([sys.executable, "-m", "lenet_dist", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
