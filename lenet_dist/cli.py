@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from lenet_dist.config import DATASETS, OPTIMIZERS, PRESETS
+from lenet_dist.config import DATASETS, DEFAULT_EXPORT_PLATFORMS, OPTIMIZERS, PRESETS
 from lenet_dist.errors import Preempted, UserError
 
 DEVICES = click.option(
@@ -167,6 +167,91 @@ def bench(device_counts, epochs, rounds, batch_size, data_dir, checkpoint_cost):
 
     bench_training(device_counts, epochs=epochs, rounds=rounds, batch_size=batch_size,
                    data_dir=data_dir, echo=click.echo, checkpoint_cost=checkpoint_cost)
+
+
+@cli.command("export")
+@WORKDIR
+@click.option("--step", type=click.IntRange(min=0), default=None,
+              help="Checkpoint step [default: latest].")
+@click.option("--best", is_flag=True, help="The checkpoint with the best test accuracy.")
+@click.option("--out", type=click.Path(), required=True,
+              help="SavedModel directory to create; for TF Serving, end it with a "
+                   "version folder: models/lenet/1.")
+@click.option("--platforms", default=",".join(DEFAULT_EXPORT_PLATFORMS),
+              help="Comma-separated platforms to serialize for: cpu, cuda, rocm, tpu.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--data-dir", type=click.Path(), default=None,
+              help="Where the test images for the export-time check are.")
+def export_cmd(workdir, step, best, out, platforms, overwrite, data_dir):
+    """Export a checkpoint as a TensorFlow SavedModel (jax2tf) for TF Serving.
+
+    The model is loaded back and compared with JAX before it is moved to --out.
+    """
+    if step is not None and best:
+        raise click.UsageError("--step and --best are exclusive; give one")
+    from lenet_dist import runtime
+
+    runtime.configure(cpu_devices=1)
+    from lenet_dist.export import export_checkpoint
+
+    info = export_checkpoint(workdir, out, step=step, best=best, platforms=platforms,
+                             overwrite=overwrite, data_dir=data_dir)
+    ck, ser, ref = info["checkpoint"], info["serialization"], info["reference"]
+    acc = f"{ck['test_accuracy']:.4f}" if ck["test_accuracy"] is not None else "not evaluated"
+    click.echo(f"exported step {ck['step']} (test accuracy {acc}) to {out}")
+    click.echo(f"  platforms {','.join(info['platforms'])}; StableHLO "
+               f"{ser['stablehlo_version']} (jax writes {ser['jax_default_stablehlo']}, "
+               f"TensorFlow {info['versions']['tensorflow']} reads <= "
+               f"{ser['tensorflow_max_stablehlo']}); XlaCallModule "
+               f"v{ser['calling_convention_version']}")
+    click.echo(f"  checked: SavedModel vs JAX on {ref['images']} {ref['source']} images, "
+               f"max |logit diff| {ref['max_abs_logit_diff']:.1e}")
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--model", type=click.Path(), default=None,
+              help="An exported SavedModel directory (TensorFlow only, no JAX).")
+@click.option("--workdir", type=click.Path(), default=None,
+              help="Or a run directory: predict from its checkpoint in JAX.")
+@click.option("--step", type=click.IntRange(min=0), default=None,
+              help="With --workdir: checkpoint step [default: latest].")
+@click.option("--best", is_flag=True, help="With --workdir: the best checkpoint.")
+@click.option("--top", type=click.IntRange(min=1, max=10), default=1,
+              help="Classes to show per image.")
+@click.option("--invert", is_flag=True,
+              help="Invert pixels: for dark objects on a light background "
+                   "(Fashion-MNIST is light on dark).")
+@click.option("--labels", type=click.Path(), default=None,
+              help="IDX labels file for IDX inputs: also print the accuracy.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--quiet", "-q", is_flag=True, help="Only the accuracy (with --labels).")
+def predict(inputs, model, workdir, step, best, top, invert, labels, as_json, quiet):
+    """Classify PNG/JPEG/GIF/BMP files or IDX image files.
+
+    Images are converted to 28x28 grayscale; one line per image with the class
+    name and its probability.
+    """
+    if (model is None) == (workdir is None):
+        raise click.UsageError("give exactly one of --model (SavedModel) or --workdir")
+    if step is not None and best:
+        raise click.UsageError("--step and --best are exclusive; give one")
+    if model is not None and (step is not None or best):
+        raise click.UsageError("--step/--best choose a checkpoint; use them with --workdir")
+    if workdir is not None:
+        from lenet_dist import runtime
+
+        runtime.configure(cpu_devices=1)
+    from lenet_dist.predict import format_rows
+    from lenet_dist.predict import predict as run
+
+    result = run(inputs, model=model, workdir=workdir, step=step, best=best, invert=invert,
+                 top=top, labels=labels)
+    if not quiet:
+        for line in format_rows(result, as_json):
+            click.echo(line)
+    if "accuracy" in result:
+        click.echo(f"accuracy {result['accuracy']:.4f} on {len(result['classes']):,} images")
 
 
 def main(argv=None) -> int:

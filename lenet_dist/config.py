@@ -9,6 +9,9 @@ from lenet_dist.errors import UserError
 
 DATASETS = ("fashion_mnist", "mnist")
 OPTIMIZERS = ("sgd", "momentum", "adam")
+# Where an exported SavedModel can run (jax2tf lowers for each; XlaCallModule picks).
+EXPORT_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+DEFAULT_EXPORT_PLATFORMS = ("cpu", "cuda", "tpu")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,10 @@ Both must happen before the first JAX backend call, so every command calls
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
 
 # Measured on the 2-core dev machine (see README, "Throughput"): routing
 # XLA:CPU convolutions and matmuls to oneDNN made the per-step loop about
@@ -42,3 +45,51 @@ def configure(cpu_devices: int | None = None, onednn: bool = True) -> None:
             # JAX already initialised (e.g. inside a test session that set its
             # own count); the mesh builder reports any shortfall.
             pass
+
+
+# INFO lines TensorFlow's C++ prints while it loads. Once jaxlib has set up
+# absl logging, TF_CPP_MIN_LOG_LEVEL no longer silences them.
+TF_IMPORT_NOISE = ("absl::InitializeLog", "oneDNN custom operations are on",
+                   "This TensorFlow binary is optimized", "rebuild TensorFlow with")
+
+
+@contextlib.contextmanager
+def _filtered_stderr(noise: tuple[str, ...]):
+    """Capture file descriptor 2 (where C++ logs go); replay all but `noise`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode(errors="replace").splitlines()
+                    if not any(n in line for n in noise)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr)
+
+
+TENSORFLOW_PIN = "tensorflow-cpu==2.21.0"  # the version pyproject.toml pins
+
+
+def import_tensorflow():
+    """TensorFlow, quiet, or a UserError that says how to install it.
+
+    Imported only by the commands that need it (export, predict), so training
+    never pays its import time.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        with _filtered_stderr(TF_IMPORT_NOISE):
+            import tensorflow as tf
+    except ImportError as e:
+        from lenet_dist.errors import UserError
+
+        raise UserError(f"TensorFlow is not installed ({e}); install it with "
+                        f"`pip install {TENSORFLOW_PIN}` (or `tensorflow` on a GPU or "
+                        "non-x86 host)") from None
+    return tf

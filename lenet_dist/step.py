@@ -61,6 +61,13 @@ def eval_step(params, images, labels, mask) -> dict:
     return _metrics(logits, labels, mask)
 
 
+def infer(params, images) -> dict[str, jax.Array]:
+    """What a served model answers for uint8 images: the export's and predict's forward."""
+    logits = MODEL.apply({"params": params}, preprocess(images))
+    return {"logits": logits, "probabilities": jax.nn.softmax(logits),
+            "classes": jnp.argmax(logits, axis=-1)}
+
+
 def _add(acc, new):
     return jax.tree.map(jnp.add, acc, new)
 

@@ -1,0 +1,118 @@
+"""User images for `predict`: PNG/JPEG/GIF/BMP files or IDX image files -> uint8 [n, 28, 28, 1].
+
+Everything is checked before it is decoded: empty files, files that are not
+images, images too large to decode safely, IDX files of the wrong shape.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from lenet_dist import data as data_lib
+from lenet_dist.errors import UserError
+
+MAX_FILE_BYTES = 64 * 2**20
+MAX_SIDE = 8192  # pixels; a decoded 8192x8192 RGBA image is 256 MiB
+IMAGE_MAGICS = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpeg", b"GIF87a": "gif",
+                b"GIF89a": "gif", b"BM": "bmp"}
+
+
+def sniff(head: bytes) -> str | None:
+    """'png', 'jpeg', 'gif', 'bmp', 'idx' or None, from a file's first bytes."""
+    for magic, kind in IMAGE_MAGICS.items():
+        if head.startswith(magic):
+            return kind
+    if len(head) >= 4 and head[:3] == b"\x00\x00\x08" and head[3] in (1, 2, 3, 4):
+        return "idx"
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip"  # gzipped IDX; read_idx checks it
+    return None
+
+
+def image_size(raw: bytes, kind: str, tf) -> tuple[int, int] | None:
+    """(height, width) from the header, without decoding pixels."""
+    if kind == "png" and len(raw) >= 24 and raw[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", raw[16:24])
+        return height, width
+    if kind == "gif" and len(raw) >= 10:
+        width, height = struct.unpack("<HH", raw[6:10])
+        return height, width
+    if kind == "bmp" and len(raw) >= 26:
+        width, height = struct.unpack("<ii", raw[18:26])
+        return abs(height), abs(width)
+    if kind == "jpeg":
+        try:
+            h, w, _ = tf.image.extract_jpeg_shape(raw).numpy()
+            return int(h), int(w)
+        except Exception:  # corrupt header: the decoder will say so
+            return None
+    return None
+
+
+def decode_image(path: Path, raw: bytes, kind: str, tf, invert: bool) -> np.ndarray:
+    """Any supported image -> 28x28 grayscale uint8, area-resampled like the dataset."""
+    size = image_size(raw, kind, tf)
+    if size is not None and max(size) > MAX_SIDE:
+        raise UserError(f"{path} is {size[1]}x{size[0]} pixels; the limit is "
+                        f"{MAX_SIDE} per side (resize it first)")
+    try:
+        img = tf.io.decode_image(raw, channels=1, expand_animations=False)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} cannot be decoded as {kind.upper()}: {msg[:160]}") from None
+    img = tf.image.resize(tf.cast(img, tf.float32), (28, 28), method="area", antialias=True)
+    pixels = np.clip(np.rint(img.numpy()), 0, 255).astype(np.uint8)
+    return 255 - pixels if invert else pixels
+
+
+def read_idx_images(path: Path, invert: bool) -> np.ndarray:
+    arr = data_lib.read_idx(path)
+    if arr.ndim == 1:
+        raise UserError(f"{path} is an IDX label file; give the images file")
+    if arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 3 or arr.shape[1:] != (28, 28):
+        raise UserError(f"{path} holds IDX data of shape {list(arr.shape)}; "
+                        "expected images [n, 28, 28]")
+    if len(arr) == 0:
+        raise UserError(f"{path} holds no images")
+    arr = arr[..., None]
+    return 255 - arr if invert else arr
+
+
+def load_inputs(paths: Sequence[str], tf=None, invert: bool = False
+                ) -> tuple[np.ndarray, list[str]]:
+    """All inputs as one uint8 batch [n, 28, 28, 1], and a name per image."""
+    batches, names = [], []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise UserError(f"{p} does not exist or is not a file")
+        size = p.stat().st_size
+        if size == 0:
+            raise UserError(f"{p} is empty")
+        with open(p, "rb") as f:
+            head = f.read(16)
+        kind = sniff(head)
+        if kind in ("idx", "gzip"):
+            arr = read_idx_images(p, invert)
+            batches.append(arr)
+            names.extend(f"{p}[{i}]" for i in range(len(arr)))
+            continue
+        if kind is None:
+            raise UserError(f"{p} is not a PNG, JPEG, GIF, BMP or IDX images file")
+        if size > MAX_FILE_BYTES:
+            raise UserError(f"{p} is {size / 2**20:.0f} MiB; images over "
+                            f"{MAX_FILE_BYTES // 2**20} MiB are refused")
+        if tf is None:
+            from lenet_dist.runtime import import_tensorflow
+
+            tf = import_tensorflow()
+        batches.append(decode_image(p, p.read_bytes(), kind, tf, invert)[None])
+        names.append(str(p))
+    if not batches:
+        raise UserError("no input images given")
+    return np.concatenate(batches), names

@@ -1,0 +1,98 @@
+"""Classify images with an exported SavedModel or straight from a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lenet_dist import data as data_lib
+from lenet_dist.errors import UserError
+
+BATCH = 1024
+
+
+def is_savedmodel(path: Path) -> bool:
+    return (path / "saved_model.pb").is_file()
+
+
+def savedmodel_predictor(model_dir: Path):
+    """(predict(images) -> outputs, class names) for a SavedModel, TensorFlow only."""
+    from lenet_dist.runtime import import_tensorflow
+
+    tf = import_tensorflow()
+    try:
+        served = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{model_dir} cannot be loaded as a SavedModel: {msg[:200]}") from None
+    labels = model_dir / "assets" / "labels.txt"
+    names = labels.read_text().splitlines() if labels.is_file() else [str(i) for i in range(10)]
+
+    def predict(images):
+        out = served(images=tf.constant(images))
+        return {k: v.numpy() for k, v in out.items()}
+
+    return predict, names, tf
+
+
+def checkpoint_predictor(workdir: str, step: int | None, best: bool):
+    """(predict(images) -> outputs, class names) for a checkpoint, in JAX on one device."""
+    import jax
+
+    from lenet_dist.evaluate import restore_params
+    from lenet_dist.mesh import Shardings, make_mesh
+    from lenet_dist.step import infer
+
+    params, config, _, _, _ = restore_params(workdir, step, best, Shardings(make_mesh(1)))
+    forward = jax.jit(infer)
+
+    def predict(images):
+        return {k: np.asarray(v) for k, v in jax.device_get(forward(params, images)).items()}
+
+    return predict, list(data_lib.CLASS_NAMES[config.dataset]), None
+
+
+def predict(inputs, model: str | None = None, workdir: str | None = None,
+            step: int | None = None, best: bool = False, invert: bool = False,
+            top: int = 1, labels: str | None = None) -> dict:
+    """Classify `inputs`; returns rows of (name, [(class name, probability)] * top)
+    and, when `labels` (an IDX labels file) is given, the accuracy."""
+    from lenet_dist.images import load_inputs
+
+    if model is not None:
+        path = Path(model)
+        if not is_savedmodel(path):
+            raise UserError(f"{model} is not a SavedModel directory (no saved_model.pb)")
+        forward, names, tf = savedmodel_predictor(path)
+    else:
+        forward, names, tf = checkpoint_predictor(workdir, step, best)
+    images, image_names = load_inputs(inputs, tf=tf, invert=invert)
+
+    probs, classes = [], []
+    for i in range(0, len(images), BATCH):
+        out = forward(images[i:i + BATCH])
+        probs.append(out["probabilities"])
+        classes.append(out["classes"])
+    probs, classes = np.concatenate(probs), np.concatenate(classes)
+    top = max(1, min(top, probs.shape[1]))
+    order = np.argsort(-probs, axis=1)[:, :top]
+    rows = [(n, [(names[c], float(p[c])) for c in o])
+            for n, p, o in zip(image_names, probs, order)]
+    result = {"rows": rows, "classes": classes}
+    if labels is not None:
+        truth = data_lib.read_idx(labels, data_lib.LABELS_MAGIC)
+        if len(truth) != len(classes):
+            raise UserError(f"{labels} has {len(truth)} labels for {len(classes)} images")
+        result["accuracy"] = float(np.mean(classes == truth))
+    return result
+
+
+def format_rows(result: dict, as_json: bool) -> list[str]:
+    if as_json:
+        return [json.dumps({"input": n, "predictions": [{"class": c, "probability": p}
+                                                        for c, p in preds]})
+                for n, preds in result["rows"]]
+    return [f"{n}: " + ", ".join(f"{c} {p:.3f}" for c, p in preds)
+            for n, preds in result["rows"]]
