@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -65,3 +66,93 @@ def bench_training(device_counts: Sequence[int], epochs: int, rounds: int, batch
         echo(f"  {name}: {rate:,.0f} img/s training ({rate / medians[first][0]:.2f}x); "
              f"{wall:.2f} s per epoch with eval and saves ({wall / medians[first][1]:.2f}x)")
     return medians
+
+
+def _timed(fn, x, seconds: float) -> list[float]:
+    """Per-call wall times of fn(x) for about `seconds` (at least 20 calls)."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 20 or time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def bench_serving(workdir: str | None, batch_size: int = 256, rounds: int = 3,
+                  seconds: float = 2.0, echo: Callable[[str], None] = print) -> dict:
+    """SavedModel (TensorFlow) vs the jitted JAX forward, in one process on one device:
+    images/s at `batch_size` and batch-1 latency, rounds interleaved. Each call includes
+    moving the input in and the outputs back to numpy, as a server would."""
+    import jax
+    import numpy as np
+
+    from lenet_dist import export as export_lib
+    from lenet_dist import serialization
+    from lenet_dist.data import CLASS_NAMES
+    from lenet_dist.model import init_params
+    from lenet_dist.runtime import import_tensorflow
+    from lenet_dist.step import infer
+
+    tf = import_tensorflow()
+    if workdir:
+        from lenet_dist.evaluate import restore_params
+        from lenet_dist.mesh import Shardings, make_mesh
+
+        params = restore_params(workdir, None, False, Shardings(make_mesh(1)))[0]
+    else:
+        params = init_params(jax.random.key(0))  # speed does not depend on the weights
+    params = jax.device_get(params)
+    forward = jax.jit(infer)
+
+    def run_jax(x):
+        return jax.device_get(forward(params, x))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = export_lib.save_savedmodel(
+            tf, params, Path(tmp), ("cpu",), CLASS_NAMES["fashion_mnist"],
+            serialization.installed_plan())
+        served = tf.saved_model.load(str(model_dir)).signatures[export_lib.SIGNATURE]
+
+        def run_tf(x):
+            return {k: v.numpy() for k, v in served(images=tf.constant(x)).items()}
+
+        # TF Serving's own path: the SignatureDef's tensors run in a TF1 session.
+        graph = tf.Graph()
+        session = tf.compat.v1.Session(graph=graph)
+        with graph.as_default():
+            sig = tf.compat.v1.saved_model.loader.load(
+                session, ["serve"], str(model_dir)).signature_def[export_lib.SIGNATURE]
+        feed = sig.inputs[export_lib.INPUT_NAME].name
+        fetch = {k: v.name for k, v in sig.outputs.items()}
+
+        def run_session(x):
+            return session.run(fetch, {feed: x})
+
+        rng = np.random.default_rng(0)
+        big = rng.integers(0, 256, (batch_size, 28, 28, 1), dtype=np.uint8)
+        one = big[:1]
+        runners = {"JAX jit": run_jax, "SavedModel": run_tf, "TF1 session": run_session}
+        for fn in runners.values():  # compile both shapes outside the timing
+            fn(big), fn(one)
+        rates: dict[str, list[float]] = {k: [] for k in runners}
+        lat: dict[str, list[float]] = {k: [] for k in runners}
+        for r in range(rounds):
+            for name, fn in runners.items():
+                rates[name].append(batch_size / statistics.median(_timed(fn, big, seconds)))
+                lat[name].extend(_timed(fn, one, seconds / 2))
+            echo(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f} img/s"
+                                                for k, v in rates.items()))
+    result = {}
+    for name in runners:
+        ms = sorted(t * 1e3 for t in lat[name])
+        result[name] = {"images_per_sec": statistics.median(rates[name]),
+                        "latency_ms_p50": ms[len(ms) // 2],
+                        "latency_ms_p90": ms[int(len(ms) * 0.9)]}
+    base = result["JAX jit"]["images_per_sec"]
+    echo(f"inference on {jax.devices()[0].platform} (batch {batch_size}, median of "
+         f"{rounds} rounds; batch-1 latency over {len(lat['JAX jit']):,} calls):")
+    for name, r in result.items():
+        echo(f"  {name:<11}  {r['images_per_sec']:>9,.0f} img/s ({r['images_per_sec'] / base:.2f}x)"
+             f"   batch-1 latency p50 {r['latency_ms_p50']:.3f} ms, p90 {r['latency_ms_p90']:.3f} ms")
+    return result

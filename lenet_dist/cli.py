@@ -161,8 +161,24 @@ def devices(devices):
 @click.option("--data-dir", type=click.Path(), default=None)
 @click.option("--checkpoint-cost", is_flag=True,
               help="Compare checkpointing on vs off on the first device count instead.")
-def bench(device_counts, epochs, rounds, batch_size, data_dir, checkpoint_cost):
+@click.option("--serving", is_flag=True,
+              help="Instead: inference, exported SavedModel vs jitted JAX, in one process "
+                   "(--batch-size defaults to 256 here).")
+@click.option("--workdir", type=click.Path(), default=None,
+              help="With --serving: export this run's latest checkpoint [default: fresh init].")
+def bench(device_counts, epochs, rounds, batch_size, data_dir, checkpoint_cost, serving,
+          workdir):
     """Steady-state training images/s per device count, each in a fresh process."""
+    if serving:
+        from lenet_dist import runtime
+
+        runtime.configure(cpu_devices=1)
+        from lenet_dist.bench import bench_serving
+
+        size = batch_size if click.get_current_context().get_parameter_source(
+            "batch_size").name != "DEFAULT" else 256
+        bench_serving(workdir, batch_size=size, rounds=max(rounds, 3), echo=click.echo)
+        return
     from lenet_dist.bench import bench_training
 
     bench_training(device_counts, epochs=epochs, rounds=rounds, batch_size=batch_size,

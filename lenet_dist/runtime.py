@@ -92,4 +92,5 @@ def import_tensorflow():
         raise UserError(f"TensorFlow is not installed ({e}); install it with "
                         f"`pip install {TENSORFLOW_PIN}` (or `tensorflow` on a GPU or "
                         "non-x86 host)") from None
+    tf.get_logger().setLevel("ERROR")  # deprecation notices from TF1 APIs
     return tf
