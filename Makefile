@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup data train test bench clean
+.PHONY: setup data train test bench export check-export clean
 
 setup: $(STAMP)
 
@@ -27,5 +27,15 @@ test: setup data
 bench: setup data
 	$(BIN)/lenet-dist bench --devices 1 --devices 8 $(ARGS)
 
+# Export runs/lenet's best checkpoint for TF Serving, then check it with TF alone.
+SERVING := serving/lenet/1
+export: setup
+	$(BIN)/lenet-dist export --workdir runs/lenet --best --out $(SERVING) --overwrite $(ARGS)
+
+check-export: setup data
+	$(BIN)/python export/check_savedmodel.py $(SERVING) \
+	  --images /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz \
+	  --labels /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz --show 3
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs serving .pytest_cache
