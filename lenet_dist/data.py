@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lenet_dist.errors import UserError
+from lenet_dist.errors import UserError, first_line
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28, 1)
@@ -204,6 +204,6 @@ def load(name: str = "fashion_mnist", data_dir: str | None = None) -> Dataset:
     except UserError:
         raise
     except Exception as e:  # network, TFDS or TensorFlow missing: all mean "no data"
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        first = first_line(e, 160)
         raise UserError(f"no {name} data found and download failed ({first}); "
                         + how_to_get(name)) from None

@@ -19,3 +19,9 @@ class Preempted(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """A library exception as one short line, for a UserError that wraps it."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__

@@ -21,7 +21,7 @@ import numpy as np
 from lenet_dist import data as data_lib
 from lenet_dist import serialization
 from lenet_dist.config import DEFAULT_EXPORT_PLATFORMS, EXPORT_PLATFORMS
-from lenet_dist.errors import UserError
+from lenet_dist.errors import UserError, first_line
 from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.model import NUM_CLASSES
 from lenet_dist.runtime import import_tensorflow
@@ -113,8 +113,8 @@ def verify(tf, model_dir: Path, images: np.ndarray, expected: dict) -> float:
         try:
             out = served(**{INPUT_NAME: tf.constant(images[:n])})
         except Exception as e:  # TF raises many types; all mean "cannot serve"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"the exported SavedModel fails when TensorFlow runs it: {first}")
+            raise UserError("the exported SavedModel fails when TensorFlow runs it: "
+                            f"{first_line(e)}") from None
         worst = max(worst, float(np.max(np.abs(out["logits"].numpy() - expected["logits"][:n]))))
         if not np.array_equal(out["classes"].numpy(), expected["classes"][:n]):
             raise UserError(f"the exported SavedModel's classes differ from JAX at batch {n}")

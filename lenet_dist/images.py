@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from lenet_dist import data as data_lib
-from lenet_dist.errors import UserError
+from lenet_dist.errors import UserError, first_line
 
 MAX_FILE_BYTES = 64 * 2**20
 MAX_SIDE = 8192  # pixels; a decoded 8192x8192 RGBA image is 256 MiB
@@ -62,8 +62,8 @@ def decode_image(path: Path, raw: bytes, kind: str, tf, invert: bool) -> np.ndar
     try:
         img = tf.io.decode_image(raw, channels=1, expand_animations=False)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} cannot be decoded as {kind.upper()}: {msg[:160]}") from None
+        raise UserError(f"{path} cannot be decoded as {kind.upper()}: "
+                        f"{first_line(e, 160)}") from None
     img = tf.image.resize(tf.cast(img, tf.float32), (28, 28), method="area", antialias=True)
     pixels = np.clip(np.rint(img.numpy()), 0, 255).astype(np.uint8)
     return 255 - pixels if invert else pixels

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from lenet_dist import data as data_lib
-from lenet_dist.errors import UserError
+from lenet_dist.errors import UserError, first_line
 
 BATCH = 1024
 
@@ -25,8 +25,8 @@ def savedmodel_predictor(model_dir: Path):
     try:
         served = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{model_dir} cannot be loaded as a SavedModel: {msg[:200]}") from None
+        raise UserError(f"{model_dir} cannot be loaded as a SavedModel: "
+                        f"{first_line(e)}") from None
     labels = model_dir / "assets" / "labels.txt"
     names = labels.read_text().splitlines() if labels.is_file() else [str(i) for i in range(10)]
 
