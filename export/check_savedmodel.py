@@ -89,7 +89,8 @@ def check_reference(run, model_dir: Path, tolerance: float) -> dict:
     images, worst, agree = ref["images"], 0.0, True
     for n in sorted({1, min(7, len(images)), len(images)}):
         out = run(images[:n])
-        worst = max(worst, float(np.max(np.abs(out["logits"] - ref["logits"][:n]))))
+        diff = np.abs(out["logits"] - ref["logits"][:n])
+        worst = max(worst, float(np.max(diff)) if np.all(np.isfinite(diff)) else np.inf)
         agree &= bool(np.array_equal(out["classes"], ref["classes"][:n]))
     return {"present": True, "images": int(len(images)), "max_abs_logit_diff": worst,
             "classes_agree": agree, "ok": agree and worst <= tolerance}
@@ -119,7 +120,12 @@ def main(argv=None) -> int:
                                for side, v in signature.items()}
         report["contract_problems"] = contract_problems(signature)
         run = runner(args.model_dir, tf, args.session)
-        report["reference"] = check_reference(run, args.model_dir, args.tolerance)
+        try:
+            report["reference"] = check_reference(run, args.model_dir, args.tolerance)
+        except tf.errors.OpError as e:  # e.g. StableHLO newer than this TF reads
+            print(f"FAILED: TensorFlow {tf.__version__} cannot run the model: "
+                  f"{str(e).strip().splitlines()[0][:300]}", file=sys.stderr)
+            return 1
         names = io.class_names(args.model_dir)
         if args.images:
             images, image_names = io.load_images(args.images, tf)

@@ -81,6 +81,8 @@ def main(argv=None) -> int:
     try:
         images, image_names = io.load_images(args.images)
         truth = io.read_labels(args.labels) if args.labels else None
+        if truth is not None and len(truth) != len(images):
+            raise io.InputError(f"{args.labels}: {len(truth)} labels for {len(images)} images")
     except io.InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if truth is not None:
-        hits = int(np.sum(np.concatenate(classes) == truth[:len(images)]))
+        hits = int(np.sum(np.concatenate(classes) == truth))
         print(f"accuracy {hits / len(images):.4f} on {len(images):,} images")
     return 0
 

@@ -19,8 +19,11 @@ if [[ ! -d "$base" ]]; then
   echo "error: $base is not a directory" >&2; exit 2
 fi
 base=$(cd "$base" && pwd)
-versions=$(find "$base" -mindepth 2 -maxdepth 2 -name saved_model.pb -printf '%h\n' \
-           | xargs -r -n1 basename | grep -E '^[0-9]+$' | sort -n | tr '\n' ' ' || true)
+versions=""
+for d in "$base"/*/; do               # portable (no GNU find): numbered SavedModel folders
+  v=$(basename "$d")
+  [[ "$v" =~ ^[0-9]+$ && -f "$d/saved_model.pb" ]] && versions+="$v "
+done
 if [[ -z "$versions" ]]; then
   echo "error: $base has no version folder (e.g. $base/1/saved_model.pb);" \
        "export with: lenet-dist export --out $base/1" >&2

@@ -143,6 +143,7 @@ def bench_serving(workdir: str | None, batch_size: int = 256, rounds: int = 3,
                 lat[name].extend(_timed(fn, one, seconds / 2))
             echo(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f} img/s"
                                                 for k, v in rates.items()))
+        session.close()
     result = {}
     for name in runners:
         ms = sorted(t * 1e3 for t in lat[name])

@@ -286,6 +286,10 @@ def main(argv=None) -> int:
     except Preempted as e:
         click.echo(f"{e}", err=True)
         return e.exit_code
+    except OSError as e:  # permissions, full disk, ...: the last line of defence
+        where = f" ({e.filename})" if e.filename else ""
+        click.echo(f"error: {e.strerror or e}{where}", err=True)
+        return 1
     except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("error: interrupted", err=True)
         return 130

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import math
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -64,14 +66,23 @@ class Dataset:
 # ---------------------------------------------------------------- IDX files
 
 
-def _read_bytes(path: Path) -> bytes:
+# Far above the real files (the training images are 47 MB unpacked); it bounds
+# what a corrupt header or a gzip bomb can make us allocate.
+MAX_IDX_BYTES = 2**30
+
+
+def _read_bytes(path: Path, limit: int = MAX_IDX_BYTES) -> bytes:
+    """The file's bytes, gunzipped when it is gzip (by content, not by name)."""
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        with open(path, "rb") as f:
+            gz = f.read(2) == b"\x1f\x8b"
+        with gzip.open(path, "rb") if gz else open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         raise UserError(f"cannot read {path}: {e}") from None
+    if len(raw) > limit:
+        raise UserError(f"{path} holds more than {limit / 2**20:,.0f} MiB of data; refused")
+    return raw
 
 
 def read_idx(path: str | os.PathLike, expect_magic: int | None = None) -> np.ndarray:
@@ -93,7 +104,7 @@ def read_idx(path: str | os.PathLike, expect_magic: int | None = None) -> np.nda
     if len(raw) < header:
         raise UserError(f"{path} is truncated inside its header")
     dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    expected = header + int(np.prod(dims, dtype=np.int64))
+    expected = header + math.prod(dims)  # Python ints: a crafted header cannot wrap
     if len(raw) != expected:
         what = "truncated" if len(raw) < expected else "longer than its header says"
         raise UserError(

@@ -1,5 +1,6 @@
 """Exceptions the CLI turns into one line and an exit code (no traceback)."""
 
+import re
 import signal
 
 
@@ -23,5 +24,5 @@ class Preempted(Exception):
 
 def first_line(e: BaseException, limit: int = 200) -> str:
     """A library exception as one short line, for a UserError that wraps it."""
-    text = str(e).strip()
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", str(e)).strip()  # TF's op prefix
     return text.splitlines()[0][:limit] if text else type(e).__name__

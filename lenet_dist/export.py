@@ -44,11 +44,31 @@ def parse_platforms(text: str | Sequence[str]) -> tuple[str, ...]:
     return chosen
 
 
-def check_destination(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
+def check_destination(out: Path, overwrite: bool, workdir: Path) -> None:
+    """Refuse any --out whose replacement could destroy something that is not a model.
+
+    `out` and `workdir` are resolved paths."""
+    for precious, what in ((workdir, "the training run"), (Path.cwd(), "the current directory")):
+        if out == precious or out in precious.parents:
+            raise UserError(f"--out {out} would replace {what} ({precious}); "
+                            "choose a new directory, e.g. serving/lenet/1")
+    if workdir in out.parents and (workdir / "checkpoints") in (out, *out.parents):
+        raise UserError(f"--out {out} is inside the checkpoints of {workdir}; choose another")
+    if not out.exists():
+        return
+    if not out.is_dir():
         raise UserError(f"{out} exists and is not a directory; choose another --out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    try:
+        empty = not any(out.iterdir())
+    except OSError as e:
+        raise UserError(f"cannot read {out}: {e.strerror}") from None
+    if empty:
+        return
+    if not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    if not (out / "saved_model.pb").is_file():
+        raise UserError(f"{out} is not a SavedModel (no saved_model.pb); --overwrite only "
+                        "replaces an exported model, so move it away yourself")
 
 
 def reference_batch(dataset: str, data_dir: str | None, n: int = REFERENCE_IMAGES):
@@ -105,20 +125,31 @@ def save_savedmodel(tf, params, staging: Path, platforms: Sequence[str],
     return model_dir
 
 
+def jax_reference(params, images: np.ndarray) -> dict[str, np.ndarray]:
+    """JAX's outputs computed on the CPU, where float32 convolutions are exact float32
+    (GPU/TPU defaults may use reduced precision, which is not what is being checked)."""
+    cpu = jax.devices("cpu")[0]
+    out = jax.jit(infer)(jax.device_put(params, cpu), jax.device_put(images, cpu))
+    return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
+
+
 def verify(tf, model_dir: Path, images: np.ndarray, expected: dict) -> float:
-    """Load what was written and run it at batch 1, 7 and all; max |logits - JAX|."""
+    """Load what was written and run its CPU lowering at batch 1, 7 and all;
+    returns max |logits - JAX|."""
     served = tf.saved_model.load(str(model_dir)).signatures[SIGNATURE]
     worst = 0.0
     for n in sorted({1, min(7, len(images)), len(images)}):
         try:
-            out = served(**{INPUT_NAME: tf.constant(images[:n])})
+            with tf.device("/CPU:0"):
+                out = served(**{INPUT_NAME: tf.constant(images[:n])})
         except Exception as e:  # TF raises many types; all mean "cannot serve"
             raise UserError("the exported SavedModel fails when TensorFlow runs it: "
                             f"{first_line(e)}") from None
-        worst = max(worst, float(np.max(np.abs(out["logits"].numpy() - expected["logits"][:n]))))
+        diff = np.abs(out["logits"].numpy() - expected["logits"][:n])
+        worst = max(worst, float(np.max(diff)) if np.all(np.isfinite(diff)) else np.inf)
         if not np.array_equal(out["classes"].numpy(), expected["classes"][:n]):
             raise UserError(f"the exported SavedModel's classes differ from JAX at batch {n}")
-    if worst > VERIFY_TOLERANCE:
+    if not worst <= VERIFY_TOLERANCE:
         raise UserError(f"the exported SavedModel's logits differ from JAX by {worst:.2e} "
                         f"(> {VERIFY_TOLERANCE:g})")
     return worst
@@ -136,16 +167,17 @@ def library_versions(tf) -> dict:
     return out
 
 
-def publish(staging_model: Path, out: Path) -> None:
-    """Move the verified model to `out`; an old `out` is removed only after the move."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+def publish(staging_model: Path, out: Path, overwrite: bool, workdir: Path) -> None:
+    """Move the verified model to `out`. An old model there is set aside first and
+    deleted only once the new one is in place; on any failure, it is put back."""
+    check_destination(out, overwrite, workdir)  # again: minutes may have passed
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
     try:
         staging_model.rename(out)
-    except OSError:
+    except BaseException:  # including Ctrl-C between the two renames
         if old is not None:
             old.rename(out)
         raise
@@ -159,27 +191,33 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, best: boo
     """Export one checkpoint of `workdir` as a SavedModel at `out`; returns its metadata."""
     from lenet_dist.evaluate import restore_params
 
-    out_path = Path(out)
-    check_destination(out_path, overwrite)
+    out_path, work_path = Path(out).resolve(), Path(workdir).resolve()
+    check_destination(out_path, overwrite, work_path)
     platforms = parse_platforms(platforms)
+    if "cpu" not in platforms:
+        raise UserError(f"--platforms {','.join(platforms)}: include cpu; the export is "
+                        "checked by running its CPU lowering before it is published")
     tf = import_tensorflow()
     plan = serialization.installed_plan()
 
     params, config, chosen, meta, _ = restore_params(
         workdir, step, best, Shardings(make_mesh(1)))
     params = jax.device_get(params)
+    if not all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params)):
+        raise UserError(f"checkpoint step {chosen} has NaN or infinite parameters "
+                        "(a diverged run); export another with --step")
     class_names = data_lib.CLASS_NAMES[config.dataset]
     assert len(class_names) == NUM_CLASSES
 
     images, labels, ref_source = reference_batch(config.dataset, data_dir or config.data_dir)
-    expected = jax.device_get(jax.jit(infer)(params, images))
-    expected = {k: np.asarray(v) for k, v in expected.items()}
+    expected = jax_reference(params, images)
 
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.staging-",
+                                        dir=out_path.parent))
     except OSError as e:
-        raise UserError(f"cannot create {out_path.parent}: {e.strerror}") from None
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.staging-", dir=out_path.parent))
+        raise UserError(f"cannot write in {out_path.parent}: {e.strerror}") from None
     try:
         model_dir = save_savedmodel(tf, params, staging, platforms, class_names, plan)
         max_diff = verify(tf, model_dir, images, expected)
@@ -211,7 +249,7 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, best: boo
         (extra / "metadata.json").write_text(json.dumps(info, indent=2) + "\n")
         np.savez_compressed(extra / "reference.npz", images=images, labels=labels,
                             **expected)
-        publish(model_dir, out_path)
+        publish(model_dir, out_path, overwrite, work_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return info

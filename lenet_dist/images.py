@@ -53,20 +53,36 @@ def image_size(raw: bytes, kind: str, tf) -> tuple[int, int] | None:
     return None
 
 
+def to_gray(pixels: np.ndarray, background: int) -> np.ndarray:
+    """Decoded [h, w, 1|2|3|4] uint8 -> [h, w, 1] float32 luminance, transparent
+    pixels filled with `background` (a transparent PNG would otherwise read as 0)."""
+    x = pixels.astype(np.float32)
+    channels = x.shape[-1]
+    alpha = x[..., -1:] / 255.0 if channels in (2, 4) else 1.0
+    color = x[..., :3] if channels >= 3 else x[..., :1]
+    if color.shape[-1] == 3:  # ITU-R 601 luma, as tf.image.rgb_to_grayscale
+        color = color @ np.array([[0.2989], [0.5870], [0.1140]], np.float32)
+    return color * alpha + background * (1.0 - alpha)
+
+
 def decode_image(path: Path, raw: bytes, kind: str, tf, invert: bool) -> np.ndarray:
-    """Any supported image -> 28x28 grayscale uint8, area-resampled like the dataset."""
+    """Any supported image -> 28x28 grayscale uint8, area-resampled like the dataset.
+
+    Transparency becomes the dataset's dark background, or a light one with
+    `invert` (for dark drawings), before the inversion."""
     size = image_size(raw, kind, tf)
     if size is not None and max(size) > MAX_SIDE:
         raise UserError(f"{path} is {size[1]}x{size[0]} pixels; the limit is "
                         f"{MAX_SIDE} per side (resize it first)")
     try:
-        img = tf.io.decode_image(raw, channels=1, expand_animations=False)
-    except Exception as e:
+        pixels = tf.io.decode_image(raw, channels=0, expand_animations=False).numpy()
+    except Exception as e:  # TF raises InvalidArgumentError and friends
         raise UserError(f"{path} cannot be decoded as {kind.upper()}: "
                         f"{first_line(e, 160)}") from None
-    img = tf.image.resize(tf.cast(img, tf.float32), (28, 28), method="area", antialias=True)
-    pixels = np.clip(np.rint(img.numpy()), 0, 255).astype(np.uint8)
-    return 255 - pixels if invert else pixels
+    gray = to_gray(pixels, background=255 if invert else 0)
+    small = tf.image.resize(gray, (28, 28), method="area", antialias=True).numpy()
+    small = np.clip(np.rint(small), 0, 255).astype(np.uint8)
+    return 255 - small if invert else small
 
 
 def read_idx_images(path: Path, invert: bool) -> np.ndarray:
@@ -91,11 +107,14 @@ def load_inputs(paths: Sequence[str], tf=None, invert: bool = False
     for p in map(Path, paths):
         if not p.is_file():
             raise UserError(f"{p} does not exist or is not a file")
-        size = p.stat().st_size
+        try:
+            size = p.stat().st_size
+            with open(p, "rb") as f:
+                head = f.read(16)
+        except OSError as e:
+            raise UserError(f"cannot read {p}: {e.strerror}") from None
         if size == 0:
             raise UserError(f"{p} is empty")
-        with open(p, "rb") as f:
-            head = f.read(16)
         kind = sniff(head)
         if kind in ("idx", "gzip"):
             arr = read_idx_images(p, invert)

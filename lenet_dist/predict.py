@@ -31,7 +31,11 @@ def savedmodel_predictor(model_dir: Path):
     names = labels.read_text().splitlines() if labels.is_file() else [str(i) for i in range(10)]
 
     def predict(images):
-        out = served(images=tf.constant(images))
+        try:
+            out = served(images=tf.constant(images))
+        except tf.errors.OpError as e:  # e.g. a StableHLO version this TF cannot read
+            raise UserError(f"{model_dir} fails to run on TensorFlow {tf.__version__}: "
+                            f"{first_line(e)}") from None
         return {k: v.numpy() for k, v in out.items()}
 
     return predict, names, tf

@@ -66,9 +66,16 @@ def test_idx_truncated(tmp_path):
 
 
 def test_idx_corrupt_gzip(tmp_path):
-    (tmp_path / "x.gz").write_bytes(b"not gzip at all")
+    """Gzip is recognised by content: a corrupt stream is unreadable, a misnamed
+    plain file is read as what it is, a gzipped file without .gz works."""
+    (tmp_path / "x.gz").write_bytes(b"\x1f\x8b\x08\x00" + b"\xff" * 40)
     with pytest.raises(UserError, match="cannot read"):
         data_lib.read_idx(tmp_path / "x.gz")
+    (tmp_path / "y.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(UserError, match="not an unsigned-byte IDX file"):
+        data_lib.read_idx(tmp_path / "y.gz")
+    write_idx(tmp_path / "z-idx3-ubyte", np.ones((2, 28, 28)), gz=True)
+    assert data_lib.read_idx(tmp_path / "z-idx3-ubyte").shape == (2, 28, 28)
 
 
 def test_idx_dir_count_mismatch(tmp_path):

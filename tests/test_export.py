@@ -161,12 +161,19 @@ def test_negotiate_refuses_what_cannot_be_reconciled(consumer, message):
         serialization.negotiate(PRODUCER, consumer)
 
 
-def test_incompatible_tensorflow_is_caught_at_export_time(trained, monkeypatch, tmp_path):
+def test_incompatible_tensorflow_is_caught_at_export_time(trained, exported, monkeypatch,
+                                                         tmp_path):
+    import shutil
+
+    out = tmp_path / "m"
+    shutil.copytree(exported[0], out)  # a model already served from here
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
     monkeypatch.setattr(serialization, "consumer",
                         lambda: serialization.Consumer("0.5.0", 10))
     with pytest.raises(UserError, match="reads StableHLO <= 0.5.0"):
-        export_checkpoint(trained.config.workdir, str(tmp_path / "m"))
-    assert not (tmp_path / "m").exists()
+        export_checkpoint(trained.config.workdir, str(out), overwrite=True)
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
 def test_a_tensorflow_that_overstates_its_version_is_caught_by_the_verify_step(
@@ -182,19 +189,23 @@ def test_a_tensorflow_that_overstates_its_version_is_caught_by_the_verify_step(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]  # no staging left
 
 
-def test_the_version_patch_is_scoped(trained):
+def test_the_version_patch_is_scoped():
+    """serialize_for writes the plan's version (an old one, whatever TF is installed),
+    and only inside the block."""
     from jax._src.export import _export
 
-    before = _export._module_to_bytecode
-    plan = serialization.installed_plan()
-    with serialization.serialize_for(plan):
-        assert _export._module_to_bytecode is not before
+    def export_double():
         exp = jax.export.export(jax.jit(lambda x: x * 2))(jax.ShapeDtypeStruct((3,), np.float32))
-    assert serialization.artifact_version(exp.mlir_module_serialized) == plan.stablehlo
+        return serialization.artifact_version(exp.mlir_module_serialized), \
+            exp.calling_convention_version
+
+    prod = serialization.producer()
+    plan = serialization.negotiate(prod, serialization.Consumer("1.0.0", 9))
+    before = _export._module_to_bytecode
+    with serialization.serialize_for(plan):
+        assert export_double() == ("1.0.0", 9)
     assert _export._module_to_bytecode is before
-    exp = jax.export.export(jax.jit(lambda x: x * 2))(jax.ShapeDtypeStruct((3,), np.float32))
-    assert serialization.artifact_version(exp.mlir_module_serialized) == \
-        plan.producer.stablehlo_default
+    assert export_double() == (prod.stablehlo_default, prod.calling_convention_default)
 
 
 # ---------------------------------------------------------------- CLI and bad input
@@ -207,9 +218,12 @@ def one_line_error(capsys, argv, code=2):
     return err[0]
 
 
-def test_export_cli_refuses_an_existing_output_unless_overwrite(trained, capsys, tmp_path):
+def test_export_cli_refuses_an_existing_output_unless_overwrite(trained, exported, capsys,
+                                                               tmp_path):
+    import shutil
+
     out = tmp_path / "model"
-    out.mkdir()
+    shutil.copytree(exported[0], out)  # an earlier export
     (out / "precious.txt").write_text("keep me")
     argv = ["export", "--workdir", trained.config.workdir, "--out", str(out),
             "--platforms", "cpu"]
@@ -228,12 +242,61 @@ def test_export_cli_refuses_an_existing_output_unless_overwrite(trained, capsys,
 @pytest.mark.parametrize("extra, message", [
     (["--step", "12345"], "no checkpoint at step 12345"),
     (["--platforms", "cpu,gpu"], "--platforms cpu,gpu: choose from cpu, cuda, rocm, tpu"),
+    (["--platforms", "tpu"], "--platforms tpu: include cpu; the export is checked"),
     (["--step", "1", "--best"], "--step and --best are exclusive"),
 ])
 def test_export_bad_options(trained, capsys, tmp_path, extra, message):
     argv = ["export", "--workdir", trained.config.workdir, "--out", str(tmp_path / "m"), *extra]
     assert message in one_line_error(capsys, argv)
     assert not (tmp_path / "m").exists()
+
+
+def test_export_never_replaces_what_is_not_a_model(trained, capsys, tmp_path):
+    work = Path(trained.config.workdir)
+    before = sorted(p.name for p in work.iterdir())
+    for out, message in ((work, "would replace the training run"),
+                         (work.parent, "would replace the training run"),
+                         (work / "checkpoints" / "x", "is inside the checkpoints of")):
+        msg = one_line_error(capsys, ["export", "--workdir", str(work), "--out", str(out),
+                                      "--overwrite"])
+        assert message in msg, msg
+    assert sorted(p.name for p in work.iterdir()) == before
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    msg = one_line_error(capsys, ["export", "--workdir", str(work), "--out", str(notes),
+                                  "--overwrite"])
+    assert "is not a SavedModel (no saved_model.pb); --overwrite only replaces" in msg
+    assert (notes / "todo.txt").read_text() == "mine"
+
+    (tmp_path / "file").write_text("x")
+    msg = one_line_error(capsys, ["export", "--workdir", str(work), "--out",
+                                  str(tmp_path / "file")])
+    assert "exists and is not a directory" in msg
+
+
+def test_an_interrupted_publish_puts_the_old_model_back(trained, exported, monkeypatch,
+                                                        tmp_path):
+    import shutil
+
+    from lenet_dist import export as export_lib
+
+    out = tmp_path / "m"
+    shutil.copytree(exported[0], out)
+    (out / "old-marker").write_text("old")
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if ".staging-" in str(self):  # the new model's move into place
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(export_lib.Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        export_checkpoint(trained.config.workdir, str(out), overwrite=True)
+    assert (out / "old-marker").read_text() == "old" and (out / "saved_model.pb").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
 def test_export_without_checkpoints(capsys, tmp_path):
@@ -300,6 +363,11 @@ def test_predict_savedmodel_and_checkpoint_agree(exported, trained, dataset, cap
     (lambda p: write_idx(p, np.zeros((2, 10, 10))), "expected images [n, 28, 28]"),
     (lambda p: write_idx(p, np.zeros((4,))), "is an IDX label file"),
     (lambda p: write_idx(p, np.zeros((2, 28, 28)), cut=100), "is truncated"),
+    (lambda p: write_idx(p, np.zeros((0, 28, 28))), "holds no images"),
+    (lambda p: p.write_bytes(b"\x1f\x8b\x08\x00" + b"\xff" * 40), "cannot read"),
+    # dims 65536^4 overflow int64 to 0: must be "truncated", not a crash
+    (lambda p: p.write_bytes(b"\x00\x00\x08\x04" + (65536).to_bytes(4, "big") * 4),
+     "is truncated"),
 ])
 def test_predict_bad_inputs(exported, capsys, tmp_path, make, message):
     model, _ = exported
@@ -391,3 +459,58 @@ def test_rest_client_against_the_serving_api(fake_tf_serving, test_idx, dataset,
     assert "HTTP 404" in capsys.readouterr().err
     assert client.main([images, "--url", "http://127.0.0.1:9", "--timeout", "5"]) == 1
     assert "cannot reach http://127.0.0.1:9" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- image formats
+
+# 1x1 GIF, one opaque white pixel (GIF cannot be written by TensorFlow).
+WHITE_GIF = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00"
+             b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
+
+
+def bmp_bytes(gray):
+    """24-bit BMP of a [h, w] uint8 image (bottom-up rows padded to 4 bytes)."""
+    h, w = gray.shape
+    row = (3 * w + 3) // 4 * 4
+    pixels = b"".join(np.repeat(gray[y], 3).tobytes().ljust(row, b"\0")
+                      for y in range(h - 1, -1, -1))
+    header = b"BM" + (54 + len(pixels)).to_bytes(4, "little") + b"\0" * 4 + \
+        (54).to_bytes(4, "little")
+    info = (40).to_bytes(4, "little") + w.to_bytes(4, "little") + h.to_bytes(4, "little") + \
+        (1).to_bytes(2, "little") + (24).to_bytes(2, "little") + b"\0" * 24
+    return header + info + pixels
+
+
+def test_every_image_format_decodes_alike_in_predict_and_the_kit(dataset, tmp_path):
+    """RGB, gray+alpha and RGBA PNG, BMP and GIF; transparency is the dataset's black
+    background; lenet-dist and the TF-only kit read the same pixels."""
+    import tensorflow as tf
+
+    from lenet_dist.images import load_inputs
+
+    kit = load_kit_module("serving_io")
+    img = dataset.test.images[0]  # [28, 28, 1], light object on black
+    alpha = np.where(img > 0, 255, 0).astype(np.uint8)
+    files = {
+        "rgb.png": png_bytes(tf, np.repeat(img, 3, axis=-1)),
+        "gray-alpha.png": png_bytes(tf, np.concatenate([img, alpha], -1)),
+        # transparent pixels are white in colour: they must still read as black
+        "rgba.png": png_bytes(tf, np.concatenate(
+            [np.repeat(np.where(alpha > 0, img, 255), 3, -1), alpha], -1)),
+        "img.bmp": bmp_bytes(img[..., 0]),
+    }
+    for name, raw in files.items():
+        (tmp_path / name).write_bytes(raw)
+        paths = [str(tmp_path / name)]
+        ours = load_inputs(paths)[0][0]
+        np.testing.assert_array_equal(ours, img, err_msg=name)
+        np.testing.assert_array_equal(kit.load_images(paths, tf)[0][0], ours, err_msg=name)
+
+    (tmp_path / "white.gif").write_bytes(WHITE_GIF)
+    gif = load_inputs([str(tmp_path / "white.gif")])[0][0]
+    assert gif.shape == (28, 28, 1) and np.all(gif == 255)
+    assert np.all(load_inputs([str(tmp_path / "white.gif")], invert=True)[0][0] == 0)
+
+    (tmp_path / "img.jpg").write_bytes(tf.io.encode_jpeg(img, quality=95).numpy())
+    jpg = load_inputs([str(tmp_path / "img.jpg")])[0][0]
+    assert np.mean(np.abs(jpg.astype(int) - img)) < 4  # lossy, but the same picture
