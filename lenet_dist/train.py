@@ -7,6 +7,7 @@ always has work queued and the progress bar stays honest.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -129,15 +130,18 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
         f"{mesh.devices.flat[0].platform} device(s), global batch {config.batch_size}, "
         f"{config.optimizer} lr {config.learning_rate}, {config.epochs} epochs")
 
+    versions = ckpt_lib.versions()
+
     def meta_for(step: int) -> dict:
         return {"config": config.to_dict(), "step": step, "epoch": step / spe,
                 "steps_per_epoch": spe, "history": list(history), "mesh": dict(mesh.shape),
-                "versions": ckpt_lib.versions(), "dataset_source": dataset.source}
+                "versions": versions, "dataset_source": dataset.source}
 
     multi_process = jax.process_count() > 1 and ckpt is not None
     try:
         with ckpt_lib.stop_signals() as signals:
-            def after_step(i: int, state, acc) -> bool:
+            def after_step(epoch: int, i: int, state, acc) -> bool:
+                """Mid-epoch saves and preemption, after step i of `epoch` is queued."""
                 step = epoch * spe + i + 1
                 stop = bool(signals) or (multi_process and ckpt.manager.reached_preemption(step))
                 mid_epoch = i + 1 < spe
@@ -156,7 +160,7 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
                     acc = steps.zeros()
                 xs, ys = tfeed.epoch(config.seed, epoch)
                 state, acc = run_steps(steps, state, acc, xs, ys, first, spe, progress, desc,
-                                       after_step)
+                                       functools.partial(after_step, epoch))
                 train_m = summarize(acc)
                 train_secs = time.perf_counter() - t_epoch
                 test_m = evaluate(steps, state.params, efeed)
