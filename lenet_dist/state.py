@@ -35,9 +35,15 @@ def init_state(key: jax.Array, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def state_shardings(tx: optax.GradientTransformation, shardings: Shardings):
-    """Every leaf replicated (data parallelism); abstract shapes come from eval_shape."""
-    abstract = jax.eval_shape(lambda k: init_state(k, tx), jax.random.key(0))
+def abstract_state(tx: optax.GradientTransformation) -> TrainState:
+    """The state's shapes and dtypes (ShapeDtypeStructs), traced, never computed."""
+    return jax.eval_shape(lambda k: init_state(k, tx), jax.random.key(0))
+
+
+def state_shardings(tx: optax.GradientTransformation, shardings: Shardings,
+                    abstract: TrainState | None = None):
+    """Every leaf replicated (data parallelism)."""
+    abstract = abstract_state(tx) if abstract is None else abstract
     return jax.tree.map(lambda _: shardings.replicated, abstract)
 
 

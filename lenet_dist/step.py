@@ -15,7 +15,7 @@ import optax
 
 from lenet_dist.mesh import Shardings
 from lenet_dist.model import LeNet
-from lenet_dist.state import TrainState, init_state, state_shardings
+from lenet_dist.state import TrainState, abstract_state, state_shardings
 
 MODEL = LeNet()
 
@@ -91,7 +91,8 @@ class Steps:
 
 def build_steps(tx: optax.GradientTransformation, shardings: Shardings) -> Steps:
     """Every sharding decision for the steps, in one place."""
-    state_sh = state_shardings(tx, shardings)
+    state_shapes = abstract_state(tx)
+    state_sh = state_shardings(tx, shardings, state_shapes)
     rep = shardings.replicated
     stacked = shardings.stacked_batches
     metrics_sh = jax.tree.map(lambda _: rep, zero_metrics())
@@ -119,9 +120,8 @@ def build_steps(tx: optax.GradientTransformation, shardings: Shardings) -> Steps
     zeros = jax.jit(zero_metrics, out_shardings=metrics_sh)
 
     def abstract():
-        shapes = jax.eval_shape(lambda k: init_state(k, tx), jax.random.key(0))
         attach = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)  # noqa: E731
-        return {"state": jax.tree.map(attach, shapes, state_sh),
+        return {"state": jax.tree.map(attach, state_shapes, state_sh),
                 "acc": jax.tree.map(attach, jax.eval_shape(zero_metrics), metrics_sh)}
 
     return Steps(train=train, evaluate=evaluate, zeros=zeros, abstract=abstract)
