@@ -117,11 +117,13 @@ def save_savedmodel(tf, params, staging: Path, platforms: Sequence[str],
     labels_file = staging / "labels.txt"
     labels_file.write_text("\n".join(class_names) + "\n")
     module = build_module(tf, params, platforms, labels_file)
+    model_dir = staging / "model"
+    # Saving traces `serve` again (for the restored object's own method), so the
+    # save must happen under the plan too; then check what was actually written.
     with serialization.serialize_for(plan):
         concrete = module.serve.get_concrete_function()
-    serialization.check_graph(concrete.graph.as_graph_def(), plan)
-    model_dir = staging / "model"
-    tf.saved_model.save(module, str(model_dir), signatures={SIGNATURE: concrete})
+        tf.saved_model.save(module, str(model_dir), signatures={SIGNATURE: concrete})
+    serialization.check_saved_model(model_dir, plan)
     return model_dir
 
 
@@ -136,12 +138,14 @@ def jax_reference(params, images: np.ndarray) -> dict[str, np.ndarray]:
 def verify(tf, model_dir: Path, images: np.ndarray, expected: dict) -> float:
     """Load what was written and run its CPU lowering at batch 1, 7 and all;
     returns max |logits - JAX|."""
-    served = tf.saved_model.load(str(model_dir)).signatures[SIGNATURE]
+    loaded = tf.saved_model.load(str(model_dir))
+    served = loaded.signatures[SIGNATURE]
     worst = 0.0
     for n in sorted({1, min(7, len(images)), len(images)}):
         try:
             with tf.device("/CPU:0"):
                 out = served(**{INPUT_NAME: tf.constant(images[:n])})
+                loaded.serve(tf.constant(images[:n]))  # the restored method, too
         except Exception as e:  # TF raises many types; all mean "cannot serve"
             raise UserError("the exported SavedModel fails when TensorFlow runs it: "
                             f"{first_line(e)}") from None

@@ -165,6 +165,18 @@ def xla_call_modules(graph_def) -> list[tuple[int, str | None]]:
             for n in nodes if n.op == "XlaCallModule"]
 
 
+def check_saved_model(model_dir, plan: Plan) -> None:
+    """check_graph over every meta graph of a written SavedModel (saved_model.pb)."""
+    from pathlib import Path
+
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((Path(model_dir) / "saved_model.pb").read_bytes())
+    for meta_graph in saved.meta_graphs:
+        check_graph(meta_graph.graph_def, plan)
+
+
 def check_graph(graph_def, plan: Plan) -> None:
     """Every embedded module must be readable by the installed TensorFlow."""
     modules = xla_call_modules(graph_def)

@@ -35,6 +35,9 @@ model, images_file, labels_file, out = sys.argv[1:5]
 images = serving_io.read_idx(images_file)[..., None]
 served = tf.saved_model.load(model).signatures["serving_default"]
 logits = {{str(n): served(images=tf.constant(images[:n]))["logits"].numpy() for n in (1, 7, 256)}}
+restored = tf.saved_model.load(model)  # keep a reference: it owns the variables
+method = restored.serve(tf.constant(images[:7]))["logits"].numpy()
+assert np.array_equal(method, logits["7"])  # the restored object's method runs as well
 np.savez(out + ".npz", **logits)
 rc = check_savedmodel.main([model, "--images", images_file, "--labels", labels_file, "--json"])
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in {jax_free!r}
@@ -129,6 +132,14 @@ def test_metadata_labels_and_reference(exported, trained):
         serialization.parse_version(ser["tensorflow_max_stablehlo"])
     assert meta["versions"]["jax"] == jax.__version__ and meta["versions"]["tensorflow"]
     assert meta["reference"]["max_abs_logit_diff"] <= 1e-5
+    # Every module in the file (the signature's and the restored method's) was
+    # written for what this TensorFlow reads.
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((model / "saved_model.pb").read_bytes())
+    modules = [m for g in saved.meta_graphs for m in serialization.xla_call_modules(g.graph_def)]
+    assert len(modules) >= 2 and set(modules) == {(plan.calling_convention, plan.stablehlo)}
     labels = (model / "assets" / "labels.txt").read_text().splitlines()
     assert labels[0] == "T-shirt/top" and labels[9] == "Ankle boot" and len(labels) == 10
     ref = np.load(model / "assets.extra" / "reference.npz")
@@ -187,6 +198,26 @@ def test_a_tensorflow_that_overstates_its_version_is_caught_by_the_verify_step(
     with pytest.raises(UserError, match="fails when TensorFlow runs it"):
         export_checkpoint(trained.config.workdir, str(tmp_path / "m"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]  # no staging left
+
+
+def test_check_saved_model_rejects_a_naive_save(tmp_path):
+    """A SavedModel saved without serialize_for carries jax's own StableHLO; the check
+    reads the file and refuses it for a TensorFlow that reads less."""
+    import tensorflow as tf
+
+    from lenet_dist.export import build_module
+    from lenet_dist.model import init_params
+
+    (tmp_path / "labels.txt").write_text("x\n")
+    module = build_module(tf, jax.device_get(init_params(jax.random.key(0))), ("cpu",),
+                          tmp_path / "labels.txt")
+    tf.saved_model.save(module, str(tmp_path / "m"),
+                        signatures={"serving_default": module.serve.get_concrete_function()})
+    prod = serialization.producer()
+    old_tf = serialization.negotiate(prod, serialization.Consumer("1.0.0", 10))
+    with pytest.raises(UserError, match=f"export wrote StableHLO {prod.stablehlo_default}, "
+                                        "newer than TensorFlow reads \\(1.0.0\\)"):
+        serialization.check_saved_model(tmp_path / "m", old_tf)
 
 
 def test_the_version_patch_is_scoped():
