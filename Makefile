@@ -32,10 +32,11 @@ SERVING := serving/lenet/1
 export: setup
 	$(BIN)/lenet-dist export --workdir runs/lenet --best --out $(SERVING) --overwrite $(ARGS)
 
+DATA ?= /usr/share/datasets/fashion-mnist
 check-export: setup data
 	$(BIN)/python export/check_savedmodel.py $(SERVING) \
-	  --images /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz \
-	  --labels /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz --show 3
+	  --images $(DATA)/t10k-images-idx3-ubyte.gz \
+	  --labels $(DATA)/t10k-labels-idx1-ubyte.gz --show 3
 
 clean:
 	rm -rf $(VENV) runs serving .pytest_cache

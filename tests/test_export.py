@@ -282,7 +282,7 @@ def test_export_bad_options(trained, capsys, tmp_path, extra, message):
     assert not (tmp_path / "m").exists()
 
 
-def test_export_never_replaces_what_is_not_a_model(trained, capsys, tmp_path):
+def test_export_never_replaces_what_is_not_a_model(trained, capsys, tmp_path, monkeypatch):
     work = Path(trained.config.workdir)
     before = sorted(p.name for p in work.iterdir())
     for out, message in ((work, "would replace the training run"),
@@ -305,6 +305,26 @@ def test_export_never_replaces_what_is_not_a_model(trained, capsys, tmp_path):
     msg = one_line_error(capsys, ["export", "--workdir", str(work), "--out",
                                   str(tmp_path / "file")])
     assert "exists and is not a directory" in msg
+
+    monkeypatch.chdir(notes)
+    msg = one_line_error(capsys, ["export", "--workdir", str(work), "--out", ".", "--overwrite"])
+    assert "would replace the current directory" in msg
+    assert (notes / "todo.txt").read_text() == "mine"
+
+
+def test_a_diverged_checkpoint_is_not_exported(trained, monkeypatch, tmp_path):
+    from lenet_dist import evaluate
+
+    real = evaluate.restore_params
+
+    def nan_params(*args, **kwargs):
+        params, *rest = real(*args, **kwargs)
+        return (jax.tree.map(lambda p: p * np.nan, params), *rest)
+
+    monkeypatch.setattr(evaluate, "restore_params", nan_params)
+    with pytest.raises(UserError, match="has NaN or infinite parameters"):
+        export_checkpoint(trained.config.workdir, str(tmp_path / "m"))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_interrupted_publish_puts_the_old_model_back(trained, exported, monkeypatch,
