@@ -140,6 +140,12 @@ def test_metadata_labels_and_reference(exported, trained):
     saved.ParseFromString((model / "saved_model.pb").read_bytes())
     modules = [m for g in saved.meta_graphs for m in serialization.xla_call_modules(g.graph_def)]
     assert len(modules) >= 2 and set(modules) == {(plan.calling_convention, plan.stablehlo)}
+    import tensorflow as tf
+
+    graph_sig = load_kit_module("check_savedmodel").read_signature(model, tf)
+    promised = {side: {k: (v["dtype"], tuple(v["shape"])) for k, v in meta["signature"][side].items()}
+                for side in ("inputs", "outputs")}
+    assert graph_sig == promised  # metadata.json describes the graph TF Serving will read
     labels = (model / "assets" / "labels.txt").read_text().splitlines()
     assert labels[0] == "T-shirt/top" and labels[9] == "Ankle boot" and len(labels) == 10
     ref = np.load(model / "assets.extra" / "reference.npz")
