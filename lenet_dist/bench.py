@@ -155,5 +155,6 @@ def bench_serving(workdir: str | None, batch_size: int = 256, rounds: int = 3,
          f"{rounds} rounds; batch-1 latency over {len(lat['JAX jit']):,} calls):")
     for name, r in result.items():
         echo(f"  {name:<11}  {r['images_per_sec']:>9,.0f} img/s ({r['images_per_sec'] / base:.2f}x)"
-             f"   batch-1 latency p50 {r['latency_ms_p50']:.3f} ms, p90 {r['latency_ms_p90']:.3f} ms")
+             f"   batch-1 latency p50 {r['latency_ms_p50']:.3f} ms, "
+             f"p90 {r['latency_ms_p90']:.3f} ms")
     return result

@@ -109,7 +109,8 @@ def test_signature_as_saved_model_cli_shows_it(exported):
                           text=True, env=tf_only_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     sig = proc.stdout.split("signature_def['serving_default']")[1].split("signature_def[")[0]
-    assert "inputs['images'] tensor_info:\n        dtype: DT_UINT8\n        shape: (-1, 28, 28, 1)" in sig
+    assert ("inputs['images'] tensor_info:\n        dtype: DT_UINT8\n"
+            "        shape: (-1, 28, 28, 1)") in sig
     for name, dtype, shape in (("logits", "DT_FLOAT", "(-1, 10)"),
                                ("probabilities", "DT_FLOAT", "(-1, 10)"),
                                ("classes", "DT_INT64", "(-1)")):
@@ -143,7 +144,8 @@ def test_metadata_labels_and_reference(exported, trained):
     import tensorflow as tf
 
     graph_sig = load_kit_module("check_savedmodel").read_signature(model, tf)
-    promised = {side: {k: (v["dtype"], tuple(v["shape"])) for k, v in meta["signature"][side].items()}
+    promised = {side: {k: (v["dtype"], tuple(v["shape"]))
+                       for k, v in meta["signature"][side].items()}
                 for side in ("inputs", "outputs")}
     assert graph_sig == promised  # metadata.json describes the graph TF Serving will read
     labels = (model / "assets" / "labels.txt").read_text().splitlines()
