@@ -14,6 +14,7 @@ import numpy as np
 
 from lenet_dist import data as data_lib
 from lenet_dist.errors import UserError, first_line
+from lenet_dist.runtime import filtered_stderr
 
 MAX_FILE_BYTES = 64 * 2**20
 MAX_SIDE = 8192  # pixels; a decoded 8192x8192 RGBA image is 256 MiB
@@ -46,7 +47,8 @@ def image_size(raw: bytes, kind: str, tf) -> tuple[int, int] | None:
         return abs(height), abs(width)
     if kind == "jpeg":
         try:
-            h, w, _ = tf.image.extract_jpeg_shape(raw).numpy()
+            with filtered_stderr():  # libjpeg prints to stderr itself
+                h, w, _ = tf.image.extract_jpeg_shape(raw).numpy()
             return int(h), int(w)
         except Exception:  # corrupt header: the decoder will say so
             return None
@@ -75,7 +77,8 @@ def decode_image(path: Path, raw: bytes, kind: str, tf, invert: bool) -> np.ndar
         raise UserError(f"{path} is {size[1]}x{size[0]} pixels; the limit is "
                         f"{MAX_SIDE} per side (resize it first)")
     try:
-        pixels = tf.io.decode_image(raw, channels=0, expand_animations=False).numpy()
+        with filtered_stderr():  # libjpeg/libpng warnings: our error says it in one line
+            pixels = tf.io.decode_image(raw, channels=0, expand_animations=False).numpy()
     except Exception as e:  # TF raises InvalidArgumentError and friends
         raise UserError(f"{path} cannot be decoded as {kind.upper()}: "
                         f"{first_line(e, 160)}") from None

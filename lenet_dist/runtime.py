@@ -54,8 +54,9 @@ TF_IMPORT_NOISE = ("absl::InitializeLog", "oneDNN custom operations are on",
 
 
 @contextlib.contextmanager
-def _filtered_stderr(noise: tuple[str, ...]):
-    """Capture file descriptor 2 (where C++ logs go); replay all but `noise`."""
+def filtered_stderr(noise: tuple[str, ...] = ("",)):
+    """Capture file descriptor 2 (where C/C++ libraries log); replay the lines that
+    contain none of `noise` (by default none are replayed)."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as capture:
@@ -84,7 +85,7 @@ def import_tensorflow():
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        with _filtered_stderr(TF_IMPORT_NOISE):
+        with filtered_stderr(TF_IMPORT_NOISE):
             import tensorflow as tf
     except ImportError as e:
         from lenet_dist.errors import UserError

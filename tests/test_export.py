@@ -573,3 +573,16 @@ def test_every_image_format_decodes_alike_in_predict_and_the_kit(dataset, tmp_pa
     (tmp_path / "img.jpg").write_bytes(tf.io.encode_jpeg(img, quality=95).numpy())
     jpg = load_inputs([str(tmp_path / "img.jpg")])[0][0]
     assert np.mean(np.abs(jpg.astype(int) - img)) < 4  # lossy, but the same picture
+
+
+def test_a_corrupt_jpeg_is_one_line_even_at_the_file_descriptor(exported, capfd, tmp_path):
+    """libjpeg writes to fd 2 itself; predict keeps stderr to its one line."""
+    import tensorflow as tf
+
+    model, _ = exported
+    good = tf.io.encode_jpeg(np.full((40, 30, 1), 200, np.uint8)).numpy()
+    bad = tmp_path / "cut.jpg"
+    bad.write_bytes(good[:300])
+    assert main(["predict", "--model", str(model), str(bad)]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {bad} cannot be decoded as JPEG"), err
