@@ -6,6 +6,7 @@ has set the device count and XLA flags, and so `--help` stays fast.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import click
@@ -80,17 +81,28 @@ WORKDIR = click.option("--workdir", type=click.Path(), default="runs/lenet",
                        help="Run directory holding checkpoints/.")
 
 
+def checkpoint_choice(command):
+    """--step S | --best, declared and checked in one place for every command."""
+
+    @functools.wraps(command)
+    def checked(*args, **kwargs):
+        if kwargs["step"] is not None and kwargs["best"]:
+            raise click.UsageError("--step and --best are exclusive; give one")
+        return command(*args, **kwargs)
+
+    checked = click.option("--best", is_flag=True,
+                           help="The checkpoint with the best test accuracy.")(checked)
+    return click.option("--step", type=click.IntRange(min=0), default=None,
+                        help="Checkpoint step [default: latest].")(checked)
+
+
 @cli.command("eval")
 @WORKDIR
-@click.option("--step", type=click.IntRange(min=0), default=None,
-              help="Checkpoint step [default: latest].")
-@click.option("--best", is_flag=True, help="The checkpoint with the best test accuracy.")
+@checkpoint_choice
 @DEVICES
 @click.option("--data-dir", type=click.Path(), default=None)
 def eval_cmd(workdir, step, best, devices, data_dir):
     """Evaluate a checkpoint on the full test set (all 10,000 images)."""
-    if step is not None and best:
-        raise click.UsageError("--step and --best are exclusive; give one")
     from lenet_dist import runtime
 
     runtime.configure(cpu_devices=devices)
@@ -157,13 +169,13 @@ def devices(devices):
               help="Epochs per run; the first (compilation) is not counted.")
 @click.option("--rounds", type=click.IntRange(min=1), default=2,
               help="Interleaved repetitions, to see the machine's noise.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=128)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="[default: 128; 256 with --serving]")
 @click.option("--data-dir", type=click.Path(), default=None)
 @click.option("--checkpoint-cost", is_flag=True,
               help="Compare checkpointing on vs off on the first device count instead.")
 @click.option("--serving", is_flag=True,
-              help="Instead: inference, exported SavedModel vs jitted JAX, in one process "
-                   "(--batch-size defaults to 256 here).")
+              help="Instead: inference, exported SavedModel vs jitted JAX, in one process.")
 @click.option("--workdir", type=click.Path(), default=None,
               help="With --serving: export this run's latest checkpoint [default: fresh init].")
 def bench(device_counts, epochs, rounds, batch_size, data_dir, checkpoint_cost, serving,
@@ -175,21 +187,18 @@ def bench(device_counts, epochs, rounds, batch_size, data_dir, checkpoint_cost, 
         runtime.configure(cpu_devices=1)
         from lenet_dist.bench import bench_serving
 
-        size = batch_size if click.get_current_context().get_parameter_source(
-            "batch_size").name != "DEFAULT" else 256
-        bench_serving(workdir, batch_size=size, rounds=max(rounds, 3), echo=click.echo)
+        bench_serving(workdir, batch_size=batch_size or 256, rounds=max(rounds, 3),
+                      echo=click.echo)
         return
     from lenet_dist.bench import bench_training
 
-    bench_training(device_counts, epochs=epochs, rounds=rounds, batch_size=batch_size,
+    bench_training(device_counts, epochs=epochs, rounds=rounds, batch_size=batch_size or 128,
                    data_dir=data_dir, echo=click.echo, checkpoint_cost=checkpoint_cost)
 
 
 @cli.command("export")
 @WORKDIR
-@click.option("--step", type=click.IntRange(min=0), default=None,
-              help="Checkpoint step [default: latest].")
-@click.option("--best", is_flag=True, help="The checkpoint with the best test accuracy.")
+@checkpoint_choice
 @click.option("--out", type=click.Path(), required=True,
               help="SavedModel directory to create; for TF Serving, end it with a "
                    "version folder: models/lenet/1.")
@@ -203,8 +212,6 @@ def export_cmd(workdir, step, best, out, platforms, overwrite, data_dir):
 
     The model is loaded back and compared with JAX before it is moved to --out.
     """
-    if step is not None and best:
-        raise click.UsageError("--step and --best are exclusive; give one")
     from lenet_dist import runtime
 
     runtime.configure(cpu_devices=1)
@@ -230,9 +237,7 @@ def export_cmd(workdir, step, best, out, platforms, overwrite, data_dir):
               help="An exported SavedModel directory (TensorFlow only, no JAX).")
 @click.option("--workdir", type=click.Path(), default=None,
               help="Or a run directory: predict from its checkpoint in JAX.")
-@click.option("--step", type=click.IntRange(min=0), default=None,
-              help="With --workdir: checkpoint step [default: latest].")
-@click.option("--best", is_flag=True, help="With --workdir: the best checkpoint.")
+@checkpoint_choice  # with --workdir
 @click.option("--top", type=click.IntRange(min=1, max=10), default=1,
               help="Classes to show per image.")
 @click.option("--invert", is_flag=True,
@@ -250,8 +255,6 @@ def predict(inputs, model, workdir, step, best, top, invert, labels, as_json, qu
     """
     if (model is None) == (workdir is None):
         raise click.UsageError("give exactly one of --model (SavedModel) or --workdir")
-    if step is not None and best:
-        raise click.UsageError("--step and --best are exclusive; give one")
     if model is not None and (step is not None or best):
         raise click.UsageError("--step/--best choose a checkpoint; use them with --workdir")
     if workdir is not None:
