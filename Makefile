@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup data train test bench export check-export clean
+.PHONY: setup data tools train test bench export check-export clean
 
 setup: $(STAMP)
 
@@ -18,10 +18,14 @@ $(STAMP): pyproject.toml
 data:
 	@scripts/get-data.sh
 
+# shellcheck, for the launch scripts' tests (Debian's package, when root).
+tools:
+	@scripts/get-tools.sh
+
 train: setup data
 	$(BIN)/lenet-dist train --devices 8 $(ARGS)
 
-test: setup data
+test: setup data tools
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: setup data

@@ -11,20 +11,19 @@ device count may change between save and restore.
 from __future__ import annotations
 
 import logging
+import os
 import platform
-import signal
-import threading
 import time
 import warnings
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from lenet_dist.errors import Preempted, UserError  # noqa: F401 (Preempted re-exported)
+from lenet_dist import distributed
+from lenet_dist.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_METRIC = "test_accuracy"
@@ -48,12 +47,12 @@ def versions() -> dict[str, str]:
 class Checkpoints:
     """One CheckpointManager: async saves, keep the latest K and the best by test accuracy."""
 
-    def __init__(self, workdir: str | Path, keep: int = 3, read_only: bool = False):
+    def __init__(self, workdir: str | os.PathLike, keep: int = 3, read_only: bool = False):
         self.read_only = read_only
         quiet_orbax()
-        self.directory = Path(workdir).absolute() / CHECKPOINT_DIR
+        self.directory = checkpoint_dir(workdir)
         if read_only and not self.directory.is_dir():
-            raise UserError(f"no checkpoints in {Path(workdir)}; train there first "
+            raise UserError(f"no checkpoints in {os.fspath(workdir)}; train there first "
                             f"(lenet-dist train --workdir {workdir})")
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy([
@@ -119,26 +118,42 @@ class Checkpoints:
                        warn: Callable[[str], None] = print) -> tuple[dict, dict] | None:
         """Newest checkpoint that restores. An unreadable one is moved aside to
         <workdir>/corrupt-checkpoints (never deleted), so training can save that
-        step again, and the previous one is tried."""
+        step again, and the previous one is tried. In a multi-process job the
+        processes agree: a checkpoint that fails on any of them fails on all."""
         for step in reversed(self.steps()):
+            error = None
             try:
-                return self.restore(step, abstract)
+                restored = self.restore(step, abstract)
             except Exception as e:  # torn or corrupted: fall back to the previous one
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-                where = self._quarantine(step)
-                warn(f"warning: checkpoint step {step} is unreadable ({first}); "
-                     f"{'moved to ' + str(where) if where else 'left in place'}; "
-                     "trying the previous one")
+                error = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            if not distributed.gather([error is not None]).any():
+                return restored
+            first = error or "unreadable on another process"
+            where = self._quarantine(step)
+            warn(f"warning: checkpoint step {step} is unreadable ({first}); "
+                 f"{'moved to ' + str(where) if where else 'left in place'}; "
+                 "trying the previous one")
         return None
 
-    def _quarantine(self, step: int) -> Path | None:
+    def _quarantine(self, step: int) -> epath.Path | None:
+        """Move a step aside once (process 0), then let every process see it gone."""
         if self.read_only:
             return None
-        target = self.directory.parent / "corrupt-checkpoints" / f"{step}-{int(time.time())}"
-        target.parent.mkdir(exist_ok=True)
-        (self.directory / str(step)).rename(target)
+        stamp = distributed.gather([int(time.time())])[0, 0]  # process 0's clock, for all
+        target = self.directory.parent / "corrupt-checkpoints" / f"{step}-{stamp}"
+        if distributed.is_primary():
+            target.parent.mkdir(exist_ok=True)
+            (self.directory / str(step)).rename(target)
+        distributed.barrier(f"lenet-dist: quarantined {step}")
         self.manager.reload()
         return target
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+    """<workdir>/checkpoints; local paths made absolute, gs:// and other URLs kept."""
+    text = os.fspath(workdir)
+    base = epath.Path(text) if "://" in text else epath.Path(os.path.abspath(text))
+    return base / CHECKPOINT_DIR
 
 
 def check_compatible(saved: dict, current: dict, workdir: str) -> None:
@@ -147,30 +162,6 @@ def check_compatible(saved: dict, current: dict, workdir: str) -> None:
     if diffs:
         raise UserError(f"--workdir {workdir} holds a different run ({'; '.join(diffs)}); "
                         "use another --workdir, or --allow-config-change to continue anyway")
-
-
-@contextmanager
-def stop_signals():
-    """Turn SIGTERM/SIGINT into a flag the loop checks between steps.
-
-    A second signal gets the default behaviour (e.g. Ctrl-C twice kills).
-    """
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-
-    def handler(signum, frame):
-        received.append(signum)
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, previous[s])
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield received
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def quiet_orbax() -> None:

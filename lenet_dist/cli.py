@@ -12,12 +12,53 @@ import sys
 import click
 
 from lenet_dist.config import DATASETS, DEFAULT_EXPORT_PLATFORMS, OPTIMIZERS, PRESETS
+from lenet_dist.distributed import DEFAULT_HEARTBEAT_TIMEOUT, MODES, JobSpec
 from lenet_dist.errors import Preempted, UserError
 
 DEVICES = click.option(
     "--devices", type=click.IntRange(min=1), default=None,
-    help="Devices in the data-parallel mesh [default: all]. On CPU, this many "
-         "devices are simulated when the host has fewer.")
+    help="Devices in the data-parallel mesh, over all processes of a job [default: all]. "
+         "On CPU, this many devices are simulated when the host has fewer.")
+
+
+def job_options(command):
+    """Options to run as one process of a multi-process job; the command gets `job`."""
+
+    @functools.wraps(command)
+    def with_job(*args, distributed, coordinator_address, num_processes, process_id,
+                 heartbeat_timeout, **kwargs):
+        job = JobSpec(distributed, coordinator_address, num_processes, process_id,
+                      heartbeat_timeout)
+        return command(*args, job=job.validate(), **kwargs)
+
+    for option in reversed([
+        click.option("--distributed", type=click.Choice(MODES), default="off",
+                     envvar="LENET_DIST_DISTRIBUTED", show_envvar=True,
+                     help="auto: join the multi-process job JAX detects (Cloud TPU VM, "
+                          "SLURM, Open MPI, Kubernetes); run the same command on every host."),
+        click.option("--coordinator-address", metavar="HOST:PORT", default=None,
+                     envvar=["LENET_DIST_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS"],
+                     show_envvar=True, help="Or join explicitly: process 0's address..."),
+        click.option("--num-processes", type=click.IntRange(min=1), default=None,
+                     envvar="LENET_DIST_NUM_PROCESSES", show_envvar=True,
+                     help="...the number of processes..."),
+        click.option("--process-id", type=click.IntRange(min=0), default=None,
+                     envvar="LENET_DIST_PROCESS_ID", show_envvar=True,
+                     help="...and this process's id (0 writes logs, metrics, exports)."),
+        click.option("--heartbeat-timeout", type=click.IntRange(min=1),
+                     default=DEFAULT_HEARTBEAT_TIMEOUT, envvar="LENET_DIST_HEARTBEAT_TIMEOUT",
+                     show_envvar=True,
+                     help="Seconds after which the others stop, with one line, when a "
+                          "process of the job dies."),
+    ]):
+        with_job = option(with_job)
+    return with_job
+
+
+def is_primary() -> bool:
+    from lenet_dist import distributed
+
+    return distributed.is_primary()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"],
@@ -59,21 +100,23 @@ def cli():
               help="Resume even if the workdir's saved run had other hyper-parameters.")
 @click.option("--progress/--no-progress", default=None,
               help="Per-step progress bar [default: on when stderr is a terminal].")
-def train(preset, devices, progress, allow_config_change, **overrides):
+@job_options
+def train(preset, devices, progress, allow_config_change, job, **overrides):
     """Train LeNet-5 (the d2l seed recipe by default), resuming from --workdir.
 
     SIGTERM/SIGINT finish the step in flight, save a checkpoint and exit with
-    128 + the signal number (143, 130); the same command then resumes.
+    128 + the signal number (143, 130); the same command then resumes. In a
+    multi-process job a SIGTERM to any process stops all of them at the same step.
     """
     from lenet_dist import runtime
     from lenet_dist.config import preset as get_preset
 
     config = get_preset(preset).replace(devices=devices, **overrides).validate()
-    runtime.configure(cpu_devices=config.devices)
-    from lenet_dist.train import train as run
-
     if progress is None:
         progress = sys.stderr.isatty()
+    runtime.configure(cpu_devices=config.devices, job=job)
+    from lenet_dist.train import train as run
+
     run(config, progress=progress, allow_config_change=allow_config_change)
 
 
@@ -101,17 +144,19 @@ def checkpoint_choice(command):
 @checkpoint_choice
 @DEVICES
 @click.option("--data-dir", type=click.Path(), default=None)
-def eval_cmd(workdir, step, best, devices, data_dir):
+@job_options
+def eval_cmd(workdir, step, best, devices, data_dir, job):
     """Evaluate a checkpoint on the full test set (all 10,000 images)."""
     from lenet_dist import runtime
 
-    runtime.configure(cpu_devices=devices)
+    runtime.configure(cpu_devices=devices, job=job)
     from lenet_dist.evaluate import evaluate_checkpoint
 
     r = evaluate_checkpoint(workdir, step=step, best=best, devices=devices, data_dir=data_dir)
-    click.echo(f"step {r['step']} (epoch {r['epoch']:g}) on {r['devices']} device(s): "
-               f"test loss {r['test_loss']:.4f}  test accuracy {r['test_accuracy']:.4f}  "
-               f"({r['examples']:,} images)")
+    if is_primary():
+        click.echo(f"step {r['step']} (epoch {r['epoch']:g}) on {r['devices']} device(s): "
+                   f"test loss {r['test_loss']:.4f}  test accuracy "
+                   f"{r['test_accuracy']:.4f}  ({r['examples']:,} images)")
 
 
 @cli.command()
@@ -207,18 +252,22 @@ def bench(device_counts, epochs, rounds, batch_size, data_dir, checkpoint_cost, 
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--data-dir", type=click.Path(), default=None,
               help="Where the test images for the export-time check are.")
-def export_cmd(workdir, step, best, out, platforms, overwrite, data_dir):
+@job_options
+def export_cmd(workdir, step, best, out, platforms, overwrite, data_dir, job):
     """Export a checkpoint as a TensorFlow SavedModel (jax2tf) for TF Serving.
 
     The model is loaded back and compared with JAX before it is moved to --out.
+    In a multi-process job every process restores and process 0 exports.
     """
     from lenet_dist import runtime
 
-    runtime.configure(cpu_devices=1)
+    runtime.configure(cpu_devices=None if job.enabled else 1, job=job)
     from lenet_dist.export import export_checkpoint
 
     info = export_checkpoint(workdir, out, step=step, best=best, platforms=platforms,
                              overwrite=overwrite, data_dir=data_dir)
+    if info is None:  # not process 0
+        return
     ck, ser, ref = info["checkpoint"], info["serialization"], info["reference"]
     acc = f"{ck['test_accuracy']:.4f}" if ck["test_accuracy"] is not None else "not evaluated"
     click.echo(f"exported step {ck['step']} (test accuracy {acc}) to {out}")
@@ -271,6 +320,31 @@ def predict(inputs, model, workdir, step, best, top, invert, labels, as_json, qu
             click.echo(line)
     if "accuracy" in result:
         click.echo(f"accuracy {result['accuracy']:.4f} on {len(result['classes']):,} images")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True,
+                               "allow_interspersed_args": False})
+@click.option("--processes", "-n", type=click.IntRange(min=1), default=2,
+              help="Local processes, each one process of the job.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=3600,
+              help="Seconds before every process is killed (exit 124).")
+@click.option("--grace", type=click.FloatRange(min=0), default=30,
+              help="Seconds the others get to exit after one process fails, "
+                   "before they are killed.")
+@click.option("--port", type=click.IntRange(1, 65535), default=None,
+              help="Coordinator port on 127.0.0.1 [default: a free one].")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def launch(processes, timeout, grace, port, command):
+    """Run COMMAND as a job of N local processes on loopback (CPU devices simulated).
+
+    \b
+    lenet-dist launch -n 2 -- train --devices 8 --workdir runs/mp
+    gives 2 processes x 4 simulated CPU devices: the same program, sharding and
+    checkpoints as N hosts of a TPU slice. Output lines carry the process id.
+    """
+    from lenet_dist.launch import run
+
+    return run(list(command), processes, timeout=timeout, grace=grace, port=port)
 
 
 def main(argv=None) -> int:

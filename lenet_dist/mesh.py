@@ -18,25 +18,38 @@ DATA_AXIS = "data"
 
 
 def make_mesh(devices: int | None = None) -> Mesh:
-    """A 1-D mesh over the first `devices` devices of the default backend."""
+    """A 1-D mesh over `devices` devices of the default backend (all by default).
+
+    In a multi-process job `devices` is the global count and every process gives
+    the same number of its own devices (the first devices // processes of each),
+    so every process holds an equal share of each batch.
+    """
     available = jax.devices()
+    processes = jax.process_count()
     n = len(available) if devices is None else devices
     if n < 1:
         raise UserError(f"--devices must be >= 1, got {n}")
-    if n > len(available):
+    if n % processes:
+        raise UserError(f"--devices {n} does not split over {processes} processes; "
+                        f"use a multiple of {processes}")
+    per_process = n // processes
+    by_process = {}
+    for d in available:
+        by_process.setdefault(d.process_index, []).append(d)
+    fewest = min(len(ds) for ds in by_process.values())
+    if per_process > fewest:
         platform = available[0].platform
         hint = (
             "simulated CPU devices must be requested before JAX starts "
             "(lenet-dist does this for --devices)"
             if platform == "cpu"
-            else f"use --devices {len(available)} or fewer"
+            else f"use --devices {fewest * processes} or fewer"
         )
-        raise UserError(
-            f"--devices {n} asks for more {platform.upper()} devices than the "
-            f"{len(available)} present; {hint}"
-        )
-    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,),
-                         devices=available[:n])
+        what = (f"{per_process} {platform.upper()} devices per process ({processes} "
+                f"processes), more" if processes > 1 else f"more {platform.upper()} devices")
+        raise UserError(f"--devices {n} asks for {what} than the {fewest} present; {hint}")
+    chosen = [d for p in sorted(by_process) for d in by_process[p][:per_process]]
+    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=chosen)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,23 +28,32 @@ def add_xla_flags(flags: tuple[str, ...] = CPU_XLA_FLAGS) -> None:
     os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
 
 
-def configure(cpu_devices: int | None = None, onednn: bool = True) -> None:
-    """Prepare JAX: `cpu_devices` simulated CPU devices, fast CPU kernels.
+def configure(cpu_devices: int | None = None, onednn: bool = True, job=None) -> None:
+    """Prepare JAX: join the multi-process `job` (a `distributed.JobSpec`) if any,
+    then `cpu_devices` simulated CPU devices (the global count: each process of a
+    job simulates its share), fast CPU kernels.
 
     Simulating devices only changes the CPU backend; on a GPU/TPU host the
     accelerators stay the default backend.
     """
     if onednn and os.environ.get("LENET_DIST_ONEDNN", "1") != "0":
         add_xla_flags()
+    if job is not None:
+        from lenet_dist import distributed
+
+        cpu_devices = distributed.join(job, cpu_devices)
     import jax
 
     if cpu_devices is not None and cpu_devices > jax.config.jax_num_cpu_devices:
         try:
             jax.config.update("jax_num_cpu_devices", cpu_devices)
-        except RuntimeError:
-            # JAX already initialised (e.g. inside a test session that set its
-            # own count); the mesh builder reports any shortfall.
-            pass
+        except RuntimeError:  # the backend already started with fewer: never ignore it
+            from lenet_dist.errors import UserError
+
+            raise UserError(
+                f"--devices {cpu_devices} asks for more CPU devices than the "
+                f"{jax.config.jax_num_cpu_devices} present; JAX has already started, "
+                "so no more can be simulated") from None
 
 
 # INFO lines TensorFlow's C++ prints while it loads. Once jaxlib has set up

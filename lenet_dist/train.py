@@ -10,19 +10,22 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import time
-from pathlib import Path
 from typing import Callable
 
 import jax
+from etils import epath
 from tqdm.auto import tqdm
 
 from lenet_dist import checkpoint as ckpt_lib
 from lenet_dist import data as data_lib
+from lenet_dist import distributed
 from lenet_dist.config import Config
-from lenet_dist.errors import UserError
+from lenet_dist.errors import Preempted, UserError
 from lenet_dist.feed import EvalFeed, eval_feed, train_feed
 from lenet_dist.mesh import Shardings, check_batch, make_mesh
+from lenet_dist.preemption import StopRule
 from lenet_dist.state import TrainState, create_state, make_optimizer
 from lenet_dist.step import Steps, build_steps, summarize
 
@@ -78,20 +81,30 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
           allow_config_change: bool = False) -> TrainResult:
     """Train `config` end to end, resuming from <workdir>/checkpoints if it holds a run.
 
-    Raises `Preempted` after saving a checkpoint when SIGTERM/SIGINT arrives.
+    Raises `Preempted` after saving a checkpoint when SIGTERM/SIGINT arrives. In a
+    multi-process job every process calls this; process 0 alone logs and writes
+    metrics, and all of them stop at the same step.
     """
     config = config.validate()
     t0 = time.perf_counter()
+    primary = distributed.is_primary()
+    if not primary:
+        log, progress = (lambda _: None), False
 
-    # Mesh and shardings.
+    # Mesh and shardings; every process must see the same workdir.
     mesh = make_mesh(config.devices)
     shardings = Shardings(mesh)
     check_batch(config.batch_size, shardings.size)
-    workdir = _prepare_workdir(config.workdir)
+    workdir = prepare_workdir(config.workdir, create=primary)
+    distributed.check_same_workdir(workdir)
 
-    # Input: host uint8 arrays -> device-resident feeds.
+    # Input: host uint8 arrays -> device-resident feeds; every process the same data.
     dataset = dataset or data_lib.load(config.dataset, config.data_dir)
     train_split = dataset.train.take(config.train_limit)
+    distributed.check_same_data(
+        distributed.data_fingerprint(train_split.images, train_split.labels,
+                                     dataset.test.images, dataset.test.labels),
+        dataset.source)
     tfeed = train_feed(train_split, config.batch_size, shardings)
     efeed = eval_feed(dataset.test, config.eval_batch_size, shardings)
     spe = tfeed.steps_per_epoch
@@ -113,7 +126,8 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
         if not allow_config_change:
             ckpt_lib.check_compatible(meta["config"], config.to_dict(), config.workdir)
         state, acc, history = tree["state"], tree["acc"], meta["history"]
-        _write_metrics(workdir, history)  # drop epochs recorded after this checkpoint
+        if primary:
+            write_metrics(workdir, history)  # drop epochs recorded after this checkpoint
     start = int(state.step)
     if restored is not None:
         if start >= total_steps:
@@ -137,21 +151,23 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
                 "steps_per_epoch": spe, "history": list(history), "mesh": dict(mesh.shape),
                 "versions": versions, "dataset_source": dataset.source}
 
-    multi_process = jax.process_count() > 1 and ckpt is not None
-    try:
-        with ckpt_lib.stop_signals() as signals:
-            def after_step(epoch: int, i: int, state, acc) -> bool:
-                """Mid-epoch saves and preemption, after step i of `epoch` is queued."""
-                step = epoch * spe + i + 1
-                stop = bool(signals) or (multi_process and ckpt.manager.reached_preemption(step))
-                mid_epoch = i + 1 < spe
-                if ckpt and mid_epoch and (stop or (config.save_every_steps
-                                                    and step % config.save_every_steps == 0)):
-                    ckpt.save(step, {"state": state, "acc": acc}, meta_for(step), wait=stop)
-                if stop and mid_epoch:
-                    raise ckpt_lib.Preempted(signals[0] if signals else 15, step, saved=bool(ckpt))
-                return False
+    stop = StopRule(multi_process=jax.process_count() > 1,
+                    process_index=jax.process_index())
 
+    def after_step(epoch: int, i: int, state, acc) -> bool:
+        """Mid-epoch saves and the stop rule, after step i of `epoch` is queued."""
+        step = epoch * spe + i + 1
+        stopping = stop.at_step(step)
+        mid_epoch = i + 1 < spe
+        if ckpt and mid_epoch and (stopping or (config.save_every_steps
+                                                and step % config.save_every_steps == 0)):
+            ckpt.save(step, {"state": state, "acc": acc}, meta_for(step), wait=stopping)
+        if stopping and mid_epoch:
+            raise Preempted(stop.signum, step, saved=bool(ckpt))
+        return False
+
+    try:
+        with stop:
             for epoch in range(start // spe, config.epochs):
                 desc = f"epoch {epoch + 1}/{config.epochs}"
                 t_epoch = time.perf_counter()
@@ -173,12 +189,13 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
                     "train_seconds": train_secs,
                     "epoch_seconds": time.perf_counter() - t_epoch,
                     "devices": shardings.size,
+                    "processes": jax.process_count(),
                     "batch_size": config.batch_size,
                     "time": time.time(),
                 }
                 history.append(record)
-                with open(workdir / METRICS_FILE, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                if primary:
+                    write_metrics(workdir, history)
                 log(format_epoch(record, config.epochs))
                 if not math.isfinite(record["train_loss"]):
                     raise UserError(f"training diverged at epoch {epoch + 1} (loss "
@@ -188,9 +205,9 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
                               meta_for(record["step"]),
                               metrics={"test_accuracy": record["test_accuracy"],
                                        "test_loss": record["test_loss"]},
-                              wait=bool(signals))
-                if signals and epoch + 1 < config.epochs:
-                    raise ckpt_lib.Preempted(signals[0], record["step"], saved=bool(ckpt))
+                              wait=stop.should_stop())
+                if stop.should_stop() and epoch + 1 < config.epochs:
+                    raise Preempted(stop.signum, record["step"], saved=bool(ckpt))
 
     finally:
         if ckpt:
@@ -205,20 +222,29 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
     return TrainResult(state=state, history=history, config=config)
 
 
-def _write_metrics(workdir: Path, history: list[dict]) -> None:
-    """Rewrite metrics.jsonl from a checkpoint's history (atomically)."""
+def write_metrics(workdir: epath.Path, history: list[dict]) -> None:
+    """Rewrite metrics.jsonl from the history (atomically; object stores cannot append)."""
     tmp = workdir / (METRICS_FILE + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
     tmp.replace(workdir / METRICS_FILE)
 
 
-def _prepare_workdir(path: str) -> Path:
-    workdir = Path(path)
-    if workdir.exists() and not workdir.is_dir():
-        raise UserError(f"--workdir {workdir} is a file, not a directory; choose another path")
+def workdir_path(path: str) -> epath.Path:
+    """A local path made absolute, or a URL such as gs://bucket/run kept as it is."""
+    if "://" in str(path):
+        return epath.Path(path)
+    return epath.Path(os.path.abspath(path))
+
+
+def prepare_workdir(path: str, create: bool = True) -> epath.Path:
+    workdir = workdir_path(path)
     try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / METRICS_FILE).touch()
+        if workdir.exists() and not workdir.is_dir():
+            raise UserError(f"--workdir {path} is a file, not a directory; choose another path")
+        if create:
+            workdir.mkdir(parents=True, exist_ok=True)
+            if not (workdir / METRICS_FILE).exists():
+                (workdir / METRICS_FILE).write_text("")
     except OSError as e:
-        raise UserError(f"cannot write to --workdir {workdir}: {e.strerror}") from None
+        raise UserError(f"cannot write to --workdir {path}: {e.strerror or e}") from None
     return workdir

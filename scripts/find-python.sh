@@ -9,6 +9,7 @@ for cand in "${PYTHON:-}" python3 python3.13 python3.12; do
   fi
 done
 root="$(pyenv root 2>/dev/null || echo "${PYENV_ROOT:-$HOME/.pyenv}")"
+# shellcheck disable=SC2012  # pyenv version directories have plain names
 for cand in $(ls -d "$root"/versions/3.1[2-9]* 2>/dev/null | sort -V); do
   if ok "$cand/bin/python"; then echo "$cand/bin/python"; exit 0; fi
 done

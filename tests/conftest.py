@@ -56,6 +56,46 @@ def trained(dataset, tmp_path_factory):
     return train(config, dataset=dataset, log=lambda _: None)
 
 
+def small(workdir, **kw) -> Config:
+    """The short run the checkpoint and multi-process tests share: 10 steps an epoch."""
+    base = dict(devices=8, epochs=2, train_limit=640, batch_size=64, learning_rate=0.5,
+                workdir=str(workdir))
+    return Config(**{**base, **kw})
+
+
+def assert_same_params(a, b, atol=0.0):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol)
+
+
+@pytest.fixture(scope="session")
+def reference(dataset, tmp_path_factory):
+    """An uninterrupted `small` run on 8 devices in this process, saving every 3 steps."""
+    from lenet_dist.train import train
+
+    work = tmp_path_factory.mktemp("ref")
+    result = train(small(work, save_every_steps=3, keep_checkpoints=20), dataset=dataset,
+                   log=lambda _: None)
+    return work, result
+
+
+@pytest.fixture(scope="session")
+def data_dir(dataset, tmp_path_factory) -> str:
+    """`dataset` as a directory of IDX files, for commands run in subprocesses."""
+    if dataset.source != "synthetic":
+        return dataset.source
+    directory = tmp_path_factory.mktemp("idx")
+    for prefix, split in (("train", dataset.train), ("t10k", dataset.test)):
+        images = split.images[..., 0]
+        (directory / f"{prefix}-images-idx3-ubyte").write_bytes(
+            (2051).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in images.shape)
+            + images.tobytes())
+        (directory / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            (2049).to_bytes(4, "big") + len(split.labels).to_bytes(4, "big")
+            + split.labels.astype(np.uint8).tobytes())
+    return str(directory)
+
+
 @pytest.fixture(scope="session")
 def devices():
     assert jax.device_count() >= 8, "conftest must set up 8 simulated CPU devices"

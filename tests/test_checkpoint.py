@@ -4,41 +4,20 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
-import numpy as np
 import pytest
 
 from lenet_dist.checkpoint import Checkpoints
 from lenet_dist.cli import main
-from lenet_dist.config import Config
 from lenet_dist.errors import UserError
 from lenet_dist.evaluate import evaluate_checkpoint, restore_params
 from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.train import train
+from tests.conftest import assert_same_params, small
 from tests.test_cli import run_cli
 
 QUIET = dict(log=lambda _: None)
-
-
-def assert_same_params(a, b, atol=0.0):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol)
-
-
-def small(workdir, **kw) -> Config:
-    base = dict(devices=8, epochs=2, train_limit=640, batch_size=64, learning_rate=0.5,
-                workdir=str(workdir))
-    return Config(**{**base, **kw})
-
-
-@pytest.fixture(scope="module")
-def reference(dataset, tmp_path_factory):
-    """An uninterrupted 2-epoch run saving every 3 steps (10 steps per epoch)."""
-    work = tmp_path_factory.mktemp("ref")
-    result = train(small(work, save_every_steps=3, keep_checkpoints=20), dataset=dataset, **QUIET)
-    return work, result
 
 
 def test_checkpoints_listed_with_best(reference):

@@ -1,0 +1,405 @@
+#!/usr/bin/env bash
+# Train lenet-dist on a Cloud TPU VM slice (one host or many) with the gcloud CLI.
+#
+#   launch/tpu-vm.sh [OPTIONS] COMMAND... [-- TRAIN_ARGS...]     (-h: commands and knobs)
+#
+# Every command that touches the workers uses --worker=all: on a multi-host slice
+# every host must run the same program at the same time, and a program started on
+# one host alone waits forever in jax.distributed.initialize(). --dry-run prints
+# the exact commands ("+ " lines, shell-quoted) and runs nothing, gcloud included.
+#
+# The remote commands below are single-quoted on purpose: their $variables are
+# expanded by the shell on each TPU worker, not here.
+# shellcheck disable=SC2016
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: launch/tpu-vm.sh [OPTIONS] COMMAND... [-- TRAIN_ARGS...]
+
+Commands (several run in the order given):
+  create    queued resource for one TPU slice; waits until ACTIVE. Ctrl-C while
+            waiting deletes the queued resource instead of leaving it queued.
+  setup     on every worker: Python 3.12 venv (uv) + this package with [tpu],
+            from a wheel built here (pip wheel) and copied to all workers.
+  start     on every worker: stop stale lenet-dist runs, kill whatever holds
+            /dev/accel* or /dev/vfio/*, remove /tmp/libtpu_lockfile; then start
+            `lenet-dist train --distributed auto --workdir gs://...` on all
+            workers at once, detached (setsid nohup), one log per worker in
+            ~/lenet-dist/logs/RUN.log.
+  status    queued-resource state, and per worker: process count, last log line.
+  logs      copy each worker's log to LOG_DIR/<worker>.log.
+  stop      SIGTERM to training on every worker: all save a checkpoint at the
+            same step and exit 143. `start` again resumes from the workdir.
+  delete    delete the queued resource and its TPU VMs (no checkpoint: stop first).
+  recreate  delete + create + setup + start, e.g. after a spot preemption; the
+            run resumes from its gs:// workdir.
+  up        create + setup + start.
+
+Options (environment variable in brackets):
+  -p, --project ID            Google Cloud project [TPU_PROJECT]; default: gcloud config
+  -z, --zone ZONE             zone [TPU_ZONE]; default: gcloud config
+  -n, --name NAME             queued resource and TPU VM name [TPU_NAME] (lenet-dist)
+  -a, --accelerator-type T    e.g. v5litepod-16, v4-32, v6e-16 [TPU_ACCELERATOR_TYPE]
+                              (v5litepod-16: 4 hosts x 4 chips)
+  -r, --runtime-version V     TPU software version [TPU_RUNTIME_VERSION]; default
+                              from the type: v4 tpu-ubuntu2204-base, v5litepod
+                              v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e
+      --spot                  spot capacity: cheap, preemptible [TPU_SPOT=1]
+      --reserved              reserved capacity [TPU_RESERVED=1]
+      --valid-until D         give up queueing after duration D, e.g. 6h [TPU_VALID_UNTIL]
+      --internal-ip           ssh/scp to the workers' internal IPs [TPU_INTERNAL_IP=1]
+  -b, --bucket B              run in gs://B/RUN [LENET_BUCKET]
+      --run RUN               run name: workdir gs://B/RUN, log RUN.log [LENET_RUN] (lenet)
+  -w, --workdir gs://...      the run's workdir; overrides --bucket [LENET_WORKDIR]
+      --workers N             hosts in the slice, for `logs` [TPU_WORKERS];
+                              default: asked from gcloud (required with --dry-run)
+      --log-dir DIR           where `logs` writes [LENET_LOG_DIR] (runs/tpu-logs/RUN)
+      --wheel FILE            install this wheel instead of building one [LENET_WHEEL]
+      --python-version V      Python of the workers' venv [LENET_REMOTE_PYTHON] (3.12)
+      --poll S                seconds between state checks in `create` [TPU_POLL_SECONDS] (30)
+      --grace S               seconds `stop`/`start` wait after SIGTERM [TPU_GRACE_SECONDS] (60)
+      --dry-run               print the commands, run nothing [DRY_RUN=1]
+  -h, --help                  this text
+  -- TRAIN_ARGS...            more `lenet-dist train` flags, e.g. -- --epochs 20
+                              [LENET_TRAIN_ARGS, split on whitespace]
+
+Local paths are relative to the directory you run from; the wheel is built in
+the repository's dist/. PYTHON picks the local interpreter for `pip wheel` (python3).
+
+Example:
+  launch/tpu-vm.sh -p my-proj -z us-central1-a -a v5litepod-16 --spot \
+    -b my-bucket --run lenet-v5e up -- --epochs 20
+EOF
+}
+
+die() { echo "tpu-vm.sh: $*" >&2; exit 2; }
+note() { printf '# %s\n' "$*"; }
+
+# Shell-quote one word like Python's shlex.quote, so a printed command can be
+# pasted into a shell or parsed back (tests do).
+q() {
+  if [[ -n "$1" && "$1" != *[!A-Za-z0-9_@%+=:,./-]* ]]; then
+    printf '%s' "$1"
+  else
+    printf "'%s'" "${1//\'/\'\"\'\"\'}"
+  fi
+}
+# Like q, but writes --flag=value as --flag=<quoted value>.
+qword() {
+  if [[ "$1" == --*=* && "${1%%=*}" != *[!A-Za-z0-9-]* ]]; then
+    printf '%s=' "${1%%=*}"
+    q "${1#*=}"
+  else
+    q "$1"
+  fi
+}
+show() {
+  local out="" w
+  for w in "$@"; do out+="${out:+ }$(qword "$w")"; done
+  printf '%s' "$out"
+}
+# Quote a value for the workers' shell: bare, "double" or 'single' quotes.
+rq() {
+  if [[ -n "$1" && "$1" != *[!A-Za-z0-9_@%+=:,./-]* ]]; then
+    printf '%s' "$1"
+  elif [[ "$1" != *[\"\$\`\\]* ]]; then
+    printf '"%s"' "$1"
+  else
+    q "$1"
+  fi
+}
+
+# Print a command, then run it (not with --dry-run).
+run() {
+  printf '+ %s\n' "$(show "$@")"
+  if [[ "$dry_run" != 1 ]]; then "$@"; fi
+}
+# Same, with stdout into a file.
+run_to() {
+  local file=$1
+  shift
+  printf '+ %s > %s\n' "$(show "$@")" "$(q "$file")"
+  if [[ "$dry_run" != 1 ]]; then "$@" >"$file"; fi
+}
+
+# ---- configuration: environment, then flags --------------------------------
+project=${TPU_PROJECT:-}
+zone=${TPU_ZONE:-}
+name=${TPU_NAME:-lenet-dist}
+accel=${TPU_ACCELERATOR_TYPE:-v5litepod-16}
+runtime=${TPU_RUNTIME_VERSION:-}
+spot=${TPU_SPOT:-0}
+reserved=${TPU_RESERVED:-0}
+valid_until=${TPU_VALID_UNTIL:-}
+internal_ip=${TPU_INTERNAL_IP:-0}
+workers=${TPU_WORKERS:-}
+poll=${TPU_POLL_SECONDS:-30}
+grace=${TPU_GRACE_SECONDS:-60}
+bucket=${LENET_BUCKET:-}
+run_name=${LENET_RUN:-lenet}
+workdir=${LENET_WORKDIR:-}
+log_dir=${LENET_LOG_DIR:-}
+wheel=${LENET_WHEEL:-}
+remote_python=${LENET_REMOTE_PYTHON:-3.12}
+dry_run=${DRY_RUN:-0}
+train_args=()
+if [[ -n "${LENET_TRAIN_ARGS:-}" ]]; then
+  read -r -a train_args <<<"$LENET_TRAIN_ARGS"
+fi
+
+commands=()
+has_value() { [[ $# -gt 1 ]] || die "$1 needs a value (-h for help)"; }
+while [[ $# -gt 0 ]]; do
+  arg=$1
+  shift
+  if [[ "$arg" == --*=* ]]; then  # --flag=value -> --flag value
+    set -- "${arg#*=}" "$@"
+    arg=${arg%%=*}
+  fi
+  case "$arg" in
+    -h | --help) usage; exit 0 ;;
+    --dry-run) dry_run=1 ;;
+    --spot) spot=1 ;;
+    --reserved) reserved=1 ;;
+    --internal-ip) internal_ip=1 ;;
+    -p | --project) has_value "$arg" "$@"; project=$1; shift ;;
+    -z | --zone) has_value "$arg" "$@"; zone=$1; shift ;;
+    -n | --name) has_value "$arg" "$@"; name=$1; shift ;;
+    -a | --accelerator-type) has_value "$arg" "$@"; accel=$1; shift ;;
+    -r | --runtime-version) has_value "$arg" "$@"; runtime=$1; shift ;;
+    --valid-until) has_value "$arg" "$@"; valid_until=$1; shift ;;
+    -b | --bucket) has_value "$arg" "$@"; bucket=$1; shift ;;
+    --run) has_value "$arg" "$@"; run_name=$1; shift ;;
+    -w | --workdir) has_value "$arg" "$@"; workdir=$1; shift ;;
+    --workers) has_value "$arg" "$@"; workers=$1; shift ;;
+    --log-dir) has_value "$arg" "$@"; log_dir=$1; shift ;;
+    --wheel) has_value "$arg" "$@"; wheel=$1; shift ;;
+    --python-version) has_value "$arg" "$@"; remote_python=$1; shift ;;
+    --poll) has_value "$arg" "$@"; poll=$1; shift ;;
+    --grace) has_value "$arg" "$@"; grace=$1; shift ;;
+    --) train_args+=("$@"); break ;;
+    create | setup | start | status | logs | stop | delete | recreate | up) commands+=("$arg") ;;
+    *) die "unknown command or option: $arg (-h for help)" ;;
+  esac
+done
+[[ ${#commands[@]} -gt 0 ]] || { usage >&2; exit 2; }
+
+# ---- checks before anything runs --------------------------------------------
+[[ "$name" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] || die "TPU name '$name': lowercase letters, digits, hyphens"
+[[ "$run_name" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || die "run name '$run_name': letters, digits, . _ -"
+[[ -z "$workers" || "$workers" =~ ^[1-9][0-9]*$ ]] || die "--workers: a positive integer"
+[[ "$poll" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--poll: seconds"
+[[ "$grace" =~ ^[0-9]+$ ]] || die "--grace: whole seconds"
+if [[ -z "$runtime" ]]; then
+  case "$accel" in
+    v4-*) runtime=tpu-ubuntu2204-base ;;
+    v5litepod-*) runtime=v2-alpha-tpuv5-lite ;;
+    v5p-*) runtime=v2-alpha-tpuv5 ;;
+    v6e-*) runtime=v2-alpha-tpuv6e ;;
+    *) die "no default runtime version for '$accel': pass --runtime-version" ;;
+  esac
+fi
+if [[ -z "$workdir" && -n "$bucket" ]]; then workdir="gs://${bucket#gs://}/$run_name"; fi
+for c in "${commands[@]}"; do
+  case "$c" in
+    start | up | recreate)
+      [[ -n "$workdir" ]] || die "$c needs --bucket or --workdir gs://..."
+      # Every process must read and write the same checkpoints: a per-host
+      # local directory makes Orbax's first save hang.
+      [[ "$workdir" == gs://?* ]] || die "workdir must be gs://... (shared by all hosts), not '$workdir'"
+      ;;
+    logs)
+      [[ "$dry_run" != 1 || -n "$workers" ]] || die "logs with --dry-run needs --workers N (it would ask gcloud)"
+      ;;
+  esac
+done
+
+loc=()  # where the slice is: last flags of every gcloud command
+if [[ -n "$zone" ]]; then loc+=(--zone="$zone"); fi
+if [[ -n "$project" ]]; then loc+=(--project="$project"); fi
+ssh_opts=()
+if [[ "$internal_ip" == 1 ]]; then ssh_opts+=(--internal-ip); fi
+remote_dir=lenet-dist                  # in each worker's home directory
+remote_log="$remote_dir/logs/$run_name.log"
+# Matches the training process (.../bin/lenet-dist train ...) but not a shell
+# whose command line holds this pattern.
+pattern='[l]enet-dist train'
+
+ssh_all() {  # one shell command on every worker at once
+  run gcloud compute tpus tpu-vm ssh "$name" --worker=all --command="$1" \
+    ${ssh_opts[@]+"${ssh_opts[@]}"} ${loc[@]+"${loc[@]}"}
+}
+
+# ---- remote scripts (POSIX sh, one line each) --------------------------------
+remote_setup() {  # $1: wheel file name, copied to the home directory
+  local whl=$remote_dir/$1 venv=$remote_dir/venv
+  printf '%s' 'set -e; cd; mkdir -p '"$remote_dir"'/logs; mv -f '"$(rq "$1")"' '"$remote_dir"'/;' \
+    ' export PATH="$HOME/.local/bin:$HOME/.cargo/bin:$PATH";' \
+    ' command -v uv >/dev/null 2>&1 || curl -LsSf https://astral.sh/uv/install.sh | sh;' \
+    ' rm -rf '"$venv"'; uv venv --seed --python '"$(rq "$remote_python")"' '"$venv"';' \
+    ' '"$venv"'/bin/python -m pip install -q '"$(rq "${whl}[tpu]")"';' \
+    ' { sudo apt-get update -q && sudo apt-get install -y -q dataset-fashion-mnist; } >/dev/null 2>&1' \
+    ' || echo "$(hostname): no dataset-fashion-mnist package; lenet-dist will download Fashion-MNIST";' \
+    ' '"$venv"'/bin/lenet-dist --help >/dev/null;' \
+    ' echo "$(hostname): lenet-dist ready, $('"$venv"'/bin/python -V)"'
+}
+
+remote_free_tpu() {
+  printf '%s' 'cd; pat="'"$pattern"'";' \
+    ' if pgrep -f "$pat" >/dev/null; then echo "$(hostname): stopping a stale lenet-dist";' \
+    ' sudo pkill -TERM -f "$pat"; i=0;' \
+    ' while [ "$i" -lt '"$grace"' ] && pgrep -f "$pat" >/dev/null; do sleep 1; i=$((i + 1)); done;' \
+    ' sudo pkill -KILL -f "$pat" || true; fi;' \
+    ' command -v lsof >/dev/null || echo "$(hostname): no lsof, cannot look for other TPU users";' \
+    ' pids=$(sudo lsof -t /dev/accel* /dev/vfio/* 2>/dev/null | sort -u | tr "\n" " ");' \
+    ' if [ -n "$pids" ]; then echo "$(hostname): killing processes holding the TPU: $pids";' \
+    ' sudo kill -9 $pids; sleep 2; fi;' \
+    ' sudo rm -f /tmp/libtpu_lockfile; echo "$(hostname): TPU free"'
+}
+
+remote_start() {
+  local cmd a
+  cmd='"$bin" train --distributed auto --workdir '"$(rq "$workdir")"
+  for a in ${train_args[@]+"${train_args[@]}"}; do cmd+=" $(rq "$a")"; done
+  printf '%s' 'cd; log='"$remote_log"'; bin='"$remote_dir"'/venv/bin/lenet-dist; mkdir -p '"$remote_dir"'/logs;' \
+    ' if [ ! -x "$bin" ]; then echo "$(hostname): no $bin, run setup first" >&2; exit 1; fi;' \
+    ' if pgrep -f "'"$pattern"'" >/dev/null; then echo "$(hostname): already running, not started twice"; exit 0; fi;' \
+    ' echo "=== start $(date -u +%FT%TZ)" >>"$log";' \
+    ' PYTHONUNBUFFERED=1 setsid nohup '"$cmd"' >>"$log" 2>&1 </dev/null &' \
+    ' sleep 3; if pgrep -f "'"$pattern"'" >/dev/null; then echo "$(hostname): training, log ~/$log";' \
+    ' else echo "$(hostname): lenet-dist exited at once:" >&2; tail -n 20 "$log" >&2; exit 1; fi'
+}
+
+remote_status() {
+  printf '%s' 'cd; n=$(pgrep -fc "'"$pattern"'" || true);' \
+    ' echo "$(hostname): $n lenet-dist process(es); log: $(tail -n 1 '"$remote_log"' 2>/dev/null || echo none)"'
+}
+
+remote_stop() {
+  printf '%s' 'cd; pat="'"$pattern"'";' \
+    ' if ! pgrep -f "$pat" >/dev/null; then echo "$(hostname): not running"; exit 0; fi;' \
+    ' sudo pkill -TERM -f "$pat"; i=0;' \
+    ' while [ "$i" -lt '"$grace"' ] && pgrep -f "$pat" >/dev/null; do sleep 1; i=$((i + 1)); done;' \
+    ' if pgrep -f "$pat" >/dev/null; then echo "$(hostname): still running after '"$grace"' s" >&2; exit 1; fi;' \
+    ' echo "$(hostname): stopped"; tail -n 3 '"$remote_log"
+}
+
+# ---- commands ----------------------------------------------------------------
+cleanup=(gcloud compute tpus queued-resources delete "$name" --force --quiet ${loc[@]+"${loc[@]}"})
+
+on_interrupt() {
+  trap - INT TERM HUP
+  echo "tpu-vm.sh: interrupted before $name was ACTIVE: deleting its queued resource" >&2
+  run "${cleanup[@]}" || echo "tpu-vm.sh: delete failed; see: gcloud compute tpus queued-resources list" >&2
+  exit 130
+}
+
+wait_active() {
+  local describe=(gcloud compute tpus queued-resources describe "$name"
+    --format='value(state.state)' ${loc[@]+"${loc[@]}"}) state
+  printf '+ %s\n' "$(show "${describe[@]}")"
+  note "repeated every ${poll}s until the state is ACTIVE"
+  [[ "$dry_run" != 1 ]] || return 0
+  while :; do
+    state=$("${describe[@]}" 2>/dev/null) || state=UNKNOWN
+    echo "$(date +%T) $name: ${state:-UNKNOWN}"
+    case "$state" in
+      ACTIVE) return 0 ;;
+      FAILED | SUSPENDING | SUSPENDED)
+        echo "tpu-vm.sh: queued resource $name is $state; see: gcloud compute tpus queued-resources describe $name; remove it with: $0 delete" >&2
+        return 1 ;;
+    esac
+    sleep "$poll"
+  done
+}
+
+cmd_create() {
+  local create=(gcloud compute tpus queued-resources create "$name" --node-id="$name"
+    --accelerator-type="$accel" --runtime-version="$runtime")
+  if [[ "$spot" == 1 ]]; then create+=(--spot); fi
+  if [[ "$reserved" == 1 ]]; then create+=(--reserved); fi
+  if [[ -n "$valid_until" ]]; then create+=(--valid-until-duration="$valid_until"); fi
+  create+=(${loc[@]+"${loc[@]}"})
+  note "on Ctrl-C before ACTIVE, runs: $(show "${cleanup[@]}")"
+  trap on_interrupt INT TERM HUP
+  run "${create[@]}"
+  wait_active
+  trap - INT TERM HUP
+}
+
+cmd_setup() {
+  local whl=$wheel version
+  if [[ -z "$whl" ]]; then
+    version=$(sed -n 's/^version *= *"\([^"]*\)".*/\1/p' "$repo/pyproject.toml" | head -n 1)
+    [[ -n "$version" ]] || die "no version in $repo/pyproject.toml: build a wheel and pass --wheel"
+    # The wheel is pure Python; the workers' Python 3.12 checks requires-python.
+    run "${PYTHON:-python3}" -m pip wheel --no-deps --ignore-requires-python -w "$(in_repo dist)" "$repo"
+    whl="$(in_repo dist)/lenet_dist-$version-py3-none-any.whl"
+  fi
+  [[ "$dry_run" == 1 || -f "$whl" ]] || die "no wheel at $whl"
+  run gcloud compute tpus tpu-vm scp "$whl" "$name:" --worker=all \
+    ${ssh_opts[@]+"${ssh_opts[@]}"} ${loc[@]+"${loc[@]}"}
+  ssh_all "$(remote_setup "$(basename "$whl")")"
+}
+
+cmd_start() {
+  note "free the TPU on every worker, then start all workers at once"
+  ssh_all "$(remote_free_tpu)"
+  ssh_all "$(remote_start)"
+}
+
+cmd_status() {
+  run gcloud compute tpus queued-resources describe "$name" --format='value(state.state)' \
+    ${loc[@]+"${loc[@]}"}
+  ssh_all "$(remote_status)"
+}
+
+cmd_logs() {
+  local n=$workers dir=${log_dir:-runs/tpu-logs/$run_name} w=0
+  if [[ -z "$n" ]]; then
+    printf '+ %s\n' "$(show gcloud compute tpus tpu-vm describe "$name" \
+      --format='value(networkEndpoints.len())' ${loc[@]+"${loc[@]}"})"
+    n=$(gcloud compute tpus tpu-vm describe "$name" --format='value(networkEndpoints.len())' \
+      ${loc[@]+"${loc[@]}"})
+    [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "could not count the workers of $name (got '$n'): pass --workers"
+  fi
+  # One ssh per worker: `tpu-vm ssh --output-directory` in gcloud 528 writes
+  # ./None/<worker>.log whatever directory it is given.
+  run mkdir -p "$dir"
+  while [[ "$w" -lt "$n" ]]; do
+    run_to "$dir/$w.log" gcloud compute tpus tpu-vm ssh "$name" --worker="$w" \
+      --command="cat $remote_log" ${ssh_opts[@]+"${ssh_opts[@]}"} ${loc[@]+"${loc[@]}"}
+    w=$((w + 1))
+  done
+}
+
+cmd_stop() {
+  note "SIGTERM on every worker: all save a checkpoint at the same step and exit 143"
+  ssh_all "$(remote_stop)"
+}
+
+cmd_delete() {
+  run "${cleanup[@]}"
+}
+
+cmd_recreate() {
+  note "recreate $name; the run resumes from $workdir"
+  run "${cleanup[@]}" || echo "tpu-vm.sh: delete failed (already gone?); creating anyway" >&2
+  cmd_create
+  cmd_setup
+  cmd_start
+}
+
+# The repository (for the wheel): "." when run from its root, so the printed
+# commands are the same on every machine.
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [[ "$repo" == "$PWD" ]]; then repo=.; fi
+in_repo() { if [[ "$repo" == . ]]; then printf '%s' "$1"; else printf '%s/%s' "$repo" "$1"; fi; }
+if [[ "$dry_run" == 1 ]]; then note "dry run: nothing below is executed"; fi
+for c in "${commands[@]}"; do
+  case "$c" in
+    up) cmd_create; cmd_setup; cmd_start ;;
+    *) "cmd_$c" ;;
+  esac
+done

@@ -1,0 +1,238 @@
+"""Joining a multi-process job (`jax.distributed`) and what its processes must agree on.
+
+One process per host (or per GPU node), all running the same command. JAX's
+own runtime does the work: `jax.distributed.initialize` before any backend
+starts, a coordination service with heartbeats, collectives across processes.
+This module adds only what a trainer needs on top: the global `--devices`
+split evenly over processes, one writer (process 0), and start-up checks that
+every process sees the same workdir and the same data, so a misconfigured job
+fails in seconds with one line on every process instead of hanging or silently
+training different models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import secrets
+import subprocess
+import sys
+
+import numpy as np
+
+from lenet_dist.errors import UserError, first_line
+
+MODES = ("off", "auto")
+# How long the survivors of a dead process wait before exiting (JAX's
+# coordination-service heartbeat timeout; JAX's own default is 100 s).
+DEFAULT_HEARTBEAT_TIMEOUT = 60
+JOB_TOKEN_FILE = ".lenet-dist-job"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """How this process joins a job: `auto` (JAX detects Cloud TPU, SLURM, Open MPI,
+    Kubernetes), explicit address/count/id, or off (one process)."""
+
+    mode: str = "off"
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode == "auto" or self.coordinator_address is not None
+
+    def validate(self) -> "JobSpec":
+        if self.mode not in MODES:
+            raise UserError(f"--distributed {self.mode!r}: choose one of {', '.join(MODES)}")
+        if self.heartbeat_timeout < 1:
+            raise UserError("--heartbeat-timeout must be >= 1 second")
+        if self.coordinator_address is not None:
+            host, _, port = self.coordinator_address.rpartition(":")
+            if not host or not port.isdigit():
+                raise UserError(f"--coordinator-address {self.coordinator_address!r}: "
+                                "expected HOST:PORT, e.g. 10.0.0.2:8476")
+        if self.mode == "auto":  # JAX detects whatever is not given
+            return self
+        given = [self.coordinator_address, self.num_processes, self.process_id]
+        if any(v is not None for v in given) and any(v is None for v in given):
+            raise UserError("a job needs --coordinator-address, --num-processes and "
+                            "--process-id together (or LENET_DIST_COORDINATOR_ADDRESS, "
+                            "LENET_DIST_NUM_PROCESSES, LENET_DIST_PROCESS_ID), or "
+                            "--distributed auto")
+        if self.num_processes is not None and not 0 <= self.process_id < self.num_processes:
+            raise UserError(f"--process-id {self.process_id} must be in 0.."
+                            f"{self.num_processes - 1} for --num-processes {self.num_processes}")
+        return self
+
+
+def check_devices(devices: int | None, processes: int) -> int | None:
+    """Devices each process contributes to the mesh (`--devices` is the global count)."""
+    if devices is None:
+        return None
+    if devices % processes:
+        raise UserError(f"--devices {devices} does not split over {processes} processes; "
+                        f"use a multiple of {processes} (every process gives the mesh the "
+                        "same number of its devices)")
+    return devices // processes
+
+
+def join(spec: JobSpec, devices: int | None) -> int | None:
+    """Join the job before any JAX backend starts; returns this process's share of
+    `devices` (what CPU simulation should provide locally), or `devices` unchanged
+    in a single-process run."""
+    spec = spec.validate()
+    if not spec.enabled:
+        return devices
+    if spec.num_processes is not None:  # fail before connecting, on every process alike
+        check_devices(devices, spec.num_processes)
+    import jax
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        raise UserError("JAX's backend started before the job was joined; "
+                        "jax.distributed.initialize must come first")
+    # CPU collectives across processes (the CPU backend also exists on GPU/TPU hosts).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    start_fatal_filter()
+    try:
+        jax.distributed.initialize(
+            coordinator_address=spec.coordinator_address,
+            num_processes=spec.num_processes, process_id=spec.process_id,
+            heartbeat_timeout_seconds=spec.heartbeat_timeout,
+            shutdown_timeout_seconds=spec.heartbeat_timeout,
+            initialization_timeout=max(spec.heartbeat_timeout, 60))
+    except (RuntimeError, ValueError) as e:
+        hint = ("; no cluster was detected (Cloud TPU, SLURM, Open MPI, Kubernetes): "
+                "pass --coordinator-address, --num-processes and --process-id"
+                if spec.mode == "auto" and spec.coordinator_address is None else "")
+        raise UserError(f"cannot join the job: {first_line(e)}{hint}") from None
+    state = jax._src.distributed.global_state
+    return check_devices(devices, state.num_processes)
+
+
+def process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
+def process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def is_primary() -> bool:
+    """Process 0 writes logs, metrics, exports; all processes take part in checkpoints."""
+    return process_index() == 0
+
+
+def gather(values) -> np.ndarray:
+    """Every process's int64 `values`, stacked [processes, ...] (a collective)."""
+    from jax.experimental import multihost_utils
+
+    if process_count() == 1:
+        return np.asarray([values], np.int64)
+    return np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int64)))
+
+
+def barrier(name: str) -> None:
+    from jax.experimental import multihost_utils
+
+    if process_count() == 1:
+        return
+    multihost_utils.sync_global_devices(name)
+
+
+def on_primary(fn):
+    """fn() on process 0 only (e.g. what writes or needs TensorFlow); the others learn
+    whether it failed and fail too, instead of waiting in the next collective."""
+    result, error = None, None
+    if is_primary():
+        try:
+            result = fn()
+        except UserError as e:
+            error = e
+    failed = bool(gather([error is not None])[0, 0])
+    if error is not None:
+        raise error
+    if failed:
+        raise UserError("process 0 stopped (its error says why)")
+    return result
+
+
+def check_same_workdir(workdir) -> None:
+    """Process 0 writes a fresh random token into the workdir; every process must read
+    it back. A per-host local directory fails here, not in the first save's barrier."""
+    from jax.experimental import multihost_utils
+
+    if process_count() == 1:
+        return
+    token = np.frombuffer(secrets.token_bytes(8), np.int64)
+    token = np.asarray(multihost_utils.broadcast_one_to_all(token))
+    path = workdir / JOB_TOKEN_FILE
+    if is_primary():
+        path.write_text(str(int(token[0])))
+    barrier("lenet-dist: job token written")
+    try:
+        seen = int(path.read_text().strip()) == int(token[0])
+    except (OSError, ValueError):
+        seen = False
+    ok = gather([seen])[:, 0]
+    if not ok.all():
+        blind = ", ".join(str(i) for i in np.flatnonzero(~ok.astype(bool)))
+        raise UserError(f"process(es) {blind} do not see process 0's --workdir {workdir}: "
+                        "every process needs the same shared directory (a shared "
+                        "filesystem or gs://), not a per-host local path")
+
+
+def data_fingerprint(*arrays: np.ndarray) -> int:
+    h = hashlib.blake2b(digest_size=8)
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).data)
+    return int(np.frombuffer(h.digest(), np.int64)[0])
+
+
+def check_same_data(fingerprint: int, source: str) -> None:
+    """All processes must train on identical data: compare fingerprints."""
+    if process_count() == 1:
+        return
+    prints = gather([fingerprint])[:, 0]
+    if (prints != prints[0]).any():
+        groups = {}
+        for i, p in enumerate(prints.tolist()):
+            groups.setdefault(p, []).append(str(i))
+        parts = "; ".join(f"processes {', '.join(g)}: {p & 0xFFFFFFFF:08x}"
+                          for p, g in groups.items())
+        raise UserError(f"processes loaded different data ({parts}; this process read "
+                        f"{source}); give every process the same --data-dir")
+
+
+# ------------------------------------------------ fatal errors as one line
+
+# When a process of the job dies, JAX's coordination service notices the missing
+# heartbeats (or the lost coordinator) and aborts every survivor from C++ with a
+# multi-line log and a stack trace, out of Python's reach. In a multi-process
+# run, stderr (and stdout, for gloo's start-up chatter) pass through a small
+# filter process that turns exactly that report into one line.
+_FILTER_STARTED = False
+
+
+def start_fatal_filter() -> None:
+    """Route this process's stdout and stderr through `lenet_dist.fatal_filter`."""
+    global _FILTER_STARTED
+    if _FILTER_STARTED or os.environ.get("LENET_DIST_RAW_OUTPUT") == "1":
+        return
+    for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+        stream.flush()
+        original = os.dup(fd)
+        proc = subprocess.Popen([sys.executable, "-m", "lenet_dist.fatal_filter"],
+                                stdin=subprocess.PIPE, stdout=original, close_fds=True)
+        os.close(original)
+        os.dup2(proc.stdin.fileno(), fd)
+        proc.stdin.close()  # this process now holds the pipe only as `fd`
+    _FILTER_STARTED = True

@@ -1,0 +1,536 @@
+"""The launchers in launch/: shellcheck, the TPU launcher's dry run (and real runs
+against a fake gcloud), every gcloud flag it emits against the installed gcloud's
+--help, its remote shell commands run under dash, the GKE JobSet manifest and the
+SLURM batch script. Nothing here reaches a cloud or a cluster."""
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
+TPU = LAUNCH / "tpu-vm.sh"
+SLURM = LAUNCH / "slurm.sbatch"
+SHELL_SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch"),
+                        *(ROOT / "scripts").glob("*.sh")])
+
+NAME, RUN = "lenet-v5e", "lenet-v5e"
+COMMON = ["-p", "my-proj", "-z", "us-central1-a", "-n", NAME, "-a", "v5litepod-16",
+          "--spot", "-b", "my-bucket", "--run", RUN, "--workers", "4"]
+DATA_DIR = "/mnt/my data/fashion's"  # a space and a quote, through two shells
+TRAIN = ["--", "--epochs", "20", "--data-dir", DATA_DIR]
+SEQUENCE = ["create", "setup", "start", "status", "logs", "stop", "delete", "recreate"]
+TRAIN_ARGV = ["train", "--distributed", "auto", "--workdir", f"gs://my-bucket/{RUN}",
+              "--epochs", "20", "--data-dir", DATA_DIR]
+VERSION = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M)[1]
+WHEEL = f"dist/lenet_dist-{VERSION}-py3-none-any.whl"
+LOC = ["--zone=us-central1-a", "--project=my-proj"]
+
+FAKE_GCLOUD = f"""#!{sys.executable}
+# Records its arguments; answers describe calls; sleeps in create if asked.
+import json, os, sys, time
+args = sys.argv[1:]
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps(["gcloud", *args]) + "\\n")
+if args[:4] == ["compute", "tpus", "queued-resources", "describe"]:
+    print(os.environ.get("FAKE_QR_STATE", "ACTIVE"))
+elif args[:4] == ["compute", "tpus", "tpu-vm", "describe"]:
+    print(os.environ.get("FAKE_WORKERS", "2"))
+elif args[:4] == ["compute", "tpus", "queued-resources", "create"]:
+    time.sleep(float(os.environ.get("FAKE_CREATE_SECONDS", "0")))
+"""
+FAKE_RECORDER = """#!/bin/sh
+printf '%s\\n' "$(basename "$0") $*" >> "$FAKE_LOG.other"
+exit "${FAKE_RC:-0}"
+"""
+
+
+@pytest.fixture
+def fake(tmp_path):
+    """PATH with a recording gcloud (and python3), and where they write."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
+    (bin_dir / "python3").write_text(FAKE_RECORDER)
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    log = tmp_path / "calls.jsonl"
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TPU_", "LENET_", "DRY_RUN"))}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_LOG=str(log), PYTHON="python3")
+
+    class Fake:
+        def calls(self):
+            return [json.loads(line) for line in log.read_text().splitlines()] \
+                if log.exists() else []
+
+        def others(self):
+            other = Path(f"{log}.other")
+            return other.read_text().splitlines() if other.exists() else []
+    Fake.env = env
+    return Fake()
+
+
+def tpu(fake, *args, check=True, **env):
+    proc = subprocess.run(["bash", str(TPU), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**fake.env, **env})
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def printed(stdout):
+    """The commands a run printed ("+ " lines), as argv lists without redirects."""
+    cmds = []
+    for line in stdout.splitlines():
+        if line.startswith("+ "):
+            words = shlex.split(line[2:])
+            cmds.append(words[:words.index(">")] if ">" in words else words)
+    return cmds
+
+
+def option(argv, flag):
+    values = [w.split("=", 1)[1] for w in argv if w.startswith(flag + "=")]
+    assert len(values) == 1, (flag, argv)
+    return values[0]
+
+
+def kind(argv):
+    """A short name for each printed command, to check the order of a sequence."""
+    if argv[0] != "gcloud":
+        return " ".join(argv[:3])
+    group, verb = argv[3], argv[4]
+    if group == "queued-resources":
+        return f"qr {verb}"
+    if verb == "scp":
+        return "scp"
+    remote = option(argv, "--command")
+    for name, marker in [("setup", "uv venv"), ("free", "libtpu_lockfile"),
+                         ("start", "setsid nohup"), ("status", "pgrep -fc"),
+                         ("stop", "still running after"), ("logs", "cat ")]:
+        if marker in remote:
+            return f"ssh {name}"
+    raise AssertionError(f"unknown remote command: {remote}")
+
+
+# ---- (a) shellcheck -----------------------------------------------------------
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shellcheck(script):
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (scripts/get-tools.sh installs it)")
+    proc = subprocess.run(["shellcheck", "--shell=bash", str(script)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_scripts_are_strict_and_executable():
+    for script in SHELL_SCRIPTS:
+        text = script.read_text()
+        assert text.startswith("#!/usr/bin/env bash\n"), script
+        assert "set -euo pipefail" in text, script
+    for script in [TPU, ROOT / "scripts/get-tools.sh"]:
+        assert os.access(script, os.X_OK), script
+
+
+# ---- (b) the TPU launcher: dry run -------------------------------------------
+
+def test_usage_and_bad_arguments(fake):
+    assert "Usage: launch/tpu-vm.sh" in tpu(fake, "-h").stdout
+    for args, message in [((), "Usage"), (("bogus",), "unknown command"),
+                          (("--dry-run", "start"), "needs --bucket or --workdir"),
+                          (("--dry-run", "-w", "/local/dir", "start"), "must be gs://"),
+                          (("--dry-run", "logs"), "needs --workers"),
+                          (("--dry-run", "-n", "Bad_Name", "status"), "TPU name")]:
+        proc = tpu(fake, *args, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+    assert fake.calls() == [] and fake.others() == []
+
+
+@pytest.fixture
+def dry(fake):
+    """The whole sequence in one dry run: the transcript in launch/README.md."""
+    proc = tpu(fake, "--dry-run", *COMMON, *SEQUENCE, *TRAIN)
+    assert fake.calls() == [] and fake.others() == [], "a dry run ran something"
+    return proc.stdout
+
+
+def test_dry_run_sequence_order(dry):
+    setup = ["python3 -m pip", "scp", "ssh setup"]
+    create = ["qr create", "qr describe"]
+    start = ["ssh free", "ssh start"]
+    assert [kind(c) for c in printed(dry)] == [
+        *create, *setup, *start,
+        "qr describe", "ssh status",                       # status
+        "mkdir -p runs/tpu-logs/lenet-v5e", *["ssh logs"] * 4,
+        "ssh stop",
+        "qr delete",
+        "qr delete", *create, *setup, *start]               # recreate
+
+
+def test_dry_run_every_worker_command_reaches_all_workers(dry):
+    workers = [c for c in printed(dry) if c[:4] == ["gcloud", "compute", "tpus", "tpu-vm"]]
+    logs = [c for c in workers if kind(c) == "ssh logs"]
+    assert [option(c, "--worker") for c in logs] == ["0", "1", "2", "3"]
+    for c in logs:
+        assert option(c, "--command") == f"cat lenet-dist/logs/{RUN}.log"
+    for c in workers:
+        assert (c[6] == f"{NAME}:" if c[4] == "scp" else c[5] == NAME), c
+        assert c[-2:] == LOC, c
+        if c not in logs:
+            assert option(c, "--worker") == "all", c
+
+
+def test_dry_run_create_waits_and_cleans_up(dry):
+    cmds = printed(dry)
+    assert cmds[0] == ["gcloud", "compute", "tpus", "queued-resources", "create", NAME,
+                       f"--node-id={NAME}", "--accelerator-type=v5litepod-16",
+                       "--runtime-version=v2-alpha-tpuv5-lite", "--spot", *LOC]
+    assert cmds[1] == ["gcloud", "compute", "tpus", "queued-resources", "describe", NAME,
+                       "--format=value(state.state)", *LOC]
+    delete = ["gcloud", "compute", "tpus", "queued-resources", "delete", NAME,
+              "--force", "--quiet", *LOC]
+    on_ctrl_c = [shlex.split(line.split("runs: ", 1)[1]) for line in dry.splitlines()
+                 if line.startswith("# on Ctrl-C")]
+    assert on_ctrl_c == [delete, delete]  # create, and create within recreate
+    assert delete in cmds
+
+
+def test_dry_run_setup_installs_the_wheel_with_python_312(dry):
+    cmds = printed(dry)
+    build = next(c for c in cmds if c[0] == "python3")
+    assert build == ["python3", "-m", "pip", "wheel", "--no-deps", "--ignore-requires-python",
+                     "-w", "dist", "."]
+    scp = next(c for c in cmds if kind(c) == "scp")
+    assert scp[5:7] == [WHEEL, f"{NAME}:"]
+    remote = option(next(c for c in cmds if kind(c) == "ssh setup"), "--command")
+    assert "uv venv --seed --python 3.12 lenet-dist/venv" in remote
+    assert f'pip install -q "lenet-dist/{Path(WHEEL).name}[tpu]"' in remote
+
+
+def test_dry_run_start_frees_the_tpu_first_then_starts_detached(dry):
+    cmds = printed(dry)
+    kinds = [kind(c) for c in cmds]
+    free = option(cmds[kinds.index("ssh free")], "--command")
+    for needle in ["pkill -TERM", "pkill -KILL", "lsof -t /dev/accel* /dev/vfio/*",
+                   "kill -9 $pids", "rm -f /tmp/libtpu_lockfile"]:
+        assert needle in free
+    assert kinds.index("ssh free") + 1 == kinds.index("ssh start")
+    start = option(cmds[kinds.index("ssh start")], "--command")
+    assert "setsid nohup" in start and "</dev/null &" in start
+    words = shlex.split(start)
+    i = words.index("train")
+    assert words[i - 1] == "$bin" and words[i:i + len(TRAIN_ARGV)] == TRAIN_ARGV
+
+
+def test_readme_holds_this_exact_transcript(dry):
+    readme = (LAUNCH / "README.md").read_text()
+    assert dry in readme, "paste the dry run's output into launch/README.md again"
+
+
+# ---- (b) the TPU launcher: real runs against a fake gcloud --------------------
+
+def test_real_run_runs_exactly_what_the_dry_run_prints(fake, tmp_path):
+    wheel = tmp_path / Path(WHEEL).name
+    wheel.write_text("not a real wheel")
+    args = [*COMMON, "--wheel", str(wheel), "--log-dir", str(tmp_path / "logs"),
+            "--poll", "0", *SEQUENCE, *TRAIN]
+    expected = [c for c in printed(tpu(fake, "--dry-run", *args).stdout)
+                if c[0] == "gcloud"]
+    real = tpu(fake, *args)
+    assert printed(real.stdout) == printed(tpu(fake, "--dry-run", *args).stdout)
+    assert fake.calls() == expected
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [
+        "0.log", "1.log", "2.log", "3.log"]
+
+
+def test_logs_asks_gcloud_for_the_worker_count(fake, tmp_path):
+    tpu(fake, "-n", NAME, "--log-dir", str(tmp_path / "logs"), "logs", FAKE_WORKERS="3")
+    calls = fake.calls()
+    assert calls[0] == ["gcloud", "compute", "tpus", "tpu-vm", "describe", NAME,
+                        "--format=value(networkEndpoints.len())"]
+    assert [option(c, "--worker") for c in calls[1:]] == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("where", ["while queued", "during create"])
+def test_ctrl_c_before_active_deletes_the_queued_resource(fake, where):
+    env = {**fake.env, "FAKE_QR_STATE": "WAITING_FOR_RESOURCES",
+           "FAKE_CREATE_SECONDS": "30" if where == "during create" else "0"}
+    proc = subprocess.Popen(["bash", str(TPU), "-n", NAME, "--poll", "0.1", "create"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            # as in a terminal, even if this process ignores SIGINT
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    verb = "describe" if where == "while queued" else "create"
+    deadline = time.time() + 20
+    while not any(c[4] == verb for c in fake.calls()):
+        if time.time() > deadline or proc.poll() is not None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"no gcloud {verb} call: {proc.communicate()}")
+        time.sleep(0.05)
+    time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, err
+    assert fake.calls()[-1] == ["gcloud", "compute", "tpus", "queued-resources", "delete",
+                                NAME, "--force", "--quiet"]
+
+
+def test_failed_queued_resource_stops_the_sequence(fake):
+    proc = tpu(fake, "-n", NAME, "-b", "b", "--poll", "0", "up", check=False,
+               FAKE_QR_STATE="FAILED")
+    assert proc.returncode != 0 and "is FAILED" in proc.stderr
+    assert [c[4] for c in fake.calls()] == ["create", "describe"]
+
+
+# ---- (b) the remote commands, run under dash in a private PID namespace --------
+
+FAKE_TRAINER = """#!/bin/bash
+# Stands in for lenet-dist: records argv and session, exits 143 on SIGTERM.
+if [ -n "${FAKE_IGNORE_TERM:-}" ]; then trap '' TERM; else
+  printf '%s\\0' "$@" > "$HOME/argv"
+  read -r _ _ _ _ _ sid _ < /proc/$$/stat
+  echo "$$ $sid" > "$HOME/session"
+  trap 'echo TERM >> "$HOME/signals"; exit 143' TERM
+fi
+echo "fake training started"
+while :; do sleep 0.05; done
+"""
+FAKE_SUDO = """#!/bin/sh
+# No root needed in the namespace; never remove this machine's /tmp/libtpu_lockfile.
+echo "$*" >> "$HOME/sudo.log"
+if [ "$1" = rm ]; then exit 0; fi
+exec "$@"
+"""
+
+
+def _private_pids():
+    return shutil.which("unshare") and shutil.which("dash") and subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", "true"],
+        capture_output=True, timeout=10).returncode == 0
+
+
+def test_remote_commands_start_status_stop_and_free_the_tpu(fake, tmp_path):
+    # pkill -f in these commands must see only the processes this test starts:
+    # they run in a new PID namespace, never against this machine's processes.
+    if not _private_pids():
+        pytest.skip("needs unshare --pid (root) and dash")
+    cmds = printed(tpu(fake, "--dry-run", *COMMON, "--grace", "1", "start", "status",
+                       "stop", *TRAIN).stdout)
+    remote = {kind(c)[4:]: option(c, "--command") for c in cmds if kind(c).startswith("ssh ")}
+    home, bin_dir = tmp_path / "home", tmp_path / "sbin"
+    (home / "lenet-dist/venv/bin").mkdir(parents=True)
+    bin_dir.mkdir()
+    (home / "lenet-dist/venv/bin/lenet-dist").write_text(FAKE_TRAINER)
+    (bin_dir / "sudo").write_text(FAKE_SUDO)
+    for f in [home / "lenet-dist/venv/bin/lenet-dist", bin_dir / "sudo"]:
+        f.chmod(0o755)
+    script = """
+        run() { dash -c "$2" > "$HOME/$1.out" 2>&1; echo "rc=$?" >> "$HOME/$1.out"; }
+        run start "$START"; run again "$START"; run status "$STATUS"; run stop "$STOP"
+        run status2 "$STATUS"
+        FAKE_IGNORE_TERM=1 setsid "$HOME/lenet-dist/venv/bin/lenet-dist" train &
+        sleep 0.3; run free "$FREE"; run status3 "$STATUS"
+    """
+    env = {**fake.env, "HOME": str(home), "PATH": f"{bin_dir}:{fake.env['PATH']}",
+           "START": remote["start"], "STATUS": remote["status"], "STOP": remote["stop"],
+           "FREE": remote["free"]}
+    subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "bash", "-c", script],
+                   env=env, check=True, timeout=40)
+    out = {p.stem: p.read_text() for p in home.glob("*.out")}
+    assert "training, log ~/lenet-dist/logs/lenet-v5e.log\nrc=0" in out["start"], out
+    assert (home / "argv").read_text().split("\0")[:-1] == TRAIN_ARGV
+    pid, sid = (home / "session").read_text().split()
+    assert pid == sid, "setsid: the trainer leads its own session, ssh's end is no HUP"
+    assert "already running, not started twice\nrc=0" in out["again"], out
+    assert ": 1 lenet-dist process(es); log: fake training started" in out["status"], out
+    assert "stopped" in out["stop"] and out["stop"].endswith("rc=0\n"), out
+    assert (home / "signals").read_text() == "TERM\n"
+    assert ": 0 lenet-dist process(es)" in out["status2"], out
+    assert "stopping a stale lenet-dist" in out["free"] and "TPU free\nrc=0" in out["free"]
+    assert ": 0 lenet-dist process(es)" in out["status3"], out  # SIGKILL after --grace
+    sudo = (home / "sudo.log").read_text().splitlines()
+    assert "rm -f /tmp/libtpu_lockfile" in sudo and "pkill -KILL -f [l]enet-dist train" in sudo
+    log = (home / "lenet-dist/logs/lenet-v5e.log").read_text()
+    assert log.startswith("=== start ") and "fake training started" in log
+
+
+# ---- (c) every gcloud flag exists in the installed gcloud ---------------------
+
+_HELP = {}  # when pytest runs without its cache plugin
+
+
+def _gcloud_help(cache, command):
+    gcloud = shutil.which("gcloud")
+    root = Path(os.path.realpath(gcloud)).parent.parent
+    version = (root / "VERSION").read_text().strip() if (root / "VERSION").exists() \
+        else str(Path(gcloud).stat().st_mtime)
+    key = f"lenet-dist/gcloud-help/{version}/{'-'.join(command)}"
+    text = cache.get(key, None) if cache else _HELP.get(key)
+    if text is None:
+        env = {**os.environ, "TERM": "dumb", "CLOUDSDK_CORE_DISABLE_PROMPTS": "1",
+               "CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK": "1"}
+        proc = subprocess.run([gcloud, *command, "--help"], capture_output=True,
+                              text=True, timeout=60, env=env)
+        assert proc.returncode == 0, proc.stderr
+        text = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout)
+        if cache:
+            cache.set(key, text)
+        _HELP[key] = text
+    return text
+
+
+def test_every_gcloud_flag_is_in_gcloud_help(fake, tmp_path, request):
+    if shutil.which("gcloud") is None:
+        pytest.skip("gcloud not installed")
+    dry = tpu(fake, "--dry-run", *COMMON, "--internal-ip", "--valid-until", "6h",
+              *SEQUENCE, *TRAIN).stdout
+    cmds = [c for c in printed(dry) if c[0] == "gcloud"]
+    cmds += [shlex.split(line.split("runs: ", 1)[1]) for line in dry.splitlines()
+             if line.startswith("# on Ctrl-C")]
+    tpu(fake, "-n", NAME, "--log-dir", str(tmp_path), "logs")  # asks for the worker count
+    cmds += fake.calls()
+    groups = sorted({tuple(c[1:5]) for c in cmds})
+    with ThreadPoolExecutor(4) as pool:
+        cache = getattr(request.config, "cache", None)
+        helps = dict(zip(groups, pool.map(lambda g: _gcloud_help(cache, g), groups)))
+    checked = set()
+    for c in cmds:
+        text = helps[tuple(c[1:5])]
+        assert f"gcloud {' '.join(c[1:5])}" in text
+        # A flag counts when the help defines it (a line starting with it) or
+        # lists it among the flags every gcloud command takes, not when prose names it.
+        own, _, wide = text.partition("GCLOUD WIDE FLAGS")
+        wide = wide.split("Run $ gcloud help")[0]
+        for flag in (w.split("=", 1)[0] for w in c[5:] if w.startswith("--")):
+            name = re.escape(flag) + r"(?![\w-])"
+            assert re.search(rf"^\s+{name}", own, re.M) or re.search(rf"\s{name}", wide), \
+                f"{flag} is not a flag of gcloud {' '.join(c[1:5])}"
+            checked.add(flag)
+    assert {"--spot", "--valid-until-duration", "--worker", "--command", "--internal-ip",
+            "--force", "--format", "--node-id"} <= checked
+
+
+# ---- (d) GKE: JobSet manifest and image --------------------------------------
+
+def test_jobset_manifest():
+    doc = yaml.safe_load((LAUNCH / "gke-jobset.yaml").read_text())
+    assert doc["apiVersion"] == "jobset.x-k8s.io/v1alpha2" and doc["kind"] == "JobSet"
+    assert doc["metadata"]["annotations"]["alpha.jobset.sigs.k8s.io/exclusive-topology"] \
+        == "cloud.google.com/gke-nodepool"
+    spec = doc["spec"]
+    assert spec["failurePolicy"]["maxRestarts"] >= 1
+    assert spec["network"]["enableDNSHostnames"] is True
+    [job] = spec["replicatedJobs"]
+    job_spec = job["template"]["spec"]
+    hosts = job_spec["parallelism"]
+    assert job_spec["completions"] == hosts and job_spec["backoffLimit"] == 0
+    pod = job_spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    selector = pod["nodeSelector"]
+    assert selector["cloud.google.com/gke-tpu-accelerator"] == "tpu-v5-lite-podslice"
+    topology = selector["cloud.google.com/gke-tpu-topology"]
+    [container] = pod["containers"]
+    chips = container["resources"]["limits"]["google.com/tpu"]
+    x, y = map(int, topology.split("x"))
+    assert x * y == hosts * chips, "topology chips = hosts x chips per host"
+    command = container["command"]
+    i = command.index("lenet-dist")
+    assert command[i:i + 4] == ["lenet-dist", "train", "--distributed", "auto"]
+    assert command[command.index("--workdir") + 1].startswith("gs://")
+    assert command[0] == "tini", "PID 1 must pass SIGTERM on for the checkpoint"
+
+
+def test_dockerfile_builds_python_312_with_tpu_extra():
+    text = (LAUNCH / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.12", text, re.M)
+    assert 'pip install --no-cache-dir "/src[tpu]"' in text
+    assert "tini" in text and 'ENTRYPOINT ["tini", "--", "lenet-dist"]' in text
+
+
+# ---- (e) SLURM -----------------------------------------------------------------
+
+def test_sbatch_directives():
+    lines = SLURM.read_text().splitlines()
+    first_command = next(i for i, line in enumerate(lines)
+                         if line.strip() and not line.startswith("#"))
+    sbatch = [i for i, line in enumerate(lines) if line.startswith("#SBATCH")]
+    assert sbatch and max(sbatch) < first_command, "sbatch ignores #SBATCH after a command"
+    opts = dict(lines[i].split()[1].split("=", 1) if "=" in lines[i]
+                else (lines[i].split()[1], True) for i in sbatch)
+    assert opts["--ntasks-per-node"] == "1" and int(opts["--gpus-per-node"]) >= 1
+    # TERM to the job steps (the srun tasks), not "B:" (the batch shell only).
+    assert re.fullmatch(r"TERM@\d+", opts["--signal"])
+    assert opts["--requeue"] is True and opts["--open-mode"] == "append"
+
+
+def slurm(tmp_path, rc=0, restarts=0, dry=False):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for tool in ["srun", "scontrol"]:
+        (bin_dir / tool).write_text(FAKE_RECORDER.replace(
+            "$*", "$* (JAX_LOCAL_DEVICE_IDS=${JAX_LOCAL_DEVICE_IDS:-unset})"
+            if tool == "srun" else "$*"))
+        (bin_dir / tool).chmod(0o755)
+    log = tmp_path / "calls"
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path),
+           "FAKE_LOG": str(log), "FAKE_RC": str(rc), "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NAME": "lenet-dist", "SLURM_SUBMIT_DIR": str(tmp_path),
+           "SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_ON_NODE": "32",
+           "SLURM_RESTART_COUNT": str(restarts), "LENET_TRAIN_ARGS": "--epochs 3",
+           "LENET_DRY_RUN": "1" if dry else "0"}
+    proc = subprocess.run(["bash", str(SLURM), "--data-dir", DATA_DIR], env=env,
+                          capture_output=True, text=True, timeout=30)
+    other = Path(f"{log}.other")
+    return proc, other.read_text().splitlines() if other.exists() else []
+
+
+def test_sbatch_dry_run_prints_srun_with_all_gpus(tmp_path):
+    proc, calls = slurm(tmp_path, dry=True)
+    assert proc.returncode == 0 and calls == [], proc.stderr
+    srun = next(shlex.split(line[2:]) for line in proc.stdout.splitlines()
+                if line.startswith("+ srun"))
+    i = srun.index("lenet-dist")
+    assert srun[:i] == ["srun", "--ntasks-per-node=1", "--cpus-per-task=32",
+                        "--kill-on-bad-exit=0"]
+    assert srun[i:] == ["lenet-dist", "train", "--distributed", "auto", "--workdir",
+                        f"{tmp_path}/runs/lenet-dist", "--epochs", "3", "--data-dir", DATA_DIR]
+    assert "+ export JAX_LOCAL_DEVICE_IDS=0,1,2,3" in proc.stdout.splitlines()
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("rc,restarts,requeued", [
+    (143, 0, True), (143, 20, False), (0, 0, False), (1, 0, False)])
+def test_sbatch_requeues_after_a_time_limit_stop(tmp_path, rc, restarts, requeued):
+    proc, calls = slurm(tmp_path, rc=rc, restarts=restarts)
+    assert proc.returncode == rc, proc.stderr
+    assert calls[0].startswith("srun --ntasks-per-node=1")
+    assert calls[0].endswith(" (JAX_LOCAL_DEVICE_IDS=0,1,2,3)"), "all 4 GPUs to the task"
+    assert calls[1:] == (["scontrol requeue 4242"] if requeued else [])
+
+
+def test_jax_slurm_detection_needs_local_device_ids(monkeypatch):
+    """Why slurm.sbatch exports JAX_LOCAL_DEVICE_IDS: without it JAX's SLURM
+    detection gives a one-process-per-node job one GPU per node."""
+    from jax._src import clusters
+    from jax._src import distributed
+    import inspect
+    for key, value in {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "gpu[001-002]",
+                       "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+                       "SLURM_LOCALID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    detect = clusters.ClusterEnv.auto_detect_unset_distributed_params
+    assert detect(None, None, None, None, None, None)[1:] == (2, 1, [0])
+    assert detect(None, None, None, [0, 1, 2, 3], None, None)[3] == [0, 1, 2, 3]
+    assert "JAX_LOCAL_DEVICE_IDS" in inspect.getsource(distributed.State.initialize)
