@@ -197,11 +197,12 @@ def summary():
 
 @cli.command()
 @DEVICES
-def devices(devices):
+@job_options
+def devices(devices, job):
     """Platform, devices, and the mesh that `--devices N` would build."""
     from lenet_dist import runtime
 
-    runtime.configure(cpu_devices=devices)
+    runtime.configure(cpu_devices=devices, job=job)
     from lenet_dist.mesh import describe, make_mesh
 
     click.echo(describe(make_mesh(devices)))

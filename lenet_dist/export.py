@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from lenet_dist import data as data_lib
-from lenet_dist import serialization
+from lenet_dist import distributed, serialization
 from lenet_dist.config import DEFAULT_EXPORT_PLATFORMS, EXPORT_PLATFORMS
 from lenet_dist.errors import UserError, first_line
 from lenet_dist.mesh import Shardings, make_mesh
@@ -199,22 +199,28 @@ def publish(staging_model: Path, out: Path, overwrite: bool, workdir: Path) -> N
 
 def export_checkpoint(workdir: str, out: str, step: int | None = None, best: bool = False,
                       platforms: Sequence[str] = DEFAULT_EXPORT_PLATFORMS, overwrite: bool = False,
-                      data_dir: str | None = None) -> dict:
-    """Export one checkpoint of `workdir` as a SavedModel at `out`; returns its metadata."""
+                      data_dir: str | None = None) -> dict | None:
+    """Export one checkpoint of `workdir` as a SavedModel at `out`; returns its metadata
+    (None on the other processes of a multi-process job: process 0 writes)."""
     from lenet_dist.evaluate import restore_params
 
     out_path, work_path = Path(out).resolve(), Path(workdir).resolve()
-    check_destination(out_path, overwrite, work_path)
     platforms = parse_platforms(platforms)
     if "cpu" not in platforms:
         raise UserError(f"--platforms {','.join(platforms)}: include cpu; the export is "
                         "checked by running its CPU lowering before it is published")
-    tf = import_tensorflow()
-    plan = serialization.installed_plan()
 
-    params, config, chosen, meta, _ = restore_params(
-        workdir, step, best, Shardings(make_mesh(1)))
-    params = jax.device_get(params)
+    def prepare():  # only the writer needs --out and TensorFlow
+        check_destination(out_path, overwrite, work_path)
+        return import_tensorflow(), serialization.installed_plan()
+
+    tf, plan = distributed.on_primary(prepare) or (None, None)
+    # In a job every process takes part in the restore (onto all devices).
+    mesh = make_mesh(None if jax.process_count() > 1 else 1)
+    params, config, chosen, meta, _ = restore_params(workdir, step, best, Shardings(mesh))
+    params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), params)  # replicated
+    if not distributed.is_primary():
+        return None
     if not all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params)):
         raise UserError(f"checkpoint step {chosen} has NaN or infinite parameters "
                         "(a diverged run); export another with --step")

@@ -24,7 +24,7 @@ import sys
 import time
 
 FATAL = b"Terminating process because the JAX distributed service detected fatal errors"
-CPP_LOG = re.compile(rb"^[EF]\d{4} \d\d:\d\d:\d\d")  # absl ERROR/FATAL lines
+CPP_LOG = re.compile(rb"^[WEF]\d{4} \d\d:\d\d:\d\d")  # absl WARNING/ERROR/FATAL lines
 # gloo's "[Gloo] Rank 3 is connected to 7 peer ranks. Expected number of connected
 # peer ranks is : 7", often interleaved mid-line by its threads: its pieces are cut
 # out of any line, and a line left blank is dropped.

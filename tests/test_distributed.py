@@ -1,0 +1,158 @@
+"""The pieces of a multi-process job that can be checked without one: job options,
+the stop rule, the stderr filter, the launcher's bookkeeping."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lenet_dist import preemption
+from lenet_dist.cli import main
+from lenet_dist.distributed import JobSpec, check_devices
+from lenet_dist.errors import UserError
+from lenet_dist.launch import exit_status
+
+# What a survivor of a kill -9 printed on stderr (jax 0.12, trimmed stack trace).
+LOST_PEER = b"""\
+W1127 16:05:04.310258    2969 preemption_sync_manager.cc:147] Failed to retrieve preemption notice from coordination service: UNAVAILABLE: Stream removed
+=== Source Location Trace: ===
+external/xla+/xla/tsl/distributed_runtime/rpc/grpc_util.h:89
+E1127 16:06:07.568654    3405 coordination_service_agent.cc:288] Polled an error from coordination service (this can be an error from this or another task).
+F1127 16:03:29.223026    2302 client.h:86] Terminating process because the JAX distributed service detected fatal errors. This most likely indicates that another task died; see the other task logs for more details. Disable Python buffering, i.e. `python -u`, to be sure to see all the previous output. absl::Status: UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):
+1
+The tasks have crashed. Check the task logs for an earlier error, or scheduler events (e.g. preemption, eviction) to debug further.
+
+RPC: /xla.coordination.CoordinationService/PollForError [type.googleapis.com/tensorflow.CoordinationServiceError='']
+=== Source Location Trace: ===
+external/xla+/xla/pjrt/distributed/coordination/coordination_service_error_util.cc:64
+
+*** Check failure stack trace: ***
+    @     0x7f1530af81b4  absl::lts_20260526::log_internal::LogMessage::SendToLog()
+    @     0x7f15388a71f5  (unknown)
+"""
+LOST_COORDINATOR = LOST_PEER.replace(
+    b"The following tasks are unhealthy (stopped sending heartbeats):\n1\n",
+    b"Failed to send RPC to coordination service. Either the leader task was "
+    b"preempted/died/restarted unexpectedly or this task is experiencing network issues.\n")
+
+
+def run_filter(data: bytes) -> str:
+    proc = subprocess.run([sys.executable, "-m", "lenet_dist.fatal_filter"], input=data,
+                          capture_output=True, timeout=30,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert proc.returncode == 0
+    return proc.stdout.decode()
+
+
+@pytest.mark.parametrize("report, line", [
+    (LOST_PEER, "error: lost process 1 of the job (no heartbeats: killed, crashed or "
+                "unreachable); stopping"),
+    (LOST_COORDINATOR, "error: lost the job's coordinator, process 0 (its service stopped "
+                       "answering: killed, crashed or unreachable); stopping"),
+])
+def test_filter_turns_jax_fatal_report_into_one_line(report, line):
+    out = run_filter(b"epoch 1/2  train loss 2.3\n" + report)
+    assert out.splitlines() == ["epoch 1/2  train loss 2.3", line]
+
+
+def test_filter_passes_everything_else_and_drops_gloo_chatter():
+    gloo = (b"[Gloo] Rank 7[Gloo] Rank 6 is connected to  is connected to 7 peer ranks. "
+            b"Expected number of connected peer ranks is : 7\n")
+    warning = b"W1127 16:05:04.310258    2969 x.cc:1] a warning\nits second line\n"
+    out = run_filter(b"one\n" + gloo + warning + b"two\rthree\n" + b"tail")
+    assert out == "one\n" + warning.decode() + "two\rthree\ntail"
+
+
+def test_job_spec_validation():
+    assert not JobSpec().validate().enabled
+    assert JobSpec("auto").validate().enabled
+    assert JobSpec("off", "10.0.0.2:8476", 4, 3).validate().enabled
+    for bad, message in [
+        (JobSpec("off", "nope", 2, 0), "expected HOST:PORT"),
+        (JobSpec("off", None, 2, 0), "together"),
+        (JobSpec("off", "h:1", 2, None), "together"),
+        (JobSpec("off", "h:1", 2, 2), "must be in 0..1"),
+        (JobSpec("off", heartbeat_timeout=0), "--heartbeat-timeout"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            bad.validate()
+
+
+def test_devices_is_the_global_count():
+    assert check_devices(8, 2) == 4 and check_devices(None, 4) is None
+    with pytest.raises(UserError, match="--devices 6 does not split over 4 processes"):
+        check_devices(6, 4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--coordinator-address", "nope", "--num-processes", "2", "--process-id", "0"],
+     "expected HOST:PORT"),
+    (["train", "--num-processes", "2"], "needs --coordinator-address, --num-processes and"),
+    (["eval", "--coordinator-address", "127.0.0.1:1", "--num-processes", "2",
+      "--process-id", "5"], "--process-id 5 must be in 0..1"),
+    (["train", "--coordinator-address", "127.0.0.1:1", "--num-processes", "2",
+      "--process-id", "0", "--devices", "3"], "--devices 3 does not split over 2 processes"),
+])
+def test_bad_job_options_are_one_line(capsys, args, message):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_stop_rule_one_process_signal_and_injection(monkeypatch):
+    monkeypatch.setenv(preemption.SIGTERM_AT_ENV, "3")
+    with preemption.StopRule() as rule:
+        assert not rule.at_step(1) and not rule.at_step(2) and not rule.should_stop()
+        assert rule.at_step(3)  # a real SIGTERM, caught by the rule's handler
+        assert rule.decided_at == 3 and rule.signum == signal.SIGTERM and rule.should_stop()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_stop_rule_injection_targets_one_process(monkeypatch):
+    monkeypatch.setenv(preemption.SIGTERM_AT_ENV, "3:1")
+    rule = preemption.StopRule(process_index=0)
+    assert not rule.at_step(3)
+
+
+def test_stop_rule_multi_process_leaves_sigterm_to_jax():
+    rule = preemption.StopRule(multi_process=True)
+    with rule:
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # JAX's notifier stays
+        assert signal.getsignal(signal.SIGINT) == rule._handler
+
+
+def test_exit_status():
+    assert exit_status(0) == 0 and exit_status(2) == 2 and exit_status(-9) == 137
+
+
+@pytest.mark.slow
+def test_launch_cli_runs_a_job_and_prefixes_output():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-m", "lenet_dist", "launch", "-n", "2",
+                           "--timeout", "120", "--", "devices", "--devices", "4"],
+                          capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[0] processes: 2 (this is process 0)" in proc.stdout
+    assert "[1] processes: 2 (this is process 1)" in proc.stdout
+    assert "[1] mesh: {'data': 4}" in proc.stdout and "exit statuses 0: 0, 1: 0" in proc.stdout
+
+
+@pytest.mark.slow
+def test_launch_timeout_kills_every_process(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "lenet_dist", "launch", "-n", "2",
+                           "--timeout", "2", "--", "train", "--devices", "8", "--workdir",
+                           str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert proc.returncode == 124, proc.stdout
+    assert "timed out after 2 s; killed all processes" in proc.stdout
+    assert time.monotonic() - started < 30
+    pids = [int(p.split("=")[1]) for p in
+            proc.stdout.split("pids: ")[1].splitlines()[0].split(", ")]
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
