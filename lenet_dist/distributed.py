@@ -197,11 +197,11 @@ def data_fingerprint(*arrays: np.ndarray) -> int:
     return int(np.frombuffer(h.digest(), np.int64)[0])
 
 
-def check_same_data(fingerprint: int, source: str) -> None:
-    """All processes must train on identical data: compare fingerprints."""
+def check_same_data(arrays, source: str) -> None:
+    """All processes must train on identical data: compare fingerprints of `arrays`."""
     if process_count() == 1:
         return
-    prints = gather([fingerprint])[:, 0]
+    prints = gather([data_fingerprint(*arrays)])[:, 0]
     if (prints != prints[0]).any():
         groups = {}
         for i, p in enumerate(prints.tolist()):

@@ -49,8 +49,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, best: bool = Fals
     shardings = Shardings(make_mesh(devices))
     params, config, chosen, meta, steps = restore_params(workdir, step, best, shardings)
     dataset = data_lib.load(config.dataset, data_dir or config.data_dir)
-    distributed.check_same_data(
-        distributed.data_fingerprint(dataset.test.images, dataset.test.labels), dataset.source)
+    distributed.check_same_data((dataset.test.images, dataset.test.labels), dataset.source)
     feed = eval_feed(dataset.test, config.eval_batch_size, shardings)
     metrics = evaluate(steps, params, feed)
     return {"step": chosen, "epoch": meta["epoch"], "devices": shardings.size,

@@ -101,10 +101,8 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
     # Input: host uint8 arrays -> device-resident feeds; every process the same data.
     dataset = dataset or data_lib.load(config.dataset, config.data_dir)
     train_split = dataset.train.take(config.train_limit)
-    distributed.check_same_data(
-        distributed.data_fingerprint(train_split.images, train_split.labels,
-                                     dataset.test.images, dataset.test.labels),
-        dataset.source)
+    distributed.check_same_data((train_split.images, train_split.labels, dataset.test.images,
+                                 dataset.test.labels), dataset.source)
     tfeed = train_feed(train_split, config.batch_size, shardings)
     efeed = eval_feed(dataset.test, config.eval_batch_size, shardings)
     spe = tfeed.steps_per_epoch
