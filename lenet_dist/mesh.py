@@ -77,14 +77,14 @@ class Shardings:
         return self.mesh.size
 
 
-def check_batch(global_batch: int, n_devices: int, flag: str = "--batch-size") -> None:
+def check_batch(global_batch: int, n_devices: int) -> None:
     """A global batch must split evenly; name nearby sizes that do."""
     if global_batch % n_devices:
         lower = global_batch - global_batch % n_devices
         upper = lower + n_devices
         options = ", ".join(str(b) for b in (lower, upper) if b > 0)
         raise UserError(
-            f"{flag} {global_batch} does not divide over {n_devices} devices; "
+            f"--batch-size {global_batch} does not divide over {n_devices} devices; "
             f"use a multiple of {n_devices} (e.g. {options})"
         )
 

@@ -28,7 +28,7 @@ def add_xla_flags(flags: tuple[str, ...] = CPU_XLA_FLAGS) -> None:
     os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
 
 
-def configure(cpu_devices: int | None = None, onednn: bool = True, job=None) -> None:
+def configure(cpu_devices: int | None = None, job=None) -> None:
     """Prepare JAX: join the multi-process `job` (a `distributed.JobSpec`) if any,
     then `cpu_devices` simulated CPU devices (the global count: each process of a
     job simulates its share), fast CPU kernels.
@@ -36,7 +36,7 @@ def configure(cpu_devices: int | None = None, onednn: bool = True, job=None) -> 
     Simulating devices only changes the CPU backend; on a GPU/TPU host the
     accelerators stay the default backend.
     """
-    if onednn and os.environ.get("LENET_DIST_ONEDNN", "1") != "0":
+    if os.environ.get("LENET_DIST_ONEDNN", "1") != "0":
         add_xla_flags()
     if job is not None:
         from lenet_dist import distributed

@@ -45,28 +45,28 @@ class TrainResult:
 
 def evaluate(steps: Steps, params, feed: EvalFeed) -> dict[str, float]:
     """Loss and accuracy over every real example of `feed` (padding masked out)."""
-    acc = steps.zeros()
+    sums = steps.zeros()
     for i in range(feed.num_batches):
-        acc = steps.evaluate(params, acc, feed.images, feed.labels, feed.mask, i)
-    metrics = summarize(acc)
+        sums = steps.evaluate(params, sums, feed.images, feed.labels, feed.mask, i)
+    metrics = summarize(sums)
     assert metrics["count"] == feed.size, (metrics["count"], feed.size)
     return metrics
 
 
-def run_steps(steps: Steps, state: TrainState, acc: dict, xs, ys, first: int, last: int,
+def run_steps(steps: Steps, state: TrainState, sums: dict, xs, ys, first: int, last: int,
               progress: bool, desc: str, after_step: Callable[[int, TrainState, dict], bool]):
-    """Steps first..last-1 of an epoch. `after_step(i, state, acc)` returns True to stop."""
+    """Steps first..last-1 of an epoch. `after_step(i, state, sums)` returns True to stop."""
     bar = tqdm(total=last, initial=first, desc=desc, unit="step", disable=not progress,
                leave=False, dynamic_ncols=True)
     for i in range(first, last):
-        previous = acc
-        state, acc = steps.train(state, acc, xs, ys, i)
+        previous = sums
+        state, sums = steps.train(state, sums, xs, ys, i)
         jax.block_until_ready(previous)  # wait one step behind: the device stays busy
         bar.update()
-        if after_step(i, state, acc):
+        if after_step(i, state, sums):
             break
     bar.close()
-    return state, acc
+    return state, sums
 
 
 def format_epoch(r: dict, epochs: int) -> str:
@@ -103,10 +103,10 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
     train_split = dataset.train.take(config.train_limit)
     distributed.check_same_data((train_split.images, train_split.labels, dataset.test.images,
                                  dataset.test.labels), dataset.source)
-    tfeed = train_feed(train_split, config.batch_size, shardings)
-    efeed = eval_feed(dataset.test, config.eval_batch_size, shardings)
-    spe = tfeed.steps_per_epoch
-    total_steps = spe * config.epochs
+    train_data = train_feed(train_split, config.batch_size, shardings)
+    test_data = eval_feed(dataset.test, config.eval_batch_size, shardings)
+    steps_per_epoch = train_data.steps_per_epoch
+    total_steps = steps_per_epoch * config.epochs
 
     # Model, optimizer and state, born replicated; steps jitted once.
     tx = make_optimizer(config)
@@ -118,12 +118,12 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
     restored = ckpt.restore_latest(steps.abstract(), warn=log) if ckpt else None
     history: list[dict] = []
     if restored is None:
-        state, acc = create_state(config.seed, tx, shardings), steps.zeros()
+        state, sums = create_state(config.seed, tx, shardings), steps.zeros()
     else:
         tree, meta = restored
         if not allow_config_change:
             ckpt_lib.check_compatible(meta["config"], config.to_dict(), config.workdir)
-        state, acc, history = tree["state"], tree["acc"], meta["history"]
+        state, sums, history = tree["state"], tree["acc"], meta["history"]
         if primary:
             write_metrics(workdir, history)  # drop epochs recorded after this checkpoint
     start = int(state.step)
@@ -134,56 +134,59 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
                 + "; use --epochs to train longer or a new --workdir")
             ckpt.close()
             return TrainResult(state=state, history=history, config=config)
-        log(f"resuming from checkpoint at step {start} (epoch {start // spe + 1}, "
-            f"step {start % spe} of {spe}) in {ckpt.directory}")
+        log(f"resuming from checkpoint at step {start} (epoch {start // steps_per_epoch + 1}, "
+            f"step {start % steps_per_epoch} of {steps_per_epoch}) in {ckpt.directory}")
 
     log(f"training LeNet-5 on {dataset.name} ({len(train_split):,} train / "
-        f"{efeed.size:,} test images from {dataset.source}) over {shardings.size} "
+        f"{test_data.size:,} test images from {dataset.source}) over {shardings.size} "
         f"{mesh.devices.flat[0].platform} device(s), global batch {config.batch_size}, "
         f"{config.optimizer} lr {config.learning_rate}, {config.epochs} epochs")
 
     versions = ckpt_lib.versions()
 
     def meta_for(step: int) -> dict:
-        return {"config": config.to_dict(), "step": step, "epoch": step / spe,
-                "steps_per_epoch": spe, "history": list(history), "mesh": dict(mesh.shape),
+        return {"config": config.to_dict(), "step": step, "epoch": step / steps_per_epoch,
+                "steps_per_epoch": steps_per_epoch, "history": list(history),
+                "mesh": dict(mesh.shape),
                 "versions": versions, "dataset_source": dataset.source}
 
     stop = StopRule(multi_process=jax.process_count() > 1,
                     process_index=jax.process_index())
 
-    def after_step(epoch: int, i: int, state, acc) -> bool:
+    def after_step(epoch: int, i: int, state, sums) -> bool:
         """Mid-epoch saves and the stop rule, after step i of `epoch` is queued."""
-        step = epoch * spe + i + 1
+        step = epoch * steps_per_epoch + i + 1
         stopping = stop.at_step(step)
-        mid_epoch = i + 1 < spe
+        mid_epoch = i + 1 < steps_per_epoch
         if ckpt and mid_epoch and (stopping or (config.save_every_steps
                                                 and step % config.save_every_steps == 0)):
-            ckpt.save(step, {"state": state, "acc": acc}, meta_for(step), wait=stopping)
+            ckpt.save(step, {"state": state, "acc": sums}, meta_for(step), wait=stopping)
         if stopping and mid_epoch:
             raise Preempted(stop.signum, step, saved=bool(ckpt))
         return False
 
     try:
         with stop:
-            for epoch in range(start // spe, config.epochs):
+            for epoch in range(start // steps_per_epoch, config.epochs):
                 desc = f"epoch {epoch + 1}/{config.epochs}"
                 t_epoch = time.perf_counter()
-                first = start - epoch * spe if epoch == start // spe else 0
+                first = start - epoch * steps_per_epoch if epoch == start // steps_per_epoch else 0
                 if first == 0:
-                    acc = steps.zeros()
-                xs, ys = tfeed.epoch(config.seed, epoch)
-                state, acc = run_steps(steps, state, acc, xs, ys, first, spe, progress, desc,
-                                       functools.partial(after_step, epoch))
-                train_m = summarize(acc)
+                    sums = steps.zeros()
+                xs, ys = train_data.epoch(config.seed, epoch)
+                state, sums = run_steps(steps, state, sums, xs, ys, first, steps_per_epoch,
+                                        progress, desc, functools.partial(after_step, epoch))
+                train_metrics = summarize(sums)
                 train_secs = time.perf_counter() - t_epoch
-                test_m = evaluate(steps, state.params, efeed)
+                test_metrics = evaluate(steps, state.params, test_data)
                 record = {
                     "epoch": epoch + 1,
-                    "step": spe * (epoch + 1),
-                    "train_loss": train_m["loss"], "train_accuracy": train_m["accuracy"],
-                    "test_loss": test_m["loss"], "test_accuracy": test_m["accuracy"],
-                    "images_per_sec": (spe - first) * config.batch_size / train_secs,
+                    "step": steps_per_epoch * (epoch + 1),
+                    "train_loss": train_metrics["loss"],
+                    "train_accuracy": train_metrics["accuracy"],
+                    "test_loss": test_metrics["loss"], "test_accuracy": test_metrics["accuracy"],
+                    "images_per_sec":
+                        (steps_per_epoch - first) * config.batch_size / train_secs,
                     "train_seconds": train_secs,
                     "epoch_seconds": time.perf_counter() - t_epoch,
                     "devices": shardings.size,
@@ -199,7 +202,7 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
                     raise UserError(f"training diverged at epoch {epoch + 1} (loss "
                                     f"{record['train_loss']}); lower --learning-rate")
                 if ckpt:
-                    ckpt.save(record["step"], {"state": state, "acc": acc},
+                    ckpt.save(record["step"], {"state": state, "acc": sums},
                               meta_for(record["step"]),
                               metrics={"test_accuracy": record["test_accuracy"],
                                        "test_loss": record["test_loss"]},
@@ -212,7 +215,7 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
             ckpt.close()  # let an in-flight async save finish
 
     total = time.perf_counter() - t0
-    trained = [r for r in history if r["epoch"] > start // spe]
+    trained = [r for r in history if r["epoch"] > start // steps_per_epoch]
     rate = sum(r["images_per_sec"] * r["train_seconds"] for r in trained) / max(
         sum(r["train_seconds"] for r in trained), 1e-9)
     log(f"done in {total:.1f} s wall ({rate:,.0f} img/s while training); final test "
