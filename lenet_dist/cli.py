@@ -7,7 +7,9 @@ has set the device count and XLA flags, and so `--help` stays fast.
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import time
 
 import click
 
@@ -365,12 +367,44 @@ def main(argv=None) -> int:
         click.echo(f"{e}", err=True)
         return e.exit_code
     except OSError as e:  # permissions, full disk, ...: the last line of defence
+        lost_process_exit(e)
         where = f" ({e.filename})" if e.filename else ""
         click.echo(f"error: {e.strerror or e}{where}", err=True)
         return 1
     except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("error: interrupted", err=True)
         return 130
+    except Exception as e:
+        lost_process_exit(e)
+        raise
+
+
+def lost_process_exit(e: BaseException) -> None:
+    """In a job, an error from a barrier or collective usually means a process died:
+    say which in one line and exit at once (the shutdown barrier would wait for the
+    dead process, then abort with a second report). When the error does not name it
+    (gloo only sees a closed socket), wait for JAX's heartbeat check, which names
+    it through the output filter."""
+    from lenet_dist import distributed
+    from lenet_dist.fatal_filter import describe_loss
+
+    if distributed.JOINED is None:
+        return
+    chain, seen = [], e
+    while seen is not None:
+        chain.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    text = "\n".join(chain)
+    message = describe_loss(text)
+    if message is None and not any(k in text for k in ("Gloo", "barrier", "Barrier")):
+        return
+    if message is None:
+        time.sleep(distributed.JOINED.heartbeat_timeout + 10)  # JAX aborts us before that
+        message = f"error: a collective across the job's processes failed: {text[:200]}"
+    click.echo(message, err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":

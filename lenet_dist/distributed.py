@@ -28,6 +28,7 @@ MODES = ("off", "auto")
 # coordination-service heartbeat timeout; JAX's own default is 100 s).
 DEFAULT_HEARTBEAT_TIMEOUT = 60
 JOB_TOKEN_FILE = ".lenet-dist-job"
+JOINED: "JobSpec | None" = None  # the job this process joined, if any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,8 @@ def join(spec: JobSpec, devices: int | None) -> int | None:
                 "pass --coordinator-address, --num-processes and --process-id"
                 if spec.mode == "auto" and spec.coordinator_address is None else "")
         raise UserError(f"cannot join the job: {first_line(e)}{hint}") from None
+    global JOINED
+    JOINED = spec
     state = jax._src.distributed.global_state
     return check_devices(devices, state.num_processes)
 

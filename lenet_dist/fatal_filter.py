@@ -24,27 +24,39 @@ import sys
 import time
 
 FATAL = b"Terminating process because the JAX distributed service detected fatal errors"
-CPP_LOG = re.compile(rb"^[WEF]\d{4} \d\d:\d\d:\d\d")  # absl WARNING/ERROR/FATAL lines
+# absl WARNING/ERROR/FATAL lines from C++, and Orbax's Python error log and traceback
+# (a save waiting at a barrier fails at the same moment): held, in case the report follows.
+CPP_LOG = re.compile(rb"^([WEF]\d{4} \d\d:\d\d:\d\d|ERROR:absl:|Traceback \(most recent)")
 # gloo's "[Gloo] Rank 3 is connected to 7 peer ranks. Expected number of connected
 # peer ranks is : 7", often interleaved mid-line by its threads: its pieces are cut
 # out of any line, and a line left blank is dropped.
 GLOO = re.compile(rb"\[Gloo\] Rank ?\d*|is connected to( \d+)?|\d* ?peer ranks\. "
                   rb"Expected number of connected peer ranks is : \d+")
-HOLD_SECONDS = 0.5  # C++ error lines are held this long in case the fatal report follows
+HOLD_SECONDS = 2.0  # how long held lines wait for a fatal report
+
+
+def describe_loss(text: str) -> str | None:
+    """One line naming the lost process, if `text` (a fatal report, an exception chain)
+    says that the job lost one; else None."""
+    unhealthy = re.search(r"unhealthy \(stopped sending heartbeats\):\s*((?:\d+\s*)+)", text)
+    ids = unhealthy.group(1).split() if unhealthy else re.findall(r"Task (\d+) heartbeat timeout",
+                                                                 text)
+    if ids:
+        return (f"error: lost process {', '.join(dict.fromkeys(ids))} of the job (no "
+                "heartbeats: killed, crashed or unreachable); stopping")
+    if "leader task" in text or "Failed to send RPC to coordination service" in text:
+        return ("error: lost the job's coordinator, process 0 (its service stopped "
+                "answering: killed, crashed or unreachable); stopping")
+    return None
 
 
 def summarize(report: bytes) -> str:
-    """The one line for a fatal report (its status text follows 'absl::Status:')."""
+    """The one line for a fatal report and the lines held just before it."""
     text = report.decode(errors="replace")
+    found = describe_loss(text)
+    if found:
+        return found
     status = text.split("absl::Status:", 1)[-1]
-    unhealthy = re.search(r"unhealthy \(stopped sending heartbeats\):\s*((?:\d+\s*)+)", status)
-    if unhealthy:
-        ids = ", ".join(unhealthy.group(1).split())
-        return (f"error: lost process {ids} of the job (no heartbeats: killed, crashed or "
-                "unreachable); stopping")
-    if "leader task" in status or "coordination service" in status.lower():
-        return ("error: lost the job's coordinator, process 0 (its service stopped "
-                "answering: killed, crashed or unreachable); stopping")
     first = next((ln.strip() for ln in status.splitlines() if ln.strip()), "unknown error")
     return f"error: the JAX distributed runtime stopped this process: {first[:200]}"
 
@@ -83,12 +95,12 @@ def main() -> int:
             if fatal is not None:
                 fatal.append(line)
             elif FATAL in line:
-                fatal, held = [line], []
+                fatal, held = [*held, line], []
             elif b"[Gloo]" in line or b"peer ranks" in line:
                 line = degloo(line)
                 if line:
                     emit(line)
-            elif held or CPP_LOG.match(line):
+            elif held or CPP_LOG.match(line) or not line.strip():
                 if not held:
                     deadline = time.monotonic() + HOLD_SECONDS
                 held.append(line)

@@ -175,6 +175,17 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes(
     assert_same_params(params_at(work), reference[1].state.params, atol=1e-6)
 
 
+def test_sigterm_without_checkpoints_still_stops_both_at_one_step(data_dir, tmp_path):
+    job, codes = run_job(train_args(tmp_path / "run", data_dir, 2, "--no-checkpoint"),
+                         env={"LENET_DIST_SIGTERM_AT": "4:1"})
+    assert codes == [143, 143], job.output(0) + job.output(1)
+    lines = [[ln for ln in job.output(i).splitlines() if ln.startswith("stopped by")]
+             for i in range(2)]
+    assert lines[0] == lines[1] and len(lines[0]) == 1, lines
+    assert "checkpointing was off, nothing saved" in lines[0][0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("victim", [1, 0])
 def test_kill9_of_one_process_ends_the_other_with_one_line(victim, data_dir, tmp_path):
     work = tmp_path / "run"
@@ -200,6 +211,8 @@ def test_kill9_of_one_process_ends_the_other_with_one_line(victim, data_dir, tmp
     assert waited <= HEARTBEAT + 15
     errors = error_lines(out)
     assert len(errors) == 1, out
+    others = [ln for ln in out.splitlines() if "epoch" not in ln and not ln.startswith("training")]
+    assert others == errors, out  # nothing else: no report, no traceback, no blank line
     assert (f"lost process {victim} of the job" in errors[0] if victim else
             "lost the job's coordinator, process 0" in errors[0]), errors
     assert "Check failure" not in out and "@ 0x" not in out and "Traceback" not in out
