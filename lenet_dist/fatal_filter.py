@@ -30,8 +30,8 @@ CPP_LOG = re.compile(rb"^([WEF]\d{4} \d\d:\d\d:\d\d|ERROR:absl:|Traceback \(most
 # gloo's "[Gloo] Rank 3 is connected to 7 peer ranks. Expected number of connected
 # peer ranks is : 7", often interleaved mid-line by its threads: its pieces are cut
 # out of any line, and a line left blank is dropped.
-GLOO = re.compile(rb"\[Gloo\] Rank ?\d*|is connected to( \d+)?|\d* ?peer ranks\. "
-                  rb"Expected number of connected peer ranks is : \d+")
+GLOO = re.compile(rb"\[Gloo\]\s*Rank\s*\d*|is\s+connected\s+to(\s+\d+)?|\d*\s*peer\s+ranks\."
+                  rb"\s*Expected\s+number\s+of\s+connected\s+peer\s+ranks\s+is\s*:\s*\d+")
 HOLD_SECONDS = 2.0  # how long held lines wait for a fatal report
 
 
@@ -71,7 +71,7 @@ def main() -> int:
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)  # the training process decides; we only relay
     fd_in, out = sys.stdin.fileno(), sys.stdout.buffer
-    buffer, held, fatal = b"", [], None
+    buffer, held, fatal, gloo_seen = b"", [], None, False
     deadline = None
 
     def emit(data: bytes) -> None:
@@ -97,9 +97,12 @@ def main() -> int:
             elif FATAL in line:
                 fatal, held = [*held, line], []
             elif b"[Gloo]" in line or b"peer ranks" in line:
+                gloo_seen = True
                 line = degloo(line)
                 if line:
                     emit(line)
+            elif gloo_seen and re.fullmatch(rb"[\d\s]+|\s*is\s*:?\s*\d*\s*", line):
+                continue  # the tail of an interleaved gloo line ("7", " is : 7")
             elif held or CPP_LOG.match(line) or not line.strip():
                 if not held:
                     deadline = time.monotonic() + HOLD_SECONDS
