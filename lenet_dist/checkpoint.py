@@ -50,7 +50,7 @@ class Checkpoints:
     def __init__(self, workdir: str | os.PathLike, keep: int = 3, read_only: bool = False):
         self.read_only = read_only
         quiet_orbax()
-        self.directory = checkpoint_dir(workdir)
+        self.directory = workdir_path(workdir) / CHECKPOINT_DIR
         if read_only and not self.directory.is_dir():
             raise UserError(f"no checkpoints in {os.fspath(workdir)}; train there first "
                             f"(lenet-dist train --workdir {workdir})")
@@ -149,11 +149,10 @@ class Checkpoints:
         return target
 
 
-def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
-    """<workdir>/checkpoints; local paths made absolute, gs:// and other URLs kept."""
+def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+    """A local path made absolute, or a URL such as gs://bucket/run kept as it is."""
     text = os.fspath(workdir)
-    base = epath.Path(text) if "://" in text else epath.Path(os.path.abspath(text))
-    return base / CHECKPOINT_DIR
+    return epath.Path(text) if "://" in text else epath.Path(os.path.abspath(text))
 
 
 def check_compatible(saved: dict, current: dict, workdir: str) -> None:

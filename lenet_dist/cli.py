@@ -14,6 +14,7 @@ import time
 import click
 
 from lenet_dist.config import DATASETS, DEFAULT_EXPORT_PLATFORMS, OPTIMIZERS, PRESETS
+from lenet_dist import distributed
 from lenet_dist.distributed import DEFAULT_HEARTBEAT_TIMEOUT, MODES, JobSpec
 from lenet_dist.errors import Preempted, UserError
 
@@ -55,12 +56,6 @@ def job_options(command):
     ]):
         with_job = option(with_job)
     return with_job
-
-
-def is_primary() -> bool:
-    from lenet_dist import distributed
-
-    return distributed.is_primary()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"],
@@ -155,7 +150,7 @@ def eval_cmd(workdir, step, best, devices, data_dir, job):
     from lenet_dist.evaluate import evaluate_checkpoint
 
     r = evaluate_checkpoint(workdir, step=step, best=best, devices=devices, data_dir=data_dir)
-    if is_primary():
+    if distributed.is_primary():
         click.echo(f"step {r['step']} (epoch {r['epoch']:g}) on {r['devices']} device(s): "
                    f"test loss {r['test_loss']:.4f}  test accuracy "
                    f"{r['test_accuracy']:.4f}  ({r['examples']:,} images)")
@@ -385,7 +380,6 @@ def lost_process_exit(e: BaseException) -> None:
     dead process, then abort with a second report). When the error does not name it
     (gloo only sees a closed socket), wait for JAX's heartbeat check, which names
     it through the output filter."""
-    from lenet_dist import distributed
     from lenet_dist.fatal_filter import describe_loss
 
     if distributed.JOINED is None:

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from lenet_dist.distributed import check_devices
 from lenet_dist.errors import UserError
 
 DATA_AXIS = "data"
@@ -29,10 +30,7 @@ def make_mesh(devices: int | None = None) -> Mesh:
     n = len(available) if devices is None else devices
     if n < 1:
         raise UserError(f"--devices must be >= 1, got {n}")
-    if n % processes:
-        raise UserError(f"--devices {n} does not split over {processes} processes; "
-                        f"use a multiple of {processes}")
-    per_process = n // processes
+    per_process = check_devices(n, processes)
     by_process = {}
     for d in available:
         by_process.setdefault(d.process_index, []).append(d)

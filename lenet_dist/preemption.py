@@ -31,6 +31,10 @@ class StopRule:
         self.decided_at: int | None = None  # the step at which the job stops
         self._inject = _parse_injection(os.environ.get(SIGTERM_AT_ENV), process_index)
         self._previous: dict = {}
+        if multi_process:
+            from jax.experimental import multihost_utils
+
+            self._reached_sync_point = multihost_utils.reached_preemption_sync_point
 
     # -- signal handlers --------------------------------------------------------
 
@@ -61,9 +65,7 @@ class StopRule:
             os.kill(os.getpid(), signal.SIGTERM)
         if self.decided_at is None:
             if self.multi_process:
-                from jax.experimental import multihost_utils
-
-                stop = multihost_utils.reached_preemption_sync_point(step)
+                stop = self._reached_sync_point(step)
             else:
                 stop = bool(self.received)
             if stop:

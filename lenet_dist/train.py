@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import time
 from typing import Callable
 
@@ -230,15 +229,8 @@ def write_metrics(workdir: epath.Path, history: list[dict]) -> None:
     tmp.replace(workdir / METRICS_FILE)
 
 
-def workdir_path(path: str) -> epath.Path:
-    """A local path made absolute, or a URL such as gs://bucket/run kept as it is."""
-    if "://" in str(path):
-        return epath.Path(path)
-    return epath.Path(os.path.abspath(path))
-
-
 def prepare_workdir(path: str, create: bool = True) -> epath.Path:
-    workdir = workdir_path(path)
+    workdir = ckpt_lib.workdir_path(path)
     try:
         if workdir.exists() and not workdir.is_dir():
             raise UserError(f"--workdir {path} is a file, not a directory; choose another path")
