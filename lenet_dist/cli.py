@@ -13,8 +13,8 @@ import time
 
 import click
 
-from lenet_dist.config import DATASETS, DEFAULT_EXPORT_PLATFORMS, OPTIMIZERS, PRESETS
 from lenet_dist import distributed
+from lenet_dist.config import DATASETS, DEFAULT_EXPORT_PLATFORMS, OPTIMIZERS, PRESETS
 from lenet_dist.distributed import DEFAULT_HEARTBEAT_TIMEOUT, MODES, JobSpec
 from lenet_dist.errors import Preempted, UserError
 

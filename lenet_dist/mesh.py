@@ -10,7 +10,8 @@ import dataclasses
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lenet_dist.distributed import check_devices
 from lenet_dist.errors import UserError

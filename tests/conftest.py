@@ -1,5 +1,6 @@
 """Shared test setup: 8 simulated CPU devices, real data when present, one trained run."""
 
+import gzip
 import os
 
 from lenet_dist import runtime
@@ -19,6 +20,28 @@ REAL_DIR = os.environ.get("LENET_DIST_TEST_DATA", data_lib.SYSTEM_DIRS["fashion_
 
 def real_data_available() -> bool:
     return data_lib._find_idx(data_lib.Path(REAL_DIR), "train-images-idx3-ubyte") is not None
+
+
+def write_idx(path, array, magic=None, gz=False, cut=0):
+    array = np.asarray(array, np.uint8)
+    magic = magic if magic is not None else 0x0800 | array.ndim
+    raw = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    raw += array.tobytes()
+    raw = raw[: len(raw) - cut]
+    with gzip.open(path, "wb") if gz else open(path, "wb") as f:
+        f.write(raw)
+    return path
+
+
+def write_dataset(directory, n_train=20, n_test=10, gz=False, label_max=9):
+    rng = np.random.default_rng(0)
+    sfx = ".gz" if gz else ""
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(directory / f"{split}-images-idx3-ubyte{sfx}",
+                  rng.integers(0, 256, (n, 28, 28)), gz=gz)
+        write_idx(directory / f"{split}-labels-idx1-ubyte{sfx}",
+                  rng.integers(0, label_max + 1, n), gz=gz)
+    return directory
 
 
 def synthetic_dataset(n_train=2048, n_test=512, seed=0) -> data_lib.Dataset:
@@ -86,13 +109,8 @@ def data_dir(dataset, tmp_path_factory) -> str:
         return dataset.source
     directory = tmp_path_factory.mktemp("idx")
     for prefix, split in (("train", dataset.train), ("t10k", dataset.test)):
-        images = split.images[..., 0]
-        (directory / f"{prefix}-images-idx3-ubyte").write_bytes(
-            (2051).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in images.shape)
-            + images.tobytes())
-        (directory / f"{prefix}-labels-idx1-ubyte").write_bytes(
-            (2049).to_bytes(4, "big") + len(split.labels).to_bytes(4, "big")
-            + split.labels.astype(np.uint8).tobytes())
+        write_idx(directory / f"{prefix}-images-idx3-ubyte", split.images[..., 0])
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte", split.labels)
     return str(directory)
 
 

@@ -6,8 +6,7 @@ import sys
 import pytest
 
 from lenet_dist.cli import main
-from tests.conftest import REAL_DIR, real_data_available
-from tests.test_data import write_dataset
+from tests.conftest import REAL_DIR, real_data_available, write_dataset
 
 
 def run_cli(*args, cwd=None):

@@ -1,33 +1,10 @@
-import gzip
 
 import numpy as np
 import pytest
 
 from lenet_dist import data as data_lib
 from lenet_dist.errors import UserError
-from tests.conftest import REAL_DIR, real_data_available
-
-
-def write_idx(path, array, magic=None, gz=False, cut=0):
-    array = np.asarray(array, np.uint8)
-    magic = magic if magic is not None else 0x0800 | array.ndim
-    raw = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    raw += array.tobytes()
-    raw = raw[: len(raw) - cut]
-    with gzip.open(path, "wb") if gz else open(path, "wb") as f:
-        f.write(raw)
-    return path
-
-
-def write_dataset(directory, n_train=20, n_test=10, gz=False, label_max=9):
-    rng = np.random.default_rng(0)
-    sfx = ".gz" if gz else ""
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(directory / f"{split}-images-idx3-ubyte{sfx}",
-                  rng.integers(0, 256, (n, 28, 28)), gz=gz)
-        write_idx(directory / f"{split}-labels-idx1-ubyte{sfx}",
-                  rng.integers(0, label_max + 1, n), gz=gz)
-    return directory
+from tests.conftest import REAL_DIR, real_data_available, write_dataset, write_idx
 
 
 @pytest.mark.skipif(not real_data_available(), reason="real Fashion-MNIST not installed")

@@ -17,7 +17,7 @@ from lenet_dist.evaluate import restore_params
 from lenet_dist.export import export_checkpoint
 from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.step import infer
-from tests.test_data import write_idx
+from tests.conftest import write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 JAX_FREE = ("jax", "jaxlib", "flax", "optax", "orbax", "lenet_dist")

@@ -523,9 +523,9 @@ def test_sbatch_requeues_after_a_time_limit_stop(tmp_path, rc, restarts, requeue
 def test_jax_slurm_detection_needs_local_device_ids(monkeypatch):
     """Why slurm.sbatch exports JAX_LOCAL_DEVICE_IDS: without it JAX's SLURM
     detection gives a one-process-per-node job one GPU per node."""
-    from jax._src import clusters
-    from jax._src import distributed
     import inspect
+
+    from jax._src import clusters, distributed
     for key, value in {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "gpu[001-002]",
                        "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
                        "SLURM_LOCALID": "0"}.items():

@@ -20,7 +20,7 @@ from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.state import make_optimizer
 from lenet_dist.step import build_steps
 from lenet_dist.train import train
-from tests.conftest import assert_same_params, small
+from tests.conftest import assert_same_params, small, write_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -220,8 +220,6 @@ def test_kill9_of_one_process_ends_the_other_with_one_line(victim, data_dir, tmp
 @pytest.mark.parametrize("case", ["per-process workdirs", "devices not a multiple",
                                   "different data"])
 def test_misconfigured_job_fails_on_every_process_in_seconds(case, data_dir, tmp_path):
-    from tests.test_data import write_dataset
-
     (tmp_path / "other").mkdir()
     other = write_dataset(tmp_path / "other", n_train=640, n_test=100)
     base = train_args(tmp_path / "run", data_dir)
