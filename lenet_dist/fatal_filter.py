@@ -32,6 +32,7 @@ CPP_LOG = re.compile(rb"^([WEF]\d{4} \d\d:\d\d:\d\d|ERROR:absl:|Traceback \(most
 # out of any line, and a line left blank is dropped.
 GLOO = re.compile(rb"\[Gloo\]\s*Rank\s*\d*|is\s+connected\s+to(\s+\d+)?|\d*\s*peer\s+ranks\."
                   rb"\s*Expected\s+number\s+of\s+connected\s+peer\s+ranks\s+is\s*:\s*\d+")
+GLOO_TAIL = re.compile(rb"[\d\s]+|\s*is\s*:?\s*\d*\s*")  # "7", " is : 7" after gloo lines
 HOLD_SECONDS = 2.0  # how long held lines wait for a fatal report
 
 
@@ -39,8 +40,8 @@ def describe_loss(text: str) -> str | None:
     """One line naming the lost process, if `text` (a fatal report, an exception chain)
     says that the job lost one; else None."""
     unhealthy = re.search(r"unhealthy \(stopped sending heartbeats\):\s*((?:\d+\s*)+)", text)
-    ids = unhealthy.group(1).split() if unhealthy else re.findall(r"Task (\d+) heartbeat timeout",
-                                                                 text)
+    ids = (unhealthy.group(1).split() if unhealthy
+           else re.findall(r"Task (\d+) heartbeat timeout", text))
     if ids:
         return (f"error: lost process {', '.join(dict.fromkeys(ids))} of the job (no "
                 "heartbeats: killed, crashed or unreachable); stopping")
@@ -101,7 +102,7 @@ def main() -> int:
                 line = degloo(line)
                 if line:
                     emit(line)
-            elif gloo_seen and re.fullmatch(rb"[\d\s]+|\s*is\s*:?\s*\d*\s*", line):
+            elif gloo_seen and GLOO_TAIL.fullmatch(line):
                 continue  # the tail of an interleaved gloo line ("7", " is : 7")
             elif held or CPP_LOG.match(line) or not line.strip():
                 if not held:
