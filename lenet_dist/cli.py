@@ -357,7 +357,7 @@ def main(argv=None) -> int:
         return e.exit_code
     except UserError as e:
         click.echo(f"error: {e}", err=True)
-        return 2
+        return e.exit_code
     except Preempted as e:
         click.echo(f"{e}", err=True)
         return e.exit_code

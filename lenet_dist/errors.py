@@ -7,6 +7,15 @@ import signal
 class UserError(Exception):
     """Bad input or environment: the message says what is wrong and what to do."""
 
+    exit_code = 2  # a usage error: the command line or its inputs
+
+
+class Failure(UserError):
+    """A runtime failure the user can act on (a busy workdir, a full disk, a
+    diverged run): one line like a UserError, but exit code 1."""
+
+    exit_code = 1
+
 
 class Preempted(Exception):
     """Training stopped on a signal after saving a checkpoint."""
