@@ -3,25 +3,34 @@
 The SavedModel is built in a staging directory next to `out`, loaded back and
 compared with JAX on reference images, and only then moved into place, so a
 failed export never leaves a half-written model or touches an existing one.
+Publishing is one atomic rename where the system allows it (`publish` says which
+guarantee holds where), and the next export to the same `out` cleans up, or puts
+back, what an export killed mid-way left beside it (`recover_leftovers`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
+import errno
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
 from lenet_dist import data as data_lib
-from lenet_dist import distributed, serialization
+from lenet_dist import distributed, faults, serialization
 from lenet_dist.config import DEFAULT_EXPORT_PLATFORMS, EXPORT_PLATFORMS
-from lenet_dist.errors import UserError, first_line
+from lenet_dist.errors import Failure, UserError, first_line
 from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.model import NUM_CLASSES
 from lenet_dist.runtime import import_tensorflow
@@ -179,29 +188,239 @@ def library_versions(tf) -> dict:
     return out
 
 
+# ------------------------------------------------------------------- publishing
+
+# Where a kill must leave `out` holding a complete model, in the order they are reached
+# (faults.point; "set-aside" only on the two-rename path, between its renames).
+PUBLISH_POINTS = ("publish:staged", "publish:verified", "publish:checked",
+                  "publish:before-move", "publish:set-aside", "publish:moved",
+                  "publish:old-deleted")
+AT_FDCWD, RENAME_NOREPLACE, RENAME_EXCHANGE = -100, 1, 2
+# renameat2 missing (not Linux, glibc < 2.28, kernel < 3.15) or its flags refused by
+# the filesystem (EINVAL, e.g. NFS): publish with two renames instead.
+NO_RENAMEAT2 = (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
+SET_ASIDE = "old"  # the two-rename path parks the old model at <staging>/old
+LEGACY_STAGING_AGE_S = 3600  # stagings without an owner in their name (older versions)
+
+
+def renameat2(src: Path, dst: Path, flags: int) -> None:
+    """Linux's renameat2(2) through ctypes; OSError(ENOSYS) where libc lacks it."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) \
+        if sys.platform.startswith("linux") else None
+    if fn is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available here", os.fspath(src))
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fspath(src), None, os.fspath(dst))
+
+
+def this_host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "unknown-host"
+
+
+def make_staging(out: Path) -> Path:
+    """`.NAME.staging-HOST-PID-RANDOM` beside `out`: the name says whose it is, so the
+    next export can tell a leftover from a staging directory still in use."""
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-{this_host()}-{os.getpid()}-",
+                                 dir=out.parent))
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush the model's files and directories before the rename that publishes them:
+    otherwise a crash of the machine (not of the process) could keep the rename and
+    lose the data, leaving `out` with empty files."""
+    for root, _, files in os.walk(path):
+        for name in [*files, "."]:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
 def publish(staging_model: Path, out: Path, overwrite: bool, workdir: Path) -> None:
-    """Move the verified model to `out`. An old model there is set aside first and
-    deleted only once the new one is in place; on any failure, it is put back."""
+    """Put the verified model at `out` so that, whenever this process stops, `out`
+    holds a complete model: the old one or the new one.
+
+    With renameat2 (Linux >= 3.15, glibc >= 2.28, a local filesystem) publishing is one
+    atomic step: RENAME_NOREPLACE when `out` is free, RENAME_EXCHANGE when it holds a
+    model, after which the old model is at `staging_model` and is deleted. No moment
+    exists without a model at `out`, whether the process is interrupted or killed.
+    Elsewhere (NFS, other systems) it takes two renames: `out` -> <staging>/old, then
+    the model -> `out`. An exception between them puts the old model back; a kill -9
+    between them leaves `out` missing until the next export to it restores the old
+    model from <staging>/old (`recover_leftovers`).
+    """
     check_destination(out, overwrite, workdir)  # again: minutes may have passed
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
+    fsync_tree(staging_model)
+    faults.point("publish:checked")
+    for _ in range(3):  # `out` may appear or vanish between our look and the rename
+        exchange = os.path.lexists(out)
+        faults.point("publish:before-move")
+        try:
+            renameat2(staging_model, out, RENAME_EXCHANGE if exchange else RENAME_NOREPLACE)
+            break
+        except OSError as e:
+            if e.errno in NO_RENAMEAT2:
+                return publish_by_two_renames(staging_model, out)
+            if e.errno not in (errno.EEXIST, errno.ENOENT) or not staging_model.is_dir():
+                raise Failure(f"cannot move the exported model to {out}: {e.strerror}") \
+                    from None
+            check_destination(out, overwrite, workdir)  # someone else is writing there
+    else:
+        raise Failure(f"{out} keeps appearing and vanishing; is another export writing it?")
+    faults.point("publish:moved")
+    fsync_dir(out.parent)
+    if exchange:
+        shutil.rmtree(staging_model, ignore_errors=True)  # the old model, swapped out
+    faults.point("publish:old-deleted")
+
+
+def publish_by_two_renames(staging_model: Path, out: Path) -> None:
+    """`publish` where renameat2 is missing: the old model is parked inside our staging
+    directory, where `recover_leftovers` finds it if we are killed before the second rename."""
+    set_aside = staging_model.with_name(SET_ASIDE)
+    had_old = os.path.lexists(out)
     try:
-        staging_model.rename(out)
-    except BaseException:  # including Ctrl-C between the two renames
-        if old is not None:
-            old.rename(out)
+        if had_old:
+            os.rename(out, set_aside)
+    except OSError as e:
+        raise Failure(f"cannot move the old model at {out} aside: {e.strerror}") from None
+    try:
+        if had_old:
+            faults.point("publish:set-aside")
+        os.rename(staging_model, out)
+    except BaseException as e:  # including Ctrl-C between the two renames
+        if had_old:
+            os.rename(set_aside, out)
+        if isinstance(e, OSError):
+            raise Failure(f"cannot move the exported model to {out}: {e.strerror}") from None
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    faults.point("publish:moved")
+    fsync_dir(out.parent)
+    if had_old:
+        shutil.rmtree(set_aside, ignore_errors=True)
+    faults.point("publish:old-deleted")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (best effort: some filesystems refuse)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def leftover_owner(out_name: str, entry: str) -> tuple[str, str | None, int | None] | None:
+    """("staging", host, pid) or ("old", None, pid) for what an export to `out_name`
+    leaves beside it; host and pid are None where the name (older versions) lacks them."""
+    staging, old = f".{out_name}.staging-", f".{out_name}.old-"
+    if entry.startswith(staging):
+        parts = entry[len(staging):].rsplit("-", 2)  # HOST-PID-RANDOM; HOST may hold '-'
+        if len(parts) == 3 and parts[1].isdigit():
+            return "staging", parts[0], int(parts[1])
+        return "staging", None, None
+    if entry.startswith(old) and entry[len(old):].isdigit():  # versions before renameat2
+        return "old", None, int(entry[len(old):])
+    return None
+
+
+def owner_gone(host: str | None, pid: int) -> bool:
+    """True only when we can tell the owner is dead: on this host, a PID that no
+    process has (or our own: this process runs one export at a time and calls this
+    before making its staging directory). Another host's owner is never judged."""
+    if host not in (None, this_host()) or pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
+def recover_leftovers(out: Path) -> str | None:
+    """Clean up what exports to `out` that were killed left beside it; returns one
+    line saying what was done (None when there was nothing).
+
+    Only leftovers whose owner is gone are touched. If `out` is missing (a kill between
+    the two renames of the fallback path, or of older versions), the model that was
+    there before is put back: <staging>/old, or a legacy `.NAME.old-PID`. Stagings from
+    another host, or (older versions) with no owner in the name and under an hour old,
+    are left alone and named, since their export may still be running.
+    """
+    try:
+        found = [(e, owner) for e in os.scandir(out.parent)
+                 if (owner := leftover_owner(out.name, e.name)) and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return None
+    restored, removed, kept = [], [], []
+    for entry, (kind, host, pid) in sorted(found, key=lambda f: age(f[0])):  # newest first
+        if pid is None:
+            if age(entry) < LEGACY_STAGING_AGE_S:
+                kept.append(f"{entry.name} (no owner recorded, under an hour old)")
+                continue
+        elif not owner_gone(host, pid):
+            if host not in (None, this_host()):
+                kept.append(f"{entry.name} (from {host}; remove it if no export runs there)")
+            continue  # a live export's: not ours to touch
+        path = Path(entry.path)
+        previous = path / SET_ASIDE if kind == "staging" else path
+        if previous.is_dir() and not os.path.lexists(out):
+            if not restore(previous, out):
+                kept.append(f"{entry.name} (holds the model that was at {out}; "
+                            "move it back yourself)")
+                continue
+            restored.append(entry.name)
+            if previous == path:
+                continue  # a legacy .NAME.old-PID: it is `out` again
+        shutil.rmtree(path, ignore_errors=True)
+        (kept if os.path.lexists(path) else removed).append(entry.name)
+    parts = ([f"restored the model that was at {out} before an interrupted export "
+              f"(from {restored[0]})"] if restored else [])
+    parts += [f"removed {len(removed)} leftover(s) of killed exports: {', '.join(removed)}"
+              ] if removed else []
+    parts += [f"left {', '.join(kept)}"] if kept else []
+    return "warning: " + "; ".join(parts) if parts else None
+
+
+def age(entry: os.DirEntry) -> float:
+    try:
+        return time.time() - entry.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return float("inf")
+
+
+def restore(previous: Path, out: Path) -> bool:
+    """Move a set-aside model back to the free name `out` (never over something there)."""
+    try:
+        renameat2(previous, out, RENAME_NOREPLACE)
+    except OSError as e:
+        if e.errno not in NO_RENAMEAT2:
+            return False
+        try:
+            os.rename(previous, out)
+        except OSError:
+            return False
+    fsync_dir(out.parent)
+    return True
 
 
 def export_checkpoint(workdir: str, out: str, step: int | None = None, best: bool = False,
                       platforms: Sequence[str] = DEFAULT_EXPORT_PLATFORMS, overwrite: bool = False,
-                      data_dir: str | None = None) -> dict | None:
+                      data_dir: str | None = None,
+                      warn: Callable[[str], None] = print) -> dict | None:
     """Export one checkpoint of `workdir` as a SavedModel at `out`; returns its metadata
-    (None on the other processes of a multi-process job: process 0 writes)."""
+    (None on the other processes of a multi-process job: process 0 writes). What earlier,
+    killed exports to `out` left behind is recovered first and reported through `warn`."""
     from lenet_dist.evaluate import restore_params
 
     out_path, work_path = Path(out).resolve(), Path(workdir).resolve()
@@ -211,6 +430,10 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, best: boo
                         "checked by running its CPU lowering before it is published")
 
     def prepare():  # only the writer needs --out and TensorFlow
+        if out_path.name:
+            note = recover_leftovers(out_path)
+            if note:
+                warn(note)
         check_destination(out_path, overwrite, work_path)
         return import_tensorflow(), serialization.installed_plan()
 
@@ -232,12 +455,12 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, best: boo
 
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.staging-",
-                                        dir=out_path.parent))
+        staging = make_staging(out_path)
     except OSError as e:
         raise UserError(f"cannot write in {out_path.parent}: {e.strerror}") from None
     try:
         model_dir = save_savedmodel(tf, params, staging, platforms, class_names, plan)
+        faults.point("publish:staged")
         max_diff = verify(tf, model_dir, images, expected)
         evaluated = next((r for r in meta.get("history", []) if r.get("step") == chosen), {})
         info = {
@@ -262,6 +485,7 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, best: boo
         (extra / "metadata.json").write_text(json.dumps(info, indent=2) + "\n")
         np.savez_compressed(extra / "reference.npz", images=images, labels=labels,
                             **expected)
+        faults.point("publish:verified")
         publish(model_dir, out_path, overwrite, work_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
