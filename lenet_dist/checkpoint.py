@@ -1,18 +1,29 @@
-"""Orbax checkpoints in <workdir>/checkpoints: save, find the latest good one, restore.
+"""Orbax checkpoints in <workdir>/checkpoints: inspect, save, restore the latest good one.
 
-Restore order: this run's latest readable checkpoint, else scratch. Each
-checkpoint holds the train state and the partial-epoch metric sums (so a
-mid-epoch resume reports the same epoch metrics) plus JSON metadata. The data
-order needs no saving: it is a function of (seed, epoch) and the step.
-Restores go into the abstract, sharded state of the *current* mesh, so the
-device count may change between save and restore.
+Each checkpoint holds the train state and the partial-epoch metric sums (so a
+mid-epoch resume reports the same epoch metrics), JSON metadata (config,
+history) and, at epoch ends, test metrics. The data order needs no saving: it
+is a function of (seed, epoch) and the step. Restores go into the abstract,
+sharded state of the *current* mesh, so the device count may change.
+
+No file in a checkpoint is trusted. Every step is inspected before Orbax opens
+the directory (Orbax reads every metrics file when it opens, and one bad file
+would stop the whole workdir): a step whose metadata or state index is
+unreadable is *bad*. A writer (train, holding the workdir lock) moves bad steps
+to <workdir>/corrupt-checkpoints, never deleting them; readers skip them and say
+so. A readable checkpoint of another run is *incompatible*, never corrupt.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import math
 import os
 import platform
+import re
+import sys
 import time
 import warnings
 from typing import Callable
@@ -22,17 +33,29 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from lenet_dist import distributed
-from lenet_dist.errors import UserError
+from lenet_dist import distributed, safefs
+from lenet_dist.errors import Failure, UserError, first_line
 
 CHECKPOINT_DIR = "checkpoints"
+QUARANTINE_DIR = "corrupt-checkpoints"
 BEST_METRIC = "test_accuracy"
 # Fields that decide what a run computes: resuming with any of them changed
 # would silently continue a different experiment.
 COMPATIBLE_FIELDS = ("dataset", "batch_size", "optimizer", "learning_rate", "momentum",
                      "seed", "train_limit")
+# Fields that change the saved state's structure: even --allow-config-change
+# cannot continue across them (the restore itself would fail).
+STRUCTURAL_FIELDS = ("optimizer",)
+META_FILE = ("meta", "metadata")  # Orbax's JsonSave item "meta"
+METRICS_FILE = ("metrics", "metrics")
+STATE_INDEX = ("state", "_METADATA")
+MAX_JSON_BYTES = 16 * 2**20  # metadata holds the history: a few KB per epoch
 
 log = logging.getLogger(__name__)
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint file that cannot be what we wrote; the message says which and why."""
 
 
 def versions() -> dict[str, str]:
@@ -44,16 +67,148 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-class Checkpoints:
-    """One CheckpointManager: async saves, keep the latest K and the best by test accuracy."""
+# ------------------------------------------------------------------ inspection
 
-    def __init__(self, workdir: str | os.PathLike, keep: int = 3, read_only: bool = False):
-        self.read_only = read_only
+
+def parse_json(raw: bytes, what: str) -> dict:
+    if len(raw) > MAX_JSON_BYTES:
+        raise CorruptCheckpoint(f"{what} is over {MAX_JSON_BYTES >> 20} MiB")
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CorruptCheckpoint(f"{what} is not JSON ({first_line(e, 80)})") from None
+    if not isinstance(value, dict):
+        raise CorruptCheckpoint(f"{what} is not a JSON object")
+    return value
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def parse_meta(raw: bytes, step: int | None = None) -> dict:
+    """Checkpoint metadata, with every key the readers use present and typed."""
+    meta = parse_json(raw, "metadata")
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise CorruptCheckpoint("metadata has no config")
+    missing = [k for k in COMPATIBLE_FIELDS if k not in config]
+    if missing:
+        raise CorruptCheckpoint(f"metadata config lacks {', '.join(missing)}")
+    if not _is_int(meta.get("step")) or (step is not None and meta["step"] != step):
+        raise CorruptCheckpoint(f"metadata step {meta.get('step')!r} is not {step}")
+    if not _is_int(meta.get("steps_per_epoch")) or meta["steps_per_epoch"] < 1:
+        raise CorruptCheckpoint("metadata has no valid steps_per_epoch")
+    history = meta.get("history")
+    if not isinstance(history, list) or not all(
+            isinstance(r, dict) and _is_int(r.get("epoch")) and _is_int(r.get("step"))
+            for r in history):
+        raise CorruptCheckpoint("metadata history is not a list of epoch records")
+    if not isinstance(meta.get("epoch", 0), (int, float)):
+        raise CorruptCheckpoint("metadata epoch is not a number")
+    return meta
+
+
+def parse_metrics(raw: bytes) -> dict:
+    metrics = parse_json(raw, "metrics")
+    value = metrics.get(BEST_METRIC)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) \
+            or not math.isfinite(value):
+        raise CorruptCheckpoint(f"metrics have no finite {BEST_METRIC}")
+    return metrics
+
+
+@dataclasses.dataclass
+class StepInfo:
+    """What inspecting one step directory found. `problem` None means it looks sound
+    (a restore may still find torn array data); `metrics_problem` alone does not make
+    a checkpoint bad: its state is fine and the history holds the same figures."""
+
+    step: int
+    problem: str | None = None
+    meta: dict | None = None
+    metrics: dict | None = None
+    metrics_problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+def _read(path: epath.Path) -> bytes:
+    return safefs.read_file(path, MAX_JSON_BYTES, follow=False)
+
+
+def inspect_step(directory: epath.Path, step: int) -> StepInfo:
+    info = StepInfo(step)
+    root = directory / str(step)
+    try:
+        info.meta = parse_meta(_read(root.joinpath(*META_FILE)), step)
+        parse_json(_read(root.joinpath(*STATE_INDEX)), "the state index")
+    except FileNotFoundError as e:
+        info.problem = f"{os.path.relpath(e.filename, root) if e.filename else 'a file'} " \
+                       "is missing"
+    except (CorruptCheckpoint, OSError) as e:
+        info.problem = str(e) if isinstance(e, CorruptCheckpoint) else \
+            f"cannot read it: {e.strerror or e}"
+    metrics_path = root.joinpath(*METRICS_FILE)
+    try:
+        if metrics_path.exists():
+            info.metrics = parse_metrics(_read(metrics_path))
+    except (CorruptCheckpoint, OSError) as e:
+        info.metrics_problem = str(e) if isinstance(e, CorruptCheckpoint) else \
+            f"metrics unreadable: {e.strerror or e}"
+        if info.meta is not None:  # the epoch record says the same
+            record = next((r for r in info.meta["history"] if r["step"] == step), None)
+            if record is not None and isinstance(record.get(BEST_METRIC), (int, float)):
+                info.metrics = {BEST_METRIC: record[BEST_METRIC],
+                                "test_loss": record.get("test_loss")}
+    return info
+
+
+def scan(directory: epath.Path) -> dict[int, StepInfo]:
+    """Inspect every finished step directory (Orbax's temporary ones are not steps)."""
+    if not directory.is_dir():
+        return {}
+    steps = sorted(int(p.name) for p in directory.iterdir()
+                   if p.name.isdigit() and p.is_dir())
+    return {s: inspect_step(directory, s) for s in steps}
+
+
+# ------------------------------------------------------------------ the manager
+
+
+class Checkpoints:
+    """One CheckpointManager over the steps that passed inspection: async saves,
+    keep the latest K and the best by test accuracy.
+
+    `read_only` (eval, export, predict, listing): nothing is created, moved or
+    cleaned up. Otherwise the caller holds the workdir lock: bad steps are moved
+    aside and Orbax may clean its temporary directories.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, keep: int = 3, read_only: bool = False,
+                 warn: Callable[[str], None] = print):
+        self.read_only, self.warn = read_only, warn
         quiet_orbax()
         self.directory = workdir_path(workdir) / CHECKPOINT_DIR
+        self.quarantine_dir = self.directory.parent / QUARANTINE_DIR
         if read_only and not self.directory.is_dir():
             raise UserError(f"no checkpoints in {os.fspath(workdir)}; train there first "
                             f"(lenet-dist train --workdir {workdir})")
+        try:
+            if not read_only:
+                safefs.refuse_symlink(self.directory)
+                safefs.refuse_symlink(self.quarantine_dir)
+                if self.directory.exists() and not self.directory.is_dir():
+                    raise UserError(f"{self.directory} is not a directory; move it away")
+            self.info = scan(self.directory)
+            if not read_only:
+                self._set_aside_bad()
+        except OSError as e:
+            raise UserError(f"cannot use {self.directory}: "
+                            f"{e.strerror or e}{' (' + str(e.filename) + ')' if e.filename else ''}"
+                            ) from None
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy([
                 policies.LatestN(n=keep),
@@ -65,88 +220,181 @@ class Checkpoints:
             read_only=read_only,
             create=not read_only,
             cleanup_tmp_directories=not read_only,
+            # Readers never let Orbax parse the metrics files: `info` holds checked ones.
+            lightweight_initialize=read_only,
         )
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options)
         except OSError as e:
             raise UserError(f"cannot use {self.directory}: {e.strerror or e}") from None
 
+    def _set_aside_bad(self) -> None:
+        """Writer only: move bad steps to corrupt-checkpoints (process 0, once), and
+        rewrite a bad metrics file from the step's own history, so that Orbax can open
+        the directory and the best checkpoint stays known."""
+        bad = [i for i in self.info.values() if not i.ok]
+        repair = [i for i in self.info.values() if i.ok and i.metrics_problem]
+        if not bad and not repair:
+            return
+
+        def fix():
+            for i in bad:
+                where = self._move_aside(i.step)
+                self.warn(f"warning: checkpoint step {i.step} is unreadable ({i.problem}); "
+                          f"moved to {where}")
+            for i in repair:
+                path = self.directory / str(i.step) / METRICS_FILE[0] / METRICS_FILE[1]
+                kept = self._move_aside(i.step, path, "-metrics")
+                if i.metrics is not None:
+                    safefs.write_atomic(path, json.dumps(i.metrics))
+                self.warn(f"warning: checkpoint step {i.step}: {i.metrics_problem}; moved "
+                          f"to {kept}" + ("; rewritten from its history" if i.metrics
+                                          else "; the step keeps no test metrics"))
+
+        distributed.on_primary(fix)  # the others wait for it, then look again
+        self.info = scan(self.directory)
+
+    def _move_aside(self, step: int, path: epath.Path | None = None, tag: str = "") -> epath.Path:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        self.quarantine_dir.mkdir(exist_ok=True)
+        target = self.quarantine_dir / f"{step}{tag}-{stamp}"
+        n = 1
+        while target.exists():
+            target, n = self.quarantine_dir / f"{step}{tag}-{stamp}-{n}", n + 1
+        (path or self.directory / str(step)).rename(target)
+        return target
+
     # -- saving ---------------------------------------------------------------
 
     def save(self, step: int, tree: dict, meta: dict, metrics: dict | None = None,
              wait: bool = False) -> None:
-        """Save asynchronously (the device-to-host copy happens before returning)."""
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
-            metrics=metrics, force=True)
-        if wait:
-            self.manager.wait_until_finished()
+        """Save asynchronously (the device-to-host copy happens before returning).
+        A failure, now or of the previous async save, is a one-line Failure naming
+        the newest checkpoint that was written."""
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
+                metrics=metrics, force=True)
+            if wait:
+                self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_failure(step, e) from None
+        self.info[step] = StepInfo(step, meta=meta, metrics=metrics)
+
+    def _save_failure(self, step: int, e: Exception) -> Failure:
+        done = [s for s in self.manager.all_steps() if s != step]
+        last = f"step {max(done)}" if done else "none"
+        return Failure(f"cannot save the checkpoint of step {step} in {self.directory}: "
+                       f"{save_error(e)}; the latest checkpoint saved is {last}")
+
+    def check_writable(self, tree: dict) -> None:
+        """Save `tree` the way a checkpoint is saved, to a scratch name, and delete it:
+        a path Orbax cannot use or a full disk fails here, before an epoch is spent."""
+        probe = self.directory / f".probe-{os.getpid()}"
+        try:
+            with ocp.StandardCheckpointer() as checkpointer:
+                checkpointer.save(probe, tree, force=True)
+                checkpointer.wait_until_finished()
+        except Exception as e:
+            raise Failure(f"cannot write checkpoints in {self.directory}: {save_error(e)}; "
+                          "free space or fix the path, or pass --no-checkpoint") from None
+        finally:
+            if distributed.is_primary() and probe.exists():
+                probe.rmtree(missing_ok=True)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_failure(max(self.manager.all_steps(), default=-1), e) from None
+        finally:
+            self.manager.close()
 
     # -- reading --------------------------------------------------------------
 
     def steps(self) -> list[int]:
-        return sorted(self.manager.all_steps())
+        """Steps that passed inspection and Orbax lists."""
+        return sorted(s for s in self.manager.all_steps() if self.info.get(s, StepInfo(s)).ok
+                      and s in self.info)
+
+    def bad_steps(self) -> dict[int, str]:
+        return {s: i.problem for s, i in self.info.items() if not i.ok}
 
     def best_step(self) -> int | None:
-        has_metrics = [s for s in self.steps() if self.metrics(s) is not None]
-        return self.manager.best_step() if has_metrics else None
+        scored = [(self.info[s].metrics[BEST_METRIC], s) for s in self.steps()
+                  if self.info[s].metrics is not None]
+        return max(scored)[1] if scored else None
 
     def metrics(self, step: int) -> dict | None:
-        try:
-            return self.manager.metrics(step)
-        except Exception:  # unreadable metrics file: treat as none
-            return None
+        return self.info[step].metrics if step in self.info else None
 
     def meta(self, step: int) -> dict:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))
-        return restored["meta"]
+        info = self.info.get(step)
+        if info is None or info.meta is None:
+            raise CorruptCheckpoint(f"checkpoint step {step} has no readable metadata")
+        return info.meta
 
     def restore(self, step: int, abstract: dict) -> tuple[dict, dict]:
-        if step not in self.steps():
+        """(tree, metadata) of `step`; CorruptCheckpoint when its files do not restore."""
+        if step not in self.info:
             raise UserError(f"no checkpoint at step {step} in {self.directory}; "
                             f"available: {', '.join(map(str, self.steps())) or 'none'}")
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        return restored["state"], restored["meta"]
+        if not self.info[step].ok:
+            raise CorruptCheckpoint(self.info[step].problem)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract)))
+        except PermissionError as e:
+            raise Failure(f"cannot read checkpoint step {step}: {e.strerror}") from None
+        except Exception as e:  # torn or corrupted array data
+            raise CorruptCheckpoint(first_line(e, 160)) from None
+        return restored["state"], self.info[step].meta
 
-    def restore_latest(self, abstract: dict,
-                       warn: Callable[[str], None] = print) -> tuple[dict, dict] | None:
-        """Newest checkpoint that restores. An unreadable one is moved aside to
-        <workdir>/corrupt-checkpoints (never deleted), so training can save that
-        step again, and the previous one is tried. In a multi-process job the
-        processes agree: a checkpoint that fails on any of them fails on all."""
+    def restore_latest(self, abstract: Callable[[dict], dict],
+                       check: Callable[[dict], None] = lambda meta: None
+                       ) -> tuple[dict, dict] | None:
+        """Newest checkpoint that restores, else None. `check(meta)` runs on its metadata
+        *before* restoring (an incompatible run raises there; nothing is moved), and
+        `abstract(meta)` gives the tree to restore into. A checkpoint whose state does
+        not restore is moved aside (never deleted) and the previous one is tried. In a
+        job the processes agree: a checkpoint that fails on any of them fails on all."""
         for step in reversed(self.steps()):
+            meta = self.meta(step)
+            check(meta)
             error = None
             try:
-                restored = self.restore(step, abstract)
-            except Exception as e:  # torn or corrupted: fall back to the previous one
-                error = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+                restored = self.restore(step, abstract(meta))
+            except CorruptCheckpoint as e:
+                error = str(e)
             if not distributed.gather([error is not None]).any():
                 return restored
-            first = error or "unreadable on another process"
+            self.info[step].problem = error or "unreadable on another process"
             where = self._quarantine(step)
-            warn(f"warning: checkpoint step {step} is unreadable ({first}); "
-                 f"{'moved to ' + str(where) if where else 'left in place'}; "
-                 "trying the previous one")
+            self.warn(f"warning: checkpoint step {step} is unreadable "
+                      f"({self.info[step].problem}); "
+                      f"{'moved to ' + str(where) if where else 'left in place'}; "
+                      "trying the previous one")
         return None
 
     def _quarantine(self, step: int) -> epath.Path | None:
         """Move a step aside once (process 0), then let every process see it gone."""
         if self.read_only:
             return None
-        stamp = distributed.gather([int(time.time())])[0, 0]  # process 0's clock, for all
-        target = self.directory.parent / "corrupt-checkpoints" / f"{step}-{stamp}"
-        if distributed.is_primary():
-            target.parent.mkdir(exist_ok=True)
-            (self.directory / str(step)).rename(target)
+        where = distributed.on_primary(lambda: self._move_aside(step))
         distributed.barrier(f"lenet-dist: quarantined {step}")
         self.manager.reload()
-        return target
+        return where
+
+
+def save_error(e: BaseException) -> str:
+    """The reason a save failed, in a few words: TensorStore buries the OS error
+    (`No space left on device [os_error_code='28']`) in a long message."""
+    code = re.search(r"os_error_code='(\d+)'", str(e))
+    if code:
+        return os.strerror(int(code.group(1)))
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return first_line(e, 160)
 
 
 def workdir_path(workdir: str | os.PathLike) -> epath.Path:
@@ -155,18 +403,41 @@ def workdir_path(workdir: str | os.PathLike) -> epath.Path:
     return epath.Path(text) if "://" in text else epath.Path(os.path.abspath(text))
 
 
-def check_compatible(saved: dict, current: dict, workdir: str) -> None:
+def check_compatible(saved: dict, current: dict, workdir: str, allow_change: bool = False,
+                     step: int | None = None) -> None:
+    """Refuse to continue another run (read from the checkpoint's metadata, before any
+    restore); `allow_change` permits differences except in the state's structure."""
+    fields = STRUCTURAL_FIELDS if allow_change else COMPATIBLE_FIELDS
     diffs = [f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}"
-             for k in COMPATIBLE_FIELDS if saved.get(k) != current.get(k)]
-    if diffs:
-        raise UserError(f"--workdir {workdir} holds a different run ({'; '.join(diffs)}); "
-                        "use another --workdir, or --allow-config-change to continue anyway")
+             for k in fields if saved.get(k) != current.get(k)]
+    if not diffs:
+        return
+    where = f"--workdir {workdir}" + (f" (checkpoint step {step})" if step is not None else "")
+    if allow_change:
+        raise UserError(f"{where} holds a run with another state layout ({'; '.join(diffs)}); "
+                        "it cannot be continued even with --allow-config-change; use another "
+                        "--workdir")
+    raise UserError(f"{where} holds a different run ({'; '.join(diffs)}); "
+                    "use another --workdir, or --allow-config-change to continue anyway")
 
 
 def quiet_orbax() -> None:
     """Orbax warns through absl about expected states (a mid-epoch save without
     metrics, a read-only manager); keep the CLI's output to what matters."""
-    for name in ("absl", "orbax"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    level = logging.ERROR if os.environ.get("LENET_DIST_DEBUG") else logging.CRITICAL
+    # ERROR too: a failed save is reported once, as our own one line; Orbax's save
+    # threads would log it again with tracebacks, and asyncio a third time.
+    for name in ("absl", "orbax", "asyncio"):
+        logging.getLogger(name).setLevel(level)
     warnings.filterwarnings("ignore", module="orbax")
+    if level == logging.CRITICAL and sys.unraisablehook is sys.__unraisablehook__:
+        sys.unraisablehook = _drop_closed_loop_callbacks
+
+
+def _drop_closed_loop_callbacks(unraisable) -> None:
+    """After a failed save, TensorStore completes the other writes on the event loop
+    Orbax has already closed: a traceback per array at exit, saying nothing new."""
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and "Event loop is closed" in str(e)):
+        sys.__unraisablehook__(unraisable)
 

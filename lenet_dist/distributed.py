@@ -21,6 +21,7 @@ import sys
 
 import numpy as np
 
+from lenet_dist import safefs
 from lenet_dist.errors import UserError, first_line
 
 MODES = ("off", "auto")
@@ -179,7 +180,7 @@ def check_same_workdir(workdir) -> None:
     token = np.asarray(multihost_utils.broadcast_one_to_all(token))
     path = workdir / JOB_TOKEN_FILE
     if is_primary():
-        path.write_text(str(int(token[0])))
+        safefs.write_atomic(path, str(int(token[0])))
     barrier("lenet-dist: job token written")
     try:
         seen = int(path.read_text().strip()) == int(token[0])

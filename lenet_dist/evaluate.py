@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 from lenet_dist import data as data_lib
 from lenet_dist import distributed
-from lenet_dist.checkpoint import Checkpoints
+from lenet_dist.checkpoint import BEST_METRIC, Checkpoints, CorruptCheckpoint
 from lenet_dist.config import Config
-from lenet_dist.errors import UserError
+from lenet_dist.errors import Failure, UserError
 from lenet_dist.feed import eval_feed
 from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.state import make_optimizer
@@ -14,34 +17,75 @@ from lenet_dist.step import build_steps
 from lenet_dist.train import evaluate
 
 
-def choose_step(ckpts: Checkpoints, step: int | None, best: bool) -> int:
+def warn_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def choose_steps(ckpts: Checkpoints, step: int | None, best: bool) -> list[int]:
+    """The checkpoint asked for, then (when it was not named by --step) the ones to fall
+    back to if it proves unreadable: older steps, or the next best by test accuracy."""
     steps = ckpts.steps()
+    bad = ckpts.bad_steps()
+    if step is not None:
+        if step in bad:
+            raise Failure(unreadable(ckpts, step, bad[step]))
+        if step not in steps:
+            raise UserError(f"no checkpoint at step {step}; available: "
+                            f"{', '.join(map(str, steps)) or 'none'}")
+        return [step]
     if not steps:
-        raise UserError(f"no checkpoints in {ckpts.directory}")
+        raise Failure(f"no readable checkpoint in {ckpts.directory}"
+                      + (f" ({len(bad)} unreadable: steps {', '.join(map(str, bad))})"
+                         if bad else ""))
     if best:
-        chosen = ckpts.best_step()
-        if chosen is None:
+        scored = sorted(((ckpts.metrics(s)[BEST_METRIC], s) for s in steps
+                         if ckpts.metrics(s) is not None), reverse=True)
+        if not scored:
             raise UserError(f"no checkpoint in {ckpts.directory} has test metrics yet "
                             "(only mid-epoch saves); use --step or train to an epoch end")
-        return chosen
-    if step is None:
-        return steps[-1]
-    if step not in steps:
-        raise UserError(f"no checkpoint at step {step}; available: "
-                        f"{', '.join(map(str, steps))}")
-    return step
+        return [s for _, s in scored]
+    return steps[::-1]
 
 
-def restore_params(workdir: str, step: int | None, best: bool, shardings: Shardings):
-    """(params placed on `shardings`' mesh, config, step, checkpoint metadata)."""
-    ckpts = Checkpoints(workdir, read_only=True)
-    chosen = choose_step(ckpts, step, best)
-    meta = ckpts.meta(chosen)
+def unreadable(ckpts: Checkpoints, step: int, problem: str) -> str:
+    older = [s for s in ckpts.steps() if s < step and s not in ckpts.bad_steps()]
+    hint = f"the previous good one is step {older[-1]} (--step {older[-1]})" if older \
+        else "no older readable checkpoint remains"
+    return f"checkpoint step {step} in {ckpts.directory} is unreadable ({problem}); {hint}"
+
+
+def restore_params(workdir: str, step: int | None, best: bool, shardings: Shardings,
+                   warn: Callable[[str], None] = warn_stderr):
+    """(params placed on `shardings`' mesh, config, step, checkpoint metadata, steps).
+
+    Read-only: an unreadable checkpoint is named and skipped (the previous good one is
+    used) unless --step asked for exactly that one."""
+    ckpts = Checkpoints(workdir, read_only=True, warn=warn)
+    candidates = choose_steps(ckpts, step, best)
+    if step is None:  # say what was passed over (newer ones, or any for --best)
+        for s, problem in ckpts.bad_steps().items():
+            if best or s > candidates[0]:
+                warn(f"warning: checkpoint step {s} is unreadable ({problem}); skipped")
+    for chosen in candidates:
+        config = config_from(ckpts.meta(chosen))
+        steps = build_steps(make_optimizer(config), shardings)
+        try:
+            tree, meta = ckpts.restore(chosen, steps.abstract())
+        except CorruptCheckpoint as e:
+            ckpts.info[chosen].problem = str(e)
+            if step is not None:
+                raise Failure(unreadable(ckpts, chosen, str(e))) from None
+            warn(f"warning: checkpoint step {chosen} is unreadable ({e}); trying "
+                 "the next one")
+            continue
+        return tree["state"].params, config, chosen, meta, steps
+    raise Failure(f"no checkpoint in {ckpts.directory} restores (tried steps "
+                  f"{', '.join(map(str, candidates))})")
+
+
+def config_from(meta: dict) -> Config:
     fields = Config.__dataclass_fields__
-    config = Config(**{k: v for k, v in meta["config"].items() if k in fields})
-    steps = build_steps(make_optimizer(config), shardings)
-    tree, meta = ckpts.restore(chosen, steps.abstract())
-    return tree["state"].params, config, chosen, meta, steps
+    return Config(**{k: v for k, v in meta["config"].items() if k in fields})
 
 
 def evaluate_checkpoint(workdir: str, step: int | None = None, best: bool = False,
@@ -58,11 +102,13 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, best: bool = Fals
 
 
 def list_checkpoints(workdir: str) -> list[dict]:
-    ckpts = Checkpoints(workdir, read_only=True)
+    """Every step directory, readable or not; `problem` says why one is unusable."""
+    ckpts = Checkpoints(workdir, read_only=True, warn=lambda _: None)
     best = ckpts.best_step()
     rows = []
-    for s in ckpts.steps():
-        m = ckpts.metrics(s) or {}
+    for s, info in sorted(ckpts.info.items()):
+        m = info.metrics or {}
         rows.append({"step": s, "test_accuracy": m.get("test_accuracy"),
-                     "test_loss": m.get("test_loss"), "best": s == best})
+                     "test_loss": m.get("test_loss"), "best": s == best,
+                     "problem": info.problem or info.metrics_problem})
     return rows

@@ -68,6 +68,13 @@ def read_regular(path: str | os.PathLike, limit: int, follow: bool = True) -> by
         return f.read(limit + 1)
 
 
+def read_file(path: epath.Path | str, limit: int, follow: bool = True) -> bytes:
+    """`read_regular` for local paths; object stores (gs://) have no special files."""
+    if is_local(path):
+        return read_regular(path, limit, follow=follow)
+    return epath.Path(path).read_bytes()[: limit + 1]
+
+
 def describe_mode(kind: int) -> str:
     return {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR:
             "a character device", stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket",

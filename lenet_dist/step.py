@@ -127,6 +127,12 @@ def build_steps(tx: optax.GradientTransformation, shardings: Shardings) -> Steps
     return Steps(train=train, evaluate=evaluate, zeros=zeros, abstract=abstract)
 
 
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """True when no leaf holds a NaN or an infinity (checked before every save)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def summarize(acc: dict) -> dict[str, float]:
     """Device sums -> host floats (one transfer per epoch)."""
     acc = jax.device_get(acc)

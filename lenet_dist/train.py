@@ -6,6 +6,7 @@ always has work queued and the progress bar stays honest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -19,14 +20,14 @@ from tqdm.auto import tqdm
 
 from lenet_dist import checkpoint as ckpt_lib
 from lenet_dist import data as data_lib
-from lenet_dist import distributed
+from lenet_dist import distributed, safefs
 from lenet_dist.config import Config
-from lenet_dist.errors import Preempted, UserError
+from lenet_dist.errors import Failure, Preempted, UserError
 from lenet_dist.feed import EvalFeed, eval_feed, train_feed
 from lenet_dist.mesh import Shardings, check_batch, make_mesh
 from lenet_dist.preemption import StopRule
 from lenet_dist.state import TrainState, create_state, make_optimizer
-from lenet_dist.step import Steps, build_steps, summarize
+from lenet_dist.step import Steps, all_finite, build_steps, summarize
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -52,15 +53,28 @@ def evaluate(steps: Steps, params, feed: EvalFeed) -> dict[str, float]:
     return metrics
 
 
+class Diverged(Exception):
+    """The loss or the parameters stopped being finite at `step` (1-based)."""
+
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(f"diverged at step {step}")
+
+
 def run_steps(steps: Steps, state: TrainState, sums: dict, xs, ys, first: int, last: int,
-              progress: bool, desc: str, after_step: Callable[[int, TrainState, dict], bool]):
-    """Steps first..last-1 of an epoch. `after_step(i, state, sums)` returns True to stop."""
+              offset: int, progress: bool, desc: str,
+              after_step: Callable[[int, TrainState, dict], bool]):
+    """Steps first..last-1 of an epoch whose first step is number `offset` + 1.
+    `after_step(i, state, sums)` returns True to stop. The loss of the step the
+    host waits for anyway is checked, so a divergence stops the run at its step."""
     bar = tqdm(total=last, initial=first, desc=desc, unit="step", disable=not progress,
                leave=False, dynamic_ncols=True)
     for i in range(first, last):
         previous = sums
         state, sums = steps.train(state, sums, xs, ys, i)
         jax.block_until_ready(previous)  # wait one step behind: the device stays busy
+        if i > first and not math.isfinite(float(previous["loss_sum"])):
+            raise Diverged(offset + i)  # the step whose sums are `previous`
         bar.update()
         if after_step(i, state, sums):
             break
@@ -80,22 +94,44 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
           allow_config_change: bool = False) -> TrainResult:
     """Train `config` end to end, resuming from <workdir>/checkpoints if it holds a run.
 
-    Raises `Preempted` after saving a checkpoint when SIGTERM/SIGINT arrives. In a
-    multi-process job every process calls this; process 0 alone logs and writes
-    metrics, and all of them stop at the same step.
+    Holds the workdir's lock throughout (process 0 in a job). Raises `Preempted`
+    after saving a checkpoint when SIGTERM/SIGINT arrives, and `Failure` when the
+    run diverges (nothing non-finite is ever saved). In a multi-process job every
+    process calls this; process 0 alone logs and writes, and all stop at the same step.
     """
     config = config.validate()
-    t0 = time.perf_counter()
     primary = distributed.is_primary()
     if not primary:
         log, progress = (lambda _: None), False
 
-    # Mesh and shardings; every process must see the same workdir.
+    # Mesh and shardings; every process must see the same workdir, locked by process 0.
     mesh = make_mesh(config.devices)
     shardings = Shardings(mesh)
     check_batch(config.batch_size, shardings.size)
     workdir = prepare_workdir(config.workdir, create=primary)
     distributed.check_same_workdir(workdir)
+    with contextlib.ExitStack() as cleanup:  # last in, first out: saves end, then unlock
+        lock = distributed.on_primary(lambda: lock_workdir(workdir, log))
+        if lock is not None:
+            cleanup.callback(lock.release)
+        if not config.checkpoint and (workdir / ckpt_lib.CHECKPOINT_DIR).exists():
+            raise UserError(f"--workdir {config.workdir} holds checkpoints of a run; "
+                            "--no-checkpoint would start another one over its "
+                            "metrics.jsonl; use another --workdir")
+        ckpt = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints, warn=log) \
+            if config.checkpoint else None
+        if ckpt:
+            cleanup.callback(ckpt.close)  # let an in-flight async save finish
+        return _run(config, dataset, mesh, shardings, workdir, ckpt, log, progress,
+                    allow_config_change)
+
+
+def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shardings,
+         workdir: epath.Path, ckpt: ckpt_lib.Checkpoints | None, log: Callable[[str], None],
+         progress: bool, allow_config_change: bool) -> TrainResult:
+    """The run itself, once the workdir is locked and its checkpoints are open."""
+    t0 = time.perf_counter()
+    primary = distributed.is_primary()
 
     # Input: host uint8 arrays -> device-resident feeds; every process the same data.
     dataset = dataset or data_lib.load(config.dataset, config.data_dir)
@@ -111,30 +147,33 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
     tx = make_optimizer(config)
     steps = build_steps(tx, shardings)
 
-    # Checkpoint restore: this run's latest readable checkpoint, else scratch.
-    ckpt = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints) if config.checkpoint \
-        else None
-    restored = ckpt.restore_latest(steps.abstract(), warn=log) if ckpt else None
+    # The latest readable checkpoint of this run, else scratch. The saved config is
+    # compared before anything is restored.
+    def compatible(meta: dict) -> None:
+        ckpt_lib.check_compatible(meta["config"], config.to_dict(), config.workdir,
+                                  allow_change=allow_config_change, step=meta["step"])
+
+    restored = ckpt.restore_latest(lambda meta: steps.abstract(), check=compatible) \
+        if ckpt else None
     history: list[dict] = []
     if restored is None:
         state, sums = create_state(config.seed, tx, shardings), steps.zeros()
     else:
         tree, meta = restored
-        if not allow_config_change:
-            ckpt_lib.check_compatible(meta["config"], config.to_dict(), config.workdir)
         state, sums, history = tree["state"], tree["acc"], meta["history"]
-        if primary:
-            write_metrics(workdir, history)  # drop epochs recorded after this checkpoint
-    start = int(state.step)
+    if primary:
+        start_metrics(workdir, history, log)  # drop epochs after the checkpoint, or a
+    start = int(state.step)                   # previous run's lines (kept aside)
     if restored is not None:
         if start >= total_steps:
             log(f"run in {workdir} is finished: {start} steps = {config.epochs} epochs"
                 + (f", test accuracy {history[-1]['test_accuracy']:.4f}" if history else "")
                 + "; use --epochs to train longer or a new --workdir")
-            ckpt.close()
             return TrainResult(state=state, history=history, config=config)
         log(f"resuming from checkpoint at step {start} (epoch {start // steps_per_epoch + 1}, "
             f"step {start % steps_per_epoch} of {steps_per_epoch}) in {ckpt.directory}")
+    if ckpt:
+        ckpt.check_writable({"state": state, "acc": sums})  # before an epoch is spent
 
     log(f"training LeNet-5 on {dataset.name} ({len(train_split):,} train / "
         f"{test_data.size:,} test images from {dataset.source}) over {shardings.size} "
@@ -149,6 +188,13 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
                 "mesh": dict(mesh.shape),
                 "versions": versions, "dataset_source": dataset.source}
 
+    def save(step: int, state, sums, wait: bool, metrics: dict | None = None) -> None:
+        """Save, unless the state is not finite: then the run has diverged at `step`."""
+        if not (math.isfinite(float(sums["loss_sum"])) and bool(all_finite(state.params))):
+            raise Diverged(step)
+        ckpt.save(step, {"state": state, "acc": sums}, meta_for(step), metrics=metrics,
+                  wait=wait)
+
     stop = StopRule(multi_process=jax.process_count() > 1,
                     process_index=jax.process_index())
 
@@ -159,7 +205,7 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
         mid_epoch = i + 1 < steps_per_epoch
         if ckpt and mid_epoch and (stopping or (config.save_every_steps
                                                 and step % config.save_every_steps == 0)):
-            ckpt.save(step, {"state": state, "acc": sums}, meta_for(step), wait=stopping)
+            save(step, state, sums, wait=stopping)
         if stopping and mid_epoch:
             raise Preempted(stop.signum, step, saved=bool(ckpt))
         return False
@@ -174,9 +220,12 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
                     sums = steps.zeros()
                 xs, ys = train_data.epoch(config.seed, epoch)
                 state, sums = run_steps(steps, state, sums, xs, ys, first, steps_per_epoch,
-                                        progress, desc, functools.partial(after_step, epoch))
+                                        epoch * steps_per_epoch, progress, desc,
+                                        functools.partial(after_step, epoch))
                 train_metrics = summarize(sums)
                 train_secs = time.perf_counter() - t_epoch
+                if not math.isfinite(train_metrics["loss"]):
+                    raise Diverged(steps_per_epoch * (epoch + 1))
                 test_metrics = evaluate(steps, state.params, test_data)
                 record = {
                     "epoch": epoch + 1,
@@ -193,25 +242,26 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
                     "batch_size": config.batch_size,
                     "time": time.time(),
                 }
+                if not math.isfinite(record["test_loss"]):
+                    raise Diverged(record["step"])
                 history.append(record)
                 if primary:
                     write_metrics(workdir, history)
                 log(format_epoch(record, config.epochs))
-                if not math.isfinite(record["train_loss"]):
-                    raise UserError(f"training diverged at epoch {epoch + 1} (loss "
-                                    f"{record['train_loss']}); lower --learning-rate")
                 if ckpt:
-                    ckpt.save(record["step"], {"state": state, "acc": sums},
-                              meta_for(record["step"]),
-                              metrics={"test_accuracy": record["test_accuracy"],
-                                       "test_loss": record["test_loss"]},
-                              wait=stop.should_stop())
+                    save(record["step"], state, sums, wait=stop.should_stop(),
+                         metrics={"test_accuracy": record["test_accuracy"],
+                                  "test_loss": record["test_loss"]})
                 if stop.should_stop() and epoch + 1 < config.epochs:
                     raise Preempted(stop.signum, record["step"], saved=bool(ckpt))
-
-    finally:
-        if ckpt:
-            ckpt.close()  # let an in-flight async save finish
+    except Diverged as e:
+        saved = ckpt.steps() if ckpt else []
+        last = (f"the last good checkpoint, step {saved[-1]}, stays the latest (a rerun "
+                "resumes there)" if saved else "no checkpoint was saved")
+        raise Failure(f"training diverged at step {e.step} (epoch "
+                      f"{(e.step - 1) // steps_per_epoch + 1}): the loss or parameters are "
+                      f"not finite; {last}; lower --learning-rate (with "
+                      "--allow-config-change, or in a new --workdir)") from None
 
     total = time.perf_counter() - t0
     trained = [r for r in history if r["epoch"] > start // steps_per_epoch]
@@ -223,21 +273,62 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
 
 
 def write_metrics(workdir: epath.Path, history: list[dict]) -> None:
-    """Rewrite metrics.jsonl from the history (atomically; object stores cannot append)."""
-    tmp = workdir / (METRICS_FILE + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    tmp.replace(workdir / METRICS_FILE)
+    """Rewrite metrics.jsonl from the history in one rename (object stores cannot
+    append; a planted link is never written through)."""
+    safefs.write_atomic(workdir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
+
+
+def start_metrics(workdir: epath.Path, history: list[dict], log: Callable[[str], None]) -> None:
+    """metrics.jsonl for the run that starts now: the restored history. Lines that are
+    not this run's (a previous run's, after its checkpoints proved bad or with
+    --no-checkpoint) are kept aside as metrics-<time>.jsonl, never lost."""
+    path = workdir / METRICS_FILE
+    try:
+        old = safefs.read_file(path, 2**30, follow=False) if path.exists() else b""
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    mine = "".join(json.dumps(r) + "\n" for r in history).encode()
+    if old.strip() and not (history and old.startswith(mine)):
+        kept = workdir / f"metrics-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.jsonl"
+        safefs.write_atomic(kept, old)
+        log(f"note: {path} held another run's metrics; kept as {kept}")
+    write_metrics(workdir, history)
+
+
+def lock_workdir(workdir: epath.Path, log: Callable[[str], None]) -> safefs.WorkdirLock | None:
+    """Take the workdir's lock before anything touches its checkpoints (a second train
+    would delete the first one's in-flight save), or say who holds it."""
+    if not safefs.is_local(workdir):
+        log(f"note: {workdir} is on an object store, which cannot be locked; run one "
+            "train at a time there")
+        return None
+    try:
+        lock = safefs.WorkdirLock(workdir, "lenet-dist train").acquire()
+    except safefs.Busy as e:
+        raise Failure(f"--workdir {workdir} is in use by {e}; wait for it to finish, stop "
+                      "it, or use another --workdir") from None
+    except OSError as e:
+        raise UserError(f"cannot lock --workdir {workdir}: {e.strerror or e}") from None
+    if lock.stale:
+        log(f"note: took over the lock of a run that is no longer running "
+            f"({safefs.describe_holder(lock.stale)})")
+    return lock
 
 
 def prepare_workdir(path: str, create: bool = True) -> epath.Path:
+    """The workdir, created; the names we write there must not be planted links."""
     workdir = ckpt_lib.workdir_path(path)
     try:
         if workdir.exists() and not workdir.is_dir():
             raise UserError(f"--workdir {path} is a file, not a directory; choose another path")
         if create:
             workdir.mkdir(parents=True, exist_ok=True)
-            if not (workdir / METRICS_FILE).exists():
-                (workdir / METRICS_FILE).write_text("")
+        for name in (METRICS_FILE, ckpt_lib.CHECKPOINT_DIR, safefs.LOCK_FILE):
+            safefs.refuse_symlink(workdir / name)
+        if (workdir / METRICS_FILE).exists() and not (workdir / METRICS_FILE).is_file():
+            raise UserError(f"{workdir / METRICS_FILE} is not a regular file; move it away")
+    except safefs.UnsafePath as e:
+        raise UserError(f"{e.filename} {e.strerror}") from None
     except OSError as e:
         raise UserError(f"cannot write to --workdir {path}: {e.strerror or e}") from None
     return workdir
