@@ -8,15 +8,23 @@ itself, so multi-host jobs need no coordination here; the devices do the rest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import gzip
 import math
 import os
+import shutil
+import socket
+import stat
+import threading
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
+from lenet_dist import safefs
 from lenet_dist.errors import UserError, first_line
 
 NUM_CLASSES = 10
@@ -71,15 +79,39 @@ class Dataset:
 MAX_IDX_BYTES = 2**30
 
 
+def open_input(path: str | os.PathLike) -> BinaryIO:
+    """A user-given file opened for reading, or a one-line UserError naming it.
+
+    Through safefs, so a FIFO, a device, a directory or a socket is refused at
+    once instead of blocking the read (or reading /dev/zero forever).
+    """
+    try:
+        return safefs.open_regular(path)
+    except safefs.UnsafePath as e:
+        raise UserError(f"{path} {e.strerror}") from None
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # what open(2) says for a socket
+            with contextlib.suppress(OSError):
+                kind = safefs.describe_mode(stat.S_IFMT(os.stat(path).st_mode))
+                raise UserError(f"{path} is {kind}, not a regular file") from None
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+
+
 def _read_bytes(path: Path, limit: int = MAX_IDX_BYTES) -> bytes:
     """The file's bytes, gunzipped when it is gzip (by content, not by name)."""
-    try:
-        with open(path, "rb") as f:
+    with open_input(path) as f:
+        try:
             gz = f.read(2) == b"\x1f\x8b"
-        with gzip.open(path, "rb") if gz else open(path, "rb") as f:
-            raw = f.read(limit + 1)
-    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-        raise UserError(f"cannot read {path}: {e}") from None
+            f.seek(0)
+            if gz:  # on the descriptor already checked, not a second open by name
+                with gzip.GzipFile(fileobj=f, mode="rb") as z:
+                    raw = z.read(limit + 1)
+            else:
+                raw = f.read(limit + 1)
+        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            raise UserError(f"cannot read {path}: {first_line(e)}") from None
     if len(raw) > limit:
         raise UserError(f"{path} holds more than {limit / 2**20:,.0f} MiB of data; refused")
     return raw
@@ -104,6 +136,9 @@ def read_idx(path: str | os.PathLike, expect_magic: int | None = None) -> np.nda
     if len(raw) < header:
         raise UserError(f"{path} is truncated inside its header")
     dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    # Even holding no data (a 0 among the dims), numpy cannot shape (0, 2**32-1, 2**32-1).
+    if math.prod(max(d, 1) for d in dims) > MAX_IDX_BYTES:
+        raise UserError(f"{path} has IDX shape {dims}: too large for any real file")
     expected = header + math.prod(dims)  # Python ints: a crafted header cannot wrap
     if len(raw) != expected:
         what = "truncated" if len(raw) < expected else "longer than its header says"
@@ -114,11 +149,12 @@ def read_idx(path: str | os.PathLike, expect_magic: int | None = None) -> np.nda
 
 
 def _find_idx(directory: Path, stem: str) -> Path | None:
-    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"),
-                 stem.replace("-idx", ".idx") + ".gz"):
-        if (directory / name).is_file():
-            return directory / name
-    return None
+    """The first regular file under one of the names; else the first name that
+    exists at all (a FIFO, a dangling link), so that reading it says what is wrong."""
+    names = [directory / n for n in (stem, stem + ".gz", stem.replace("-idx", ".idx"),
+                                     stem.replace("-idx", ".idx") + ".gz")]
+    return (next((p for p in names if p.is_file()), None)
+            or next((p for p in names if os.path.lexists(p)), None))
 
 
 def check_split(images: np.ndarray, labels: np.ndarray, where: str) -> Split:
@@ -131,6 +167,8 @@ def check_split(images: np.ndarray, labels: np.ndarray, where: str) -> Split:
         raise UserError(
             f"{where}: {len(images)} images but {len(labels)} labels; "
             "the image and label files do not belong together")
+    if len(labels) == 0:  # training would do nothing, and accuracy would be 0/0
+        raise UserError(f"{where}: no images; both splits need at least one")
     if len(labels) and int(labels.max()) >= NUM_CLASSES:
         raise UserError(
             f"{where}: label {int(labels.max())} is out of range 0..{NUM_CLASSES - 1}")
@@ -204,14 +242,89 @@ def how_to_get(name: str) -> str:
             f"into {SYSTEM_DIRS[name]}")
 
 
+# Where tensorflow_datasets 4.9.10 downloads each dataset from (its builders' URLs).
+DOWNLOAD_HOSTS = {"fashion_mnist": ("fashion-mnist.s3-website.eu-central-1.amazonaws.com", 80),
+                  "mnist": ("storage.googleapis.com", 443)}
+SKIP_NETWORK_CHECK = "LENET_DIST_SKIP_NETWORK_CHECK"
+PROBE_SECONDS = 3.0
+
+
+def network_problem(name: str, timeout: float = PROBE_SECONDS) -> str | None:
+    """Why the download host is unreachable, or None; answers within `timeout`.
+
+    Offline, TFDS retries every file for minutes and prints dozens of lines; one
+    connection says it first. Through a proxy a direct connection proves nothing,
+    so a proxy setting (or LENET_DIST_SKIP_NETWORK_CHECK=1) skips the probe.
+    The probe runs in a thread because a socket timeout does not bound DNS.
+    """
+    proxies = ("https_proxy", "http_proxy", "all_proxy")
+    if os.environ.get(SKIP_NETWORK_CHECK) or any(
+            os.environ.get(v) or os.environ.get(v.upper()) for v in proxies):
+        return None
+    host, port = DOWNLOAD_HOSTS[name]
+    answer: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            answer.append(None)
+        except OSError as e:
+            answer.append(f"cannot reach {host}:{port} ({e.strerror or e})")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return answer[0] if answer else f"no answer from {host}:{port} in {timeout:g} s"
+
+
+@contextlib.contextmanager
+def removed_if_failed(name: str):
+    """A failed download (or Ctrl-C) leaves nothing behind in the TFDS data dir:
+    the directories it created go, and in the ones that were there before, the new
+    entries that are this download's (its dataset's own, TFDS's .incomplete and
+    .tmp files). A UserError means the data arrived and was refused: it stays."""
+    root = tfds_data_dir()
+    dirs = [root / name, root / "downloads" / name, root / "downloads" / "extracted",
+            root / "downloads", root]  # deepest first
+    before = {d: set(os.listdir(d)) if d.is_dir() else None for d in dirs}
+    try:
+        yield
+    except UserError:
+        raise
+    except BaseException:
+        for d in dirs:
+            if before[d] is None:
+                _remove(d)
+            elif d.is_dir():
+                ours = d.name == name  # <root>/<name>, downloads/<name>
+                for entry in set(os.listdir(d)) - before[d]:
+                    if ours or any(m in entry for m in (".incomplete", ".tmp.", name,
+                                                        name.replace("_", "-"))):
+                        _remove(d / entry)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 def load(name: str = "fashion_mnist", data_dir: str | None = None) -> Dataset:
     kind, where = resolve_source(name, data_dir)
     if kind == "idx":
         return load_idx_dir(where, name)
     if kind == "tfds":
         return load_tfds(name, download=False)
+    problem = network_problem(name)
+    if problem is not None:
+        raise UserError(f"no {name} data found and {problem}; {how_to_get(name)} "
+                        f"(or set {SKIP_NETWORK_CHECK}=1 to try the download anyway)")
     try:
-        return load_tfds(name, download=True)
+        with removed_if_failed(name):
+            return load_tfds(name, download=True)
     except UserError:
         raise
     except Exception as e:  # network, TFDS or TensorFlow missing: all mean "no data"

@@ -1,3 +1,10 @@
+"""data.py: IDX files, sources in order, empty splits, special files, no network."""
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,7 +42,8 @@ def test_idx_bad_magic(tmp_path):
 
 def test_idx_truncated(tmp_path):
     path = write_idx(tmp_path / "x", np.zeros((3, 28, 28)), cut=100)
-    with pytest.raises(UserError, match="is truncated: 2268 bytes, header \\(3, 28, 28\\) needs 2368"):
+    with pytest.raises(UserError,
+                       match="is truncated: 2268 bytes, header \\(3, 28, 28\\) needs 2368"):
         data_lib.read_idx(path)
     (tmp_path / "tiny").write_bytes(b"\x00\x00")
     with pytest.raises(UserError, match="too short for a header"):
@@ -117,10 +125,189 @@ def test_no_source_names_the_three_ways(no_sources, monkeypatch):
     def offline(name, download):
         raise ConnectionError("Failed to resolve host\nmore detail")
 
+    monkeypatch.setattr(data_lib, "network_problem", lambda name: None)
     monkeypatch.setattr(data_lib, "load_tfds", offline)
     with pytest.raises(UserError) as err:
         data_lib.load("fashion_mnist")
     msg = str(err.value)
     assert "\n" not in msg and "download failed (Failed to resolve host)" in msg
-    assert "--data-dir" in msg and "TFDS download" in msg.replace("let TFDS download", "TFDS download")
+    assert "--data-dir" in msg and "let TFDS download it (needs internet)" in msg
     assert "apt-get install -y dataset-fashion-mnist" in msg
+
+
+# ---------------------------------------------------------------- empty splits
+
+
+@pytest.mark.parametrize("n_train, n_test, split", [(0, 10, "train"), (20, 0, "test")])
+def test_an_empty_split_is_refused_at_load_time(tmp_path, n_train, n_test, split):
+    """An empty test set would evaluate to accuracy 0/0 and exit 0; an empty train
+    set would train nothing."""
+    write_dataset(tmp_path, n_train=n_train, n_test=n_test)
+    with pytest.raises(UserError, match=f"{split}: no images; both splits need at least one"):
+        data_lib.load_idx_dir(tmp_path, "fashion_mnist")
+    # The same check guards TFDS copies (load_tfds calls check_split on each split).
+    with pytest.raises(UserError, match="TFDS mnist test: no images"):
+        data_lib.check_split(np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.int64),
+                             "TFDS mnist test")
+
+
+# ---------------------------------------------------------------- special files
+
+
+def returns_within(seconds, fn, *args):
+    """fn(*args)'s exception (None if it returned), failing the test if it blocks."""
+    outcome = []
+
+    def run():
+        try:
+            fn(*args)
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"{fn.__name__}{args} still blocked after {seconds} s"
+    return outcome[0]
+
+
+def test_an_idx_dir_with_a_fifo_says_so_and_never_blocks(tmp_path):
+    write_dataset(tmp_path)
+    fifo = tmp_path / "t10k-images-idx3-ubyte"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    err = returns_within(10, data_lib.load_idx_dir, tmp_path, "fashion_mnist")
+    assert isinstance(err, UserError) and str(err) == f"{fifo} is a FIFO, not a regular file"
+    fifo.unlink()
+    fifo.mkdir()  # a directory under the name: found, and refused by name
+    err = returns_within(10, data_lib.load_idx_dir, tmp_path, "fashion_mnist")
+    assert str(err) == f"{fifo} is a directory, not a regular file"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory", "socket", "missing"])
+def test_read_idx_refuses_special_files_at_once(tmp_path, kind):
+    path = make_special(tmp_path, kind)
+    err = returns_within(10, data_lib.read_idx, path, data_lib.LABELS_MAGIC)
+    assert isinstance(err, UserError), err
+    assert str(path) in str(err) and "\n" not in str(err)
+    expected = {"fifo": "is a FIFO", "dev-zero": "is a character device",
+                "directory": "is a directory", "socket": "is a socket",
+                "missing": "does not exist"}[kind]
+    assert expected in str(err)
+
+
+def make_special(tmp_path, kind):
+    """A path of the given kind that is not a regular file."""
+    path = tmp_path / kind
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        return Path("/dev/zero")
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(path))
+        sock.close()  # the socket file stays
+    return path
+
+
+# ---------------------------------------------------------------- no network
+
+
+@pytest.fixture
+def offline(no_sources, monkeypatch):
+    """No data anywhere, and the download host does not resolve."""
+    def refuse(address, timeout=None):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    for var in (data_lib.SKIP_NETWORK_CHECK, "https_proxy", "http_proxy", "all_proxy",
+                "HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(data_lib.socket, "create_connection", refuse)
+    return no_sources
+
+
+def test_offline_download_is_one_line_at_once_and_leaves_nothing(offline, monkeypatch):
+    def never(name, download):
+        raise AssertionError("TFDS must not be asked to download offline")
+
+    monkeypatch.setattr(data_lib, "load_tfds", never)
+    start = time.monotonic()
+    with pytest.raises(UserError) as err:
+        data_lib.load("fashion_mnist")
+    assert time.monotonic() - start < 1
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith("no fashion_mnist data found and cannot reach "
+                          "fashion-mnist.s3-website.eu-central-1.amazonaws.com:80 "
+                          "(Name or service not known); get fashion_mnist one of three ways")
+    assert msg.endswith("(or set LENET_DIST_SKIP_NETWORK_CHECK=1 to try the download anyway)")
+    assert not (offline / "tfds").exists()
+
+
+def test_the_probe_is_skipped_behind_a_proxy_or_when_asked(offline, monkeypatch):
+    assert data_lib.network_problem("mnist") == ("cannot reach storage.googleapis.com:443 "
+                                                 "(Name or service not known)")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert data_lib.network_problem("mnist") is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setenv(data_lib.SKIP_NETWORK_CHECK, "1")
+    assert data_lib.network_problem("mnist") is None
+
+
+def test_the_probe_answers_in_time_even_when_dns_hangs(offline, monkeypatch):
+    def hang(address, timeout=None):
+        time.sleep(5)  # getaddrinfo is not bounded by the socket timeout
+
+    monkeypatch.setattr(data_lib.socket, "create_connection", hang)
+    start = time.monotonic()
+    problem = data_lib.network_problem("fashion_mnist", timeout=0.2)
+    assert time.monotonic() - start < 1
+    assert problem == ("no answer from fashion-mnist.s3-website.eu-central-1.amazonaws.com:80 "
+                       "in 0.2 s")
+
+
+def test_the_real_probe_answers_within_its_timeout(monkeypatch):
+    """Online or not (CI may have a network), the probe itself never takes long."""
+    monkeypatch.delenv(data_lib.SKIP_NETWORK_CHECK, raising=False)
+    start = time.monotonic()
+    data_lib.network_problem("fashion_mnist", timeout=2)
+    assert time.monotonic() - start < 2.5
+
+
+def fake_failed_download(root, extra=()):
+    """What TFDS 4.9.10 leaves in the data dir when every file fails to download."""
+    def load_tfds(name, download):
+        for d in ("downloads/extracted", "downloads/fashion_mnist",
+                  "fashion_mnist/3.0.1.incomplete.7f3a", *extra):
+            (root / d).mkdir(parents=True, exist_ok=True)
+        (root / "downloads/fashion_mnist/fashion-mnist_train.gz.tmp.22b1").write_bytes(b"x")
+        (root / "downloads/extracted/GZIP.fashion-mnist_train.gz.incomplete").mkdir()
+        raise ConnectionError("Max retries exceeded")
+    return load_tfds
+
+
+def test_a_failed_download_removes_what_it_created(offline, monkeypatch):
+    root = offline / "tfds"
+    monkeypatch.setattr(data_lib, "network_problem", lambda name: None)
+    monkeypatch.setattr(data_lib, "load_tfds", fake_failed_download(root))
+    with pytest.raises(UserError, match=r"download failed \(Max retries exceeded\)"):
+        data_lib.load("fashion_mnist")
+    assert not root.exists()
+
+
+def test_a_failed_download_keeps_what_was_there_before(offline, monkeypatch):
+    root = offline / "tfds"
+    (root / "mnist" / "3.0.1").mkdir(parents=True)
+    (root / "downloads" / "extracted" / "ZIP.earlier").mkdir(parents=True)
+    (root / "downloads" / "manual.zip").write_bytes(b"kept")
+    monkeypatch.setattr(data_lib, "network_problem", lambda name: None)
+    monkeypatch.setattr(data_lib, "load_tfds",
+                        fake_failed_download(root, extra=["downloads/someone-elses"]))
+    with pytest.raises(UserError):
+        data_lib.load("fashion_mnist")
+    left = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    assert left == ["downloads", "downloads/extracted", "downloads/extracted/ZIP.earlier",
+                    "downloads/manual.zip", "downloads/someone-elses", "mnist", "mnist/3.0.1"]
