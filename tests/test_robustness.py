@@ -69,13 +69,20 @@ def test_a_dead_holders_lock_is_taken_over(run_copy, dataset):
     assert safefs.lock_holder(run_copy) is None
 
 
-def test_read_only_commands_work_while_a_train_holds_the_lock(run_copy, capsys):
+def test_read_only_commands_work_while_a_train_holds_the_lock(run_copy, tmp_path, capsys):
+    """eval, checkpoints and export take no lock and clean nothing up, not even the
+    temporary directory of the (pretended) running train's in-flight save."""
+    in_flight = run_copy / "checkpoints" / "21.orbax-checkpoint-tmp-1234"
+    in_flight.mkdir()
     before = checksums(run_copy / "checkpoints")
     with safefs.WorkdirLock(run_copy, "lenet-dist train"):
         assert main(["eval", "--workdir", str(run_copy), "--devices", "8"]) == 0
         assert main(["checkpoints", "--workdir", str(run_copy)]) == 0
-    assert checksums(run_copy / "checkpoints") == before
+        assert main(["export", "--workdir", str(run_copy), "--out",
+                     str(tmp_path / "model" / "1")]) == 0
+    assert checksums(run_copy / "checkpoints") == before and in_flight.is_dir()
     assert "step 20" in capsys.readouterr().out
+    assert (tmp_path / "model" / "1" / "saved_model.pb").is_file()
 
 
 @pytest.mark.slow
