@@ -49,7 +49,8 @@ STRUCTURAL_FIELDS = ("optimizer",)
 META_FILE = ("meta", "metadata")  # Orbax's JsonSave item "meta"
 METRICS_FILE = ("metrics", "metrics")
 STATE_INDEX = ("state", "_METADATA")
-MAX_JSON_BYTES = 16 * 2**20  # metadata holds the history: a few KB per epoch
+MAX_JSON_BYTES = 16 * 2**20
+PROBE_DIR = ".probe"  # under the lock, so no other writer uses it  # metadata holds the history: a few KB per epoch
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +291,7 @@ class Checkpoints:
     def check_writable(self, tree: dict) -> None:
         """Save `tree` the way a checkpoint is saved, to a scratch name, and delete it:
         a path Orbax cannot use or a full disk fails here, before an epoch is spent."""
-        probe = self.directory / f".probe-{os.getpid()}"
+        probe = self.directory / PROBE_DIR  # one name for every process of a job
         try:
             with ocp.StandardCheckpointer() as checkpointer:
                 checkpointer.save(probe, tree, force=True)
