@@ -335,29 +335,6 @@ def test_a_diverged_checkpoint_is_not_exported(trained, monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_interrupted_publish_puts_the_old_model_back(trained, exported, monkeypatch,
-                                                        tmp_path):
-    import shutil
-
-    from lenet_dist import export as export_lib
-
-    out = tmp_path / "m"
-    shutil.copytree(exported[0], out)
-    (out / "old-marker").write_text("old")
-    real_rename = Path.rename
-
-    def rename(self, target):
-        if ".staging-" in str(self):  # the new model's move into place
-            raise KeyboardInterrupt
-        return real_rename(self, target)
-
-    monkeypatch.setattr(export_lib.Path, "rename", rename)
-    with pytest.raises(KeyboardInterrupt):
-        export_checkpoint(trained.config.workdir, str(out), overwrite=True)
-    assert (out / "old-marker").read_text() == "old" and (out / "saved_model.pb").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["m"]
-
-
 def test_export_without_checkpoints(capsys, tmp_path):
     msg = one_line_error(capsys, ["export", "--workdir", str(tmp_path), "--out",
                                   str(tmp_path / "m")])
