@@ -49,8 +49,8 @@ STRUCTURAL_FIELDS = ("optimizer",)
 META_FILE = ("meta", "metadata")  # Orbax's JsonSave item "meta"
 METRICS_FILE = ("metrics", "metrics")
 STATE_INDEX = ("state", "_METADATA")
-MAX_JSON_BYTES = 16 * 2**20
-PROBE_DIR = ".probe"  # under the lock, so no other writer uses it  # metadata holds the history: a few KB per epoch
+MAX_JSON_BYTES = 16 * 2**20  # metadata holds the history: a few KB per epoch
+PROBE_DIR = ".probe"  # under the lock, so no other writer uses it
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +239,13 @@ class Checkpoints:
             return
 
         def fix():
+            try:
+                move_and_repair()
+            except OSError as e:  # as a UserError, so the other processes fail too
+                raise UserError(f"cannot move a bad checkpoint aside in {self.directory}: "
+                                f"{e.strerror or e}") from None
+
+        def move_and_repair():
             for i in bad:
                 where = self._move_aside(i.step)
                 self.warn(f"warning: checkpoint step {i.step} is unreadable ({i.problem}); "
@@ -315,8 +322,7 @@ class Checkpoints:
 
     def steps(self) -> list[int]:
         """Steps that passed inspection and Orbax lists."""
-        return sorted(s for s in self.manager.all_steps() if self.info.get(s, StepInfo(s)).ok
-                      and s in self.info)
+        return sorted(s for s in self.manager.all_steps() if s in self.info and self.info[s].ok)
 
     def bad_steps(self) -> dict[int, str]:
         return {s: i.problem for s, i in self.info.items() if not i.ok}
