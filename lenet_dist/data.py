@@ -121,7 +121,7 @@ def read_idx(path: str | os.PathLike, expect_magic: int | None = None) -> np.nda
     """Parse one IDX file (gzipped or not) into a uint8 array, checking its header."""
     path = Path(path)
     raw = _read_bytes(path)
-    if len(raw) < 8:
+    if len(raw) < 4:
         raise UserError(f"{path} is not an IDX file: {len(raw)} bytes, too short for a header")
     magic = int.from_bytes(raw[:4], "big")
     if expect_magic is not None and magic != expect_magic:
@@ -132,19 +132,21 @@ def read_idx(path: str | os.PathLike, expect_magic: int | None = None) -> np.nda
     if magic >> 8 != 0x08:  # 0x08 = unsigned byte data
         raise UserError(f"{path} has IDX magic {magic:#x}: not an unsigned-byte IDX file")
     ndim = magic & 0xFF
+    if ndim == 0:  # one number: neither images nor labels
+        raise UserError(f"{path} is an IDX file of rank 0, with no dimensions")
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise UserError(f"{path} is truncated inside its header")
     dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    # Even holding no data (a 0 among the dims), numpy cannot shape (0, 2**32-1, 2**32-1).
-    if math.prod(max(d, 1) for d in dims) > MAX_IDX_BYTES:
-        raise UserError(f"{path} has IDX shape {dims}: too large for any real file")
     expected = header + math.prod(dims)  # Python ints: a crafted header cannot wrap
     if len(raw) != expected:
         what = "truncated" if len(raw) < expected else "longer than its header says"
         raise UserError(
             f"{path} is {what}: {len(raw)} bytes, header {dims} needs {expected}; "
             "re-download or reinstall the data")
+    # Even holding no data (a 0 among the dims), numpy cannot shape (0, 2**32-1, 2**32-1).
+    if math.prod(max(d, 1) for d in dims) > MAX_IDX_BYTES:
+        raise UserError(f"{path} has IDX shape {dims}: too large for any real file")
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,15 @@ def is_savedmodel(path: Path) -> bool:
     return (path / "saved_model.pb").is_file()
 
 
+MAX_LABELS_BYTES = 2**20
+OUTPUTS = ("probabilities", "classes")  # what predict reads of the serving signature
+
+
 def savedmodel_predictor(model_dir: Path):
-    """(predict(images) -> outputs, class names) for a SavedModel, TensorFlow only."""
+    """(predict(images) -> outputs, class names) for a SavedModel, TensorFlow only.
+
+    The outputs and assets/labels.txt are checked on every batch: a model exported
+    by something else, or with a labels file that does not fit it, is a UserError."""
     from lenet_dist.runtime import import_tensorflow
 
     tf = import_tensorflow()
@@ -28,7 +36,7 @@ def savedmodel_predictor(model_dir: Path):
         raise UserError(f"{model_dir} cannot be loaded as a SavedModel: "
                         f"{first_line(e)}") from None
     labels = model_dir / "assets" / "labels.txt"
-    names = labels.read_text().splitlines() if labels.is_file() else [str(i) for i in range(10)]
+    names = read_class_names(labels) if os.path.lexists(labels) else None
 
     def predict(images):
         try:
@@ -36,9 +44,49 @@ def savedmodel_predictor(model_dir: Path):
         except tf.errors.OpError as e:  # e.g. a StableHLO version this TF cannot read
             raise UserError(f"{model_dir} fails to run on TensorFlow {tf.__version__}: "
                             f"{first_line(e)}") from None
-        return {k: v.numpy() for k, v in out.items()}
+        except (TypeError, ValueError) as e:  # a signature without images: uint8
+            raise UserError(f"{model_dir}'s serving_default signature does not take "
+                            f"images uint8 [n, 28, 28, 1]: {first_line(e)}") from None
+        out = check_outputs(model_dir, {k: v.numpy() for k, v in out.items()}, len(images))
+        width = out["probabilities"].shape[1]
+        if names is not None and len(names) != width:
+            raise UserError(f"{labels} has {len(names)} class names for the model's "
+                            f"{width} classes; it needs one name per line, in class order")
+        return out
 
     return predict, names, tf
+
+
+def read_class_names(path: Path) -> list[str]:
+    """A labels.txt: one class name per line, UTF-8 text."""
+    with data_lib.open_input(path) as f:
+        try:
+            raw = f.read(MAX_LABELS_BYTES + 1)
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(raw) > MAX_LABELS_BYTES:
+        raise UserError(f"{path} is over {MAX_LABELS_BYTES >> 20} MiB: not a list of "
+                        "class names")
+    try:
+        return raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                        "it should hold one class name per line") from None
+
+
+def check_outputs(model_dir: Path, out: dict, n: int) -> dict:
+    """The model's outputs for n images, as predict reads them, or a UserError."""
+    missing = [k for k in OUTPUTS if k not in out]
+    if missing:
+        raise UserError(f"{model_dir}'s serving_default signature has outputs "
+                        f"{sorted(out)}, not {' and '.join(missing)}; "
+                        "is it a lenet-dist export?")
+    probs, classes = out["probabilities"], out["classes"]
+    if probs.ndim != 2 or probs.shape[0] != n or probs.shape[1] == 0 or classes.shape != (n,):
+        raise UserError(f"{model_dir} gives probabilities of shape {list(probs.shape)} and "
+                        f"classes of shape {list(classes.shape)} for {n} images; expected "
+                        f"[{n}, classes] and [{n}]")
+    return out
 
 
 def checkpoint_predictor(workdir: str, step: int | None, best: bool):
@@ -80,6 +128,7 @@ def predict(inputs, model: str | None = None, workdir: str | None = None,
         probs.append(out["probabilities"])
         classes.append(out["classes"])
     probs, classes = np.concatenate(probs), np.concatenate(classes)
+    names = names or [str(i) for i in range(probs.shape[1])]
     top = max(1, min(top, probs.shape[1]))
     order = np.argsort(-probs, axis=1)[:, :top]
     rows = [(n, [(names[c], float(p[c])) for c in o])

@@ -1,0 +1,462 @@
+"""Whatever a user hands the readers, only the project's own error comes out, in one
+line and at once: random and mutated bytes (hypothesis) into the IDX readers and the
+image decoding of `predict` and the deployment kit, special files where a regular
+file is expected, and SavedModel assets that do not fit the model.
+
+The kit (export/serving_io.py) must agree with lenet-dist: the same file is refused
+by both or read as the same pixels by both.
+"""
+
+import contextlib
+import functools
+import gzip
+import importlib.util
+import math
+import os
+import re
+import signal
+import socket
+import threading
+from pathlib import Path
+
+import hypothesis
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
+
+from lenet_dist import data as data_lib
+from lenet_dist import images
+from lenet_dist import predict as predict_lib
+from lenet_dist.errors import UserError
+from tests.conftest import write_idx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Reproducible in CI (the same examples every run, nothing read from or written to
+# a local example database); a hang is caught per example by `time_limit` instead.
+# LENET_DIST_FUZZ_EXAMPLES=20000 searches longer, locally.
+FUZZ = settings(max_examples=int(os.environ.get("LENET_DIST_FUZZ_EXAMPLES", 300)),
+                deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def load_kit():
+    spec = importlib.util.spec_from_file_location("serving_io", ROOT / "export" / "serving_io.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+kit = load_kit()
+
+
+@pytest.fixture(scope="module")
+def tf():
+    from lenet_dist.runtime import import_tensorflow
+
+    return import_tensorflow()
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Fail the example instead of hanging the run (Python-level loops; pytest runs
+    tests in the main thread, where SIGALRM is delivered)."""
+    def expire(signum, frame):
+        raise TimeoutError(f"no answer in {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def outcome(who: str, error_type, fn, path: Path):
+    """fn(path)'s result, or the reason as a string when it raises `error_type` in
+    one line; any other exception fails the test: that is the property. The kinds of
+    outcome show in the statistics, to see that the inputs reach the decoders."""
+    try:
+        with time_limit(20):
+            result = fn(path)
+        event(f"{who}: read")
+        return result
+    except error_type as e:
+        assert "\n" not in str(e), repr(str(e))
+        reason = re.sub(r"\b(0x)?[0-9a-f]*\d[0-9a-f,x]*\b", "N",
+                        str(e).replace(str(path), "FILE"))
+        event(f"{who}: {reason[:60]}")
+        return reason
+
+
+def event(what: str) -> None:
+    if currently_in_test_context():  # not in the plain tests that share the checks
+        hypothesis.event(what)
+
+
+# ---------------------------------------------------------------- valid seeds
+
+
+def idx_bytes(array) -> bytes:
+    array = np.asarray(array, np.uint8)
+    return ((0x0800 | array.ndim).to_bytes(4, "big")
+            + b"".join(d.to_bytes(4, "big") for d in array.shape) + array.tobytes())
+
+
+# 2x2 GIF of two frames, white and black checkers (LZW: a clear code before each pixel).
+GIF = (b"GIF89a\x02\x00\x02\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00"
+       b",\x00\x00\x00\x00\x02\x00\x02\x00\x00\x02\x04\x04\xc3\x10\x05\x00"
+       b",\x00\x00\x00\x00\x02\x00\x02\x00\x00\x02\x04\x0cA0\x05\x00;")
+
+
+def bmp_bytes(gray) -> bytes:
+    """24-bit BMP of a [h, w] uint8 image (bottom-up rows padded to 4 bytes)."""
+    h, w = gray.shape
+    row = (3 * w + 3) // 4 * 4
+    pixels = b"".join(np.repeat(gray[y], 3).tobytes().ljust(row, b"\0")
+                      for y in range(h - 1, -1, -1))
+    header = (b"BM" + (54 + len(pixels)).to_bytes(4, "little") + b"\0" * 4
+              + (54).to_bytes(4, "little"))
+    info = ((40).to_bytes(4, "little") + w.to_bytes(4, "little") + h.to_bytes(4, "little")
+            + (1).to_bytes(2, "little") + (24).to_bytes(2, "little") + b"\0" * 24)
+    return header + info + pixels
+
+
+@functools.cache
+def seeds() -> dict[str, bytes]:
+    """One small valid file of each kind the readers take, by file name."""
+    from lenet_dist.runtime import import_tensorflow
+
+    tf = import_tensorflow()
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (28, 28, 1)).astype(np.uint8)
+    small = rng.integers(0, 256, (5, 6, 1)).astype(np.uint8)
+    alpha = np.concatenate([small, np.repeat(small, 3, -1)], -1)  # RGBA, 4 channels
+    return {
+        "images-idx3-ubyte": idx_bytes(img[None, ..., 0]),
+        "images-idx3-ubyte.gz": gzip.compress(idx_bytes(img[None, ..., 0]), mtime=0),
+        "labels-idx1-ubyte": idx_bytes(rng.integers(0, 10, 6)),
+        "gray.png": tf.io.encode_png(small).numpy(),
+        "rgba.png": tf.io.encode_png(alpha).numpy(),
+        "img.jpg": tf.io.encode_jpeg(small, quality=90).numpy(),
+        "img.gif": GIF,
+        "img.bmp": bmp_bytes(small[..., 0]),
+    }
+
+
+SEED_NAMES = ["images-idx3-ubyte", "images-idx3-ubyte.gz", "labels-idx1-ubyte", "gray.png",
+              "rgba.png", "img.jpg", "img.gif", "img.bmp"]
+IDX_SEEDS = SEED_NAMES[:3]
+MAGICS = [b"", b"\x00\x00\x08\x01", b"\x00\x00\x08\x03", b"\x1f\x8b\x08\x00",
+          b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a", b"BM"]
+
+# Header-shaped values: sizes 0, 1, at and beyond every limit, and sign boundaries.
+EDGES = [0, 1, 28, 255, 8192, 8193, 2**15, 2**16 - 1, 2**30, 2**31 - 1, 2**31, 2**32 - 1]
+position = st.integers(0, 2**12)  # taken modulo the length; small ones hit the headers
+mutation = st.one_of(
+    st.tuples(st.just("flip"), position, st.integers(1, 255)),
+    st.tuples(st.just("insert"), position, st.binary(min_size=1, max_size=16)),
+    st.tuples(st.just("delete"), position, st.integers(1, 64)),
+    st.tuples(st.just("truncate"), position, st.just(0)),
+    st.tuples(st.just("word"), position,
+              st.tuples(st.sampled_from(EDGES), st.sampled_from([2, 4]),
+                        st.sampled_from(["big", "little"]))),
+)
+mutations = st.lists(mutation, min_size=1, max_size=4)
+random_bytes = st.tuples(st.sampled_from(MAGICS), st.binary(max_size=600))
+
+
+def mutate(raw: bytes, ops) -> bytes:
+    b = bytearray(raw)
+    for op, pos, arg in ops:
+        pos %= len(b) + 1
+        if op == "flip" and b:
+            b[pos % len(b)] ^= arg
+        elif op == "insert":
+            b[pos:pos] = arg
+        elif op == "delete":
+            del b[pos:pos + arg]
+        elif op == "truncate":
+            del b[pos:]
+        elif op == "word":
+            value, size, order = arg
+            b[pos:pos + size] = (value % 256**size).to_bytes(size, order)
+    return bytes(b)
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz")
+
+
+def put(scratch: Path, name: str, raw: bytes) -> Path:
+    path = scratch / name
+    path.write_bytes(raw)
+    return path
+
+
+# ---------------------------------------------------------------- IDX readers
+
+
+def check_idx_readers(path: Path):
+    ours = outcome("lenet-dist", UserError, data_lib.read_idx, path)
+    theirs = outcome("kit", kit.InputError, kit.read_idx, path)
+    assert_alike(ours, theirs)
+
+
+def assert_alike(ours, theirs):
+    """Both refused, or both read the same array."""
+    refused = [isinstance(x, str) for x in (ours, theirs)]
+    assert refused[0] == refused[1], f"lenet-dist refused: {refused[0]}, kit: {refused[1]}"
+    if not refused[0]:
+        np.testing.assert_array_equal(ours, theirs)
+
+
+@FUZZ
+@given(name=st.sampled_from(IDX_SEEDS), ops=mutations)
+def test_mutated_idx_files_are_read_alike_or_refused(scratch, name, ops):
+    check_idx_readers(put(scratch, name, mutate(seeds()[name], ops)))
+
+
+@st.composite
+def idx_files(draw) -> bytes:
+    """IDX files built field by field: any type code and rank, dims from the edge
+    values, a body of the size the header says when that is small, else a few bytes."""
+    ndim = draw(st.integers(0, 5))
+    dims = draw(st.lists(st.sampled_from(EDGES) | st.integers(0, 30),
+                         min_size=ndim, max_size=ndim))
+    code = draw(st.just(0x08) | st.sampled_from([0x09, 0x0B, 0x0D]))  # ubyte half the time
+    size = math.prod(dims)
+    body = draw(st.binary(min_size=size, max_size=size) if size <= 2048
+                else st.binary(max_size=64))
+    raw = bytes([0, 0, code, ndim]) + b"".join(d.to_bytes(4, "big") for d in dims) + body
+    return gzip.compress(raw, mtime=0) if draw(st.booleans()) else raw
+
+
+@FUZZ
+@given(raw=idx_files())
+def test_generated_idx_files_are_read_alike_or_refused(scratch, raw):
+    check_idx_readers(put(scratch, "generated-idx", raw))
+
+
+@FUZZ
+@given(raw=random_bytes)
+def test_random_bytes_as_idx_are_refused(scratch, raw):
+    check_idx_readers(put(scratch, "random-idx", raw[0] + raw[1]))
+
+
+# ---------------------------------------------------------------- images
+
+
+def check_image_readers(path: Path, tf):
+    """predict's reader (images.load_inputs) and the kit's (load_images, which picks
+    the image decoder by the file's suffix) refuse alike or read the same pixels."""
+    ours = outcome("predict", UserError, lambda p: images.load_inputs([str(p)], tf), path)
+    theirs = outcome("kit", kit.InputError, lambda p: kit.load_images([str(p)], tf), path)
+    assert_alike(*(x if isinstance(x, str) else x[0] for x in (ours, theirs)))
+    return ours
+
+
+@FUZZ
+@given(name=st.sampled_from(SEED_NAMES), ops=mutations)
+def test_mutated_inputs_decode_alike_or_are_refused(scratch, tf, name, ops):
+    check_image_readers(put(scratch, name, mutate(seeds()[name], ops)), tf)
+
+
+@FUZZ
+@given(raw=random_bytes, suffix=st.sampled_from([".png", ".jpg", ".gif", ".bmp", ".idx"]))
+def test_random_bytes_as_inputs_are_refused(scratch, tf, raw, suffix):
+    check_image_readers(put(scratch, "random" + suffix, raw[0] + raw[1]), tf)
+
+
+def test_the_seeds_themselves_are_read(scratch, tf):
+    """The mutations start from files both readers accept."""
+    for name in SEED_NAMES:
+        if name.startswith("labels"):
+            assert kit.read_labels(put(scratch, name, seeds()[name])).shape == (6,)
+            continue
+        batch = check_image_readers(put(scratch, name, seeds()[name]), tf)
+        assert not isinstance(batch, str) and batch[0].shape == (1, 28, 28, 1), name
+
+
+# ---------------------------------------------------------------- headers that claim a lot
+
+
+def gif_frame(width: int, height: int, lzw: bytes = b"\x02\x02D\x01\x00") -> bytes:
+    return (b",\x00\x00\x00\x00" + width.to_bytes(2, "little") + height.to_bytes(2, "little")
+            + b"\x00" + lzw)
+
+
+def gif(frames: list[bytes], screen: int = 1) -> bytes:
+    return (b"GIF89a" + screen.to_bytes(2, "little") * 2 + b"\x80\x00\x00"
+            + b"\xff\xff\xff\x00\x00\x00" + b"".join(frames) + b";")
+
+
+def huge_jpeg(tf) -> bytes:
+    """A real JPEG whose frame header (SOF0) claims 60000x60000 pixels."""
+    raw = bytearray(tf.io.encode_jpeg(np.zeros((8, 8, 1), np.uint8)).numpy())
+    sof = raw.index(b"\xff\xc0")
+    raw[sof + 5:sof + 9] = (60000).to_bytes(2, "big") * 2
+    return bytes(raw)
+
+
+HUGE = {  # name -> (bytes, given TensorFlow; what the message says)
+    # TensorFlow sizes a GIF by its largest frame, not the screen the header names.
+    "frame.gif": (lambda tf: gif([gif_frame(1, 1), gif_frame(60000, 60000)]),
+                  "60000x60000 pixels"),
+    # giflib holds every frame: 2,000 frames of 2000x2000 are 8e9 pixels.
+    "frames.gif": (lambda tf: gif([gif_frame(2000, 2000)] * 2000, screen=2000),
+                   "8,000,000,000"),
+    "big.png": (lambda tf: b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
+                + (100_000).to_bytes(4, "big") * 2 + b"\x08\x00\x00\x00\x00",
+                "100000x100000 pixels"),
+    "big.bmp": (lambda tf: b"BM" + b"\0" * 16 + (9000).to_bytes(4, "little")
+                + (-(2**31)).to_bytes(4, "little", signed=True) + b"\0" * 40,
+                "9000x2147483648 pixels"),
+    "big.jpg": (huge_jpeg, "60000x60000 pixels"),
+}
+
+
+@pytest.mark.parametrize("name", list(HUGE))
+def test_a_header_claiming_a_huge_image_is_refused_before_decoding(scratch, tf, name):
+    make, message = HUGE[name]
+    path = put(scratch, name, make(tf))
+    with pytest.raises(UserError) as ours:
+        with time_limit(5):
+            images.load_inputs([str(path)], tf)
+    with pytest.raises(kit.InputError) as theirs:
+        with time_limit(5):
+            kit.read_image(path, tf)
+    assert message in str(ours.value) and "the limit is" in str(ours.value), ours.value
+    assert "the limit is 8192 per side" in str(theirs.value), theirs.value
+
+
+# ---------------------------------------------------------------- special files
+
+
+def returns_within(seconds, fn, *args):
+    """fn(*args)'s exception (None if it returned), failing the test if it blocks."""
+    result = []
+
+    def run():
+        try:
+            fn(*args)
+            result.append(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            result.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert result, f"{getattr(fn, '__name__', fn)} still blocked after {seconds} s"
+    return result[0]
+
+
+def make_special(directory: Path, kind: str) -> Path:
+    path = directory / f"{kind}.png"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        return Path("/dev/zero")
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(path))
+        sock.close()
+    return path
+
+
+READERS = {  # name -> (call, the error it may raise)
+    "predict inputs": (lambda p, tf: images.load_inputs([str(p)], tf), UserError),
+    "predict --labels": (lambda p, tf: data_lib.read_idx(p, data_lib.LABELS_MAGIC), UserError),
+    "labels.txt": (lambda p, tf: predict_lib.read_class_names(p), UserError),
+    "kit images": (lambda p, tf: kit.load_images([str(p)], tf), kit.InputError),
+    "kit image": (lambda p, tf: kit.read_image(p, tf), kit.InputError),
+    "kit idx": (lambda p, tf: kit.read_idx(p), kit.InputError),
+}
+EXPECTED = {"fifo": "FIFO", "dev-zero": "device", "directory": "directory", "socket": "socket"}
+
+
+@pytest.mark.parametrize("kind", list(EXPECTED))
+@pytest.mark.parametrize("reader", list(READERS))
+def test_special_files_are_refused_at_once(tmp_path, tf, reader, kind):
+    path = make_special(tmp_path, kind)
+    call, error = READERS[reader]
+    err = returns_within(10, call, path, tf)
+    assert isinstance(err, error), repr(err)
+    msg = str(err)
+    assert "\n" not in msg and str(path) in msg and EXPECTED[kind] in msg, msg
+
+
+# ---------------------------------------------------------------- SavedModel assets
+
+
+def tiny_savedmodel(tf, directory: Path, classes: int = 10, outputs=("logits",
+                    "probabilities", "classes"), labels: bytes | None = None) -> Path:
+    """A stand-in SavedModel with lenet-dist's signature (or another), built in a second."""
+    class Tiny(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.uint8)])
+        def serve(self, images):
+            mean = tf.reduce_mean(tf.cast(images, tf.float32), axis=[1, 2, 3])
+            logits = mean[:, None] * tf.range(classes, dtype=tf.float32)[None] / 255.0
+            out = {"logits": logits, "probabilities": tf.nn.softmax(logits),
+                   "classes": tf.argmax(logits, axis=1)}
+            return {k: out[k] for k in outputs}
+
+    module = Tiny()
+    tf.saved_model.save(module, str(directory), signatures={"serving_default": module.serve})
+    if labels is not None:
+        (directory / "assets").mkdir(exist_ok=True)
+        (directory / "assets" / "labels.txt").write_bytes(labels)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def idx_input(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("inputs") / "few-idx3-ubyte"
+    return str(write_idx(path, np.full((3, 28, 28), 200)))
+
+
+TEN = "".join(f"class {i}\n" for i in range(10)).encode()
+
+
+@pytest.mark.parametrize("classes, outputs, labels, message", [
+    (10, None, TEN.replace(b"class 9\n", b""),
+     "assets/labels.txt has 9 class names for the model's 10 classes; it needs one name "
+     "per line, in class order"),
+    (10, None, TEN + b"extra\n", "has 11 class names for the model's 10 classes"),
+    (10, None, b"\xff\xfe" + TEN, "assets/labels.txt is not UTF-8 text (invalid start byte "
+     "at byte 0); it should hold one class name per line"),
+    (10, ("logits",), TEN, "serving_default signature has outputs ['logits'], not "
+     "probabilities and classes; is it a lenet-dist export?"),
+    (10, ("logits", "probabilities"), TEN, "not classes"),
+])
+def test_a_savedmodel_whose_assets_or_outputs_do_not_fit_is_one_line(
+        tmp_path, tf, idx_input, classes, outputs, labels, message):
+    kw = {"outputs": outputs} if outputs else {}
+    model = tiny_savedmodel(tf, tmp_path / "m", classes, labels=labels, **kw)
+    with pytest.raises(UserError) as err:
+        predict_lib.predict([idx_input], model=str(model))
+    assert message in str(err.value) and "\n" not in str(err.value), err.value
+    if outputs is None:  # the kit refuses the same labels file
+        with pytest.raises(kit.InputError, match="not 10 class names, one per line"):
+            kit.class_names(model)
+
+
+def test_a_savedmodel_without_labels_names_its_classes_by_number(tmp_path, tf, idx_input):
+    model = tiny_savedmodel(tf, tmp_path / "m", classes=3)
+    result = predict_lib.predict([idx_input], model=str(model), top=3)
+    assert [c for c, _ in result["rows"][0][1]] == ["2", "1", "0"]
+
+
+def test_a_fifo_labels_file_in_a_savedmodel_is_one_line(tmp_path, tf, idx_input):
+    model = tiny_savedmodel(tf, tmp_path / "m")
+    (model / "assets").mkdir(exist_ok=True)
+    os.mkfifo(model / "assets" / "labels.txt")
+    err = returns_within(30, predict_lib.predict, [idx_input], str(model))
+    assert isinstance(err, UserError) and str(err) == (
+        f"{model / 'assets' / 'labels.txt'} is a FIFO, not a regular file"), err
