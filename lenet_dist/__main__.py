@@ -1,5 +1,28 @@
+"""`python -m lenet_dist`, and the `lenet-dist` script's entry point.
+
+`cli.main` turns a Ctrl-C into one line, but importing `cli` (click, numpy)
+comes before it, and the interpreter's shutdown (JAX and Orbax tear down in
+atexit hooks) after it: Ctrl-C in either exits at once, one line, status 130.
+"""
+
+import contextlib
 import sys
 
-from lenet_dist.cli import main
+import _signal
 
-sys.exit(main())
+from lenet_dist.runtime import exit_interrupted, quick_interrupts
+
+
+def main() -> int:
+    with quick_interrupts():
+        from lenet_dist.cli import main as cli_main
+    code = cli_main()
+    with contextlib.suppress(OSError):  # a closed pipe: click has already said nothing
+        sys.stdout.flush()
+    if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+        _signal.signal(_signal.SIGINT, exit_interrupted)  # for the atexit hooks
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,27 +1,76 @@
 """`lenet-dist`: a thin click CLI. Each command parses options and calls the library.
 
 JAX-heavy modules are imported inside commands, after `runtime.configure`
-has set the device count and XLA flags, and so `--help` stays fast.
+has set the device count and XLA flags, and so `--help` stays fast. Start-up
+(configure and those imports) runs under `runtime.quick_interrupts`: Ctrl-C
+there exits at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import os
 import sys
 import time
+import traceback
 
 import click
 
-from lenet_dist import distributed
-from lenet_dist.config import DATASETS, DEFAULT_EXPORT_PLATFORMS, OPTIMIZERS, PRESETS
+from lenet_dist import distributed, runtime
+from lenet_dist.config import (DATASETS, DEFAULT_EXPORT_PLATFORMS, FLOAT_RANGES, INT32_MAX,
+                               INT_RANGES, OPTIMIZERS, PRESETS)
 from lenet_dist.distributed import DEFAULT_HEARTBEAT_TIMEOUT, MODES, JobSpec
-from lenet_dist.errors import Preempted, UserError
+from lenet_dist.errors import Preempted, UserError, first_line
+
+DEBUG_ENV = "LENET_DIST_DEBUG"
+
+
+class TextPath(click.Path):
+    """A path that is valid text. Bytes that are not UTF-8 reach Python as surrogate
+    escapes, which every later print, JSON write or C++ call would fail on."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str):
+            if not value:
+                self.fail("the path is empty", param, ctx)
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = os.fsencode(value).decode("ascii", "backslashreplace")
+                self.fail(f"'{shown}' is not valid text (bytes that are not UTF-8); "
+                          "rename it or choose another path", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """FloatRange that also refuses nan and inf (nan passes every comparison)."""
+
+    def convert(self, value, param, ctx):
+        rv = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return super().convert(rv, param, ctx)
+
+
+def int_range(field: str) -> click.IntRange:
+    return click.IntRange(*INT_RANGES[field])
+
+
+def float_range(field: str) -> FiniteFloatRange:
+    low, high, low_open, high_open = FLOAT_RANGES[field]
+    return FiniteFloatRange(low, high, min_open=low_open, max_open=high_open)
+
 
 DEVICES = click.option(
-    "--devices", type=click.IntRange(min=1), default=None,
+    "--devices", type=int_range("devices"), default=None,
     help="Devices in the data-parallel mesh, over all processes of a job [default: all]. "
          "On CPU, this many devices are simulated when the host has fewer.")
+
+
+# A day: the longest a survivor waits for a dead process; more is surely a typo.
+MAX_HEARTBEAT_TIMEOUT = 86_400
 
 
 def job_options(command):
@@ -42,13 +91,13 @@ def job_options(command):
         click.option("--coordinator-address", metavar="HOST:PORT", default=None,
                      envvar=["LENET_DIST_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS"],
                      show_envvar=True, help="Or join explicitly: process 0's address..."),
-        click.option("--num-processes", type=click.IntRange(min=1), default=None,
+        click.option("--num-processes", type=click.IntRange(1, INT32_MAX), default=None,
                      envvar="LENET_DIST_NUM_PROCESSES", show_envvar=True,
                      help="...the number of processes..."),
-        click.option("--process-id", type=click.IntRange(min=0), default=None,
+        click.option("--process-id", type=click.IntRange(0, INT32_MAX - 1), default=None,
                      envvar="LENET_DIST_PROCESS_ID", show_envvar=True,
                      help="...and this process's id (0 writes logs, metrics, exports)."),
-        click.option("--heartbeat-timeout", type=click.IntRange(min=1),
+        click.option("--heartbeat-timeout", type=click.IntRange(1, MAX_HEARTBEAT_TIMEOUT),
                      default=DEFAULT_HEARTBEAT_TIMEOUT, envvar="LENET_DIST_HEARTBEAT_TIMEOUT",
                      show_envvar=True,
                      help="Seconds after which the others stop, with one line, when a "
@@ -58,11 +107,22 @@ def job_options(command):
     return with_job
 
 
+@dataclasses.dataclass
+class Session:
+    """What `main` needs to know about the parsed command line after it fails."""
+
+    debug: bool = False
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"],
                                "show_default": True})
 @click.version_option(package_name="lenet-dist")
-def cli():
+@click.option("--debug", is_flag=True, envvar=DEBUG_ENV, show_envvar=True,
+              help="After an error's one line, also print its traceback.")
+@click.pass_context
+def cli(ctx, debug):
     """Train LeNet-5 data-parallel with jax.sharding, from a laptop to a TPU pod."""
+    ctx.ensure_object(Session).debug = debug
 
 
 @cli.command()
@@ -71,25 +131,28 @@ def cli():
 @DEVICES
 @click.option("--dataset", type=click.Choice(DATASETS), default=None,
               help="[default: fashion_mnist]")
-@click.option("--data-dir", type=click.Path(), default=None,
+@click.option("--data-dir", type=TextPath(), default=None,
               help="Directory of IDX files (gz or not); skips the TFDS/system lookup.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+@click.option("--batch-size", type=int_range("batch_size"), default=None,
               help="Global batch, split over devices [default: 128].")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="[default: 10]")
-@click.option("--learning-rate", "--lr", type=float, default=None, help="[default: 0.1]")
+@click.option("--epochs", type=int_range("epochs"), default=None, help="[default: 10]")
+@click.option("--learning-rate", "--lr", type=float_range("learning_rate"), default=None,
+              help="[default: 0.1]")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None,
               help="[default: sgd]")
-@click.option("--momentum", type=float, default=None, help="For --optimizer momentum.")
-@click.option("--seed", type=int, default=None, help="Init and data-order seed [default: 0].")
-@click.option("--eval-batch-size", type=click.IntRange(min=1), default=None,
+@click.option("--momentum", type=float_range("momentum"), default=None,
+              help="For --optimizer momentum.")
+@click.option("--seed", type=int_range("seed"), default=None,
+              help="Init and data-order seed [default: 0].")
+@click.option("--eval-batch-size", type=int_range("eval_batch_size"), default=None,
               help="[default: 1000, rounded up to a multiple of the devices]")
-@click.option("--train-limit", type=click.IntRange(min=1), default=None,
+@click.option("--train-limit", type=int_range("train_limit"), default=None,
               help="Train on the first N training images only.")
-@click.option("--workdir", type=click.Path(), default=None,
+@click.option("--workdir", type=TextPath(), default=None,
               help="Run directory for metrics.jsonl [default: runs/lenet].")
-@click.option("--save-every-steps", type=click.IntRange(min=0), default=None,
+@click.option("--save-every-steps", type=int_range("save_every_steps"), default=None,
               help="Also checkpoint every K steps mid-epoch (0: only at epoch ends).")
-@click.option("--keep-checkpoints", type=click.IntRange(min=1), default=None,
+@click.option("--keep-checkpoints", type=int_range("keep_checkpoints"), default=None,
               help="Keep the latest K checkpoints (and always the best) [default: 3].")
 @click.option("--checkpoint/--no-checkpoint", default=None,
               help="Save checkpoints and resume from them [default: on].")
@@ -105,19 +168,19 @@ def train(preset, devices, progress, allow_config_change, job, **overrides):
     128 + the signal number (143, 130); the same command then resumes. In a
     multi-process job a SIGTERM to any process stops all of them at the same step.
     """
-    from lenet_dist import runtime
     from lenet_dist.config import preset as get_preset
 
     config = get_preset(preset).replace(devices=devices, **overrides).validate()
     if progress is None:
         progress = sys.stderr.isatty()
-    runtime.configure(cpu_devices=config.devices, job=job)
-    from lenet_dist.train import train as run
+    with runtime.quick_interrupts():
+        runtime.configure(cpu_devices=config.devices, job=job)
+        from lenet_dist.train import train as run
 
     run(config, progress=progress, allow_config_change=allow_config_change)
 
 
-WORKDIR = click.option("--workdir", type=click.Path(), default="runs/lenet",
+WORKDIR = click.option("--workdir", type=TextPath(), default="runs/lenet",
                        help="Run directory holding checkpoints/.")
 
 
@@ -132,7 +195,7 @@ def checkpoint_choice(command):
 
     checked = click.option("--best", is_flag=True,
                            help="The checkpoint with the best test accuracy.")(checked)
-    return click.option("--step", type=click.IntRange(min=0), default=None,
+    return click.option("--step", type=click.IntRange(0, INT32_MAX), default=None,
                         help="Checkpoint step [default: latest].")(checked)
 
 
@@ -140,14 +203,13 @@ def checkpoint_choice(command):
 @WORKDIR
 @checkpoint_choice
 @DEVICES
-@click.option("--data-dir", type=click.Path(), default=None)
+@click.option("--data-dir", type=TextPath(), default=None)
 @job_options
 def eval_cmd(workdir, step, best, devices, data_dir, job):
     """Evaluate a checkpoint on the full test set (all 10,000 images)."""
-    from lenet_dist import runtime
-
-    runtime.configure(cpu_devices=devices, job=job)
-    from lenet_dist.evaluate import evaluate_checkpoint
+    with runtime.quick_interrupts():
+        runtime.configure(cpu_devices=devices, job=job)
+        from lenet_dist.evaluate import evaluate_checkpoint
 
     r = evaluate_checkpoint(workdir, step=step, best=best, devices=devices, data_dir=data_dir)
     if distributed.is_primary():
@@ -160,10 +222,9 @@ def eval_cmd(workdir, step, best, devices, data_dir, job):
 @WORKDIR
 def checkpoints(workdir):
     """List saved checkpoints with their test metrics; mark the best."""
-    from lenet_dist import runtime
-
-    runtime.configure()
-    from lenet_dist.evaluate import list_checkpoints
+    with runtime.quick_interrupts():
+        runtime.configure()
+        from lenet_dist.evaluate import list_checkpoints
 
     rows = list_checkpoints(workdir)
     if not rows:
@@ -178,10 +239,9 @@ def checkpoints(workdir):
 @cli.command()
 def summary():
     """Layer-by-layer output shapes for one 28x28 image, and the parameter count."""
-    from lenet_dist import runtime
-
-    runtime.configure()
-    from lenet_dist import model
+    with runtime.quick_interrupts():
+        runtime.configure()
+        from lenet_dist import model
 
     rows = model.layer_summary()
     click.echo(f"{'layer':<10}output shape")
@@ -197,38 +257,42 @@ def summary():
 @job_options
 def devices(devices, job):
     """Platform, devices, and the mesh that `--devices N` would build."""
-    from lenet_dist import runtime
-
-    runtime.configure(cpu_devices=devices, job=job)
-    from lenet_dist.mesh import describe, make_mesh
+    with runtime.quick_interrupts():
+        runtime.configure(cpu_devices=devices, job=job)
+        from lenet_dist.mesh import describe, make_mesh
 
     click.echo(describe(make_mesh(devices)))
 
 
+# Each round trains every device count from scratch: 100 rounds is days on a CPU.
+MAX_BENCH_ROUNDS = 100
+
+
 @cli.command()
-@click.option("--devices", "device_counts", type=click.IntRange(min=1), multiple=True,
-              default=(1, 8), help="Device counts to compare (repeat the option).")
-@click.option("--epochs", type=click.IntRange(min=2), default=3,
+@click.option("--devices", "device_counts", multiple=True, default=(1, 8),
+              # One host: no more accelerators than CPU devices can be simulated.
+              type=click.IntRange(1, runtime.MAX_SIMULATED_CPU_DEVICES),
+              help="Device counts to compare (repeat the option).")
+@click.option("--epochs", type=click.IntRange(2, INT_RANGES["epochs"][1]), default=3,
               help="Epochs per run; the first (compilation) is not counted.")
-@click.option("--rounds", type=click.IntRange(min=1), default=2,
+@click.option("--rounds", type=click.IntRange(1, MAX_BENCH_ROUNDS), default=2,
               help="Interleaved repetitions, to see the machine's noise.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+@click.option("--batch-size", type=int_range("batch_size"), default=None,
               help="[default: 128; 256 with --serving]")
-@click.option("--data-dir", type=click.Path(), default=None)
+@click.option("--data-dir", type=TextPath(), default=None)
 @click.option("--checkpoint-cost", is_flag=True,
               help="Compare checkpointing on vs off on the first device count instead.")
 @click.option("--serving", is_flag=True,
               help="Instead: inference, exported SavedModel vs jitted JAX, in one process.")
-@click.option("--workdir", type=click.Path(), default=None,
+@click.option("--workdir", type=TextPath(), default=None,
               help="With --serving: export this run's latest checkpoint [default: fresh init].")
 def bench(device_counts, epochs, rounds, batch_size, data_dir, checkpoint_cost, serving,
           workdir):
     """Steady-state training images/s per device count, each in a fresh process."""
     if serving:
-        from lenet_dist import runtime
-
-        runtime.configure(cpu_devices=1)
-        from lenet_dist.bench import bench_serving
+        with runtime.quick_interrupts():
+            runtime.configure(cpu_devices=1)
+            from lenet_dist.bench import bench_serving
 
         bench_serving(workdir, batch_size=batch_size or 256, rounds=max(rounds, 3),
                       echo=click.echo)
@@ -242,13 +306,13 @@ def bench(device_counts, epochs, rounds, batch_size, data_dir, checkpoint_cost, 
 @cli.command("export")
 @WORKDIR
 @checkpoint_choice
-@click.option("--out", type=click.Path(), required=True,
+@click.option("--out", type=TextPath(), required=True,
               help="SavedModel directory to create; for TF Serving, end it with a "
                    "version folder: models/lenet/1.")
 @click.option("--platforms", default=",".join(DEFAULT_EXPORT_PLATFORMS),
               help="Comma-separated platforms to serialize for: cpu, cuda, rocm, tpu.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-@click.option("--data-dir", type=click.Path(), default=None,
+@click.option("--data-dir", type=TextPath(), default=None,
               help="Where the test images for the export-time check are.")
 @job_options
 def export_cmd(workdir, step, best, out, platforms, overwrite, data_dir, job):
@@ -257,10 +321,9 @@ def export_cmd(workdir, step, best, out, platforms, overwrite, data_dir, job):
     The model is loaded back and compared with JAX before it is moved to --out.
     In a multi-process job every process restores and process 0 exports.
     """
-    from lenet_dist import runtime
-
-    runtime.configure(cpu_devices=None if job.enabled else 1, job=job)
-    from lenet_dist.export import export_checkpoint
+    with runtime.quick_interrupts():
+        runtime.configure(cpu_devices=None if job.enabled else 1, job=job)
+        from lenet_dist.export import export_checkpoint
 
     info = export_checkpoint(workdir, out, step=step, best=best, platforms=platforms,
                              overwrite=overwrite, data_dir=data_dir)
@@ -279,10 +342,10 @@ def export_cmd(workdir, step, best, out, platforms, overwrite, data_dir, job):
 
 
 @cli.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path())
-@click.option("--model", type=click.Path(), default=None,
+@click.argument("inputs", nargs=-1, required=True, type=TextPath())
+@click.option("--model", type=TextPath(), default=None,
               help="An exported SavedModel directory (TensorFlow only, no JAX).")
-@click.option("--workdir", type=click.Path(), default=None,
+@click.option("--workdir", type=TextPath(), default=None,
               help="Or a run directory: predict from its checkpoint in JAX.")
 @checkpoint_choice  # with --workdir
 @click.option("--top", type=click.IntRange(min=1, max=10), default=1,
@@ -290,7 +353,7 @@ def export_cmd(workdir, step, best, out, platforms, overwrite, data_dir, job):
 @click.option("--invert", is_flag=True,
               help="Invert pixels: for dark objects on a light background "
                    "(Fashion-MNIST is light on dark).")
-@click.option("--labels", type=click.Path(), default=None,
+@click.option("--labels", type=TextPath(), default=None,
               help="IDX labels file for IDX inputs: also print the accuracy.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--quiet", "-q", is_flag=True, help="Only the accuracy (with --labels).")
@@ -304,12 +367,11 @@ def predict(inputs, model, workdir, step, best, top, invert, labels, as_json, qu
         raise click.UsageError("give exactly one of --model (SavedModel) or --workdir")
     if model is not None and (step is not None or best):
         raise click.UsageError("--step/--best choose a checkpoint; use them with --workdir")
-    if workdir is not None:
-        from lenet_dist import runtime
-
-        runtime.configure(cpu_devices=1)
-    from lenet_dist.predict import format_rows
-    from lenet_dist.predict import predict as run
+    with runtime.quick_interrupts():
+        if workdir is not None:
+            runtime.configure(cpu_devices=1)
+        from lenet_dist.predict import format_rows
+        from lenet_dist.predict import predict as run
 
     result = run(inputs, model=model, workdir=workdir, step=step, best=best, invert=invert,
                  top=top, labels=labels)
@@ -320,13 +382,19 @@ def predict(inputs, model, workdir, step, best, top, invert, labels, as_json, qu
         click.echo(f"accuracy {result['accuracy']:.4f} on {len(result['classes']):,} images")
 
 
+# Each local process is a whole Python with JAX (0.2-0.5 GB measured); 64 fill a large
+# workstation. A job longer than 30 days does not belong on one machine's launcher.
+MAX_LOCAL_PROCESSES = 64
+MAX_LAUNCH_SECONDS = 30 * 86_400
+
+
 @cli.command(context_settings={"ignore_unknown_options": True,
                                "allow_interspersed_args": False})
-@click.option("--processes", "-n", type=click.IntRange(min=1), default=2,
+@click.option("--processes", "-n", type=click.IntRange(1, MAX_LOCAL_PROCESSES), default=2,
               help="Local processes, each one process of the job.")
-@click.option("--timeout", type=click.FloatRange(min=1), default=3600,
+@click.option("--timeout", type=FiniteFloatRange(1, MAX_LAUNCH_SECONDS), default=3600,
               help="Seconds before every process is killed (exit 124).")
-@click.option("--grace", type=click.FloatRange(min=0), default=30,
+@click.option("--grace", type=FiniteFloatRange(0, MAX_LAUNCH_SECONDS), default=30,
               help="Seconds the others get to exit after one process fails, "
                    "before they are killed.")
 @click.option("--port", type=click.IntRange(1, 65535), default=None,
@@ -346,32 +414,50 @@ def launch(processes, timeout, grace, port, command):
 
 
 def main(argv=None) -> int:
-    """Entry point: every failure is one line on stderr and a non-zero exit."""
+    """Entry point: every failure is one line on stderr and a non-zero exit; with
+    --debug (or LENET_DIST_DEBUG=1) the traceback follows the line."""
+    session = Session()
     try:
-        rv = cli.main(args=argv, prog_name="lenet-dist", standalone_mode=False)
+        rv = cli.main(args=argv, prog_name="lenet-dist", standalone_mode=False, obj=session)
         return rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.ClickException as e:
-        click.echo(f"error: {e.format_message()}", err=True)
-        return e.exit_code
+        return report(f"error: {e.format_message()}", e, e.exit_code, session)
     except UserError as e:
-        click.echo(f"error: {e}", err=True)
-        return e.exit_code
+        return report(f"error: {e}", e, e.exit_code, session)
     except Preempted as e:
-        click.echo(f"{e}", err=True)
-        return e.exit_code
+        return report(f"{e}", e, e.exit_code, session)
     except OSError as e:  # permissions, full disk, ...: the last line of defence
         lost_process_exit(e)
         where = f" ({e.filename})" if e.filename else ""
-        click.echo(f"error: {e.strerror or e}{where}", err=True)
-        return 1
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        click.echo("error: interrupted", err=True)
-        return 130
+        return report(f"error: {e.strerror or e}{where}", e, 1, session)
+    except (KeyboardInterrupt, click.exceptions.Abort) as e:
+        return report("error: interrupted", e, 130, session)
     except Exception as e:
         lost_process_exit(e)
-        raise
+        return report(f"error: internal error: {type(e).__name__}: {first_line(e)}; rerun "
+                      f"with --debug (or {DEBUG_ENV}=1) for the traceback", e, 1, session)
+
+
+def debug_from_env() -> bool:
+    """LENET_DIST_DEBUG as click reads a flag, for failures before the group parsed it."""
+    value = os.environ.get(DEBUG_ENV, "").strip().lower()
+    return value in ("1", "true", "t", "yes", "y", "on")
+
+
+def report(line: str, e: BaseException, code: int, session: Session) -> int:
+    """Print the one line; in debug mode, then the traceback, with the library error
+    that a `raise ... from None` hid (the part worth seeing)."""
+    click.echo(line, err=True)
+    if session.debug or debug_from_env():
+        seen, chain = e, set()
+        while seen is not None and id(seen) not in chain:
+            chain.add(id(seen))
+            seen.__suppress_context__ = False
+            seen = seen.__cause__ or seen.__context__
+        sys.stderr.write("".join(traceback.format_exception(e)))
+    return code
 
 
 def lost_process_exit(e: BaseException) -> None:

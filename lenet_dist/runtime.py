@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
-import tempfile
+
+# `signal` without its enums: __main__ imports this module first, and the enum
+# set-up of `signal` alone took 50+ ms on a busy machine, a window for Ctrl-C.
+import _signal
 
 # Measured on the 2-core dev machine (see README, "Throughput"): routing
 # XLA:CPU convolutions and matmuls to oneDNN made the per-step loop about
@@ -28,32 +32,114 @@ def add_xla_flags(flags: tuple[str, ...] = CPU_XLA_FLAGS) -> None:
     os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
 
 
+def exit_interrupted(*_) -> None:
+    """A SIGINT handler: one line and exit 130 at once, without unwinding."""
+    os.write(2, b"error: interrupted\n")
+    os._exit(130)
+
+
+@contextlib.contextmanager
+def quick_interrupts():
+    """Ctrl-C exits at once (`exit_interrupted`) while heavy modules import and JAX
+    starts. A KeyboardInterrupt raised there lands anywhere: in a native module's
+    init (measured: an abort with a traceback), in JAX's gc callback (measured:
+    ignored, and the command went on to exit 0), or in a half-imported module.
+    Nothing is written yet at that point, so there is nothing to unwind."""
+    if _signal.getsignal(_signal.SIGINT) is not _signal.default_int_handler:
+        yield  # ignored (a background job) or already handled: leave it so
+        return
+    _signal.signal(_signal.SIGINT, exit_interrupted)
+    try:
+        yield
+    finally:
+        _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+
+
+# Simulated CPU devices cost memory and start-up time that grow faster than their
+# number. Measured on the 2-core dev machine: `lenet-dist devices --devices N` took
+# 0.8 s for 8, 1.2 s for 512, 3.5 s for 2,048 and 13 s for 4,096 (1.4 GB); one
+# epoch of a tiny run on 512 took 27 s and 2.7 GB. Real accelerators are not capped.
+MAX_SIMULATED_CPU_DEVICES = 512
+
+
 def configure(cpu_devices: int | None = None, job=None) -> None:
     """Prepare JAX: join the multi-process `job` (a `distributed.JobSpec`) if any,
     then `cpu_devices` simulated CPU devices (the global count: each process of a
-    job simulates its share), fast CPU kernels.
+    job simulates its share), fast CPU kernels; then start the backend, so that a
+    platform that is not here fails now, in one line.
 
     Simulating devices only changes the CPU backend; on a GPU/TPU host the
     accelerators stay the default backend.
     """
     if os.environ.get("LENET_DIST_ONEDNN", "1") != "0":
         add_xla_flags()
+    with quick_interrupts():
+        _configure(cpu_devices, job)
+
+
+def _configure(cpu_devices: int | None, job) -> None:
+    from lenet_dist.errors import UserError, first_line
+
+    try:
+        import jax
+    except ValueError as e:  # JAX parses its JAX_* variables at import
+        raise UserError(f"JAX rejects its environment: {first_line(e)}; fix or unset that "
+                        "variable") from None
+    if jax.config.jax_num_cpu_devices > MAX_SIMULATED_CPU_DEVICES:
+        raise UserError(f"JAX_NUM_CPU_DEVICES={jax.config.jax_num_cpu_devices} asks for more "
+                        f"simulated CPU devices than the {MAX_SIMULATED_CPU_DEVICES} that can "
+                        "be; lower or unset it (lenet-dist's --devices sets the count)")
     if job is not None:
         from lenet_dist import distributed
 
         cpu_devices = distributed.join(job, cpu_devices)
-    import jax
-
-    if cpu_devices is not None and cpu_devices > jax.config.jax_num_cpu_devices:
+    simulate = cpu_devices is not None and cpu_devices <= MAX_SIMULATED_CPU_DEVICES
+    if simulate and cpu_devices > jax.config.jax_num_cpu_devices:
         try:
             jax.config.update("jax_num_cpu_devices", cpu_devices)
         except RuntimeError:  # the backend already started with fewer: never ignore it
-            from lenet_dist.errors import UserError
-
             raise UserError(
                 f"--devices {cpu_devices} asks for more CPU devices than the "
                 f"{jax.config.jax_num_cpu_devices} present; JAX has already started, "
                 "so no more can be simulated") from None
+    start_backend()
+    if cpu_devices is not None and not simulate and jax.default_backend() == "cpu":
+        per_process = " per process" if jax.process_count() > 1 else ""
+        raise UserError(
+            f"--devices asks for {cpu_devices:,} simulated CPU devices{per_process}; at "
+            f"most {MAX_SIMULATED_CPU_DEVICES} can be simulated, so ask for fewer (on a "
+            "GPU/TPU host, install lenet-dist[cuda] or [tpu] to use the accelerators)")
+
+
+def start_backend() -> None:
+    """Start JAX's backend now; a platform asked for (JAX_PLATFORMS) that is not here,
+    or an accelerator plugin that fails to load, becomes one UserError, where JAX
+    would raise a RuntimeError (an AssertionError for CUDA without a GPU) from
+    whichever line first touched a device."""
+    import jax
+
+    from lenet_dist.errors import UserError, first_line
+
+    try:
+        jax.devices()
+    except (RuntimeError, AssertionError) as e:
+        wanted = jax.config.jax_platforms
+        text = str(e)
+        if "Unable to initialize backend" not in text and not (
+                isinstance(e, AssertionError) and wanted):
+            raise  # not about platforms (e.g. a job's topology exchange failed)
+        # JAX's own advice ("set JAX_PLATFORMS=''") is replaced by ours below.
+        hint = re.compile(r"\s*\((set JAX_PLATFORMS|you may need)[^)]*\)\.?\s*$")
+        reason = first_line(RuntimeError(hint.sub("", text)), limit=300).rstrip(".")
+        if wanted:
+            if isinstance(e, AssertionError):
+                reason = "no NVIDIA GPU is visible"
+            raise UserError(
+                f"JAX_PLATFORMS={wanted} asks for a platform that is not available here: "
+                f"{reason}; unset JAX_PLATFORMS (or set it to cpu) to use what is "
+                "present") from None
+        raise UserError(f"JAX could not start: {reason}; set JAX_PLATFORMS=cpu to skip "
+                        "the failing accelerator, or fix or uninstall its plugin") from None
 
 
 # INFO lines TensorFlow's C++ prints while it loads. Once jaxlib has set up
@@ -66,6 +152,8 @@ TF_IMPORT_NOISE = ("absl::InitializeLog", "oneDNN custom operations are on",
 def filtered_stderr(noise: tuple[str, ...] = ("",)):
     """Capture file descriptor 2 (where C/C++ libraries log); replay the lines that
     contain none of `noise` (by default none are replayed)."""
+    import tempfile  # here: __main__ imports this module before anything else
+
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as capture:

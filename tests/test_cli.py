@@ -1,16 +1,20 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from lenet_dist.cli import main
+from lenet_dist.config import Config
+from lenet_dist.errors import UserError
 from tests.conftest import REAL_DIR, real_data_available, write_dataset
 
 
-def run_cli(*args, cwd=None):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+def run_cli(*args, cwd=None, env=None):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **(env or {}))
     return subprocess.run([sys.executable, "-m", "lenet_dist", *args], capture_output=True,
                           text=True, cwd=cwd, env=env, timeout=300)
 
@@ -51,11 +55,11 @@ def test_bad_input_in_a_subprocess_is_one_line():
     proc = run_cli("train", "--devices", "0")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: Invalid value for '--devices': 0 is not in the range x>=1."]
+        "error: Invalid value for '--devices': 0 is not in the range 1<=x<=2147483647."]
 
 
 @pytest.mark.parametrize("args, message", [
-    (["train", "--devices", "-2"], "'--devices': -2 is not in the range x>=1"),
+    (["train", "--devices", "-2"], "'--devices': -2 is not in the range 1<=x<=2147483647"),
     (["train", "--devices", "two"], "'two' is not a valid integer"),
     (["train", "--devices", "9"], "--devices 9 asks for more CPU devices than the 8 present"),
     (["train", "--devices", "3"], "--batch-size 128 does not divide over 3 devices; "
@@ -63,7 +67,7 @@ def test_bad_input_in_a_subprocess_is_one_line():
     (["train", "--devices", "8", "--batch-size", "100"], "e.g. 96, 104"),
     (["train", "--data-dir", "/no/such/dir"], "--data-dir /no/such/dir does not exist"),
     (["train", "--dataset", "cifar"], "'cifar' is not one of 'fashion_mnist', 'mnist'"),
-    (["train", "--learning-rate", "-1"], "--learning-rate must be > 0"),
+    (["train", "--learning-rate", "-1"], "-1.0 is not in the range 0.0<x<=10.0"),
     (["train", "--train-limit", "10"], "--train-limit 10 is smaller than one batch"),
     (["frobnicate"], "No such command 'frobnicate'"),
 ])
@@ -79,3 +83,97 @@ def test_broken_idx_dir_is_one_line(capsys, devices, tmp_path):
     assert main(["train", "--devices", "1", "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is truncated inside its header" in err[0]
+
+
+def test_debug_prints_the_line_then_the_traceback():
+    plain = run_cli("train", "--lr", "nan", env={"LENET_DIST_DEBUG": "0"})
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    for args, env in ((["--debug", "train", "--lr", "nan"], {}),
+                      (["train", "--lr", "nan"], {"LENET_DIST_DEBUG": "1"})):
+        proc = run_cli(*args, env=env)
+        lines = proc.stderr.splitlines()
+        assert proc.returncode == 2, proc.stderr
+        assert lines[0] == plain.stderr.strip(), proc.stderr
+        assert lines[1].startswith("Traceback") and "BadParameter" in proc.stderr
+
+
+def test_an_unexpected_exception_is_one_line_and_exit_1(capsys, monkeypatch):
+    from lenet_dist import runtime
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("boom\nsecond line")
+
+    monkeypatch.setattr(runtime, "configure", broken)
+    monkeypatch.delenv("LENET_DIST_DEBUG", raising=False)
+    assert main(["summary"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: internal error: ZeroDivisionError: boom; rerun with --debug "
+        "(or LENET_DIST_DEBUG=1) for the traceback"]
+    assert main(["--debug", "summary"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: internal error: ZeroDivisionError: boom;")
+    assert "Traceback" in err and "in broken" in err
+
+
+@pytest.mark.parametrize("field, value", [
+    ("learning_rate", float("nan")), ("learning_rate", float("inf")), ("learning_rate", 0.0),
+    ("learning_rate", 11.0), ("momentum", 1.0), ("momentum", -0.1), ("momentum", float("nan")),
+    ("seed", -1), ("seed", 2**32), ("eval_batch_size", 16_385), ("batch_size", 0),
+    ("epochs", 10_001), ("devices", 0), ("save_every_steps", -1), ("keep_checkpoints", 0),
+])
+def test_config_validate_refuses_numbers_out_of_range(field, value):
+    with pytest.raises(UserError, match="--" + field.replace("_", "-")):
+        Config(**{field: value}).validate()
+
+
+def test_config_validate_accepts_the_edges():
+    Config(learning_rate=10.0, momentum=0.0, seed=2**32 - 1, eval_batch_size=16_384,
+           batch_size=65_536, epochs=10_000, train_limit=65_536).validate()
+
+
+def test_a_path_that_is_not_text_is_a_usage_error(capsys):
+    assert main(["checkpoints", "--workdir", "runs/\udcff"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: Invalid value for '--workdir': 'runs/\\xff' is not valid text (bytes that "
+        "are not UTF-8); rename it or choose another path"]
+
+
+# Run the CLI with Ctrl-C acting as in a terminal: a shell started in the background (as
+# CI runners may) hands its children SIGINT ignored, and Python then never raises
+# KeyboardInterrupt.
+SIGINT_AS_IN_A_TERMINAL = ("import runpy, signal, sys; "
+                           "signal.signal(signal.SIGINT, signal.default_int_handler); ")
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_130(tmp_path):
+    """SIGINT at delays spread over start-up (imports, JAX start): never a traceback."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env.pop("LENET_DIST_DEBUG", None)
+    launch = SIGINT_AS_IN_A_TERMINAL + ("sys.argv[0] = 'lenet-dist'; "
+                                        "runpy.run_module('lenet_dist', run_name='__main__')")
+    args = [sys.executable, "-c", launch, "eval", "--workdir", str(tmp_path)]
+
+    def timed(cmd):
+        start = time.monotonic()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+        return time.monotonic() - start, proc
+
+    # Until lenet_dist's first module has run, a Ctrl-C is the interpreter's own.
+    ready = max(timed([sys.executable, "-c", SIGINT_AS_IN_A_TERMINAL +
+                       "import lenet_dist.runtime"])[0] for _ in range(3))
+    total, proc = timed(args)
+    assert proc.returncode == 2 and "no checkpoints in" in proc.stderr, proc.stderr
+    first, last = 2 * ready + 0.05, 0.6 * total
+    interrupted = 0
+    for k in range(6):
+        child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, env=env)
+        time.sleep(first + k * (last - first) / 5)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=120)
+        if child.returncode in (2, -signal.SIGINT) and err.startswith("error: no checkpoints"):
+            continue  # start-up was over (-2: the signal landed in the interpreter's last
+            # teardown, after Python restored the default handler: silent, output complete)
+        assert (child.returncode, err) == (130, "error: interrupted\n"), (k, err)
+        interrupted += 1
+    assert interrupted >= 4

@@ -1,0 +1,415 @@
+"""Every bad input a user can give, one table: each row runs `python -m lenet_dist` in a
+subprocess and must end with one line on stderr, `error: ...`, the right exit code
+(2: usage, 1: runtime failure), no traceback, and the trained run's checkpoints and
+metrics and an exported model byte-for-byte as they were.
+
+The README's bad-input section is `render_readme()` of this table; a test checks it.
+`python tests/test_bad_inputs.py` prints that section for pasting.
+
+To add a case, append a `Case` to CASES (a `setup` may plant files in the case's own
+directory, which holds private copies of the trained run and the export).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+BEGIN, END = "<!-- bad-inputs:begin -->", "<!-- bad-inputs:end -->"
+TIMEOUT = 120  # seconds per case; the slowest start JAX or TensorFlow (~5 s alone)
+WORKERS = 3    # concurrent cases: the CI machine has 2 cores, and most cases just wait
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One bad input. In `argv`, {run} is a trained workdir, {model} an exported
+    SavedModel (both private copies), {data} the IDX data directory, {dir} the case's
+    own directory (also the working directory). A `bytes` argument is passed as is
+    (e.g. a path that is not UTF-8)."""
+
+    id: str
+    argv: tuple[str | bytes, ...]
+    code: int
+    message: str  # a part of the one stderr line (after "error: ")
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    setup: Callable[[Path], None] | None = None
+    xfail: str | None = None  # the reason, for a known failure in a file owned elsewhere
+
+    def uses(self, name: str) -> bool:
+        return any(isinstance(a, str) and "{" + name + "}" in a for a in self.argv)
+
+
+def _write(name: str, content: bytes) -> Callable[[Path], None]:
+    return lambda d: (d / name).write_bytes(content)
+
+
+JOB = ("--coordinator-address", "127.0.0.1:1", "--num-processes", "2")
+FF = b"\xff"  # a byte that is never UTF-8
+
+CASES: list[Case] = [
+    # --- train: numbers --------------------------------------------------------------
+    Case("train-devices-zero", ("train", "--devices", "0"), 2,
+         "Invalid value for '--devices': 0 is not in the range 1<=x<=2147483647."),
+    Case("train-devices-word", ("train", "--devices", "two"), 2,
+         "Invalid value for '--devices': 'two' is not a valid integer range."),
+    Case("train-devices-overflow", ("train", "--devices", "99999999999999999999"), 2,
+         "'--devices': 99999999999999999999 is not in the range 1<=x<=2147483647."),
+    Case("train-devices-simulated-cap", ("train", "--devices", "100000"), 2,
+         "--devices asks for 100,000 simulated CPU devices; at most 512 can be simulated"),
+    Case("train-lr-nan", ("train", "--lr", "nan"), 2,
+         "Invalid value for '--learning-rate' / '--lr': nan is not a finite number"),
+    Case("train-lr-inf", ("train", "--lr", "inf"), 2,
+         "Invalid value for '--learning-rate' / '--lr': inf is not a finite number"),
+    Case("train-lr-overflow", ("train", "--learning-rate", "1e400"), 2,
+         "Invalid value for '--learning-rate' / '--lr': 1e400 is not a finite number"),
+    Case("train-lr-negative", ("train", "--lr", "-1"), 2,
+         "'--learning-rate' / '--lr': -1.0 is not in the range 0.0<x<=10.0."),
+    Case("train-lr-typo", ("train", "--lr", "1e3"), 2,
+         "'--learning-rate' / '--lr': 1000.0 is not in the range 0.0<x<=10.0."),
+    Case("train-momentum-above-one", ("train", "--momentum", "1.5"), 2,
+         "Invalid value for '--momentum': 1.5 is not in the range 0.0<=x<1.0."),
+    Case("train-momentum-nan", ("train", "--momentum", "nan"), 2,
+         "Invalid value for '--momentum': nan is not a finite number"),
+    Case("train-seed-negative", ("train", "--seed", "-1"), 2,
+         "Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295."),
+    Case("train-seed-overflow", ("train", "--seed", "99999999999999999999"), 2,
+         "'--seed': 99999999999999999999 is not in the range 0<=x<=4294967295."),
+    Case("train-eval-batch-huge", ("train", "--eval-batch-size", "1000000"), 2,
+         "'--eval-batch-size': 1000000 is not in the range 1<=x<=16384."),
+    Case("train-batch-zero", ("train", "--batch-size", "0"), 2,
+         "Invalid value for '--batch-size': 0 is not in the range 1<=x<=65536."),
+    Case("train-batch-huge", ("train", "--batch-size", "10000000"), 2,
+         "'--batch-size': 10000000 is not in the range 1<=x<=65536."),
+    Case("train-epochs-overflow", ("train", "--epochs", "99999999999999999999"), 2,
+         "'--epochs': 99999999999999999999 is not in the range 1<=x<=10000."),
+    Case("train-limit-below-batch", ("train", "--train-limit", "10"), 2,
+         "--train-limit 10 is smaller than one batch (128); raise it or lower --batch-size"),
+    Case("train-limit-overflow", ("train", "--train-limit", "99999999999999999999"), 2,
+         "'--train-limit': 99999999999999999999 is not in the range 1<=x<=2147483647."),
+    Case("train-save-every-negative", ("train", "--save-every-steps", "-1"), 2,
+         "'--save-every-steps': -1 is not in the range 0<=x<=2147483647."),
+    Case("train-keep-zero", ("train", "--keep-checkpoints", "0"), 2,
+         "'--keep-checkpoints': 0 is not in the range 1<=x<=2147483647."),
+    # --- train: choices, paths, job options -------------------------------------------
+    Case("train-dataset-unknown", ("train", "--dataset", "cifar"), 2,
+         "'--dataset': 'cifar' is not one of 'fashion_mnist', 'mnist'."),
+    Case("train-preset-unknown", ("train", "--preset", "huge"), 2,
+         "Invalid value for '--preset': 'huge' is not one of 'seed', 'smoke'."),
+    Case("train-data-dir-missing", ("train", "--devices", "1", "--data-dir", "{dir}/nodata"),
+         2, "--data-dir {dir}/nodata does not exist"),
+    Case("train-data-dir-not-utf8", ("train", "--data-dir", FF + b"data"), 2,
+         "Invalid value for '--data-dir': '\\xffdata' is not valid text"),
+    Case("train-workdir-not-utf8", ("train", "--workdir", b"runs/" + FF), 2,
+         "Invalid value for '--workdir': 'runs/\\xff' is not valid text"),
+    Case("train-workdir-empty", ("train", "--workdir", ""), 2,
+         "Invalid value for '--workdir': the path is empty"),
+    Case("train-workdir-is-a-file", ("train", "--devices", "1", "--data-dir", "{data}",
+                                      "--workdir", "{dir}/file"), 2,
+         "--workdir {dir}/file is a file, not a directory; choose another path",
+         setup=_write("file", b"not a directory")),
+    Case("train-data-dir-is-a-file", ("train", "--devices", "1", "--data-dir", "{dir}/file"), 2,
+         "--data-dir {dir}/file does not exist or is not a directory",
+         setup=_write("file", b"not a directory")),
+    Case("train-heartbeat-huge", ("train", "--heartbeat-timeout", "1000000"), 2,
+         "'--heartbeat-timeout' (env var: 'LENET_DIST_HEARTBEAT_TIMEOUT'): 1000000 is not in "
+         "the range 1<=x<=86400."),
+    Case("train-job-incomplete", ("train", "--process-id", "0"), 2,
+         "a job needs --coordinator-address, --num-processes and --process-id together"),
+    Case("train-job-bad-address", ("train", "--coordinator-address", "nohost", "--num-processes",
+                                   "2", "--process-id", "0"), 2,
+         "--coordinator-address 'nohost': expected HOST:PORT, e.g. 10.0.0.2:8476"),
+    Case("train-job-id-outside", ("train", *JOB, "--process-id", "2"), 2,
+         "--process-id 2 must be in 0..1 for --num-processes 2"),
+    Case("train-job-env-not-a-number", ("train",), 2,
+         "'--num-processes' (env var: 'LENET_DIST_NUM_PROCESSES'): 'two' is not a valid "
+         "integer range.", env={"LENET_DIST_NUM_PROCESSES": "two"}),
+    Case("train-platform-absent", ("train", "--devices", "1", "--data-dir", "{data}"), 2,
+         "JAX_PLATFORMS=tpu asks for a platform that is not available here",
+         env={"JAX_PLATFORMS": "tpu"}),
+    Case("train-jax-env-not-a-bool", ("train", "--devices", "1"), 2,
+         "JAX rejects its environment: invalid truth value 'maybe' for environment "
+         "'JAX_ENABLE_X64'; fix or unset that variable", env={"JAX_ENABLE_X64": "maybe"}),
+    # Config mismatch with the saved run, a busy (locked) workdir, corrupt checkpoints:
+    # cases for those go here, with a `setup` that prepares {run}.
+    # --- eval, checkpoints --------------------------------------------------------------
+    Case("eval-step-absent", ("eval", "--workdir", "{run}", "--step", "99"), 2,
+         "no checkpoint at step 99; available:"),
+    Case("eval-step-and-best", ("eval", "--workdir", "{run}", "--step", "4", "--best"), 2,
+         "--step and --best are exclusive; give one"),
+    Case("eval-step-negative", ("eval", "--step", "-1"), 2,
+         "Invalid value for '--step': -1 is not in the range 0<=x<=2147483647."),
+    Case("eval-no-checkpoints", ("eval", "--workdir", "{dir}"), 2, "no checkpoints in {dir}"),
+    Case("checkpoints-no-run", ("checkpoints", "--workdir", "{dir}/none"), 2,
+         "no checkpoints in {dir}/none"),
+    Case("checkpoints-not-utf8", ("checkpoints", "--workdir", FF), 2,
+         "Invalid value for '--workdir': '\\xff' is not valid text"),
+    # --- export -----------------------------------------------------------------------
+    Case("export-no-out", ("export", "--workdir", "{run}"), 2, "Missing option '--out'."),
+    Case("export-out-exists", ("export", "--workdir", "{run}", "--out", "{model}"), 2,
+         "{model} already exists; pass --overwrite to replace it"),
+    Case("export-out-is-the-run", ("export", "--workdir", "{run}", "--out", "{run}"), 2,
+         "--out {run} would replace the training run ({run}); choose a new directory"),
+    Case("export-platform-unknown", ("export", "--workdir", "{run}", "--out", "{dir}/m",
+                                     "--platforms", "metal"), 2,
+         "--platforms metal: choose from cpu, cuda, rocm, tpu"),
+    Case("export-out-not-utf8", ("export", "--workdir", "{run}", "--out", b"model-" + FF), 2,
+         "Invalid value for '--out': 'model-\\xff' is not valid text"),
+    # --- predict ------------------------------------------------------------------------
+    Case("predict-no-inputs", ("predict", "--model", "{model}"), 2,
+         "Missing argument 'INPUTS...'."),
+    Case("predict-model-and-workdir", ("predict", "--model", "{model}", "--workdir", "{run}",
+                                       "x.png"), 2,
+         "give exactly one of --model (SavedModel) or --workdir"),
+    Case("predict-step-with-model", ("predict", "--model", "{model}", "--step", "4", "x.png"),
+         2, "--step/--best choose a checkpoint; use them with --workdir"),
+    Case("predict-top-zero", ("predict", "--model", "{model}", "--top", "0", "x.png"), 2,
+         "Invalid value for '--top': 0 is not in the range 1<=x<=10."),
+    Case("predict-not-a-model", ("predict", "--model", "{dir}", "x.png"), 2,
+         "{dir} is not a SavedModel directory (no saved_model.pb)"),
+    Case("predict-input-not-utf8", ("predict", "--model", "{model}", FF + b".png"), 2,
+         "Invalid value for 'INPUTS...': '\\xff.png' is not valid text"),
+    Case("predict-empty-image", ("predict", "--model", "{model}", "empty.png"), 2,
+         "empty.png is empty", setup=_write("empty.png", b"")),
+    Case("predict-input-is-a-directory", ("predict", "--model", "{model}", "{dir}"), 2,
+         "{dir} is a directory, not a regular file"),
+    # --- summary, devices -----------------------------------------------------------------
+    Case("summary-extra-argument", ("summary", "extra"), 2,
+         "Got unexpected extra argument (extra)"),
+    Case("summary-platform-absent", ("summary",), 2,
+         "JAX_PLATFORMS=rocm asks for a platform that is not available here",
+         env={"JAX_PLATFORMS": "rocm"}),
+    Case("devices-platform-absent", ("devices",), 2,
+         "JAX_PLATFORMS=cuda asks for a platform that is not available here: no NVIDIA GPU is "
+         "visible", env={"JAX_PLATFORMS": "cuda"}),
+    Case("devices-simulated-cap", ("devices", "--devices", "513"), 2,
+         "--devices asks for 513 simulated CPU devices; at most 512 can be simulated"),
+    Case("devices-simulated-cap-env", ("devices",), 2,
+         "JAX_NUM_CPU_DEVICES=100000 asks for more simulated CPU devices than the 512 that "
+         "can be; lower or unset it", env={"JAX_NUM_CPU_DEVICES": "100000"}),
+    # --- bench ----------------------------------------------------------------------------
+    Case("bench-one-epoch", ("bench", "--epochs", "1"), 2,
+         "Invalid value for '--epochs': 1 is not in the range 2<=x<=10000."),
+    Case("bench-rounds-huge", ("bench", "--rounds", "1000"), 2,
+         "Invalid value for '--rounds': 1000 is not in the range 1<=x<=100."),
+    Case("bench-devices-beyond-one-host", ("bench", "--devices", "1", "--devices", "1000"), 2,
+         "Invalid value for '--devices': 1000 is not in the range 1<=x<=512."),
+    # --- launch ---------------------------------------------------------------------------
+    Case("launch-no-command", ("launch",), 2, "Missing argument 'COMMAND...'."),
+    Case("launch-processes-zero", ("launch", "-n", "0", "--", "devices"), 2,
+         "Invalid value for '--processes' / '-n': 0 is not in the range 1<=x<=64."),
+    Case("launch-timeout-nan", ("launch", "--timeout", "nan", "--", "devices"), 2,
+         "Invalid value for '--timeout': nan is not a finite number"),
+    Case("launch-grace-negative", ("launch", "--grace", "-1", "--", "devices"), 2,
+         "Invalid value for '--grace': -1.0 is not in the range 0<=x<=2592000."),
+    Case("launch-port-outside", ("launch", "--port", "70000", "--", "devices"), 2,
+         "Invalid value for '--port': 70000 is not in the range 1<=x<=65535."),
+    # --- the command line itself ----------------------------------------------------------
+    Case("unknown-command", ("frobnicate",), 2, "No such command 'frobnicate'."),
+    Case("unknown-option", ("--bogus",), 2, "No such option '--bogus'."),
+    Case("debug-env-not-a-flag", ("summary",), 2,
+         "Invalid value for '--debug' (env var: 'LENET_DIST_DEBUG'): 'maybe' is not a valid "
+         "boolean.", env={"LENET_DIST_DEBUG": "maybe"}),
+]
+
+# --------------------------------------------------------------------- the README table
+
+PLACEHOLDERS = {"{run}": "RUN", "{model}": "MODEL", "{data}": "DATA", "{dir}": "DIR"}
+
+
+def shell_word(arg: str | bytes) -> str:
+    if isinstance(arg, bytes):
+        return "$'" + "".join(chr(b) if 32 <= b < 127 and b not in b"'\\" else f"\\x{b:02x}"
+                              for b in arg) + "'"
+    for key, name in PLACEHOLDERS.items():
+        arg = arg.replace(key, name)
+    if arg == "" or re.search(r"[^\w@%+=:,./-]", arg):
+        return "'" + arg.replace("'", "'\\''") + "'"
+    return arg
+
+
+def render_readme() -> str:
+    """The README section between the markers: every case, as a user would type it."""
+    intro = textwrap.fill(
+        "Each row is a case of `tests/test_bad_inputs.py`, run as a subprocess: stderr is "
+        "exactly one line, `error: ` then (a part of) the message shown, with no traceback, "
+        "and a trained run's checkpoints and `metrics.jsonl` and an exported model stay "
+        "byte-for-byte unchanged. RUN is a trained workdir, MODEL an export, DATA the IDX "
+        "files, DIR the case's own scratch directory. `lenet-dist --debug ...` (or "
+        "`LENET_DIST_DEBUG=1`) "
+        "prints the traceback after the line; an unexpected exception is one line, "
+        "`error: internal error: TYPE: ...; rerun with --debug`, exit 1. Ctrl-C while "
+        "lenet-dist starts (imports, JAX start-up) prints `error: interrupted` and exits "
+        "130. `python tests/test_bad_inputs.py` regenerates this section.", width=90,
+        break_on_hyphens=False, break_long_words=False)
+    lines = [
+        "## Bad input: one line, exit 2 (usage) or 1 (runtime failure)",
+        "",
+        intro,
+        "",
+        "| input | message | exit |",
+        "|---|---|---|",
+    ]
+    for case in CASES:
+        if case.xfail:
+            continue
+        env = "".join(f"{k}={shell_word(v)} " for k, v in case.env.items())
+        command = env + "lenet-dist " + " ".join(shell_word(a) for a in case.argv)
+        message = case.message
+        for key, name in PLACEHOLDERS.items():
+            message = message.replace(key, name)
+        message = message.replace("|", "\\|")
+        lines.append(f"| `{command}` | {message} | {case.code} |")
+    return "\n".join(lines)
+
+
+def test_readme_shows_the_table():
+    text = README.read_text()
+    assert BEGIN in text and END in text, f"README.md needs the markers {BEGIN} ... {END}"
+    section = text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+    assert section == render_readme(), "run `python tests/test_bad_inputs.py`, paste it"
+
+
+def test_the_table_is_large_and_covers_every_command():
+    assert len(CASES) >= 40
+    assert len({c.id for c in CASES}) == len(CASES)
+    commands = {c.argv[0] for c in CASES}
+    for name in ("train", "eval", "checkpoints", "export", "predict", "summary", "devices",
+                 "bench", "launch"):
+        assert name in commands, name
+
+
+# ---------------------------------------------------------------------------- running
+
+def checksums(*roots: Path) -> dict[str, str]:
+    """sha256 of every file under `roots`, keyed by path relative to its root's parent."""
+    out = {}
+    for root in roots:
+        files = [root] if root.is_file() else sorted(root.rglob("*"))
+        for p in files:
+            if p.is_file() and not p.is_symlink():
+                out[str(p.relative_to(root.parent))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Pristine:
+    run: Path
+    model: Path
+    data: str
+
+    def watched(self, run: Path, model: Path) -> dict[str, str]:
+        return checksums(run / "checkpoints", run / "metrics.jsonl", model)
+
+
+def cli(args, cwd, env=None, timeout=TIMEOUT) -> subprocess.CompletedProcess:
+    """`python -m lenet_dist ARGS` in its own session, killed whole on timeout."""
+    inherited = {k: v for k, v in os.environ.items()  # the case's own settings only
+                 if not k.startswith("LENET_DIST_") and k != "JAX_PLATFORMS"}
+    env = {**inherited, "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "lenet_dist", *args], cwd=cwd, env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        err += f"\n(timed out after {timeout} s)".encode()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(errors="replace"),
+                                       err.decode(errors="replace"))
+
+
+@pytest.fixture(scope="session")
+def pristine(data_dir, tmp_path_factory) -> Pristine:
+    """A trained run (1 epoch on 256 images, 4 checkpointed steps) and its export, made
+    once by the CLI; cases get private copies."""
+    root = tmp_path_factory.mktemp("pristine")
+    run, model = root / "run", root / "model"
+    proc = cli(["train", "--devices", "1", "--batch-size", "64", "--train-limit", "256",
+                "--epochs", "1", "--data-dir", data_dir, "--workdir", str(run),
+                "--no-progress"], cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    proc = cli(["export", "--workdir", str(run), "--out", str(model), "--data-dir", data_dir],
+               cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    return Pristine(run, model, data_dir)
+
+
+@dataclasses.dataclass
+class Outcome:
+    proc: subprocess.CompletedProcess
+    before: dict[str, str]
+    after: dict[str, str]
+    paths: dict[str, str]
+
+
+def run_case(case: Case, pristine: Pristine, root: Path) -> Outcome:
+    here = root / case.id
+    here.mkdir()
+    run, model = here / "run", here / "model"
+    shutil.copytree(pristine.run, run, symlinks=True)
+    shutil.copytree(pristine.model, model, symlinks=True)
+    if case.setup:
+        case.setup(here)
+    paths = {"{run}": str(run), "{model}": str(model), "{data}": pristine.data,
+             "{dir}": str(here)}
+
+    def fill(arg):
+        if isinstance(arg, bytes):
+            return arg
+        for key, value in paths.items():
+            arg = arg.replace(key, value)
+        return arg
+
+    before = pristine.watched(run, model)
+    proc = cli([fill(a) for a in case.argv], cwd=here, env=case.env)
+    return Outcome(proc, before, pristine.watched(run, model), paths)
+
+
+@pytest.fixture(scope="module")
+def outcomes(pristine, tmp_path_factory) -> dict[str, Outcome]:
+    """Every case, WORKERS at a time; a case's test then only checks its outcome."""
+    root = tmp_path_factory.mktemp("cases")
+    reference = pristine.watched(pristine.run, pristine.model)
+    with ThreadPoolExecutor(WORKERS) as pool:
+        futures = {c.id: pool.submit(run_case, c, pristine, root) for c in CASES}
+        results = {k: f.result() for k, f in futures.items()}
+    assert pristine.watched(pristine.run, pristine.model) == reference
+    return results
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.xfail(
+    reason=c.xfail, strict=True)] if c.xfail else []) for c in CASES])
+def test_bad_input(case, outcomes):
+    outcome = outcomes[case.id]
+    proc = outcome.proc
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    shown = f"exit {proc.returncode}, stderr:\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, shown
+    assert len(lines) == 1 and lines[0].startswith("error: "), shown
+    message = case.message
+    for key, value in outcome.paths.items():
+        message = message.replace(key, value)
+    assert message in lines[0], shown
+    assert proc.returncode == case.code, shown
+    assert outcome.after == outcome.before, "the trained run or the export changed"
+
+
+if __name__ == "__main__":
+    print(BEGIN)
+    print(render_readme())
+    print(END)
