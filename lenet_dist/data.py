@@ -2,8 +2,11 @@
 
 Sources, in order: an explicit `--data-dir` of IDX files, a TFDS copy already
 prepared in the TFDS data dir, the system copy Debian's `dataset-fashion-mnist`
-installs, then a TFDS download. Every process loads the whole (small) dataset
-itself, so multi-host jobs need no coordination here; the devices do the rest.
+installs, then a TFDS download (only when its host answers; a failed one leaves
+nothing behind). User-given files are read through safefs, so a FIFO or a device
+is refused at once instead of blocking the read. Every process loads the whole
+(small) dataset itself, so multi-host jobs need no coordination here; the devices
+do the rest.
 """
 
 from __future__ import annotations

@@ -12,14 +12,12 @@ from lenet_dist import data as data_lib
 from lenet_dist.errors import UserError, first_line
 
 BATCH = 1024
+MAX_LABELS_BYTES = 2**20
+OUTPUTS = ("probabilities", "classes")  # what predict reads of the serving signature
 
 
 def is_savedmodel(path: Path) -> bool:
     return (path / "saved_model.pb").is_file()
-
-
-MAX_LABELS_BYTES = 2**20
-OUTPUTS = ("probabilities", "classes")  # what predict reads of the serving signature
 
 
 def savedmodel_predictor(model_dir: Path):

@@ -396,10 +396,11 @@ def test_special_files_are_refused_at_once(tmp_path, tf, reader, kind):
 
 
 def tiny_savedmodel(tf, directory: Path, classes: int = 10, outputs=("logits",
-                    "probabilities", "classes"), labels: bytes | None = None) -> Path:
+                    "probabilities", "classes"), labels: bytes | None = None,
+                    dtype: str = "uint8") -> Path:
     """A stand-in SavedModel with lenet-dist's signature (or another), built in a second."""
     class Tiny(tf.Module):
-        @tf.function(input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.uint8)])
+        @tf.function(input_signature=[tf.TensorSpec([None, 28, 28, 1], dtype)])
         def serve(self, images):
             mean = tf.reduce_mean(tf.cast(images, tf.float32), axis=[1, 2, 3])
             logits = mean[:, None] * tf.range(classes, dtype=tf.float32)[None] / 255.0
@@ -445,6 +446,27 @@ def test_a_savedmodel_whose_assets_or_outputs_do_not_fit_is_one_line(
     if outputs is None:  # the kit refuses the same labels file
         with pytest.raises(kit.InputError, match="not 10 class names, one per line"):
             kit.class_names(model)
+
+
+def test_a_savedmodel_that_does_not_take_uint8_images_is_one_line(tmp_path, tf, idx_input):
+    model = tiny_savedmodel(tf, tmp_path / "m", dtype="float32", labels=TEN)
+    with pytest.raises(UserError) as err:
+        predict_lib.predict([idx_input], model=str(model))
+    assert f"{model} fails to run on TensorFlow" in str(err.value), err.value
+    assert "expected to be a float tensor but is a uint8 tensor" in str(err.value)
+
+    class OtherInput(tf.Module):  # an input called x, not images
+        @tf.function(input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.uint8)])
+        def serve(self, x):
+            return {"classes": tf.zeros(tf.shape(x)[:1], tf.int64)}
+
+    module = OtherInput()
+    tf.saved_model.save(module, str(tmp_path / "x"), signatures={"serving_default": module.serve})
+    with pytest.raises(UserError) as err:
+        predict_lib.predict([idx_input], model=str(tmp_path / "x"))
+    assert str(err.value).startswith(f"{tmp_path / 'x'}'s serving_default signature does not "
+                                     "take images uint8 [n, 28, 28, 1]: "), err.value
+    assert "\n" not in str(err.value)
 
 
 def test_a_savedmodel_without_labels_names_its_classes_by_number(tmp_path, tf, idx_input):
