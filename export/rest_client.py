@@ -75,10 +75,10 @@ def main(argv=None) -> int:
                     help="write the first request's JSON here and exit")
     args = ap.parse_args(argv)
 
-    names = (Path(args.class_names).read_text().splitlines() if args.class_names else
-             ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-              "Sneaker", "Bag", "Ankle boot"])
     try:
+        names = (io.read_class_names(args.class_names) if args.class_names else
+                 ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                  "Sneaker", "Bag", "Ankle boot"])
         images, image_names = io.load_images(args.images)
         truth = io.read_labels(args.labels) if args.labels else None
         if truth is not None and len(truth) != len(images):

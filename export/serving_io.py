@@ -222,6 +222,11 @@ def class_names(model_dir: str | Path) -> list[str]:
     labels = Path(model_dir) / "assets" / "labels.txt"
     if not os.path.lexists(labels):
         return [str(i) for i in range(10)]
+    return read_class_names(labels)
+
+
+def read_class_names(labels: str | Path) -> list[str]:
+    """A labels.txt: one UTF-8 name per output class, checked (never blocks on a FIFO)."""
     with open_input(labels) as f:
         raw = f.read(MAX_LABELS_BYTES + 1)
     try:
