@@ -422,6 +422,9 @@ def main(argv=None) -> int:
         return rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as e:
         return e.exit_code
+    except click.exceptions.NoArgsIsHelpError as e:  # `lenet-dist` alone: the help, as click
+        e.show()
+        return e.exit_code
     except click.ClickException as e:
         return report(f"error: {e.format_message()}", e, e.exit_code, session)
     except UserError as e:
@@ -436,8 +439,9 @@ def main(argv=None) -> int:
         return report("error: interrupted", e, 130, session)
     except Exception as e:
         lost_process_exit(e)
-        return report(f"error: internal error: {type(e).__name__}: {first_line(e)}; rerun "
-                      f"with --debug (or {DEBUG_ENV}=1) for the traceback", e, 1, session)
+        what = type(e).__name__ + (f": {first_line(e)}" if str(e).strip() else "")
+        return report(f"error: internal error: {what}; rerun with --debug (or {DEBUG_ENV}=1) "
+                      "for the traceback", e, 1, session)
 
 
 def debug_from_env() -> bool:
@@ -449,7 +453,7 @@ def debug_from_env() -> bool:
 def report(line: str, e: BaseException, code: int, session: Session) -> int:
     """Print the one line; in debug mode, then the traceback, with the library error
     that a `raise ... from None` hid (the part worth seeing)."""
-    click.echo(line, err=True)
+    click.echo(" ".join(line.split()), err=True)  # one line, whatever the message held
     if session.debug or debug_from_env():
         seen, chain = e, set()
         while seen is not None and id(seen) not in chain:

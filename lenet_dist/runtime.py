@@ -2,6 +2,8 @@
 
 Both must happen before the first JAX backend call, so every command calls
 `configure()` first and nothing in this package touches devices at import.
+`configure` then starts the backend, so that a platform that is not there is
+one line at once; Ctrl-C while JAX (or TensorFlow) loads exits with one line.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import contextlib
 import os
 import re
 import sys
+import threading
 
 # `signal` without its enums: __main__ imports this module first, and the enum
 # set-up of `signal` alone took 50+ ms on a busy machine, a window for Ctrl-C.
@@ -32,9 +35,9 @@ def add_xla_flags(flags: tuple[str, ...] = CPU_XLA_FLAGS) -> None:
     os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
 
 
-def exit_interrupted(*_) -> None:
+def exit_interrupted(*_, fd: int = 2) -> None:
     """A SIGINT handler: one line and exit 130 at once, without unwinding."""
-    os.write(2, b"error: interrupted\n")
+    os.write(fd, b"error: interrupted\n")
     os._exit(130)
 
 
@@ -45,14 +48,19 @@ def quick_interrupts():
     init (measured: an abort with a traceback), in JAX's gc callback (measured:
     ignored, and the command went on to exit 0), or in a half-imported module.
     Nothing is written yet at that point, so there is nothing to unwind."""
-    if _signal.getsignal(_signal.SIGINT) is not _signal.default_int_handler:
-        yield  # ignored (a background job) or already handled: leave it so
+    # Leave SIGINT alone when it is ignored (a background job) or handled by someone
+    # else, and outside the main thread (where handlers cannot be set).
+    if (_signal.getsignal(_signal.SIGINT) is not _signal.default_int_handler
+            or threading.current_thread() is not threading.main_thread()):
+        yield
         return
-    _signal.signal(_signal.SIGINT, exit_interrupted)
+    err = os.dup(2)  # the line goes here even while fd 2 is captured (filtered_stderr)
+    _signal.signal(_signal.SIGINT, lambda *_: exit_interrupted(fd=err))
     try:
         yield
     finally:
         _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+        os.close(err)
 
 
 # Simulated CPU devices cost memory and start-up time that grow faster than their
@@ -182,7 +190,7 @@ def import_tensorflow():
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        with filtered_stderr(TF_IMPORT_NOISE):
+        with quick_interrupts(), filtered_stderr(TF_IMPORT_NOISE):
             import tensorflow as tf
     except ImportError as e:
         from lenet_dist.errors import UserError

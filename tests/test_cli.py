@@ -177,3 +177,10 @@ def test_ctrl_c_during_start_up_is_one_line_and_130(tmp_path):
         assert (child.returncode, err) == (130, "error: interrupted\n"), (k, err)
         interrupted += 1
     assert interrupted >= 4
+
+
+def test_no_arguments_prints_the_help_as_click_does(capsys):
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Usage: lenet-dist [OPTIONS] COMMAND [ARGS]...")
+    assert "\n  train " in err and "error:" not in err
