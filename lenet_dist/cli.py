@@ -28,8 +28,8 @@ DEBUG_ENV = "LENET_DIST_DEBUG"
 
 
 class TextPath(click.Path):
-    """A path that is valid text. Bytes that are not UTF-8 reach Python as surrogate
-    escapes, which every later print, JSON write or C++ call would fail on."""
+    """A path that is not empty and is valid text. Bytes that are not UTF-8 reach
+    Python as surrogate escapes, which a later print, JSON write or C++ call fails on."""
 
     def convert(self, value, param, ctx):
         if isinstance(value, str):
