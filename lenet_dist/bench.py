@@ -5,6 +5,7 @@ noise hits every configuration alike. Reads the runs' own metrics.jsonl."""
 from __future__ import annotations
 
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from lenet_dist.errors import UserError
+from lenet_dist.errors import Failure, UserError
 
 
 def steady_figures(metrics_file: Path) -> tuple[float, float]:
@@ -32,11 +33,28 @@ def run_once(devices: int, epochs: int, batch_size: int, data_dir: str | None,
            "--workdir", str(workdir), *extra]
     if data_dir:
         cmd += ["--data-dir", data_dir]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=die_with_parent)
+    try:
+        _, err = proc.communicate()
+    finally:  # Ctrl-C or an error here: the run must not outlive the benchmark
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     if proc.returncode:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"benchmark run with --devices {devices} failed: {last}")
+        last = (err.strip().splitlines() or ["no output"])[-1].removeprefix("error: ")
+        error = UserError if proc.returncode == 2 else Failure
+        raise error(f"benchmark run with --devices {devices} failed: {last}")
     return steady_figures(workdir / "metrics.jsonl")
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the benchmark dies, even by kill -9
+    (Linux's PR_SET_PDEATHSIG; elsewhere the `finally` above is all there is)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def bench_training(device_counts: Sequence[int], epochs: int, rounds: int, batch_size: int,

@@ -57,7 +57,8 @@ def parse_platforms(text: str | Sequence[str]) -> tuple[str, ...]:
     chosen = tuple(dict.fromkeys(p.strip().lower() for p in items if p.strip()))
     bad = [p for p in chosen if p not in EXPORT_PLATFORMS]
     if bad or not chosen:
-        raise UserError(f"--platforms {','.join(items)}: choose from {', '.join(EXPORT_PLATFORMS)}")
+        given = ",".join(items) or "''"
+        raise UserError(f"--platforms {given}: choose from {', '.join(EXPORT_PLATFORMS)}")
     return chosen
 
 

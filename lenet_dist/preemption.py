@@ -17,6 +17,8 @@ import os
 import signal
 import threading
 
+from lenet_dist.errors import UserError
+
 # Fault injection for tests and drills: "STEP" or "STEP:PROCESS" sends a real
 # SIGTERM to this process right after that step is dispatched.
 SIGTERM_AT_ENV = "LENET_DIST_SIGTERM_AT"
@@ -86,6 +88,9 @@ def _parse_injection(value: str | None, process_index: int) -> int | None:
     if not value:
         return None
     step, _, process = value.partition(":")
+    if not step.isdigit() or not (process.isdigit() or not process):
+        raise UserError(f"{SIGTERM_AT_ENV}={value!r}: expected STEP or STEP:PROCESS "
+                        "(non-negative integers); fix or unset it")
     if process and int(process) != process_index:
         return None
     return int(step)

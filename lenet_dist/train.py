@@ -132,6 +132,7 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
     """The run itself, once the workdir is locked and its checkpoints are open."""
     t0 = time.perf_counter()
     primary = distributed.is_primary()
+    stop = StopRule(multi_process=jax.process_count() > 1, process_index=jax.process_index())
 
     # Input: host uint8 arrays -> device-resident feeds; every process the same data.
     dataset = dataset or data_lib.load(config.dataset, config.data_dir)
@@ -194,9 +195,6 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
             raise Diverged(step)
         ckpt.save(step, {"state": state, "acc": sums}, meta_for(step), metrics=metrics,
                   wait=wait)
-
-    stop = StopRule(multi_process=jax.process_count() > 1,
-                    process_index=jax.process_index())
 
     def after_step(epoch: int, i: int, state, sums) -> bool:
         """Mid-epoch saves and the stop rule, after step i of `epoch` is queued."""
