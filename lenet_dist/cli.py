@@ -18,7 +18,7 @@ import traceback
 
 import click
 
-from lenet_dist import distributed, runtime
+from lenet_dist import distributed, runtime, safefs
 from lenet_dist.config import (DATASETS, DEFAULT_EXPORT_PLATFORMS, FLOAT_RANGES, INT32_MAX,
                                INT_RANGES, OPTIMIZERS, PRESETS)
 from lenet_dist.distributed import DEFAULT_HEARTBEAT_TIMEOUT, MODES, JobSpec
@@ -229,11 +229,17 @@ def checkpoints(workdir):
     rows = list_checkpoints(workdir)
     if not rows:
         raise UserError(f"no checkpoints in {workdir}")
+    holder = safefs.lock_holder(workdir)
+    if holder is not None:
+        click.echo(f"(being written by {safefs.describe_holder(holder)})")
     click.echo(f"{'step':>8}  {'test acc':>8}  {'test loss':>9}")
     for r in rows:
         acc = f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "-"
         loss = f"{r['test_loss']:.4f}" if r["test_loss"] is not None else "-"
-        click.echo(f"{r['step']:>8}  {acc:>8}  {loss:>9}" + ("  best" if r["best"] else ""))
+        mark = (f"  UNREADABLE: {r['unreadable']}" if r["unreadable"] else
+                "  best" if r["best"] else "")
+        note = f"  (note: {r['note']}; figures from its history)" if r["note"] else ""
+        click.echo(f"{r['step']:>8}  {acc:>8}  {loss:>9}{mark}{note}")
 
 
 @cli.command()

@@ -102,7 +102,8 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, best: bool = Fals
 
 
 def list_checkpoints(workdir: str) -> list[dict]:
-    """Every step directory, readable or not; `problem` says why one is unusable."""
+    """Every step directory, readable or not: `unreadable` says why one cannot be used,
+    `note` what is wrong with one that still can (a bad metrics file)."""
     ckpts = Checkpoints(workdir, read_only=True, warn=lambda _: None)
     best = ckpts.best_step()
     rows = []
@@ -110,5 +111,5 @@ def list_checkpoints(workdir: str) -> list[dict]:
         m = info.metrics or {}
         rows.append({"step": s, "test_accuracy": m.get("test_accuracy"),
                      "test_loss": m.get("test_loss"), "best": s == best,
-                     "problem": info.problem or info.metrics_problem})
+                     "unreadable": info.problem, "note": info.metrics_problem})
     return rows

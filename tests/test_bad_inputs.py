@@ -12,6 +12,7 @@ directory, which holds private copies of the trained run and the export).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+
+from lenet_dist import safefs
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -48,13 +51,31 @@ class Case:
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     setup: Callable[[Path], None] | None = None
     xfail: str | None = None  # the reason, for a known failure in a file owned elsewhere
+    hold_lock: bool = False  # the test holds {run}'s lock meanwhile, as a running train does
 
 
 def _write(name: str, content: bytes) -> Callable[[Path], None]:
     return lambda d: (d / name).write_bytes(content)
 
 
+def _garble_checkpoint(d: Path) -> None:
+    """The run's only checkpoint (step 4) gets metadata that is not JSON."""
+    (d / "run" / "checkpoints" / "4" / "meta" / "metadata").write_bytes(b"{garbled")
+
+
+def _planted_metrics_link(d: Path) -> None:
+    (d / "precious.txt").write_text("not yours")
+    (d / "w").mkdir()
+    (d / "w" / "metrics.jsonl").symlink_to(d / "precious.txt")
+
+
+def _checkpoints_file(d: Path) -> None:
+    (d / "w").mkdir()
+    (d / "w" / "checkpoints").write_text("a file where the checkpoints go")
+
+
 JOB = ("--coordinator-address", "127.0.0.1:1", "--num-processes", "2")
+TINY = ("--devices", "1", "--data-dir", "{data}", "--train-limit", "256", "--epochs", "2")
 FF = b"\xff"  # a byte that is never UTF-8
 
 CASES: list[Case] = [
@@ -142,12 +163,27 @@ CASES: list[Case] = [
          "'JAX_ENABLE_X64'; fix or unset that variable", env={"JAX_ENABLE_X64": "maybe"}),
     Case("train-sigterm-at-not-a-step", ("train", "--devices", "1", "--data-dir", "{data}",
                                          "--train-limit", "256", "--epochs", "1",
-                                         "--no-checkpoint"), 2,
-         "LENET_DIST_SIGTERM_AT", env={"LENET_DIST_SIGTERM_AT": "abc"},
-         xfail="preemption.py parses LENET_DIST_SIGTERM_AT with int(): an internal error, "
-               "exit 1"),
-    # Config mismatch with the saved run, a busy (locked) workdir, corrupt checkpoints:
-    # cases for those go here, with a `setup` that prepares {run}.
+                                         "--workdir", "{dir}/w"), 2,
+         "LENET_DIST_SIGTERM_AT='abc': expected STEP or STEP:PROCESS",
+         env={"LENET_DIST_SIGTERM_AT": "abc"}),
+    # --- train: the workdir holds something else ---------------------------------------------
+    Case("train-other-run", ("train", *TINY, "--batch-size", "32", "--workdir", "{run}"), 2,
+         "holds a different run (batch_size: saved 64, now 32); use another --workdir, or "
+         "--allow-config-change"),
+    Case("train-other-optimizer-even-allowed", ("train", *TINY, "--batch-size", "64",
+                                                "--optimizer", "adam", "--allow-config-change",
+                                                "--workdir", "{run}"), 2,
+         "holds a run with another state layout (optimizer: saved 'sgd', now 'adam')"),
+    Case("train-workdir-busy", ("train", *TINY, "--batch-size", "64", "--workdir", "{run}"), 1,
+         "is in use by `lenet-dist train` (PID", hold_lock=True),
+    Case("train-no-checkpoint-over-a-run", ("train", *TINY, "--batch-size", "64",
+                                            "--no-checkpoint", "--workdir", "{run}"), 2,
+         "holds checkpoints of a run; --no-checkpoint would start another one"),
+    Case("train-metrics-symlink", ("train", *TINY, "--workdir", "{dir}/w"), 2,
+         "{dir}/w/metrics.jsonl is a symlink; lenet-dist does not write through links",
+         setup=_planted_metrics_link),
+    Case("train-checkpoints-is-a-file", ("train", *TINY, "--workdir", "{dir}/w"), 2,
+         "{dir}/w/checkpoints is not a directory; move it away", setup=_checkpoints_file),
     # --- eval, checkpoints --------------------------------------------------------------
     Case("eval-step-absent", ("eval", "--workdir", "{run}", "--step", "99"), 2,
          "no checkpoint at step 99; available:"),
@@ -156,6 +192,12 @@ CASES: list[Case] = [
     Case("eval-step-negative", ("eval", "--step", "-1"), 2,
          "Invalid value for '--step': -1 is not in the range 0<=x<=2147483647."),
     Case("eval-no-checkpoints", ("eval", "--workdir", "{dir}"), 2, "no checkpoints in {dir}"),
+    Case("eval-corrupt-step", ("eval", "--workdir", "{run}", "--step", "4"), 1,
+         "checkpoint step 4 in {run}/checkpoints is unreadable (metadata is not JSON",
+         setup=_garble_checkpoint),
+    Case("eval-nothing-readable", ("eval", "--workdir", "{run}"), 1,
+         "no readable checkpoint in {run}/checkpoints (1 unreadable: steps 4)",
+         setup=_garble_checkpoint),
     Case("checkpoints-no-run", ("checkpoints", "--workdir", "{dir}/none"), 2,
          "no checkpoints in {dir}/none"),
     Case("checkpoints-not-utf8", ("checkpoints", "--workdir", FF), 2,
@@ -169,6 +211,8 @@ CASES: list[Case] = [
     Case("export-platform-unknown", ("export", "--workdir", "{run}", "--out", "{dir}/m",
                                      "--platforms", "metal"), 2,
          "--platforms metal: choose from cpu, cuda, rocm, tpu"),
+    Case("export-nothing-readable", ("export", "--workdir", "{run}", "--out", "{dir}/m"), 1,
+         "no readable checkpoint in {run}/checkpoints", setup=_garble_checkpoint),
     Case("export-out-not-utf8", ("export", "--workdir", "{run}", "--out", b"model-" + FF), 2,
          "Invalid value for '--out': 'model-\\xff' is not valid text"),
     # --- predict ------------------------------------------------------------------------
@@ -181,6 +225,8 @@ CASES: list[Case] = [
          2, "--step/--best choose a checkpoint; use them with --workdir"),
     Case("predict-top-zero", ("predict", "--model", "{model}", "--top", "0", "x.png"), 2,
          "Invalid value for '--top': 0 is not in the range 1<=x<=10."),
+    Case("predict-workdir-nothing-readable", ("predict", "--workdir", "{run}", "x.png"), 1,
+         "no readable checkpoint in {run}/checkpoints", setup=_garble_checkpoint),
     Case("predict-not-a-model", ("predict", "--model", "{dir}", "x.png"), 2,
          "{dir} is not a SavedModel directory (no saved_model.pb)"),
     Case("predict-input-not-utf8", ("predict", "--model", "{model}", FF + b".png"), 2,
@@ -384,7 +430,9 @@ def run_case(case: Case, pristine: Pristine, root: Path) -> Outcome:
         return arg
 
     before = pristine.watched(run, model)
-    proc = cli([fill(a) for a in case.argv], cwd=here, env=case.env)
+    with safefs.WorkdirLock(run, "lenet-dist train") if case.hold_lock \
+            else contextlib.nullcontext():
+        proc = cli([fill(a) for a in case.argv], cwd=here, env=case.env)
     return Outcome(proc, before, pristine.watched(run, model), paths)
 
 

@@ -171,7 +171,7 @@ def test_other_optimizer_is_incompatible_not_corrupt(run_copy, dataset, allow):
 def test_bad_metrics_file_in_an_older_checkpoint(run_copy, dataset, reference, content):
     (run_copy / "checkpoints" / "10" / "metrics" / "metrics").write_bytes(content)
     rows = {r["step"]: r for r in list_checkpoints(str(run_copy))}
-    assert rows[10]["problem"] and rows[10]["test_accuracy"] is not None  # from history
+    assert rows[10]["note"] and rows[10]["test_accuracy"] is not None  # from history
     assert evaluate_checkpoint(str(run_copy), devices=8)["step"] == 20
     assert evaluate_checkpoint(str(run_copy), step=10, devices=8)["step"] == 10
     logs = []
@@ -188,7 +188,7 @@ def test_bad_metrics_file_in_an_older_checkpoint(run_copy, dataset, reference, c
 def test_bad_metadata_in_the_latest_checkpoint(run_copy, dataset, reference, content, capsys):
     (run_copy / "checkpoints" / "20" / "meta" / "metadata").write_bytes(content)
     rows = {r["step"]: r for r in list_checkpoints(str(run_copy))}
-    assert rows[20]["problem"] and not rows[20]["best"]
+    assert rows[20]["unreadable"] and not rows[20]["best"]
     # Read-only commands name it and use the previous good one; nothing is moved.
     params, _, step, _, _ = restore_params(str(run_copy), None, False,
                                            Shardings(make_mesh(8)))
@@ -212,7 +212,7 @@ def test_listing_marks_bad_checkpoints(run_copy, capsys):
     assert main(["checkpoints", "--workdir", str(run_copy)]) == 0
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.split()[:1] == ["20"])
-    assert "unreadable" in line and "best" not in line
+    assert "UNREADABLE" in line and "best" not in line
 
 
 def test_every_checkpoint_bad_read_only_says_so(run_copy, capsys):
