@@ -2,6 +2,9 @@
 
 import gzip
 import os
+import socket
+import threading
+from pathlib import Path
 
 from lenet_dist import runtime
 
@@ -118,3 +121,37 @@ def data_dir(dataset, tmp_path_factory) -> str:
 def devices():
     assert jax.device_count() >= 8, "conftest must set up 8 simulated CPU devices"
     return jax.devices()
+
+
+def returns_within(seconds, fn, *args):
+    """fn(*args)'s exception (None if it returned), failing the test if it blocks."""
+    outcome = []
+
+    def run():
+        try:
+            fn(*args)
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"{getattr(fn, '__name__', fn)}{args} still blocked after {seconds} s"
+    return outcome[0]
+
+
+def make_special(directory, kind: str, suffix: str = ""):
+    """A path of `kind` (fifo, dev-zero, directory, socket) that is not a regular file."""
+    path = directory / f"{kind}{suffix}"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        return Path("/dev/zero")
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(path))
+        sock.close()  # the socket file stays
+    return path

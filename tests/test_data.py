@@ -2,16 +2,15 @@
 
 import os
 import socket
-import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lenet_dist import data as data_lib
 from lenet_dist.errors import UserError
-from tests.conftest import REAL_DIR, real_data_available, write_dataset, write_idx
+from tests.conftest import (REAL_DIR, make_special, real_data_available, returns_within,
+                            write_dataset, write_idx)
 
 
 @pytest.mark.skipif(not real_data_available(), reason="real Fashion-MNIST not installed")
@@ -154,24 +153,6 @@ def test_an_empty_split_is_refused_at_load_time(tmp_path, n_train, n_test, split
 # ---------------------------------------------------------------- special files
 
 
-def returns_within(seconds, fn, *args):
-    """fn(*args)'s exception (None if it returned), failing the test if it blocks."""
-    outcome = []
-
-    def run():
-        try:
-            fn(*args)
-            outcome.append(None)
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            outcome.append(e)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert outcome, f"{fn.__name__}{args} still blocked after {seconds} s"
-    return outcome[0]
-
-
 def test_an_idx_dir_with_a_fifo_says_so_and_never_blocks(tmp_path):
     write_dataset(tmp_path)
     fifo = tmp_path / "t10k-images-idx3-ubyte"
@@ -195,22 +176,6 @@ def test_read_idx_refuses_special_files_at_once(tmp_path, kind):
                 "directory": "is a directory", "socket": "is a socket",
                 "missing": "does not exist"}[kind]
     assert expected in str(err)
-
-
-def make_special(tmp_path, kind):
-    """A path of the given kind that is not a regular file."""
-    path = tmp_path / kind
-    if kind == "fifo":
-        os.mkfifo(path)
-    elif kind == "dev-zero":
-        return Path("/dev/zero")
-    elif kind == "directory":
-        path.mkdir()
-    elif kind == "socket":
-        sock = socket.socket(socket.AF_UNIX)
-        sock.bind(str(path))
-        sock.close()  # the socket file stays
-    return path
 
 
 # ---------------------------------------------------------------- no network

@@ -15,8 +15,6 @@ import math
 import os
 import re
 import signal
-import socket
-import threading
 from pathlib import Path
 
 import hypothesis
@@ -30,7 +28,7 @@ from lenet_dist import data as data_lib
 from lenet_dist import images
 from lenet_dist import predict as predict_lib
 from lenet_dist.errors import UserError
-from tests.conftest import write_idx
+from tests.conftest import make_special, returns_within, write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -337,39 +335,6 @@ def test_a_header_claiming_a_huge_image_is_refused_before_decoding(scratch, tf, 
 # ---------------------------------------------------------------- special files
 
 
-def returns_within(seconds, fn, *args):
-    """fn(*args)'s exception (None if it returned), failing the test if it blocks."""
-    result = []
-
-    def run():
-        try:
-            fn(*args)
-            result.append(None)
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            result.append(e)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert result, f"{getattr(fn, '__name__', fn)} still blocked after {seconds} s"
-    return result[0]
-
-
-def make_special(directory: Path, kind: str) -> Path:
-    path = directory / f"{kind}.png"
-    if kind == "fifo":
-        os.mkfifo(path)
-    elif kind == "dev-zero":
-        return Path("/dev/zero")
-    elif kind == "directory":
-        path.mkdir()
-    elif kind == "socket":
-        sock = socket.socket(socket.AF_UNIX)
-        sock.bind(str(path))
-        sock.close()
-    return path
-
-
 READERS = {  # name -> (call, the error it may raise)
     "predict inputs": (lambda p, tf: images.load_inputs([str(p)], tf), UserError),
     "predict --labels": (lambda p, tf: data_lib.read_idx(p, data_lib.LABELS_MAGIC), UserError),
@@ -384,7 +349,7 @@ EXPECTED = {"fifo": "FIFO", "dev-zero": "device", "directory": "directory", "soc
 @pytest.mark.parametrize("kind", list(EXPECTED))
 @pytest.mark.parametrize("reader", list(READERS))
 def test_special_files_are_refused_at_once(tmp_path, tf, reader, kind):
-    path = make_special(tmp_path, kind)
+    path = make_special(tmp_path, kind, ".png")
     call, error = READERS[reader]
     err = returns_within(10, call, path, tf)
     assert isinstance(err, error), repr(err)
