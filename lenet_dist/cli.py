@@ -22,7 +22,7 @@ from lenet_dist import distributed, runtime, safefs
 from lenet_dist.config import (DATASETS, DEFAULT_EXPORT_PLATFORMS, FLOAT_RANGES, INT32_MAX,
                                INT_RANGES, OPTIMIZERS, PRESETS)
 from lenet_dist.distributed import DEFAULT_HEARTBEAT_TIMEOUT, MODES, JobSpec
-from lenet_dist.errors import Preempted, UserError, first_line
+from lenet_dist.errors import Failure, Preempted, UserError, first_line
 
 DEBUG_ENV = "LENET_DIST_DEBUG"
 
@@ -434,6 +434,8 @@ def main(argv=None) -> int:
     except click.ClickException as e:
         return report(f"error: {e.format_message()}", e, e.exit_code, session)
     except UserError as e:
+        if isinstance(e, Failure):  # e.g. a save whose barrier met a dead process
+            lost_process_exit(e)
         return report(f"error: {e}", e, e.exit_code, session)
     except Preempted as e:
         return report(f"{e}", e, e.exit_code, session)
