@@ -162,9 +162,9 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
     else:
         tree, meta = restored
         state, sums, history = tree["state"], tree["acc"], meta["history"]
-    if primary:
-        start_metrics(workdir, history, log)  # drop epochs after the checkpoint, or a
-    start = int(state.step)                   # previous run's lines (kept aside)
+    if primary:  # epochs after the checkpoint dropped, another run's lines kept aside
+        start_metrics(workdir, history, log)
+    start = int(state.step)
     if restored is not None:
         if start >= total_steps:
             log(f"run in {workdir} is finished: {start} steps = {config.epochs} epochs"
