@@ -34,6 +34,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from lenet_dist import distributed, safefs
+from lenet_dist.config import Config
 from lenet_dist.errors import Failure, UserError, first_line
 
 CHECKPOINT_DIR = "checkpoints"
@@ -42,10 +43,14 @@ BEST_METRIC = "test_accuracy"
 # Fields that decide what a run computes: resuming with any of them changed
 # would silently continue a different experiment.
 COMPATIBLE_FIELDS = ("dataset", "batch_size", "optimizer", "learning_rate", "momentum",
-                     "seed", "train_limit")
+                     "seed", "train_limit", "recipe", "schedule", "warmup_epochs",
+                     "weight_decay", "label_smoothing", "augment")
+# Fields every checkpoint's metadata has (those of the first release); the later
+# ones are read with Config's defaults, so old d2l checkpoints stay readable.
+REQUIRED_FIELDS = COMPATIBLE_FIELDS[:7]
 # Fields that change the saved state's structure: even --allow-config-change
 # cannot continue across them (the restore itself would fail).
-STRUCTURAL_FIELDS = ("optimizer",)
+STRUCTURAL_FIELDS = ("optimizer", "recipe", "schedule")
 META_FILE = ("meta", "metadata")  # Orbax's JsonSave item "meta"
 METRICS_FILE = ("metrics", "metrics")
 STATE_INDEX = ("state", "_METADATA")
@@ -93,7 +98,7 @@ def parse_meta(raw: bytes, step: int | None = None) -> dict:
     config = meta.get("config")
     if not isinstance(config, dict):
         raise CorruptCheckpoint("metadata has no config")
-    missing = [k for k in COMPATIBLE_FIELDS if k not in config]
+    missing = [k for k in REQUIRED_FIELDS if k not in config]
     if missing:
         raise CorruptCheckpoint(f"metadata config lacks {', '.join(missing)}")
     if not _is_int(meta.get("step")) or (step is not None and meta["step"] != step):
@@ -415,6 +420,10 @@ def check_compatible(saved: dict, current: dict, workdir: str, allow_change: boo
     """Refuse to continue another run (read from the checkpoint's metadata, before any
     restore); `allow_change` permits differences except in the state's structure."""
     fields = STRUCTURAL_FIELDS if allow_change else COMPATIBLE_FIELDS
+    saved = {k: saved.get(k, getattr(Config(), k)) for k in fields}  # older metadata
+    if allow_change:  # a constant rate and a schedule differ in layout, two schedules not
+        saved["schedule"] = saved["schedule"] == "constant"
+        current = {**current, "schedule": current.get("schedule") == "constant"}
     diffs = [f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}"
              for k in fields if saved.get(k) != current.get(k)]
     if not diffs:

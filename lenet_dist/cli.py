@@ -19,8 +19,9 @@ import traceback
 import click
 
 from lenet_dist import distributed, runtime, safefs
-from lenet_dist.config import (DATASETS, DEFAULT_EXPORT_PLATFORMS, FLOAT_RANGES, INT32_MAX,
-                               INT_RANGES, OPTIMIZERS, PRESETS)
+from lenet_dist.config import (DATASETS, DEFAULT_EXPORT_PLATFORMS, DEPRECATED_PRESETS,
+                               FLOAT_RANGES, INT32_MAX, INT_RANGES, OPTIMIZERS, PRESETS,
+                               RECIPES, SCHEDULES)
 from lenet_dist.distributed import DEFAULT_HEARTBEAT_TIMEOUT, MODES, JobSpec
 from lenet_dist.errors import Failure, Preempted, UserError, first_line
 
@@ -126,8 +127,13 @@ def cli(ctx, debug):
 
 
 @cli.command()
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="seed",
-              help="Starting recipe; the options below override its fields.")
+@click.option("--recipe", type=click.Choice(sorted(PRESETS)), default="d2l",
+              help="d2l: the seed's 1998 LeNet-5 and SGD; modern: the same skeleton with "
+                   "ReLU, max pooling, BatchNorm, He init, AdamW + cosine, label smoothing "
+                   "and augmentation; smoke: d2l's model in seconds. The options below "
+                   "override its fields.")
+@click.option("--preset", type=click.Choice(sorted({*PRESETS, *DEPRECATED_PRESETS})),
+              default=None, hidden=True, help="The old name of --recipe.")
 @DEVICES
 @click.option("--dataset", type=click.Choice(DATASETS), default=None,
               help="[default: fashion_mnist]")
@@ -142,6 +148,15 @@ def cli(ctx, debug):
               help="[default: sgd]")
 @click.option("--momentum", type=float_range("momentum"), default=None,
               help="For --optimizer momentum.")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
+              help="Learning-rate schedule over the run [default: constant].")
+@click.option("--warmup-epochs", type=float_range("warmup_epochs"), default=None,
+              help="Linear warm-up before the cosine decay.")
+@click.option("--weight-decay", type=float_range("weight_decay"), default=None,
+              help="AdamW's decoupled weight decay.")
+@click.option("--label-smoothing", type=float_range("label_smoothing"), default=None)
+@click.option("--augment/--no-augment", default=None,
+              help="Random crops and flips on the devices, from (seed, step) only.")
 @click.option("--seed", type=int_range("seed"), default=None,
               help="Init and data-order seed [default: 0].")
 @click.option("--eval-batch-size", type=int_range("eval_batch_size"), default=None,
@@ -160,9 +175,16 @@ def cli(ctx, debug):
               help="Resume even if the workdir's saved run had other hyper-parameters.")
 @click.option("--progress/--no-progress", default=None,
               help="Per-step progress bar [default: on when stderr is a terminal].")
+@click.option("--tensorboard/--no-tensorboard", default=True,
+              help="Event files in <workdir>/tb (process 0).")
+@click.option("--log-every-steps", type=click.IntRange(1, 1_000_000), default=50,
+              help="Train loss to TensorBoard every K steps.")
+@click.option("--profile-steps", metavar="A:B", default=None,
+              help="Trace steps A..B with jax.profiler into <workdir>/tb.")
 @job_options
-def train(preset, devices, progress, allow_config_change, job, **overrides):
-    """Train LeNet-5 (the d2l seed recipe by default), resuming from --workdir.
+def train(recipe, preset, devices, progress, allow_config_change, tensorboard,
+          log_every_steps, profile_steps, job, **overrides):
+    """Train LeNet-5 (the d2l recipe by default), resuming from --workdir.
 
     SIGTERM/SIGINT finish the step in flight, save a checkpoint and exit with
     128 + the signal number (143, 130); the same command then resumes. In a
@@ -170,14 +192,19 @@ def train(preset, devices, progress, allow_config_change, job, **overrides):
     """
     from lenet_dist.config import preset as get_preset
 
-    config = get_preset(preset).replace(devices=devices, **overrides).validate()
+    if preset is not None:
+        if preset in DEPRECATED_PRESETS:
+            click.echo(DEPRECATED_PRESETS[preset][1], err=True)
+        recipe = preset
+    config = get_preset(recipe).replace(devices=devices, **overrides).validate()
     if progress is None:
         progress = sys.stderr.isatty()
     with runtime.quick_interrupts():
         runtime.configure(cpu_devices=config.devices, job=job)
         from lenet_dist.train import train as run
 
-    run(config, progress=progress, allow_config_change=allow_config_change)
+    run(config, progress=progress, allow_config_change=allow_config_change,
+        tensorboard=tensorboard, log_every_steps=log_every_steps, profile_steps=profile_steps)
 
 
 WORKDIR = click.option("--workdir", type=TextPath(), default="runs/lenet",
@@ -243,19 +270,23 @@ def checkpoints(workdir):
 
 
 @cli.command()
-def summary():
+@click.option("--recipe", type=click.Choice(RECIPES), default="d2l")
+def summary(recipe):
     """Layer-by-layer output shapes for one 28x28 image, and the parameter count."""
     with runtime.quick_interrupts():
         runtime.configure()
         from lenet_dist import model
 
-    rows = model.layer_summary()
+    rows = model.layer_summary(recipe=recipe)
     click.echo(f"{'layer':<10}output shape")
     for name, shape in rows:
         click.echo(f"{name:<10}{shape}")
     import jax
 
-    click.echo(f"parameters: {model.param_count(model.init_params(jax.random.key(0))):,}")
+    variables = model.init_variables(jax.random.key(0), recipe)
+    click.echo(f"parameters: {model.param_count(variables['params']):,}"
+               + (f" (+ {model.param_count(variables['batch_stats']):,} BatchNorm running "
+                  "statistics)" if "batch_stats" in variables else ""))
 
 
 @cli.command()

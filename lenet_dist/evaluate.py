@@ -56,7 +56,8 @@ def unreadable(ckpts: Checkpoints, step: int, problem: str) -> str:
 
 def restore_params(workdir: str, step: int | None, best: bool, shardings: Shardings,
                    warn: Callable[[str], None] = warn_stderr):
-    """(params placed on `shardings`' mesh, config, step, checkpoint metadata, steps).
+    """(variables placed on `shardings`' mesh: {"params"} and, for BatchNorm recipes,
+    {"batch_stats"}; config, step, checkpoint metadata, steps).
 
     Read-only: an unreadable checkpoint is named and skipped (the previous good one is
     used) unless --step asked for exactly that one."""
@@ -68,7 +69,7 @@ def restore_params(workdir: str, step: int | None, best: bool, shardings: Shardi
                 warn(f"warning: checkpoint step {s} is unreadable ({problem}); skipped")
     for chosen in candidates:
         config = config_from(ckpts.meta(chosen))
-        steps = build_steps(make_optimizer(config), shardings)
+        steps = build_steps(make_optimizer(config), shardings, config)
         try:
             tree, meta = ckpts.restore(chosen, steps.abstract())
         except CorruptCheckpoint as e:
@@ -78,7 +79,7 @@ def restore_params(workdir: str, step: int | None, best: bool, shardings: Shardi
             warn(f"warning: checkpoint step {chosen} is unreadable ({e}); trying "
                  "the next one")
             continue
-        return tree["state"].params, config, chosen, meta, steps
+        return tree["state"].variables, config, chosen, meta, steps
     raise Failure(f"no checkpoint in {ckpts.directory} restores (tried steps "
                   f"{', '.join(map(str, candidates))})")
 

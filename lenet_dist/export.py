@@ -466,7 +466,8 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, best: boo
         evaluated = next((r for r in meta.get("history", []) if r.get("step") == chosen), {})
         info = {
             "format": FORMAT_VERSION,
-            "model": "LeNet-5 (d2l), Flax",
+            "model": f"LeNet-5 ({config.recipe} recipe), Flax",
+            "recipe": config.recipe,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "checkpoint": {"workdir": str(work_path), "step": chosen,
                            "epoch": meta.get("epoch"),

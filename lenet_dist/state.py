@@ -20,34 +20,71 @@ class TrainState:
     params: Any
     opt_state: Any
 
+    @property
+    def variables(self) -> dict:
+        """What the model applies: params, and BatchNorm statistics when it has them."""
+        return {"params": self.params}
 
-def make_optimizer(config: Config) -> optax.GradientTransformation:
-    """The seed's plain SGD by default; momentum and Adam for quick experiments."""
+
+@flax.struct.dataclass
+class BNTrainState(TrainState):
+    """A BatchNorm recipe's state: running statistics beside the parameters. A class
+    of its own keeps the d2l state's checkpoint layout exactly as it was."""
+
+    batch_stats: Any = None
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def learning_rate(config: Config, steps_per_epoch: int = 1) -> float | optax.Schedule:
+    """A float for a constant rate (the optimizer state keeps the seed's layout), else
+    an optax schedule over the whole run."""
+    total = max(1, config.epochs * steps_per_epoch)
+    if config.schedule == "cosine":
+        warmup = min(int(config.warmup_epochs * steps_per_epoch), total // 2)  # short runs
+        return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, total)
+    if config.schedule == "onecycle":
+        return optax.cosine_onecycle_schedule(total, config.learning_rate)
+    return config.learning_rate
+
+
+def make_optimizer(config: Config, steps_per_epoch: int = 1) -> optax.GradientTransformation:
+    """The seed's plain SGD by default; momentum, Adam and AdamW, any with a schedule."""
+    lr = learning_rate(config, steps_per_epoch)
     if config.optimizer == "sgd":
-        return optax.sgd(config.learning_rate)
+        return optax.sgd(lr)
     if config.optimizer == "momentum":
-        return optax.sgd(config.learning_rate, momentum=config.momentum)
-    return optax.adam(config.learning_rate)
+        return optax.sgd(lr, momentum=config.momentum)
+    if config.optimizer == "adamw":
+        return optax.adamw(lr, weight_decay=config.weight_decay)
+    return optax.adam(lr)
 
 
-def init_state(key: jax.Array, tx: optax.GradientTransformation) -> TrainState:
-    params = model_lib.init_params(key)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+def init_state(key: jax.Array, tx: optax.GradientTransformation,
+               recipe: str = "d2l") -> TrainState:
+    variables = model_lib.init_variables(key, recipe)
+    params, step = variables["params"], jnp.zeros((), jnp.int32)
+    if "batch_stats" in variables:
+        return BNTrainState(step=step, params=params, opt_state=tx.init(params),
+                            batch_stats=variables["batch_stats"])
+    return TrainState(step=step, params=params, opt_state=tx.init(params))
 
 
-def abstract_state(tx: optax.GradientTransformation) -> TrainState:
+def abstract_state(tx: optax.GradientTransformation, recipe: str = "d2l") -> TrainState:
     """The state's shapes and dtypes (ShapeDtypeStructs), traced, never computed."""
-    return jax.eval_shape(lambda k: init_state(k, tx), jax.random.key(0))
+    return jax.eval_shape(lambda k: init_state(k, tx, recipe), jax.random.key(0))
 
 
-def state_shardings(tx: optax.GradientTransformation, shardings: Shardings,
-                    abstract: TrainState | None = None):
+def state_shardings(shardings: Shardings, abstract: TrainState):
     """Every leaf replicated (data parallelism)."""
-    abstract = abstract_state(tx) if abstract is None else abstract
     return jax.tree.map(lambda _: shardings.replicated, abstract)
 
 
-def create_state(seed: int, tx: optax.GradientTransformation, shardings: Shardings) -> TrainState:
+def create_state(seed: int, tx: optax.GradientTransformation, shardings: Shardings,
+                 recipe: str = "d2l") -> TrainState:
     """Initialise directly into the replicated placement: no host copy of the state."""
-    init = jax.jit(lambda k: init_state(k, tx), out_shardings=state_shardings(tx, shardings))
+    placement = state_shardings(shardings, abstract_state(tx, recipe))
+    init = jax.jit(lambda k: init_state(k, tx, recipe), out_shardings=placement)
     return init(jax.random.key(seed))

@@ -9,20 +9,40 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from lenet_dist import model as model_lib
+from lenet_dist.config import Config
 from lenet_dist.mesh import Shardings
-from lenet_dist.model import LeNet
-from lenet_dist.state import TrainState, abstract_state, state_shardings
+from lenet_dist.state import BNTrainState, TrainState, abstract_state, state_shardings
 
-MODEL = LeNet()
+PAD = 2  # augmentation: random 28x28 crops of the image padded by 2 pixels
 
 
 def preprocess(images: jax.Array) -> jax.Array:
     """uint8 [0, 255] -> float32 [0, 1]; runs on the device."""
     return images.astype(jnp.float32) / 255.0
+
+
+def augment(images: jax.Array, key: jax.Array) -> jax.Array:
+    """Random crops (pad 2, crop 28x28) and horizontal flips, per image, on the devices.
+
+    The key depends only on (seed, global step), and JAX's partitionable threefry
+    draws the same numbers however the batch is sharded: a resumed run, or another
+    device count, sees exactly the same augmented images."""
+    n, h, w, _ = images.shape
+    k_y, k_x, k_f = jax.random.split(key, 3)
+    dy = jax.random.randint(k_y, (n,), 0, 2 * PAD + 1)
+    dx = jax.random.randint(k_x, (n,), 0, 2 * PAD + 1)
+    flip = jax.random.bernoulli(k_f, 0.5, (n,))
+    padded = jnp.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))
+    rows = dy[:, None] + jnp.arange(h)[None, :]  # [n, h]
+    cols = dx[:, None] + jnp.arange(w)[None, :]  # [n, w]
+    cols = jnp.where(flip[:, None], cols[:, ::-1], cols)
+    return padded[jnp.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 def zero_metrics() -> dict[str, jax.Array]:
@@ -32,6 +52,7 @@ def zero_metrics() -> dict[str, jax.Array]:
 
 
 def _metrics(logits, labels, mask=None) -> dict[str, jax.Array]:
+    """Plain cross-entropy and accuracy (also under label smoothing: comparable runs)."""
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     hits = jnp.argmax(logits, -1) == labels
     if mask is None:
@@ -41,29 +62,58 @@ def _metrics(logits, labels, mask=None) -> dict[str, jax.Array]:
             "count": jnp.sum(mask, dtype=jnp.int32)}
 
 
-def train_step(state: TrainState, images, labels, tx) -> tuple[TrainState, dict]:
-    """One SGD step on the mean softmax cross-entropy of the global batch."""
+def train_step(state: TrainState, images, labels, tx, config: Config = Config()
+               ) -> tuple[TrainState, dict]:
+    """One optimizer step on the mean softmax cross-entropy of the global batch
+    (label-smoothed if asked), after on-device augmentation if asked. BatchNorm
+    recipes normalise with the global batch's statistics and update running ones."""
+    model = model_lib.build(config.recipe)
+    if config.augment:
+        key = jax.random.fold_in(jax.random.key(config.seed), state.step)
+        images = augment(images, key)
+    x = preprocess(images)
+    has_bn = isinstance(state, BNTrainState)
 
     def loss_fn(params):
-        logits = MODEL.apply({"params": params}, preprocess(images))
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        return loss, logits
+        variables = {**state.variables, "params": params}
+        if has_bn:
+            logits, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        else:
+            logits, updated = model.apply(variables, x), {}
+        if config.label_smoothing:
+            targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]),
+                                          config.label_smoothing)
+            loss = optax.softmax_cross_entropy(logits, targets).mean()
+        else:
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, (logits, updated)
 
-    (_, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, (logits, updated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    if has_bn:
+        new_state = new_state.replace(batch_stats=updated["batch_stats"])
     return new_state, _metrics(logits, labels)
 
 
-def eval_step(params, images, labels, mask) -> dict:
-    logits = MODEL.apply({"params": params}, preprocess(images))
+def _model_for(variables: dict) -> nn.Module:
+    """The variables say which model they belong to: BatchNorm statistics mean the
+    modern recipe's (so export, predict and bench need no recipe argument)."""
+    return model_lib.build("modern" if "batch_stats" in variables else "d2l")
+
+
+def eval_step(variables, images, labels, mask) -> dict:
+    logits = _model_for(variables).apply(variables, preprocess(images))
     return _metrics(logits, labels, mask)
 
 
-def infer(params, images) -> dict[str, jax.Array]:
-    """What a served model answers for uint8 images: the export's and predict's forward."""
-    logits = MODEL.apply({"params": params}, preprocess(images))
+def infer(variables, images) -> dict[str, jax.Array]:
+    """What a served model answers for uint8 images: the export's and predict's forward.
+    `variables` is {"params": ...} (plus "batch_stats"), or a bare d2l params tree."""
+    if "params" not in variables:
+        variables = {"params": variables}
+    logits = _model_for(variables).apply(variables, preprocess(images))
     return {"logits": logits, "probabilities": jax.nn.softmax(logits),
             "classes": jnp.argmax(logits, axis=-1)}
 
@@ -89,10 +139,12 @@ class Steps:
     abstract: Callable  # () -> {"state", "acc"} ShapeDtypeStructs with this mesh's shardings
 
 
-def build_steps(tx: optax.GradientTransformation, shardings: Shardings) -> Steps:
-    """Every sharding decision for the steps, in one place."""
-    state_shapes = abstract_state(tx)
-    state_sh = state_shardings(tx, shardings, state_shapes)
+def build_steps(tx: optax.GradientTransformation, shardings: Shardings,
+                config: Config = Config()) -> Steps:
+    """Every sharding decision for the steps, in one place; `config` gives the recipe
+    (model, augmentation, label smoothing, seed of the augmentation)."""
+    state_shapes = abstract_state(tx, config.recipe)
+    state_sh = state_shardings(shardings, state_shapes)
     rep = shardings.replicated
     stacked = shardings.stacked_batches
     metrics_sh = jax.tree.map(lambda _: rep, zero_metrics())
@@ -100,11 +152,11 @@ def build_steps(tx: optax.GradientTransformation, shardings: Shardings) -> Steps
     def train_at(state, acc, xs, ys, i):
         images = jax.lax.with_sharding_constraint(xs[i], shardings.batch)
         labels = jax.lax.with_sharding_constraint(ys[i], shardings.batch)
-        state, metrics = train_step(state, images, labels, tx)
+        state, metrics = train_step(state, images, labels, tx, config)
         return state, _add(acc, metrics)
 
-    def eval_at(params, acc, xs, ys, mask, i):
-        return _add(acc, eval_step(params, xs[i], ys[i], mask[i]))
+    def eval_at(variables, acc, xs, ys, mask, i):
+        return _add(acc, eval_step(variables, xs[i], ys[i], mask[i]))
 
     train = jax.jit(
         train_at,
@@ -114,7 +166,7 @@ def build_steps(tx: optax.GradientTransformation, shardings: Shardings) -> Steps
     )
     evaluate = jax.jit(
         eval_at,
-        in_shardings=(state_sh.params, metrics_sh, stacked, stacked, stacked, rep),
+        in_shardings=(state_sh.variables, metrics_sh, stacked, stacked, stacked, rep),
         out_shardings=metrics_sh,
     )
     zeros = jax.jit(zero_metrics, out_shardings=metrics_sh)

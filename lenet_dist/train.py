@@ -43,11 +43,12 @@ class TrainResult:
         return self.history[-1]
 
 
-def evaluate(steps: Steps, params, feed: EvalFeed) -> dict[str, float]:
-    """Loss and accuracy over every real example of `feed` (padding masked out)."""
+def evaluate(steps: Steps, variables, feed: EvalFeed) -> dict[str, float]:
+    """Loss and accuracy over every real example of `feed` (padding masked out);
+    `variables` is the state's (`TrainState.variables`: BatchNorm in eval mode)."""
     sums = steps.zeros()
     for i in range(feed.num_batches):
-        sums = steps.evaluate(params, sums, feed.images, feed.labels, feed.mask, i)
+        sums = steps.evaluate(variables, sums, feed.images, feed.labels, feed.mask, i)
     metrics = summarize(sums)
     assert metrics["count"] == feed.size, (metrics["count"], feed.size)
     return metrics
@@ -91,7 +92,8 @@ def format_epoch(r: dict, epochs: int) -> str:
 
 def train(config: Config, dataset: data_lib.Dataset | None = None,
           log: Callable[[str], None] = print, progress: bool = False,
-          allow_config_change: bool = False) -> TrainResult:
+          allow_config_change: bool = False, tensorboard: bool = False,
+          log_every_steps: int = 50, profile_steps: str | None = None) -> TrainResult:
     """Train `config` end to end, resuming from <workdir>/checkpoints if it holds a run.
 
     Holds the workdir's lock throughout (process 0 in a job). Raises `Preempted`
@@ -145,8 +147,8 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
     total_steps = steps_per_epoch * config.epochs
 
     # Model, optimizer and state, born replicated; steps jitted once.
-    tx = make_optimizer(config)
-    steps = build_steps(tx, shardings)
+    tx = make_optimizer(config, steps_per_epoch)
+    steps = build_steps(tx, shardings, config)
 
     # The latest readable checkpoint of this run, else scratch. The saved config is
     # compared before anything is restored.
@@ -158,7 +160,7 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
         if ckpt else None
     history: list[dict] = []
     if restored is None:
-        state, sums = create_state(config.seed, tx, shardings), steps.zeros()
+        state, sums = create_state(config.seed, tx, shardings, config.recipe), steps.zeros()
     else:
         tree, meta = restored
         state, sums, history = tree["state"], tree["acc"], meta["history"]
@@ -224,7 +226,7 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
                 train_secs = time.perf_counter() - t_epoch
                 if not math.isfinite(train_metrics["loss"]):
                     raise Diverged(steps_per_epoch * (epoch + 1))
-                test_metrics = evaluate(steps, state.params, test_data)
+                test_metrics = evaluate(steps, state.variables, test_data)
                 record = {
                     "epoch": epoch + 1,
                     "step": steps_per_epoch * (epoch + 1),

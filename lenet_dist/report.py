@@ -1,0 +1,528 @@
+"""Run reports: learning curves, a confusion matrix and misclassified test images as
+PNGs, and a Markdown page that embeds them, for one run or several side by side.
+
+numpy and matplotlib only, through matplotlib's object API (`Figure` on an Agg canvas,
+no pyplot): no global figure state and no display, so a report renders on a headless
+host and never imports JAX; the caller computes the predictions. Files are written
+with `safefs.write_atomic`, like everything else in a workdir.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from etils import epath
+from matplotlib import colormaps, ticker
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import PowerNorm
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from lenet_dist import safefs
+
+CURVES_PNG = "curves.png"
+CONFUSION_PNG = "confusion.png"
+MISCLASSIFIED_PNG = "misclassified.png"
+REPORT_MD = "report.md"
+COMPARE_PNG = "compare.png"
+COMPARE_MD = "compare.md"
+
+DPI = 110
+# Panels of the learning-curve figure: (metric suffix in metrics.jsonl, axis label).
+PANELS = (("loss", "loss"), ("accuracy", "accuracy"))
+# The split is told apart by line style, so colour is free to tell runs apart.
+SPLIT_STYLES = {"train": "-", "test": "--"}
+# One run: d2l's colours for train (blue) and test (green).
+SINGLE_RUN_COLORS = {"train": "tab:blue", "test": "tab:green"}
+RUN_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
+              "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+# A loss this many times its median (a run blowing up before it turns NaN) would flatten
+# every other epoch against the axis; a log scale keeps them readable.
+LOG_SCALE_RATIO = 20.0
+
+
+# ------------------------------------------------------------------- figures
+
+
+def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | epath.Path,
+                title: str | None = None) -> epath.Path:
+    """Loss and accuracy per epoch, train solid and test dashed, as in d2l's LeNet plot
+    but on two panels, since a loss of 2.3 next to an accuracy of 0.9 on one axis hides
+    the accuracy's changes. Several runs: one colour each, named in a shared legend.
+    Missing or non-finite values (a diverged epoch) leave gaps instead of failing."""
+    names = list(runs)
+    fig = _figure((11.0, 4.6 if len(names) <= 1 else 5.0))
+    axes = fig.subplots(1, 2)
+    any_points = False
+    for (metric, label), ax in zip(PANELS, axes):
+        values, broken = [], set()
+        for i, name in enumerate(names):
+            for split, style in SPLIT_STYLES.items():
+                x, y = _series(runs[name], f"{split}_{metric}")
+                broken.update(x[_not_finite(runs[name], f"{split}_{metric}")].tolist())
+                if not np.isfinite(y).any():
+                    continue
+                any_points = True
+                values.append(y[np.isfinite(y)])
+                color = (SINGLE_RUN_COLORS[split] if len(names) == 1
+                         else RUN_COLORS[i % len(RUN_COLORS)])
+                ax.plot(x, y, style, color=color, marker="o", markersize=3.5, linewidth=1.8,
+                        label=f"{split} {label}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_title(label.capitalize())
+        ax.grid(True, alpha=0.35)
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        for k, epoch in enumerate(sorted(broken)):
+            ax.axvspan(epoch - 0.5, epoch + 0.5, color="tab:red", alpha=0.12, linewidth=0,
+                       label=None if k else "not finite")
+        finite = np.concatenate(values) if values else np.zeros(0)
+        if metric == "accuracy":
+            ax.yaxis.set_major_formatter(ticker.PercentFormatter(xmax=1.0, decimals=0))
+            _min_span(ax, finite, 0.1, low=0.0, high=1.0)
+        else:
+            positive = finite[finite > 0]
+            if positive.size and positive.max() > LOG_SCALE_RATIO * np.median(positive):
+                ax.set_yscale("log")
+                ax.set_ylabel(f"{label} (log scale)")
+            elif finite.size:
+                _min_span(ax, finite, 0.2 * float(np.abs(finite).max()), low=0.0)
+        if len(names) == 1 and ax.lines or broken:
+            ax.legend(loc="best")
+        _pad_single_epoch(ax)
+    if len(names) > 1:
+        handles = [Line2D([], [], color=RUN_COLORS[i % len(RUN_COLORS)], linewidth=2.5,
+                          label=name) for i, name in enumerate(names)]
+        handles.append(Line2D([], [], linestyle="none", label=" "))  # a gap between groups
+        handles += [Line2D([], [], color="0.3", linestyle=style, linewidth=1.8, label=split)
+                    for split, style in SPLIT_STYLES.items()]
+        fig.legend(handles=handles, loc="outside lower center",
+                   ncol=min(len(handles), 6), frameon=False)
+    if not any_points:
+        fig.text(0.5, 0.5, "no finite metrics recorded", ha="center", va="center",
+                 fontsize=14, color="0.3")
+    if title is None:
+        title = (f"Learning curves: {names[0]}" if len(names) == 1
+                 else f"Learning curves: {len(names)} runs")
+    fig.suptitle(title, fontsize=13)
+    return _save(fig, path)
+
+
+def plot_confusion(labels: np.ndarray, predictions: np.ndarray, class_names: Sequence[str],
+                   path: str | epath.Path) -> epath.Path:
+    """Counts of (true, predicted) pairs with each class's accuracy in a side column.
+    Colour follows the square root of the count, so that the few dozen confusions off
+    the diagonal stay visible next to the diagonal's thousand."""
+    labels, predictions = _check_predictions(labels, predictions, len(class_names))
+    k = len(class_names)
+    counts = confusion_matrix(labels, predictions, k)
+    support = counts.sum(axis=1)
+    correct = int(np.trace(counts))
+    total = int(counts.sum())
+
+    side = max(6.0, 0.62 * k + 2.5)
+    fig = _figure((side + 1.6, side))
+    grid = fig.add_gridspec(1, 2, width_ratios=[k, 1.2])
+    ax = fig.add_subplot(grid[0, 0])
+    col = fig.add_subplot(grid[0, 1], sharey=ax)
+
+    norm = PowerNorm(gamma=0.5, vmin=0, vmax=max(int(counts.max()), 1))
+    cmap = colormaps["Blues"]
+    ax.imshow(counts, cmap=cmap, norm=norm, aspect="equal")
+    size = 9 if k <= 10 else 7
+    for (i, j), count in np.ndenumerate(counts):
+        ax.text(j, i, f"{count:,}", ha="center", va="center", fontsize=size,
+                color=_text_color(cmap(norm(count))))
+    ticks = np.arange(k)
+    ax.set_xticks(ticks, list(class_names), rotation=40, ha="right", rotation_mode="anchor")
+    ax.set_yticks(ticks, list(class_names))
+    ax.set_xlabel("predicted", fontsize=11, fontweight="bold")
+    ax.set_ylabel("true", fontsize=11, fontweight="bold")
+    ax.tick_params(length=0)
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.where(support > 0, np.diag(counts) / np.maximum(support, 1), np.nan)
+    acc_cmap = colormaps["RdYlGn"]
+    col.imshow(per_class[:, None], cmap=acc_cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    for i, value in enumerate(per_class):
+        text = "n/a" if math.isnan(value) else f"{value:.1%}"
+        color = "black" if math.isnan(value) else _text_color(acc_cmap(value))
+        col.text(0, i, text, ha="center", va="center", fontsize=size, color=color)
+    col.set_xticks([0], ["per-class\naccuracy"])
+    col.tick_params(axis="y", left=False, labelleft=False)
+    col.tick_params(axis="x", length=0)
+    for spine in (*ax.spines.values(), *col.spines.values()):
+        spine.set_visible(False)
+
+    if total:
+        title = f"Confusion matrix: accuracy {correct / total:.2%} ({correct:,} of {total:,})"
+    else:
+        title = "Confusion matrix: no predictions"
+    fig.suptitle(title, fontsize=13)
+    return _save(fig, path)
+
+
+def plot_misclassified(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
+                       class_names: Sequence[str], path: str | epath.Path,
+                       n: int = 36) -> epath.Path:
+    """The first `n` wrong test images in test-set order (the same ones every time),
+    each captioned "true → predicted" with its index, so it can be looked up."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    labels, predictions = _check_predictions(labels, predictions, len(class_names))
+    images = np.asarray(images)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim != 3 or len(images) != len(labels):
+        raise ValueError(f"images must be [N, H, W] or [N, H, W, 1] with N = {len(labels)} "
+                         f"labels, got shape {np.shape(images)}")
+    wrong = np.flatnonzero(labels != predictions)
+    if not wrong.size:
+        fig = _figure((7.0, 2.4))
+        fig.text(0.5, 0.5, f"No misclassified images:\nall {len(labels):,} test images "
+                 "are classified correctly.", ha="center", va="center", fontsize=14)
+        return _save(fig, path)
+
+    shown = wrong[:n]
+    cols = min(len(shown), math.ceil(math.sqrt(n)))
+    rows = math.ceil(len(shown) / cols)
+    fig = _figure((max(1.75 * cols, 6.0), 1.95 * rows + 0.7))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    vmin, vmax = (0, 255) if images.dtype == np.uint8 else (None, None)
+    for ax, index in zip(axes, shown):
+        ax.imshow(images[index], cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel(f"{class_names[labels[index]]} → {class_names[predictions[index]]}",
+                      fontsize=8)
+        ax.set_title(f"#{index}", fontsize=7, color="0.4", pad=2)
+    for ax in axes[len(shown):]:
+        ax.set_visible(False)
+    fig.suptitle(f"Misclassified test images (true → predicted): first {len(shown)} of "
+                 f"{wrong.size:,} wrong out of {len(labels):,}", fontsize=12)
+    return _save(fig, path)
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, k: int) -> np.ndarray:
+    """[k, k] int64 counts: row = true class, column = predicted class."""
+    counts = np.zeros((k, k), np.int64)
+    np.add.at(counts, (labels, predictions), 1)
+    return counts
+
+
+# ------------------------------------------------------------------- pages
+
+
+def write_report(out_dir: str | epath.Path, name: str, history: Sequence[Mapping[str, Any]],
+                 config: Mapping[str, Any], labels: np.ndarray, predictions: np.ndarray,
+                 images: np.ndarray, class_names: Sequence[str],
+                 extra: Mapping[str, Any] | None = None) -> epath.Path:
+    """curves.png, confusion.png, misclassified.png and report.md in `out_dir`; returns
+    report.md's path. `extra` adds rows to the summary (`parameters` is formatted as a
+    count); the links are relative, so the directory can be moved or published whole."""
+    out = epath.Path(out_dir)
+    safefs.make_dir(out)
+    plot_curves({name: history}, out / CURVES_PNG)
+    plot_confusion(labels, predictions, class_names, out / CONFUSION_PNG)
+    plot_misclassified(images, labels, predictions, class_names, out / MISCLASSIFIED_PNG)
+
+    labels, predictions = _check_predictions(labels, predictions, len(class_names))
+    total = len(labels)
+    correct = int((labels == predictions).sum())
+    summary = _summary_rows(history, extra)
+    if total:
+        summary.append(("Accuracy of these predictions",
+                        f"{correct / total:.2%} ({correct:,} of {total:,} test images)"))
+    lines = [f"# LeNet-5 report: {name}", "", "## Summary", "",
+             *_md_table(("figure", "value"), summary), "",
+             "## Learning curves", "", f"![Learning curves]({CURVES_PNG})", "",
+             "## Confusion matrix", "", f"![Confusion matrix]({CONFUSION_PNG})", "",
+             "## Misclassified test images", "",
+             f"{total - correct:,} of {total:,} test images are misclassified; the figure "
+             "shows the first ones in test-set order.", "",
+             f"![Misclassified test images]({MISCLASSIFIED_PNG})", "",
+             "## Configuration", "",
+             *_md_table(("setting", "value"),
+                        [(k, _plain(v)) for k, v in _flatten(config).items()]), "",
+             "## Per-epoch metrics", "", *_epoch_table(history), ""]
+    path = out / REPORT_MD
+    safefs.write_atomic(path, "\n".join(lines))
+    return path
+
+
+def write_comparison(out_dir: str | epath.Path,
+                     runs: Mapping[str, Mapping[str, Any]]) -> epath.Path:
+    """compare.png (every run's curves on the same axes) and compare.md (one row per
+    run); returns compare.md's path. Each run is {"history", "config", "final"}; `final`
+    may hold test_accuracy, parameters and wall_seconds, else they come from the
+    history (the last epoch's accuracy, the sum of the epochs' wall seconds)."""
+    if not runs:
+        raise ValueError("write_comparison needs at least one run")
+    out = epath.Path(out_dir)
+    safefs.make_dir(out)
+    histories = {name: run.get("history") or [] for name, run in runs.items()}
+    plot_curves(histories, out / COMPARE_PNG, title=f"Comparison of {len(runs)} runs")
+
+    rows = []
+    for name, run in runs.items():
+        final, history = run.get("final") or {}, histories[name]
+        accuracy = _number(final.get("test_accuracy"))
+        if accuracy is None and history:
+            accuracy = _number(history[-1].get("test_accuracy"))
+        wall = _number(final.get("wall_seconds"))
+        if wall is None:
+            wall = _total(history, "epoch_seconds")
+        rows.append((name, recipe(run.get("config") or {}), accuracy,
+                     final.get("parameters"), wall))
+    best = max((r[2] for r in rows if r[2] is not None and math.isfinite(r[2])), default=None)
+    with_params = any(r[3] is not None for r in rows)
+    headers = ("run", "recipe", "final test accuracy",
+               *(("parameters",) if with_params else ()), "wall time")
+    cells = []
+    for name, text, accuracy, params, wall in rows:
+        acc = _percent(accuracy)
+        if accuracy is not None and accuracy == best and len(rows) > 1:
+            acc = f"**{acc}**"
+        cells.append((name, text, acc, *((_count(params),) if with_params else ()),
+                      _duration(wall)))
+    lines = [f"# Comparison of {len(runs)} runs", "", *_md_table(headers, cells), "",
+             f"![Learning curves of all runs]({COMPARE_PNG})", ""]
+    path = out / COMPARE_MD
+    safefs.write_atomic(path, "\n".join(lines))
+    return path
+
+
+def recipe(config: Mapping[str, Any]) -> str:
+    """A config in one short phrase: what differs between the runs of a comparison."""
+    parts = []
+    if config.get("preset"):
+        parts.append(f"preset {config['preset']}")
+    if config.get("optimizer"):
+        text = str(config["optimizer"])
+        if config.get("learning_rate") is not None:
+            text += f" lr {_plain(config['learning_rate'])}"
+        if config["optimizer"] == "momentum" and config.get("momentum") is not None:
+            text += f" momentum {_plain(config['momentum'])}"
+        parts.append(text)
+    for key, unit in (("batch_size", "batch"), ("epochs", "epochs"),
+                      ("train_limit", "train images"), ("devices", "devices")):
+        if config.get(key) is not None:
+            parts.append(f"{unit} {_plain(config[key])}" if key == "batch_size"
+                         else f"{_plain(config[key])} {unit}")
+    return ", ".join(parts) or "n/a"
+
+
+# ------------------------------------------------------------------- helpers
+
+
+def _figure(size: tuple[float, float]) -> Figure:
+    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | epath.Path) -> epath.Path:
+    """PNG bytes rendered in memory, then one atomic write: a reader never sees half
+    an image, and a link planted at the name is refused, not written through."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, facecolor="white")
+    path = epath.Path(path)
+    safefs.write_atomic(path, buffer.getvalue())
+    return path
+
+
+def _text_color(rgba) -> str:
+    """Black on light cells, white on dark ones (relative luminance, ITU-R BT.601)."""
+    r, g, b = rgba[:3]
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+
+
+def _pad_single_epoch(ax) -> None:
+    """One epoch is one point; without room on both sides it sits on the axis edge."""
+    xs = [x for line in ax.lines for x in np.asarray(line.get_xdata(), float)]
+    if xs and min(xs) == max(xs):
+        ax.set_xlim(xs[0] - 0.5, xs[0] + 0.5)
+        ax.set_xticks([xs[0]])
+
+
+def _min_span(ax, values: np.ndarray, span: float, low: float | None = None,
+              high: float | None = None) -> None:
+    """At least `span` on the y axis: one epoch, or a flat plateau, would otherwise be
+    stretched over the whole axis with ticks like 9.880%, 9.900%, 9.920%."""
+    if not values.size or values.max() - values.min() >= span:
+        return
+    middle = (values.max() + values.min()) / 2
+    bottom, top = middle - span / 2, middle + span / 2
+    if low is not None and bottom < low:
+        bottom, top = low, low + span
+    if high is not None and top > high:
+        bottom, top = high - span, high
+    ax.set_ylim(bottom, top)
+
+
+def _check_predictions(labels, predictions, k: int) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels).reshape(-1)
+    predictions = np.asarray(predictions).reshape(-1)
+    if labels.shape != predictions.shape:
+        raise ValueError(f"{labels.size} labels but {predictions.size} predictions")
+    for what, a in (("labels", labels), ("predictions", predictions)):
+        if a.size and not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"{what} must be integer class ids, got {a.dtype}")
+        if a.size and (a.min() < 0 or a.max() >= k):
+            raise ValueError(f"{what} must be class ids in 0..{k - 1}, got "
+                             f"{a.min()}..{a.max()}")
+    return labels.astype(np.int64), predictions.astype(np.int64)
+
+
+def _number(value) -> float | None:
+    """A float, NaN kept; None for missing or non-numeric values (metrics.jsonl written
+    by hand or by an older version)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        return None
+    return float(value)
+
+
+def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Epochs and values, NaN where the value is missing or not finite."""
+    x = [(_number(row.get("epoch")) or i + 1) for i, row in enumerate(history)]
+    y = [_number(row.get(key)) for row in history]
+    y = np.array([np.nan if v is None else v for v in y], float)
+    y[~np.isfinite(y)] = np.nan
+    return np.array(x, float), y
+
+
+def _not_finite(history: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
+    """Rows whose value is a number but not a finite one (a diverged epoch), as a mask;
+    missing values are only gaps."""
+    return np.array([(v := _number(row.get(key))) is not None and not math.isfinite(v)
+                     for row in history], bool)
+
+
+def _total(history: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    values = [_number(row.get(key)) for row in history]
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(values) if values else None
+
+
+def _summary_rows(history: Sequence[Mapping[str, Any]],
+                  extra: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    extra = dict(extra or {})
+    rows = []
+    if history:
+        last = history[-1]
+        epoch = last.get("epoch", len(history))
+        rows += [("Final test accuracy", f"{_percent(_number(last.get('test_accuracy')))} "
+                  f"(epoch {epoch})"),
+                 ("Final test loss", _decimal(_number(last.get("test_loss")))),
+                 ("Final train loss", _decimal(_number(last.get("train_loss")))),
+                 ("Final train accuracy", _percent(_number(last.get("train_accuracy"))))]
+        accs = [(_number(r.get("test_accuracy")), r.get("epoch", i + 1))
+                for i, r in enumerate(history)]
+        accs = [(a, e) for a, e in accs if a is not None and math.isfinite(a)]
+        if len(history) > 1 and accs:
+            best, at = max(accs, key=lambda p: p[0])
+            rows.append(("Best test accuracy", f"{_percent(best)} (epoch {at})"))
+    else:
+        rows.append(("Final test accuracy", "n/a (no epochs recorded)"))
+    train = _total(history, "train_seconds")
+    rates = [(_number(r.get("images_per_sec")), _number(r.get("train_seconds")))
+             for r in history]
+    rates = [(v, s) for v, s in rates if v is not None and s is not None
+             and math.isfinite(v) and math.isfinite(s) and s > 0]
+    if rates:  # weighted by time, as train's closing line: a short epoch counts less
+        rate = sum(v * s for v, s in rates) / sum(s for _, s in rates)
+        rows.append(("Throughput", f"{rate:,.0f} images/s (mean over training time)"))
+    wall = _total(history, "epoch_seconds")
+    rows.append(("Total train time", _duration(train) + (
+        f" ({_duration(wall)} with evaluation)" if wall is not None else "")))
+    if history:
+        last = history[-1]
+        if last.get("devices") is not None:
+            rows.append(("Devices / processes",
+                         f"{_plain(last.get('devices'))} / {_plain(last.get('processes', 1))}"))
+    if "parameters" in extra:
+        rows.append(("Parameters", _count(extra.pop("parameters"))))
+    rows += [(str(k), _plain(v)) for k, v in extra.items()]
+    return rows
+
+
+EPOCH_COLUMNS = (("epoch", "epoch", "plain"), ("step", "step", "count"),
+                 ("train_loss", "train loss", "decimal"),
+                 ("train_accuracy", "train acc", "percent"),
+                 ("test_loss", "test loss", "decimal"), ("test_accuracy", "test acc", "percent"),
+                 ("lr", "lr", "plain"), ("images_per_sec", "images/s", "count"),
+                 ("train_seconds", "train s", "seconds"), ("epoch_seconds", "epoch s", "seconds"))
+
+
+def _epoch_table(history: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not history:
+        return ["No epochs recorded."]
+    columns = [c for c in EPOCH_COLUMNS if any(c[0] in row for row in history)]
+    fmt = {"plain": _plain, "count": _count, "seconds": _seconds,
+           "decimal": lambda v: _decimal(_number(v)), "percent": lambda v: _percent(_number(v))}
+    rows = [[fmt[kind](row.get(key)) for key, _, kind in columns] for row in history]
+    return _md_table([label for _, label, _ in columns], rows)
+
+
+def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    return ["| " + " | ".join(cell(h) for h in headers) + " |",
+            "|" + "|".join("---" for _ in headers) + "|",
+            *("| " + " | ".join(cell(c) for c in row) + " |" for row in rows)]
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _plain(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_plain(v) for v in value)
+    return str(value)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2%}" if math.isfinite(value) else str(value)
+
+
+def _decimal(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}" if math.isfinite(value) else str(value)
+
+
+def _count(value) -> str:
+    number = _number(value)
+    if number is None:
+        return _plain(value)
+    return f"{number:,.0f}" if math.isfinite(number) else str(number)
+
+
+def _seconds(value) -> str:
+    number = _number(value)
+    return "n/a" if number is None else f"{number:.1f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "n/a"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
