@@ -52,11 +52,14 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | epa
     """Loss and accuracy per epoch, train solid and test dashed, as in d2l's LeNet plot
     but on two panels, since a loss of 2.3 next to an accuracy of 0.9 on one axis hides
     the accuracy's changes. Several runs: one colour each, named in a shared legend.
-    Missing or non-finite values (a diverged epoch) leave gaps instead of failing."""
+    Missing values leave gaps; non-finite ones (a diverged epoch) leave gaps shaded red."""
     names = list(runs)
+    if not names:
+        raise ValueError("plot_curves needs at least one run")
     fig = _figure((11.0, 4.6 if len(names) <= 1 else 5.0))
     axes = fig.subplots(1, 2)
-    any_points = False
+    epochs = {float(e) for name in names for e in _series(runs[name], "epoch")[0]}
+    plotted = set()
     for (metric, label), ax in zip(PANELS, axes):
         values, broken = [], set()
         for i, name in enumerate(names):
@@ -65,12 +68,12 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | epa
                 broken.update(x[_not_finite(runs[name], f"{split}_{metric}")].tolist())
                 if not np.isfinite(y).any():
                     continue
-                any_points = True
+                plotted.add(name)
                 values.append(y[np.isfinite(y)])
                 color = (SINGLE_RUN_COLORS[split] if len(names) == 1
                          else RUN_COLORS[i % len(RUN_COLORS)])
-                ax.plot(x, y, style, color=color, marker="o", markersize=3.5, linewidth=1.8,
-                        label=f"{split} {label}")
+                ax.plot(x, y, style, color=color, marker="o" if len(x) <= 40 else None,
+                        markersize=3.5, linewidth=1.8, label=f"{split} {label}")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.set_title(label.capitalize())
@@ -90,20 +93,21 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | epa
                 ax.set_ylabel(f"{label} (log scale)")
             elif finite.size:
                 _min_span(ax, finite, 0.2 * float(np.abs(finite).max()), low=0.0)
-        if len(names) == 1 and ax.lines or broken:
+        if not ax.lines:
+            ax.text(0.5, 0.5, f"no finite {label} recorded", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=12, color="0.3")
+        if (len(names) == 1 and ax.lines) or broken:
             ax.legend(loc="best")
-        _pad_single_epoch(ax)
+        _pad_single_epoch(ax, epochs)
     if len(names) > 1:
         handles = [Line2D([], [], color=RUN_COLORS[i % len(RUN_COLORS)], linewidth=2.5,
-                          label=name) for i, name in enumerate(names)]
+                          label=name if name in plotted else f"{name} (no data)")
+                   for i, name in enumerate(names)]
         handles.append(Line2D([], [], linestyle="none", label=" "))  # a gap between groups
         handles += [Line2D([], [], color="0.3", linestyle=style, linewidth=1.8, label=split)
                     for split, style in SPLIT_STYLES.items()]
         fig.legend(handles=handles, loc="outside lower center",
                    ncol=min(len(handles), 6), frameon=False)
-    if not any_points:
-        fig.text(0.5, 0.5, "no finite metrics recorded", ha="center", va="center",
-                 fontsize=14, color="0.3")
     if title is None:
         title = (f"Learning curves: {names[0]}" if len(names) == 1
                  else f"Learning curves: {len(names)} runs")
@@ -201,8 +205,8 @@ def plot_misclassified(images: np.ndarray, labels: np.ndarray, predictions: np.n
         ax.set_title(f"#{index}", fontsize=7, color="0.4", pad=2)
     for ax in axes[len(shown):]:
         ax.set_visible(False)
-    fig.suptitle(f"Misclassified test images (true → predicted): first {len(shown)} of "
-                 f"{wrong.size:,} wrong out of {len(labels):,}", fontsize=12)
+    fig.suptitle(f"Misclassified test images (true → predicted)\nthe first {len(shown)} "
+                 f"of {wrong.size:,} wrong out of {len(labels):,}", fontsize=12)
     return _save(fig, path)
 
 
@@ -340,12 +344,12 @@ def _text_color(rgba) -> str:
     return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
 
 
-def _pad_single_epoch(ax) -> None:
+def _pad_single_epoch(ax, epochs: set[float]) -> None:
     """One epoch is one point; without room on both sides it sits on the axis edge."""
-    xs = [x for line in ax.lines for x in np.asarray(line.get_xdata(), float)]
-    if xs and min(xs) == max(xs):
-        ax.set_xlim(xs[0] - 0.5, xs[0] + 0.5)
-        ax.set_xticks([xs[0]])
+    if len(epochs) == 1:
+        (epoch,) = epochs
+        ax.set_xlim(epoch - 0.5, epoch + 0.5)
+        ax.set_xticks([epoch])
 
 
 def _min_span(ax, values: np.ndarray, span: float, low: float | None = None,
@@ -387,7 +391,8 @@ def _number(value) -> float | None:
 
 def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
     """Epochs and values, NaN where the value is missing or not finite."""
-    x = [(_number(row.get("epoch")) or i + 1) for i, row in enumerate(history)]
+    x = [e if (e := _number(row.get("epoch"))) is not None and math.isfinite(e) else i + 1
+         for i, row in enumerate(history)]
     y = [_number(row.get(key)) for row in history]
     y = np.array([np.nan if v is None else v for v in y], float)
     y[~np.isfinite(y)] = np.nan

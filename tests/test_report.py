@@ -1,0 +1,202 @@
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lenet_dist import report, safefs
+
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+           "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+CONFIG = {"dataset": "fashion_mnist", "batch_size": 128, "epochs": 3, "learning_rate": 0.9,
+          "optimizer": "sgd", "momentum": 0.9, "seed": 0, "train_limit": None}
+
+
+def history(epochs: int, final_accuracy: float = 0.8) -> list[dict]:
+    rows = []
+    for e in range(1, epochs + 1):
+        t = e / epochs
+        rows.append({"epoch": e, "step": 469 * e, "train_loss": 2.3 - 1.8 * t,
+                     "train_accuracy": 0.1 + (final_accuracy + 0.02 - 0.1) * t,
+                     "test_loss": 2.35 - 1.8 * t,
+                     "test_accuracy": 0.1 + (final_accuracy - 0.1) * t,
+                     "images_per_sec": 20_000.0 + e, "train_seconds": 3.0,
+                     "epoch_seconds": 3.5, "devices": 8, "processes": 1, "batch_size": 128,
+                     "time": 1.7e9 + e})
+    return rows
+
+
+def predictions(n: int = 400, wrong: float = 0.15, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    preds = np.where(rng.random(n) < wrong, rng.integers(0, 10, n), labels).astype(np.int32)
+    images = rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
+    images[:, 8:20, 8:20] = 255  # a bright square: every tile has structure
+    return labels, preds, images
+
+
+def png(path, min_size=(300, 200)) -> np.ndarray:
+    """The decoded image as float RGB, after checking it is a real, non-blank PNG."""
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert im.size[0] >= min_size[0] and im.size[1] >= min_size[1], im.size
+        rgb = np.asarray(im.convert("RGB"), float)
+    assert rgb.std() > 10, "blank image"
+    assert (rgb.mean(axis=2) < 250).mean() > 0.01, "almost all white"
+    return rgb
+
+
+def colored(rgb: np.ndarray) -> float:
+    """Fraction of saturated pixels: plotted lines and heat-map cells, not axes or text."""
+    return float(((rgb.max(axis=2) - rgb.min(axis=2)) > 60).mean())
+
+
+def test_write_report_writes_every_png_and_page(tmp_path):
+    labels, preds, images = predictions()
+    hist = history(5, final_accuracy=0.8123)
+    path = report.write_report(tmp_path / "report", "seed", hist, CONFIG, labels, preds,
+                               images, CLASSES, extra={"parameters": 61_706, "preset": "seed"})
+    out = tmp_path / "report"
+    assert os.fspath(path) == os.fspath(out / "report.md")
+    assert colored(png(out / "curves.png")) > 0.002
+    assert colored(png(out / "confusion.png", (500, 500))) > 0.05
+    png(out / "misclassified.png", (500, 500))
+
+    md = (out / "report.md").read_text()
+    for name in ("curves.png", "confusion.png", "misclassified.png"):
+        assert f"]({name})" in md  # relative links: the directory can move
+    assert str(tmp_path) not in md
+    assert "Final test accuracy | 81.23% (epoch 5)" in md
+    correct = int((labels == preds).sum())
+    assert f"{correct / len(labels):.2%} ({correct:,} of {len(labels):,}" in md
+    assert "| Parameters | 61,706 |" in md and "| preset | seed |" in md
+    assert "| learning_rate | 0.9 |" in md and "| train_limit | n/a |" in md
+    assert "Throughput | 20,003 images/s" in md
+    assert "Total train time | 15.0 s (17.5 s with evaluation)" in md
+    epoch_rows = [line for line in md.splitlines() if line.startswith("| 4 | 1,876 |")]
+    assert len(epoch_rows) == 1 and "| 66.98% |" in epoch_rows[0]
+    assert not list(out.glob(".*.tmp"))  # atomic writes left no temporary files
+
+
+def test_write_comparison_two_runs(tmp_path):
+    runs = {
+        "seed": {"history": history(4, 0.78), "config": CONFIG,
+                 "final": {"parameters": 61_706, "wall_seconds": 95.0}},
+        "adam | fast": {"history": history(6, 0.89),
+                        "config": {**CONFIG, "optimizer": "adam", "learning_rate": 0.003},
+                        "final": {"test_accuracy": 0.8912}},
+    }
+    path = report.write_comparison(tmp_path, runs)
+    assert os.fspath(path) == os.fspath(tmp_path / "compare.md")
+    assert colored(png(tmp_path / "compare.png")) > 0.002
+    md = path.read_text()
+    assert "](compare.png)" in md
+    assert "| seed | sgd lr 0.9, batch 128, 3 epochs | 78.00% | 61,706 | 1 min 35 s |" in md
+    # The best run is marked; a '|' in a name does not break the table.
+    assert "| adam \\| fast | adam lr 0.003, batch 128, 3 epochs | **89.12%** | n/a | 21.0 s |" \
+        in md
+
+
+def test_comparison_without_parameters_has_no_parameters_column(tmp_path):
+    runs = {"a": {"history": history(2), "config": {}, "final": {}},
+            "b": {"history": [], "config": {}, "final": {}}}
+    md = report.write_comparison(tmp_path, runs).read_text()
+    assert "| run | recipe | final test accuracy | wall time |" in md
+    assert "| b | n/a | n/a | n/a |" in md
+    png(tmp_path / "compare.png")
+
+
+def test_no_misclassified_images(tmp_path):
+    labels, _, images = predictions(50)
+    report.plot_misclassified(images, labels, labels, CLASSES, tmp_path / "m.png")
+    png(tmp_path / "m.png", (300, 100))
+    path = report.write_report(tmp_path / "r", "perfect", history(2), CONFIG, labels, labels,
+                               images, CLASSES)
+    md = path.read_text()
+    assert "0 of 50 test images are misclassified" in md
+    assert "100.00% (50 of 50 test images)" in md
+
+
+def test_misclassified_grid_shows_at_most_n_and_accepts_squeezed_images(tmp_path):
+    labels, preds, images = predictions(200, wrong=0.9)
+    report.plot_misclassified(images[..., 0], labels, preds, CLASSES, tmp_path / "m.png", n=4)
+    rgb = png(tmp_path / "m.png", (300, 200))
+    assert rgb.shape[0] < 800  # 2x2 tiles, not 6x6
+    with pytest.raises(ValueError, match="n must be"):
+        report.plot_misclassified(images, labels, preds, CLASSES, tmp_path / "x.png", n=0)
+
+
+def test_one_epoch_history(tmp_path):
+    labels, preds, images = predictions(100)
+    path = report.write_report(tmp_path, "short", history(1), CONFIG, labels, preds, images,
+                               CLASSES)
+    assert colored(png(tmp_path / "curves.png")) > 0.0005  # the epoch's markers
+    md = path.read_text()
+    assert "(epoch 1)" in md and "Best test accuracy" not in md
+
+
+def test_non_finite_and_missing_values_do_not_crash(tmp_path):
+    hist = history(6)
+    hist[3].update(train_loss=math.nan, test_loss=math.inf, test_accuracy=math.nan)
+    hist[4]["test_loss"] = 1e6  # blowing up: the loss axis turns logarithmic
+    del hist[2]["train_accuracy"]
+    hist[1]["images_per_sec"] = None
+    hist[5]["lr"] = 0.01
+    labels, preds, images = predictions(100)
+    path = report.write_report(tmp_path, "diverged", hist, CONFIG, labels, preds, images,
+                               CLASSES)
+    assert colored(png(tmp_path / "curves.png")) > 0.002
+    md = path.read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| 4 | 1,876 |"))
+    assert "| nan |" in row and "| inf |" in row
+    assert "| lr |" in md  # the column appears when any epoch has it
+
+
+def test_all_nan_and_empty_histories(tmp_path):
+    nan_row = {"epoch": 1, "train_loss": math.nan, "test_loss": math.nan,
+               "train_accuracy": math.nan, "test_accuracy": math.nan}
+    report.plot_curves({"nan": [nan_row]}, tmp_path / "nan.png")
+    png(tmp_path / "nan.png")
+    labels, preds, images = predictions(30)
+    md = report.write_report(tmp_path, "empty", [], {}, labels, preds, images,
+                             CLASSES).read_text()
+    assert "no epochs recorded" in md and "No epochs recorded." in md
+
+
+def test_confusion_matrix_counts():
+    labels = np.array([0, 0, 1, 2, 2, 2])
+    preds = np.array([0, 1, 1, 2, 0, 2])
+    counts = report.confusion_matrix(labels, preds, 3)
+    np.testing.assert_array_equal(counts, [[1, 1, 0], [0, 1, 0], [1, 0, 2]])
+
+
+def test_bad_predictions_are_refused(tmp_path):
+    labels, preds, images = predictions(20)
+    with pytest.raises(ValueError, match="20 labels but 19 predictions"):
+        report.plot_confusion(labels, preds[:19], CLASSES, tmp_path / "c.png")
+    with pytest.raises(ValueError, match="class ids in 0..9"):
+        report.plot_confusion(labels, preds + 10, CLASSES, tmp_path / "c.png")
+    with pytest.raises(ValueError, match="integer class ids"):
+        report.plot_confusion(labels, preds.astype(float), CLASSES, tmp_path / "c.png")
+    with pytest.raises(ValueError, match="images must be"):
+        report.plot_misclassified(images[:5], labels, preds, CLASSES, tmp_path / "m.png")
+
+
+def test_a_link_planted_at_an_output_is_refused(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_text("keep")
+    (tmp_path / "curves.png").symlink_to(target)
+    with pytest.raises(safefs.UnsafePath):
+        report.plot_curves({"a": history(2)}, tmp_path / "curves.png")
+    assert target.read_text() == "keep"
+
+
+def test_imports_no_jax_flax_or_tensorflow():
+    code = ("import sys, lenet_dist.report; "
+            "print(sorted(m for m in ('jax', 'flax', 'tensorflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
