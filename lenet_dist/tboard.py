@@ -1,0 +1,317 @@
+"""TensorBoard for one run: event files written with tensorboardX, read back
+without TensorFlow, and a jax.profiler trace over chosen steps.
+
+tensorboardX (~0.15 s with numpy), Pillow and jax are imported inside the code
+that needs them: importing this module costs ~20 ms, a disabled Board nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+from lenet_dist.errors import Failure, UserError, first_line
+
+SCALE = 3  # 28 px -> 84 px: big enough to tell a shirt from a pullover
+COLUMNS = 8
+PAD = 3  # pixels around each cell's caption and image
+BACKGROUND, RIGHT, WRONG = (40, 40, 40), (70, 210, 70), (240, 70, 70)
+EVENT_FILES = "events.out.tfevents.*"
+
+
+class Board:
+    """TensorBoard event files in `logdir`. A disabled Board (another process of
+    the job, or --no-tensorboard) creates nothing and every method does nothing.
+
+    `purge_step`: on a resumed run, the first step this run will log; TensorBoard
+    (and `read_board`) then hide what an earlier run logged from that step on.
+    """
+
+    def __init__(self, logdir: str | os.PathLike, enabled: bool = True,
+                 purge_step: int | None = None):
+        self.logdir = Path(logdir)
+        self._writer = None
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        # tensorboardX names files by the second and opens them with "wb": two
+        # writers in one second would truncate each other's file without this
+        # suffix, which also keeps their names in creation order.
+        suffix = f".{time.time_ns()}.{os.getpid()}"
+        try:
+            self._writer = SummaryWriter(str(self.logdir), purge_step=purge_step,
+                                         flush_secs=10, filename_suffix=suffix)
+        except OSError as e:
+            raise UserError(f"cannot write TensorBoard events in {self.logdir}: "
+                            f"{e.strerror or e}") from None
+
+    @property
+    def enabled(self) -> bool:
+        return self._writer is not None
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        """One point per tag at `step` (stored as float32, TensorBoard's format)."""
+        if self._writer is None:
+            return
+        walltime = time.time()
+        for tag, value in values.items():
+            self._writer.add_scalar(tag, float(value), int(step), walltime=walltime)
+
+    def hparams(self, hparams: Mapping[str, object], metrics: Mapping[str, float],
+                step: int = 0) -> None:
+        """The run's config and final metrics for the HPARAMS tab. The metrics are
+        also logged as scalars at `step`: the tab shows each tag's last value."""
+        if self._writer is None:
+            return
+        from tensorboardX.summary import hparams as hparams_summaries
+
+        values = {str(k): hparam_value(v) for k, v in hparams.items()}
+        file_writer = self._writer.file_writer
+        # Into this run's own file (add_hparams would open a sub-run per call), so
+        # the session is the run and its metrics are the run's scalars.
+        for summary in hparams_summaries(values, dict(metrics)):
+            file_writer.add_summary(summary, int(step))
+        self.scalars(step, metrics)
+
+    def image_grid(self, tag: str, step: int, images, labels, predictions,
+                   class_names: Sequence[str], n: int = 32) -> None:
+        """The first `n` images with their predicted class, as one image."""
+        if self._writer is None:
+            return
+        grid = grid_image(images, labels, predictions, class_names, n)
+        self._writer.add_image(tag, grid, int(step), dataformats="HWC")
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close; the Board does nothing afterwards."""
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.close()
+
+    def __enter__(self) -> Board:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def hparam_value(value: object) -> str | float | int | bool:
+    """A config value as one of the types the hparams plugin shows (None -> "none")."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()  # a numpy or jax scalar
+    if value is None:
+        return "none"
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def grid_image(images, labels, predictions, class_names: Sequence[str], n: int = 32,
+               scale: int = SCALE):
+    """uint8 [H, W, 3]: up to `COLUMNS` cells a row, each an image upscaled `scale`
+    times under its predicted class name, green if right, red with the true class
+    in brackets if wrong."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    images = np.asarray(images)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 [n, h, w, 1], got {images.dtype} "
+                         f"{list(images.shape)}")
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    count = min(n, len(images), len(labels), len(predictions))
+    if count < 1:
+        raise ValueError("no images to draw")
+
+    font = ImageFont.load_default_imagefont()  # a bitmap font: the same size everywhere
+    line = font.getbbox("Mg")[3] + 1
+
+    def name(index) -> str:
+        index = int(index)
+        return class_names[index] if 0 <= index < len(class_names) else str(index)
+
+    # Wide enough for any class's caption, so the grid's size depends on the classes.
+    texts = [*class_names, *(name(i) for i in (*labels[:count], *predictions[:count]))]
+    text_width = max(int(math.ceil(font.getlength(f"({t})"))) for t in texts)
+    side_h, side_w = images.shape[1] * scale, images.shape[2] * scale
+    cell_w = max(side_w, text_width) + 2 * PAD
+    cell_h = 2 * line + side_h + 2 * PAD
+    columns = min(COLUMNS, count)
+    rows = -(-count // columns)
+    grid = Image.new("RGB", (columns * cell_w, rows * cell_h), BACKGROUND)
+    draw = ImageDraw.Draw(grid)
+    for k in range(count):
+        x, y = (k % columns) * cell_w, (k // columns) * cell_h
+        right = int(labels[k]) == int(predictions[k])
+        captions = [name(predictions[k])] + ([] if right else [f"({name(labels[k])})"])
+        for row, caption in enumerate(captions):
+            left = x + (cell_w - font.getlength(caption)) / 2
+            draw.text((left, y + PAD + row * line), caption, fill=RIGHT if right else WRONG,
+                      font=font)
+        picture = Image.fromarray(images[k]).resize((side_w, side_h), Image.Resampling.NEAREST)
+        grid.paste(picture.convert("RGB"), (x + (cell_w - side_w) // 2, y + PAD + 2 * line))
+    return np.asarray(grid)
+
+
+@dataclass
+class BoardContents:
+    """What a run's event files hold, as TensorBoard would show it."""
+
+    scalars: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    images: dict[str, list[tuple[int, bytes]]] = field(default_factory=dict)  # PNG bytes
+    hparams: dict[str, str | float | bool] = field(default_factory=dict)  # last session's
+    hparam_metrics: list[str] = field(default_factory=list)  # tags the experiment names
+
+
+def read_events(logdir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in `logdir`'s event files: tag -> [(step, value)] in order."""
+    return read_board(logdir).scalars
+
+
+def read_board(logdir: str | os.PathLike) -> BoardContents:
+    """Scalars, images and hparams of the event files directly in `logdir`, read
+    in file-name (creation) order, honouring purge steps as TensorBoard does."""
+    from google.protobuf.message import DecodeError
+    from tensorboardX.proto.event_pb2 import Event
+
+    contents = BoardContents()
+    paths = sorted(p for p in Path(logdir).glob(EVENT_FILES) if p.is_file())
+    for path in paths:
+        for record in _records(path):
+            try:
+                _add_event(contents, Event.FromString(record))
+            except DecodeError:
+                break  # a framed record that does not parse: trust nothing after it
+    return contents
+
+
+def _add_event(contents: BoardContents, event) -> None:
+    from tensorboardX.proto.event_pb2 import SessionLog
+    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+
+    if event.session_log.status == SessionLog.START:
+        _purge(contents, event.step)
+    for value in event.summary.value:
+        kind = value.WhichOneof("value")
+        if kind == "simple_value":
+            contents.scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+        elif kind == "image":
+            contents.images.setdefault(value.tag, []).append(
+                (event.step, value.image.encoded_image_string))
+        elif value.metadata.plugin_data.plugin_name == "hparams":
+            data = HParamsPluginData.FromString(value.metadata.plugin_data.content)
+            if data.HasField("session_start_info"):
+                contents.hparams = {k: getattr(v, v.WhichOneof("kind"))
+                                    for k, v in data.session_start_info.hparams.items()
+                                    if v.WhichOneof("kind")}
+            elif data.HasField("experiment"):
+                contents.hparam_metrics = [m.name.tag for m in data.experiment.metric_infos]
+
+
+def _purge(contents: BoardContents, step: int) -> None:
+    """Drop points at or after `step`: a resumed run logs them again."""
+    for series in (contents.scalars, contents.images):
+        for tag, points in series.items():
+            series[tag] = [p for p in points if p[0] < step]
+
+
+def _records(path: Path) -> Iterator[bytes]:
+    """Each TFRecord's data, stopping quietly at the first short or corrupt record
+    (a killed writer leaves a partial one at the end)."""
+    from tensorboardX.record_writer import masked_crc32c
+
+    with open(path, "rb") as f:
+        while True:
+            header = f.read(12)
+            if len(header) < 12:
+                return
+            length, header_crc = struct.unpack("<QI", header)
+            if masked_crc32c(header[:8]) != header_crc:
+                return  # checked before the length is trusted for a read
+            data, footer = f.read(length), f.read(4)
+            if len(footer) < 4 or masked_crc32c(data) != struct.unpack("<I", footer)[0]:
+                return
+            yield data
+
+
+def parse_profile_steps(spec: str) -> tuple[int, int]:
+    """'A:B' -> (A, B): 1-based global steps, A <= B."""
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", spec)
+    if match is None:
+        raise UserError(f"--profile-steps {spec!r} is not A:B (1-based steps, e.g. 10:20)")
+    first, last = int(match[1]), int(match[2])
+    if first < 1:
+        raise UserError(f"--profile-steps {spec!r}: steps start at 1")
+    if first > last:
+        raise UserError(f"--profile-steps {spec!r}: A must not be after B")
+    return first, last
+
+
+class ProfileWindow:
+    """A jax.profiler trace of steps A..B into `logdir` (TensorBoard's PROFILE tab
+    reads <logdir>/plugins/profile/*/*.xplane.pb). With spec None it does nothing."""
+
+    def __init__(self, spec: str | None, logdir: str | os.PathLike):
+        self.window = None if spec is None else parse_profile_steps(spec)
+        self.logdir = Path(logdir)
+        self.active = False  # a trace is running
+        self.traced = False  # a trace was written
+
+    def before_step(self, step: int) -> None:
+        """Start tracing at A, or at a later step inside the window when the run
+        resumed there."""
+        if self.window is None or self.active or self.traced:
+            return
+        if self.window[0] <= step <= self.window[1]:
+            import jax
+
+            try:
+                jax.profiler.start_trace(str(self.logdir))
+            except RuntimeError as e:  # another trace running in this process
+                raise Failure(f"--profile-steps: cannot start the profiler: "
+                              f"{first_line(e)}") from None
+            self.active = True
+
+    def after_step(self, step: int, outputs=None) -> None:
+        """Stop after B. Pass the step's outputs to wait for them: dispatch is
+        asynchronous, and work still running when the trace stops is missing."""
+        if self.active and step >= self.window[1]:
+            self._stop(outputs)
+
+    def close(self, outputs=None) -> None:
+        """Stop a trace still running (the run ended or failed inside the window)."""
+        if self.active:
+            self._stop(outputs)
+
+    def _stop(self, outputs) -> None:
+        import jax
+
+        self.active = False
+        try:
+            if outputs is not None:
+                jax.block_until_ready(outputs)
+        finally:
+            try:
+                jax.profiler.stop_trace()
+            except RuntimeError as e:  # e.g. the trace could not be written
+                raise Failure(f"--profile-steps: cannot save the trace: "
+                              f"{first_line(e)}") from None
+        self.traced = True
+
+    def __enter__(self) -> ProfileWindow:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,227 @@
+import io
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from lenet_dist.errors import Failure, UserError
+from lenet_dist.tboard import (RIGHT, WRONG, Board, ProfileWindow, grid_image,
+                               parse_profile_steps, read_board, read_events)
+
+FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+           "Sneaker", "Bag", "Ankle boot")
+# Bitmap font: 12 px lines, "(T-shirt/top)" is 78 px, narrower than an 84 px image.
+CELL_W, CELL_H = 84 + 6, 2 * 12 + 84 + 6
+
+
+def batch(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 28, 28, 1)).astype(np.uint8)
+    labels = rng.integers(0, 10, n)
+    predictions = labels.copy()
+    predictions[1::3] = (labels[1::3] + 1) % 10  # every third from the second is wrong
+    return images, labels, predictions
+
+
+def event_file(logdir):
+    (path,) = logdir.glob("events.out.tfevents.*")
+    return path
+
+
+def test_scalars_hparams_and_image_grid_read_back_exactly(tmp_path):
+    logdir = tmp_path / "tb"
+    images, labels, predictions = batch()
+    with Board(logdir) as board:
+        for step in (1, 2, 3):
+            board.scalars(step, {"train/loss": 1.5 / step, "lr": 0.1, "images_per_sec": 640})
+        board.scalars(3, {"test/accuracy": 0.875})
+        board.image_grid("test/predictions", 3, images, labels, predictions, FASHION)
+        board.hparams({"learning_rate": 0.003, "optimizer": "adam", "epochs": 2,
+                       "nesterov": False, "warmup_epochs": None, "shape": (28, 28),
+                       "seed": np.int64(7)}, {"final/test_accuracy": 0.875}, step=3)
+    contents = read_board(logdir)
+
+    f32 = lambda v: float(np.float32(v))  # noqa: E731 - scalars are stored as float32
+    assert contents.scalars == read_events(logdir)
+    assert contents.scalars == {
+        "train/loss": [(1, 1.5), (2, 0.75), (3, 0.5)],
+        "lr": [(s, f32(0.1)) for s in (1, 2, 3)],
+        "images_per_sec": [(s, 640.0) for s in (1, 2, 3)],
+        "test/accuracy": [(3, 0.875)],
+        "final/test_accuracy": [(3, 0.875)]}
+    assert contents.hparams == {"learning_rate": 0.003, "optimizer": "adam", "epochs": 2.0,
+                                "nesterov": False, "warmup_epochs": "none",
+                                "shape": "(28, 28)", "seed": 7.0}
+    assert contents.hparam_metrics == ["final/test_accuracy"]
+
+    [(step, png)] = contents.images["test/predictions"]
+    assert step == 3
+    grid = np.asarray(Image.open(io.BytesIO(png)))
+    assert grid.shape == (4 * CELL_H, 8 * CELL_W, 3)  # 32 of 40 images, 8 a row
+    assert np.array_equal(grid, grid_image(images, labels, predictions, FASHION))
+
+
+def test_image_grid_cells_show_the_image_and_colour_the_caption():
+    images, labels, predictions = batch(n=10)
+    grid = grid_image(images, labels, predictions, FASHION, n=10)
+    assert grid.shape == (2 * CELL_H, 8 * CELL_W, 3)
+    for k in range(10):
+        y, x = (k // 8) * CELL_H, (k % 8) * CELL_W
+        picture = grid[y + 3 + 24: y + 3 + 24 + 84, x + 3: x + 3 + 84]
+        expected = images[k, :, :, 0].repeat(3, 0).repeat(3, 1)
+        assert all(np.array_equal(picture[..., c], expected) for c in range(3))
+        caption = grid[y: y + 3 + 24, x: x + CELL_W].reshape(-1, 3)
+        right = labels[k] == predictions[k]
+        colour = np.array(RIGHT if right else WRONG)
+        other = np.array(WRONG if right else RIGHT)
+        assert (caption == colour).all(axis=1).any(), k
+        assert not (caption == other).all(axis=1).any(), k
+        second_line = grid[y + 3 + 12: y + 3 + 24, x: x + CELL_W].reshape(-1, 3)
+        assert (second_line == colour).all(axis=1).any() == (not right), k  # true class
+
+
+def test_disabled_board_creates_nothing_and_imports_nothing_heavy(tmp_path):
+    logdir = tmp_path / "tb"
+    code = f"""
+import sys
+from lenet_dist.tboard import Board, ProfileWindow
+with Board({str(logdir)!r}, enabled=False) as board:
+    board.scalars(1, {{"train/loss": 1.0}})
+    board.hparams({{"lr": 0.1}}, {{"final/loss": 1.0}})
+    board.image_grid("x", 1, None, None, None, ())
+    board.flush()
+window = ProfileWindow(None, {str(logdir)!r})
+for step in (1, 2):
+    window.before_step(step)
+    window.after_step(step)
+window.close()
+assert not board.enabled
+heavy = {{"tensorboardX", "jax", "PIL", "numpy"}} & set(sys.modules)
+assert not heavy, heavy
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert not logdir.exists()
+
+
+def test_an_unusable_logdir_is_a_user_error(tmp_path):
+    (tmp_path / "tb").write_text("a file, not a directory")
+    with pytest.raises(UserError, match="cannot write TensorBoard events in .*tb: "):
+        Board(tmp_path / "tb")
+
+
+@pytest.mark.parametrize("damage", ["cut footer", "cut data", "cut header", "bad data crc",
+                                    "bad length", "garbage tail"])
+def test_a_damaged_tail_is_read_up_to_the_last_good_record(tmp_path, damage):
+    with Board(tmp_path) as board:
+        for step in range(1, 6):
+            board.scalars(step, {"train/loss": float(step)})
+    path = event_file(tmp_path)
+    raw = bytearray(path.read_bytes())
+    last = 0  # where the step-5 event, the last record, starts: walk the framing
+    while last + 16 + int.from_bytes(raw[last: last + 8], "little") < len(raw):
+        last += 16 + int.from_bytes(raw[last: last + 8], "little")
+    if damage == "cut footer":
+        raw = raw[:-2]
+    elif damage == "cut data":
+        raw = raw[:-10]
+    elif damage == "cut header":
+        raw = raw[: last + 5]
+    elif damage == "bad data crc":
+        raw[-6] ^= 0xFF
+    elif damage == "bad length":
+        raw[last] ^= 0x01
+    else:
+        raw += b"\x00" * 7
+    path.write_bytes(bytes(raw))
+    expected = [(s, float(s)) for s in range(1, 6 if damage == "garbage tail" else 5)]
+    assert read_events(tmp_path) == {"train/loss": expected}
+
+
+def test_a_file_the_writer_never_flushed_reads_as_empty(tmp_path):
+    (tmp_path / "events.out.tfevents.1.host").write_bytes(b"")
+    (tmp_path / "events.out.tfevents.2.host").write_bytes(b"\x05")
+    assert read_events(tmp_path) == {}
+
+
+def test_a_resumed_run_hides_the_steps_it_logs_again(tmp_path):
+    with Board(tmp_path) as board:
+        for step in range(1, 6):
+            board.scalars(step, {"train/loss": float(step)})
+    # Resumed from a checkpoint at step 3, in the same second: a second file.
+    with Board(tmp_path, purge_step=4) as board:
+        for step in range(4, 7):
+            board.scalars(step, {"train/loss": 10.0 * step})
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2
+    assert read_events(tmp_path) == {"train/loss": [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0),
+                                                    (5, 50.0), (6, 60.0)]}
+
+
+@pytest.mark.parametrize("spec, expected", [("2:3", (2, 3)), ("5:5", (5, 5)),
+                                            (" 1 : 10 ", (1, 10))])
+def test_profile_steps_parse(spec, expected):
+    assert parse_profile_steps(spec) == expected
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("3", "is not A:B"), ("a:b", "is not A:B"), ("", "is not A:B"), ("1:2:3", "is not A:B"),
+    ("-1:3", "is not A:B"), ("0:3", "steps start at 1"), ("5:2", "A must not be after B")])
+def test_bad_profile_steps_are_one_line_user_errors(spec, message):
+    with pytest.raises(UserError, match=message) as info:
+        parse_profile_steps(spec)
+    assert str(info.value).startswith(f"--profile-steps {spec!r}")
+    assert "\n" not in str(info.value)
+    with pytest.raises(UserError):
+        ProfileWindow(spec, "unused")
+
+
+def traces(logdir):
+    return sorted(logdir.glob("plugins/profile/*/*.xplane.pb"))
+
+
+def run_steps(window, steps):
+    f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())
+    x = jnp.ones((16, 16))
+    active = []
+    for step in steps:
+        window.before_step(step)
+        active.append(window.active)
+        y = f(x + step)
+        window.after_step(step, y)
+    return active
+
+
+def test_profile_window_traces_steps_2_to_3(tmp_path):
+    window = ProfileWindow("2:3", tmp_path)
+    assert run_steps(window, range(1, 6)) == [False, True, True, False, False]
+    window.close()
+    assert window.traced and not window.active
+    [trace] = traces(tmp_path)
+    assert trace.stat().st_size > 0
+
+
+def test_close_stops_a_trace_the_run_ended_inside(tmp_path):
+    with ProfileWindow("2:9", tmp_path) as window:
+        # A run resumed at step 3, inside the window, ends at 5.
+        assert run_steps(window, range(3, 6)) == [True, True, True]
+    assert window.traced and not window.active
+    assert len(traces(tmp_path)) == 1
+
+
+def test_profile_window_outside_the_run_traces_nothing(tmp_path):
+    window = ProfileWindow("7:9", tmp_path)
+    assert run_steps(window, range(1, 6)) == [False] * 5
+    window.close()
+    assert not window.traced and not tmp_path.joinpath("plugins").exists()
+
+
+def test_a_trace_already_running_is_a_failure(tmp_path):
+    jax.profiler.start_trace(str(tmp_path / "other"))
+    try:
+        with pytest.raises(Failure, match="--profile-steps: cannot start the profiler: "):
+            ProfileWindow("1:2", tmp_path).before_step(1)
+    finally:
+        jax.profiler.stop_trace()
