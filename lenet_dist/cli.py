@@ -19,9 +19,18 @@ import traceback
 import click
 
 from lenet_dist import distributed, runtime, safefs
-from lenet_dist.config import (DATASETS, DEFAULT_EXPORT_PLATFORMS, DEPRECATED_PRESETS,
-                               FLOAT_RANGES, INT32_MAX, INT_RANGES, OPTIMIZERS, PRESETS,
-                               RECIPES, SCHEDULES)
+from lenet_dist.config import (
+    DATASETS,
+    DEFAULT_EXPORT_PLATFORMS,
+    DEPRECATED_PRESETS,
+    FLOAT_RANGES,
+    INT32_MAX,
+    INT_RANGES,
+    OPTIMIZERS,
+    PRESETS,
+    RECIPES,
+    SCHEDULES,
+)
 from lenet_dist.distributed import DEFAULT_HEARTBEAT_TIMEOUT, MODES, JobSpec
 from lenet_dist.errors import Failure, Preempted, UserError, first_line
 
@@ -201,10 +210,11 @@ def train(recipe, preset, devices, progress, allow_config_change, tensorboard,
         progress = sys.stderr.isatty()
     with runtime.quick_interrupts():
         runtime.configure(cpu_devices=config.devices, job=job)
+        from lenet_dist.train import Outputs
         from lenet_dist.train import train as run
 
     run(config, progress=progress, allow_config_change=allow_config_change,
-        tensorboard=tensorboard, log_every_steps=log_every_steps, profile_steps=profile_steps)
+        outputs=Outputs(tensorboard, log_every_steps, profile_steps))
 
 
 WORKDIR = click.option("--workdir", type=TextPath(), default="runs/lenet",
@@ -267,6 +277,49 @@ def checkpoints(workdir):
                 "  best" if r["best"] else "")
         note = f"  (note: {r['note']}; figures from its history)" if r["note"] else ""
         click.echo(f"{r['step']:>8}  {acc:>8}  {loss:>9}{mark}{note}")
+
+
+@cli.command("report")
+@click.argument("runs", nargs=-1, type=TextPath())
+@click.option("--workdir", type=TextPath(), default=None,
+              help="The run to report on [default: runs/lenet].")
+@click.option("--compare", is_flag=True,
+              help="Overlay the runs given as arguments (e.g. a d2l and a modern run).")
+@click.option("--out", type=TextPath(), default=None,
+              help="Where the PNGs and report.md go [default: <workdir>/report, or "
+                   "./report-compare].")
+@checkpoint_choice
+@click.option("--data-dir", type=TextPath(), default=None)
+def report_cmd(runs, workdir, compare, out, step, best, data_dir):
+    """PNGs (learning curves, confusion matrix, misclassified test images) and a
+    report.md of a run; with --compare W1 W2 ..., the runs' curves overlaid."""
+    with runtime.quick_interrupts():
+        runtime.configure(cpu_devices=1)
+        from lenet_dist import report as report_lib
+        from lenet_dist.evaluate import test_predictions
+
+    if compare:
+        if len(runs) < 2 or workdir is not None:
+            raise click.UsageError("--compare takes two or more run directories as arguments")
+        table = {}
+        for run in runs:
+            p = test_predictions(run, step, best, data_dir)
+            name = os.path.basename(os.path.normpath(run))
+            table[name] = {"history": p["history"], "config": p["config"].to_dict(),
+                           "final": {"test_accuracy": float((p["predictions"]
+                                                             == p["labels"]).mean()),
+                                     "parameters": p["parameters"]}}
+        path = report_lib.write_comparison(out or "report-compare", table)
+    else:
+        if runs:
+            raise click.UsageError("give the run with --workdir (arguments are for --compare)")
+        workdir = workdir or "runs/lenet"
+        p = test_predictions(workdir, step, best, data_dir)
+        path = report_lib.write_report(
+            out or os.path.join(workdir, "report"), os.path.basename(os.path.normpath(workdir)),
+            p["history"], p["config"].to_dict(), p["labels"], p["predictions"], p["images"],
+            p["class_names"], extra={"parameters": p["parameters"], "checkpoint step": p["step"]})
+    click.echo(f"wrote {path}")
 
 
 @cli.command()

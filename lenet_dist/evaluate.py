@@ -102,6 +102,29 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, best: bool = Fals
             "examples": metrics["count"]}
 
 
+def test_predictions(workdir: str, step: int | None = None, best: bool = False,
+                     data_dir: str | None = None, batch: int = 1000) -> dict:
+    """Every test image's predicted class from a checkpoint, on one device, with what a
+    report shows beside it: the run's config and history, and the parameter count."""
+    import jax
+    import numpy as np
+
+    from lenet_dist.model import param_count
+    from lenet_dist.step import infer
+
+    variables, config, chosen, meta, _ = restore_params(workdir, step, best,
+                                                        Shardings(make_mesh(1)))
+    dataset = data_lib.load(config.dataset, data_dir or config.data_dir)
+    forward = jax.jit(infer)
+    images = dataset.test.images
+    predictions = np.concatenate([np.asarray(forward(variables, images[i:i + batch])["classes"])
+                                  for i in range(0, len(images), batch)])
+    return {"config": config, "step": chosen, "history": meta["history"],
+            "images": images, "labels": dataset.test.labels, "predictions": predictions,
+            "class_names": data_lib.CLASS_NAMES[config.dataset],
+            "parameters": param_count(variables["params"])}
+
+
 def list_checkpoints(workdir: str) -> list[dict]:
     """Every step directory, readable or not: `unreadable` says why one cannot be used,
     `note` what is wrong with one that still can (a bad metrics file)."""

@@ -15,6 +15,7 @@ import time
 from typing import Callable
 
 import jax
+import numpy as np
 from etils import epath
 from tqdm.auto import tqdm
 
@@ -22,14 +23,17 @@ from lenet_dist import checkpoint as ckpt_lib
 from lenet_dist import data as data_lib
 from lenet_dist import distributed, safefs
 from lenet_dist.config import Config
+from lenet_dist.data import CLASS_NAMES
 from lenet_dist.errors import Failure, Preempted, UserError
 from lenet_dist.feed import EvalFeed, eval_feed, train_feed
 from lenet_dist.mesh import Shardings, check_batch, make_mesh
 from lenet_dist.preemption import StopRule
-from lenet_dist.state import TrainState, create_state, make_optimizer
-from lenet_dist.step import Steps, all_finite, build_steps, summarize
+from lenet_dist.state import TrainState, create_state, learning_rate, make_optimizer
+from lenet_dist.step import Steps, all_finite, build_steps, infer, summarize
+from lenet_dist.tboard import Board, ProfileWindow, parse_profile_steps
 
 METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
 
 
 @dataclasses.dataclass
@@ -63,23 +67,33 @@ class Diverged(Exception):
 
 
 def run_steps(steps: Steps, state: TrainState, sums: dict, xs, ys, first: int, last: int,
-              offset: int, progress: bool, desc: str,
-              after_step: Callable[[int, TrainState, dict], bool]):
+              offset: int, bar: tqdm, after_step: Callable[[int, TrainState, dict], None],
+              on_loss: Callable[[int, float], None], profile: ProfileWindow):
     """Steps first..last-1 of an epoch whose first step is number `offset` + 1.
-    `after_step(i, state, sums)` returns True to stop. The loss of the step the
-    host waits for anyway is checked, so a divergence stops the run at its step."""
-    bar = tqdm(total=last, initial=first, desc=desc, unit="step", disable=not progress,
-               leave=False, dynamic_ncols=True)
+
+    The host dispatches step i and only then waits for step i-1, so the device always
+    has work queued. That step's loss (its sum minus the one before) is read then, at
+    no extra stall: checked, so a divergence stops the run at its step, and handed to
+    `on_loss(step, loss)` for the progress bar and TensorBoard."""
+    before = float(sums["loss_sum"]) if first > 0 else 0.0
     for i in range(first, last):
         previous = sums
+        profile.before_step(offset + i + 1)
         state, sums = steps.train(state, sums, xs, ys, i)
+        profile.after_step(offset + i + 1, sums)
         jax.block_until_ready(previous)  # wait one step behind: the device stays busy
-        if i > first and not math.isfinite(float(previous["loss_sum"])):
-            raise Diverged(offset + i)  # the step whose sums are `previous`
+        if i > first:
+            total = float(previous["loss_sum"])
+            if not math.isfinite(total):
+                raise Diverged(offset + i)  # the step whose sums are `previous`
+            on_loss(offset + i, (total - before) / xs.shape[1])
+            before = total
         bar.update()
-        if after_step(i, state, sums):
-            break
-    bar.close()
+        after_step(i, state, sums)
+    if last > first:  # the epoch's last step: the epoch's summary waits for it anyway
+        total = float(sums["loss_sum"])
+        if math.isfinite(total):  # (a divergence there is the epoch check's to name)
+            on_loss(offset + last, (total - before) / xs.shape[1])
     return state, sums
 
 
@@ -90,10 +104,19 @@ def format_epoch(r: dict, epochs: int) -> str:
             f"{r['images_per_sec']:,.0f} img/s  {r['epoch_seconds']:.1f} s")
 
 
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """What a run shows besides metrics.jsonl: TensorBoard events in <workdir>/tb (process
+    0 only), the train loss there every K steps, a jax.profiler trace of steps A..B."""
+
+    tensorboard: bool = False
+    log_every_steps: int = 50
+    profile_steps: str | None = None
+
+
 def train(config: Config, dataset: data_lib.Dataset | None = None,
           log: Callable[[str], None] = print, progress: bool = False,
-          allow_config_change: bool = False, tensorboard: bool = False,
-          log_every_steps: int = 50, profile_steps: str | None = None) -> TrainResult:
+          allow_config_change: bool = False, outputs: Outputs = Outputs()) -> TrainResult:
     """Train `config` end to end, resuming from <workdir>/checkpoints if it holds a run.
 
     Holds the workdir's lock throughout (process 0 in a job). Raises `Preempted`
@@ -102,9 +125,13 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
     process calls this; process 0 alone logs and writes, and all stop at the same step.
     """
     config = config.validate()
+    if outputs.profile_steps:
+        parse_profile_steps(outputs.profile_steps)  # a usage error before anything starts
     primary = distributed.is_primary()
     if not primary:
         log, progress = (lambda _: None), False
+    elif progress:
+        log = tqdm.write  # lines above the progress bar, not through it
 
     # Mesh and shardings; every process must see the same workdir, locked by process 0.
     mesh = make_mesh(config.devices)
@@ -125,12 +152,12 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
         if ckpt:
             cleanup.callback(ckpt.close)  # let an in-flight async save finish
         return _run(config, dataset, mesh, shardings, workdir, ckpt, log, progress,
-                    allow_config_change)
+                    allow_config_change, outputs)
 
 
 def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shardings,
          workdir: epath.Path, ckpt: ckpt_lib.Checkpoints | None, log: Callable[[str], None],
-         progress: bool, allow_config_change: bool) -> TrainResult:
+         progress: bool, allow_config_change: bool, outputs: Outputs) -> TrainResult:
     """The run itself, once the workdir is locked and its checkpoints are open."""
     t0 = time.perf_counter()
     primary = distributed.is_primary()
@@ -184,6 +211,23 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
         f"{config.optimizer} lr {config.learning_rate}, {config.epochs} epochs")
 
     versions = ckpt_lib.versions()
+    lr = learning_rate(config, steps_per_epoch)
+    lr_at = (lambda step: float(lr(step))) if callable(lr) else (lambda step: lr)
+    cleanup = contextlib.ExitStack()
+    board = cleanup.enter_context(Board(workdir / TB_DIR, enabled=outputs.tensorboard
+                                        and primary, purge_step=start + 1))
+    profile = cleanup.enter_context(ProfileWindow(
+        outputs.profile_steps if primary else None, workdir / TB_DIR))
+    bar = cleanup.enter_context(tqdm(
+        total=total_steps, initial=start, unit="step", disable=not progress,
+        dynamic_ncols=True, leave=False))  # one bar for the run: its ETA is the run's
+    grid = dataset.test.take(32)
+    forward = jax.jit(infer)
+
+    def on_loss(step: int, loss: float) -> None:
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if step % outputs.log_every_steps == 0:
+            board.scalars(step, {"train/step_loss": loss, "lr": lr_at(step)})
 
     def meta_for(step: int) -> dict:
         return {"config": config.to_dict(), "step": step, "epoch": step / steps_per_epoch,
@@ -198,7 +242,7 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
         ckpt.save(step, {"state": state, "acc": sums}, meta_for(step), metrics=metrics,
                   wait=wait)
 
-    def after_step(epoch: int, i: int, state, sums) -> bool:
+    def after_step(epoch: int, i: int, state, sums) -> None:
         """Mid-epoch saves and the stop rule, after step i of `epoch` is queued."""
         step = epoch * steps_per_epoch + i + 1
         stopping = stop.at_step(step)
@@ -208,20 +252,19 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
             save(step, state, sums, wait=stopping)
         if stopping and mid_epoch:
             raise Preempted(stop.signum, step, saved=bool(ckpt))
-        return False
 
     try:
-        with stop:
+        with stop, cleanup:
             for epoch in range(start // steps_per_epoch, config.epochs):
-                desc = f"epoch {epoch + 1}/{config.epochs}"
+                bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
                 t_epoch = time.perf_counter()
                 first = start - epoch * steps_per_epoch if epoch == start // steps_per_epoch else 0
                 if first == 0:
                     sums = steps.zeros()
                 xs, ys = train_data.epoch(config.seed, epoch)
                 state, sums = run_steps(steps, state, sums, xs, ys, first, steps_per_epoch,
-                                        epoch * steps_per_epoch, progress, desc,
-                                        functools.partial(after_step, epoch))
+                                        epoch * steps_per_epoch, bar,
+                                        functools.partial(after_step, epoch), on_loss, profile)
                 train_metrics = summarize(sums)
                 train_secs = time.perf_counter() - t_epoch
                 if not math.isfinite(train_metrics["loss"]):
@@ -248,6 +291,18 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
                 if primary:
                     write_metrics(workdir, history)
                 log(format_epoch(record, config.epochs))
+                if board.enabled:
+                    board.scalars(record["step"], {
+                        "train/loss": record["train_loss"],
+                        "train/accuracy": record["train_accuracy"],
+                        "test/loss": record["test_loss"],
+                        "test/accuracy": record["test_accuracy"],
+                        "lr": lr_at(record["step"]),
+                        "images_per_sec": record["images_per_sec"]})
+                    predicted = np.asarray(forward(state.variables, grid.images)["classes"])
+                    board.image_grid("test/predictions", record["step"], grid.images,
+                                     grid.labels, predicted, CLASS_NAMES[dataset.name])
+                    board.flush()
                 if ckpt:
                     save(record["step"], state, sums, wait=stop.should_stop(),
                          metrics={"test_accuracy": record["test_accuracy"],
@@ -263,6 +318,11 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
                       f"not finite; {last}; lower --learning-rate (with "
                       "--allow-config-change, or in a new --workdir)") from None
 
+    if outputs.tensorboard and primary and history:
+        with Board(workdir / TB_DIR) as final:
+            final.hparams(config.to_dict(), {"final/test_accuracy": history[-1]["test_accuracy"],
+                                             "final/test_loss": history[-1]["test_loss"]},
+                          step=history[-1]["step"])
     total = time.perf_counter() - t0
     trained = [r for r in history if r["epoch"] > start // steps_per_epoch]
     rate = sum(r["images_per_sec"] * r["train_seconds"] for r in trained) / max(

@@ -1,0 +1,167 @@
+"""The modern recipe: its model, BatchNorm under data parallelism, augmentation that a
+resume reproduces, its checkpoints read by every command; MNIST with both recipes."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lenet_dist import model as model_lib
+from lenet_dist.cli import main
+from lenet_dist.config import PRESETS, Config
+from lenet_dist.evaluate import evaluate_checkpoint, restore_params
+from lenet_dist.mesh import Shardings, make_mesh
+from lenet_dist.state import BNTrainState
+from lenet_dist.step import augment
+from lenet_dist.train import train
+from tests.conftest import assert_same_params, small, write_dataset
+
+QUIET = dict(log=lambda _: None)
+
+
+def modern(workdir, **kw) -> Config:
+    """`small` (10 steps an epoch) with every modern part on."""
+    fields = {k: getattr(PRESETS["modern"], k) for k in (
+        "recipe", "optimizer", "schedule", "warmup_epochs", "weight_decay",
+        "label_smoothing", "augment")}
+    return small(workdir, **{**fields, "learning_rate": 0.003, **kw})
+
+
+@pytest.fixture(scope="module")
+def modern_reference(dataset, tmp_path_factory):
+    work = tmp_path_factory.mktemp("modern")
+    return work, train(modern(work, save_every_steps=3, keep_checkpoints=20),
+                       dataset=dataset, **QUIET)
+
+
+def test_modern_model_shapes_and_budget(capsys):
+    variables = model_lib.init_variables(jax.random.key(0), "modern")
+    assert model_lib.param_count(variables["params"]) == 81_514 < 100_000
+    assert [s for _, s in model_lib.layer_summary(recipe="modern")][-1] == (1, 10)
+    assert main(["summary", "--recipe", "modern"]) == 0
+    out = capsys.readouterr().out
+    assert "BatchNorm" in out and "MaxPool" in out and "parameters: 81,514" in out
+
+
+def test_augmentation_is_a_function_of_the_key_and_varies(dataset, devices):
+    images = jnp.asarray(dataset.train.images[:64])
+    key = jax.random.key(3)
+    a = augment(images, key)
+    sharded = jax.device_put(images, Shardings(make_mesh(8)).batch)  # as training does
+    b = jax.jit(augment)(sharded, key)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # any sharding, same crops
+    assert a.shape == images.shape and a.dtype == images.dtype
+    assert not np.array_equal(np.asarray(augment(images, jax.random.key(4))), np.asarray(a))
+    flipped_or_shifted = np.mean(np.asarray(a) != np.asarray(images), axis=(1, 2, 3)) > 0
+    assert flipped_or_shifted.mean() > 0.5
+
+
+def test_batchnorm_trains_identically_on_1_and_8_devices(dataset, tmp_path):
+    """Statistics over the global batch: the device count does not change the model."""
+    runs = {n: train(modern(tmp_path / str(n), devices=n, epochs=1, checkpoint=False),
+                     dataset=dataset, **QUIET) for n in (1, 8)}
+    assert isinstance(runs[8].state, BNTrainState)
+    assert_same_params(runs[1].state.variables, runs[8].state.variables, atol=2e-5)
+    assert runs[1].final["test_accuracy"] == pytest.approx(runs[8].final["test_accuracy"],
+                                                           abs=1e-3)
+
+
+@pytest.mark.parametrize("resume_from", [10, 12])  # an epoch end, and mid-epoch
+def test_resumed_modern_run_equals_the_uninterrupted_one(modern_reference, dataset,
+                                                         tmp_path, resume_from):
+    """Augmentation keyed by (seed, step), the schedule's position, AdamW's moments and
+    the BatchNorm statistics all come back from the checkpoint."""
+    ref_work, ref = modern_reference
+    work = tmp_path / "run"
+    shutil.copytree(ref_work, work)
+    for step_dir in (work / "checkpoints").iterdir():
+        if step_dir.name.isdigit() and int(step_dir.name) > resume_from:
+            shutil.rmtree(step_dir)
+    logs = []
+    resumed = train(modern(work, save_every_steps=3, keep_checkpoints=20), dataset=dataset,
+                    log=logs.append)
+    assert any(f"resuming from checkpoint at step {resume_from}" in line for line in logs)
+    assert_same_params(resumed.state.variables, ref.state.variables, atol=1e-6)
+    for a, b in zip(resumed.history, ref.history):
+        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
+
+
+def test_modern_checkpoint_evaluates_on_other_device_counts(modern_reference, dataset):
+    work, ref = modern_reference
+    for n in (1, 4):
+        variables, config, step, meta, _ = restore_params(str(work), None, False,
+                                                          Shardings(make_mesh(n)))
+        assert config.recipe == "modern" and set(variables) == {"params", "batch_stats"}
+        result = evaluate_checkpoint(str(work), devices=n)
+        assert result["test_accuracy"] == pytest.approx(ref.final["test_accuracy"], abs=1e-6)
+
+
+def test_other_recipe_on_a_workdir_is_refused(modern_reference, dataset):
+    from lenet_dist.errors import UserError
+
+    with pytest.raises(UserError, match=r"recipe: saved 'modern', now 'd2l'"):
+        train(small(modern_reference[0], epochs=3), dataset=dataset, **QUIET)
+
+
+def test_old_preset_name_still_works_with_a_note(capsys, tmp_path):
+    assert main(["train", "--preset", "seed", "--devices", "1", "--epochs", "1",
+                 "--train-limit", "128", "--data-dir", str(write_dataset(tmp_path, 128, 16)),
+                 "--workdir", str(tmp_path / "w"), "--no-progress", "--no-tensorboard"]) == 0
+    captured = capsys.readouterr()
+    assert "the preset 'seed' is now called 'd2l'" in captured.err
+    meta_config = json.loads((tmp_path / "w" / "metrics.jsonl").read_text().splitlines()[0])
+    assert meta_config["epoch"] == 1
+
+
+@pytest.mark.parametrize("recipe", ["d2l", "modern"])
+def test_mnist_with_both_recipes(recipe, tmp_path, capsys):
+    """No MNIST on this machine: small IDX files written here, as --data-dir."""
+    data = write_dataset(tmp_path, n_train=256, n_test=64)
+    work = tmp_path / "run"
+    assert main(["train", "--recipe", recipe, "--dataset", "mnist", "--data-dir", str(data),
+                 "--devices", "8", "--epochs", "1", "--batch-size", "64", "--workdir",
+                 str(work), "--no-progress", "--no-tensorboard"]) == 0
+    assert "training LeNet-5 on mnist" in capsys.readouterr().out
+    _, config, *_ = restore_params(str(work), None, False, Shardings(make_mesh(1)))
+    assert (config.dataset, config.recipe) == ("mnist", recipe)
+    assert main(["predict", "--workdir", str(work), str(data / "t10k-images-idx3-ubyte"),
+                 "--labels", str(data / "t10k-labels-idx1-ubyte"), "-q"]) == 0
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_tensorboard_events_of_a_run_read_back(dataset, tmp_path):
+    """Per-epoch scalars, the every-K-steps train loss and the learning rate, the image
+    grid, hparams and a profiler trace of steps 2..3, from the run's own event files."""
+    from lenet_dist.tboard import read_board
+    from lenet_dist.train import Outputs
+
+    result = train(modern(tmp_path, epochs=2, checkpoint=False), dataset=dataset,
+                   outputs=Outputs(tensorboard=True, log_every_steps=5, profile_steps="2:3"),
+                   **QUIET)
+    board = read_board(tmp_path / "tb")
+    accuracy = board.scalars["test/accuracy"]
+    assert [s for s, _ in accuracy] == [10, 20]
+    assert accuracy[-1][1] == pytest.approx(result.final["test_accuracy"], abs=1e-6)
+    assert [s for s, _ in board.scalars["train/step_loss"]] == [5, 10, 15, 20]
+    lrs = dict(board.scalars["lr"])
+    assert lrs[5] > 0 and lrs[20] < lrs[10]  # warm-up, then cosine decay
+    assert [s for s, _ in board.images["test/predictions"]] == [10, 20]
+    assert board.hparams["recipe"] == "modern" and "final/test_accuracy" in board.hparam_metrics
+    assert list((tmp_path / "tb").glob("plugins/profile/*/*.xplane.pb"))
+
+
+def test_report_and_comparison(modern_reference, trained, tmp_path, capsys):
+    work = str(modern_reference[0])
+    assert main(["report", "--workdir", work, "--out", str(tmp_path / "r")]) == 0
+    names = {p.name for p in (tmp_path / "r").iterdir()}
+    assert names == {"curves.png", "confusion.png", "misclassified.png", "report.md"}
+    assert "81,514" in (tmp_path / "r" / "report.md").read_text()
+    assert main(["report", "--compare", trained.config.workdir, work,
+                 "--out", str(tmp_path / "c")]) == 0
+    text = (tmp_path / "c" / "compare.md").read_text()
+    assert "modern" in text and "61,706" in text and (tmp_path / "c" / "compare.png").is_file()
+    assert main(["report", "--compare", work]) == 2
+    assert "two or more run directories" in capsys.readouterr().err
