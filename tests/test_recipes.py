@@ -165,3 +165,23 @@ def test_report_and_comparison(modern_reference, trained, tmp_path, capsys):
     assert "modern" in text and "61,706" in text and (tmp_path / "c" / "compare.png").is_file()
     assert main(["report", "--compare", work]) == 2
     assert "two or more run directories" in capsys.readouterr().err
+
+
+def test_modern_export_serves_batchnorm_in_eval_mode(modern_reference, dataset, tmp_path,
+                                                     capsys):
+    """The SavedModel carries the running statistics: TensorFlow alone gets the same
+    accuracy as JAX's evaluation of the checkpoint."""
+    from tests.conftest import write_idx
+
+    work, ref = modern_reference
+    out = tmp_path / "m" / "1"
+    assert main(["export", "--workdir", str(work), "--out", str(out)]) == 0
+    meta = json.loads((out / "assets.extra" / "metadata.json").read_text())
+    assert meta["recipe"] == "modern"
+    images = write_idx(tmp_path / "images", dataset.test.images[..., 0])
+    labels = write_idx(tmp_path / "labels", dataset.test.labels)
+    capsys.readouterr()
+    assert main(["predict", "--model", str(out), str(images), "--labels", str(labels),
+                 "-q"]) == 0
+    accuracy = float(capsys.readouterr().out.split()[1])
+    assert accuracy == pytest.approx(ref.final["test_accuracy"], abs=1e-4)
