@@ -21,6 +21,10 @@ from typing import BinaryIO
 from etils import epath
 
 LOCK_FILE = "lock"
+# The process's umask, read once at import (reading it means setting it): files made
+# through mkstemp (0600) get the mode an ordinary open() would have given them.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 class UnsafePath(OSError):
@@ -109,6 +113,7 @@ def write_atomic(path: epath.Path | str, data: str | bytes) -> None:
     directory, name = os.path.split(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory or ".")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()
