@@ -103,15 +103,17 @@ def reference_batch(dataset: str, data_dir: str | None, n: int = REFERENCE_IMAGE
     return images, np.full((n,), -1, np.int32), "random pixels"
 
 
-def build_module(tf, params, platforms: Sequence[str], labels_file: Path):
-    """A tf.Module whose `serve` is the jax2tf-converted `infer`; params are tf.Variables."""
+def build_module(tf, variables, platforms: Sequence[str], labels_file: Path):
+    """A tf.Module whose `serve` is the jax2tf-converted `infer`; the model's variables
+    (parameters, and BatchNorm statistics for the modern recipe) are tf.Variables, kept
+    under the attribute `params` that exported models have always had."""
     from jax.experimental import jax2tf
 
     module = tf.Module()
     module.params = jax.tree_util.tree_map_with_path(
         lambda path, x: tf.Variable(np.asarray(x), trainable=False,
                                     name="/".join(str(getattr(k, "key", k)) for k in path)),
-        params)
+        variables)
     module.labels = tf.saved_model.Asset(str(labels_file))
     converted = jax2tf.convert(infer, polymorphic_shapes=[None, "(b, 28, 28, 1)"],
                                with_gradient=False,
@@ -129,12 +131,12 @@ def build_module(tf, params, platforms: Sequence[str], labels_file: Path):
     return module
 
 
-def save_savedmodel(tf, params, staging: Path, platforms: Sequence[str],
+def save_savedmodel(tf, variables, staging: Path, platforms: Sequence[str],
                     class_names: Sequence[str], plan: serialization.Plan) -> Path:
     """Write the SavedModel to staging/model with `plan`'s serialization versions."""
     labels_file = staging / "labels.txt"
     labels_file.write_text("\n".join(class_names) + "\n")
-    module = build_module(tf, params, platforms, labels_file)
+    module = build_module(tf, variables, platforms, labels_file)
     model_dir = staging / "model"
     # Saving traces `serve` again (for the restored object's own method), so the
     # save must happen under the plan too; then check what was actually written.
@@ -145,11 +147,11 @@ def save_savedmodel(tf, params, staging: Path, platforms: Sequence[str],
     return model_dir
 
 
-def jax_reference(params, images: np.ndarray) -> dict[str, np.ndarray]:
+def jax_reference(variables, images: np.ndarray) -> dict[str, np.ndarray]:
     """JAX's outputs computed on the CPU, where float32 convolutions are exact float32
     (GPU/TPU defaults may use reduced precision, which is not what is being checked)."""
     cpu = jax.devices("cpu")[0]
-    out = jax.jit(infer)(jax.device_put(params, cpu), jax.device_put(images, cpu))
+    out = jax.jit(infer)(jax.device_put(variables, cpu), jax.device_put(images, cpu))
     return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
 
 
@@ -441,18 +443,18 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, best: boo
     tf, plan = distributed.on_primary(prepare) or (None, None)
     # In a job every process takes part in the restore (onto all devices).
     mesh = make_mesh(None if jax.process_count() > 1 else 1)
-    params, config, chosen, meta, _ = restore_params(workdir, step, best, Shardings(mesh))
-    params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), params)  # replicated
+    variables, config, chosen, meta, _ = restore_params(workdir, step, best, Shardings(mesh))
+    variables = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), variables)  # replicated
     if not distributed.is_primary():
         return None
-    if not all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params)):
+    if not all(np.all(np.isfinite(v)) for v in jax.tree.leaves(variables)):
         raise UserError(f"checkpoint step {chosen} has NaN or infinite parameters "
                         "(a diverged run); export another with --step")
     class_names = data_lib.CLASS_NAMES[config.dataset]
     assert len(class_names) == NUM_CLASSES
 
     images, labels, ref_source = reference_batch(config.dataset, data_dir or config.data_dir)
-    expected = jax_reference(params, images)
+    expected = jax_reference(variables, images)
 
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -460,7 +462,7 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, best: boo
     except OSError as e:
         raise UserError(f"cannot write in {out_path.parent}: {e.strerror}") from None
     try:
-        model_dir = save_savedmodel(tf, params, staging, platforms, class_names, plan)
+        model_dir = save_savedmodel(tf, variables, staging, platforms, class_names, plan)
         faults.point("publish:staged")
         max_diff = verify(tf, model_dir, images, expected)
         evaluated = next((r for r in meta.get("history", []) if r.get("step") == chosen), {})
