@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import shutil
 import socket
 import threading
 from pathlib import Path
@@ -87,6 +88,15 @@ def small(workdir, **kw) -> Config:
     base = dict(devices=8, epochs=2, train_limit=640, batch_size=64, learning_rate=0.5,
                 workdir=str(workdir))
     return Config(**{**base, **kw})
+
+
+def copy_run_until(run, work, step):
+    """A copy of a run's workdir as if it was killed just after saving `step`."""
+    shutil.copytree(run, work)
+    for step_dir in (work / "checkpoints").iterdir():
+        if step_dir.name.isdigit() and int(step_dir.name) > step:
+            shutil.rmtree(step_dir)
+    return work
 
 
 def assert_same_params(a, b, atol=0.0):

@@ -14,7 +14,7 @@ from lenet_dist.errors import UserError
 from lenet_dist.evaluate import evaluate_checkpoint, restore_params
 from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.train import train
-from tests.conftest import assert_same_params, small
+from tests.conftest import assert_same_params, copy_run_until, small
 from tests.test_cli import run_cli
 
 QUIET = dict(log=lambda _: None)
@@ -34,11 +34,7 @@ def test_checkpoints_listed_with_best(reference):
 @pytest.mark.parametrize("resume_from", [10, 12])  # an epoch end, and mid-epoch
 def test_interrupted_run_continues_exactly(reference, dataset, tmp_path, resume_from):
     ref_work, ref = reference
-    work = tmp_path / "run"
-    shutil.copytree(ref_work, work)
-    for step_dir in (work / "checkpoints").iterdir():  # as if killed just after this save
-        if step_dir.name.isdigit() and int(step_dir.name) > resume_from:
-            shutil.rmtree(step_dir)
+    work = copy_run_until(ref_work, tmp_path / "run", resume_from)
     logs = []
     resumed = train(small(work, save_every_steps=3, keep_checkpoints=20), dataset=dataset,
                     log=logs.append)

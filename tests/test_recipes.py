@@ -2,7 +2,6 @@
 resume reproduces, its checkpoints read by every command; MNIST with both recipes."""
 
 import json
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.state import BNTrainState
 from lenet_dist.step import augment
 from lenet_dist.train import train
-from tests.conftest import assert_same_params, small, write_dataset
+from tests.conftest import assert_same_params, copy_run_until, small, write_dataset
 
 QUIET = dict(log=lambda _: None)
 
@@ -75,11 +74,7 @@ def test_resumed_modern_run_equals_the_uninterrupted_one(modern_reference, datas
     """Augmentation keyed by (seed, step), the schedule's position, AdamW's moments and
     the BatchNorm statistics all come back from the checkpoint."""
     ref_work, ref = modern_reference
-    work = tmp_path / "run"
-    shutil.copytree(ref_work, work)
-    for step_dir in (work / "checkpoints").iterdir():
-        if step_dir.name.isdigit() and int(step_dir.name) > resume_from:
-            shutil.rmtree(step_dir)
+    work = copy_run_until(ref_work, tmp_path / "run", resume_from)
     logs = []
     resumed = train(modern(work, save_every_steps=3, keep_checkpoints=20), dataset=dataset,
                     log=logs.append)
