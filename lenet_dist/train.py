@@ -68,18 +68,25 @@ class Diverged(Exception):
 
 def run_steps(steps: Steps, state: TrainState, sums: dict, xs, ys, first: int, last: int,
               offset: int, bar: tqdm, after_step: Callable[[int, TrainState, dict], None],
-              on_loss: Callable[[int, float], None], profile: ProfileWindow):
+              on_loss: Callable[[int, float], None], profile: ProfileWindow,
+              on_first_step: Callable[[float], None] | None = None):
     """Steps first..last-1 of an epoch whose first step is number `offset` + 1.
 
     The host dispatches step i and only then waits for step i-1, so the device always
     has work queued. That step's loss (its sum minus the one before) is read then, at
     no extra stall: checked, so a divergence stops the run at its step, and handed to
-    `on_loss(step, loss)` for the progress bar and TensorBoard."""
+    `on_loss(step, loss)` for the progress bar and TensorBoard. With `on_first_step`,
+    the host waits once for step `first` and hands it its wall seconds (dispatch,
+    compile and run: what a benchmark reports apart from the steady state)."""
     before = float(sums["loss_sum"]) if first > 0 else 0.0
     for i in range(first, last):
         previous = sums
         profile.before_step(offset + i + 1)
+        t_step = time.perf_counter()
         state, sums = steps.train(state, sums, xs, ys, i)
+        if i == first and on_first_step is not None:
+            jax.block_until_ready(sums)  # once a run: the first step's time, compile included
+            on_first_step(time.perf_counter() - t_step)
         profile.after_step(offset + i + 1, sums)
         jax.block_until_ready(previous)  # wait one step behind: the device stays busy
         if i > first:
@@ -253,6 +260,11 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
         if stopping and mid_epoch:
             raise Preempted(stop.signum, step, saved=bool(ckpt))
 
+    first_step: dict[str, float] = {}  # this (re)started run's first step, for benchmarks
+
+    def on_first_step(seconds: float) -> None:
+        first_step.update(first_step_seconds=seconds, first_step_time=time.time())
+
     try:
         with stop, cleanup:
             for epoch in range(start // steps_per_epoch, config.epochs):
@@ -262,14 +274,18 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
                 if first == 0:
                     sums = steps.zeros()
                 xs, ys = train_data.epoch(config.seed, epoch)
+                first_of_run = epoch == start // steps_per_epoch
                 state, sums = run_steps(steps, state, sums, xs, ys, first, steps_per_epoch,
                                         epoch * steps_per_epoch, bar,
-                                        functools.partial(after_step, epoch), on_loss, profile)
+                                        functools.partial(after_step, epoch), on_loss, profile,
+                                        on_first_step if first_of_run else None)
                 train_metrics = summarize(sums)
                 train_secs = time.perf_counter() - t_epoch
                 if not math.isfinite(train_metrics["loss"]):
                     raise Diverged(steps_per_epoch * (epoch + 1))
+                t_eval = time.perf_counter()
                 test_metrics = evaluate(steps, state.variables, test_data)
+                eval_secs = time.perf_counter() - t_eval
                 record = {
                     "epoch": epoch + 1,
                     "step": steps_per_epoch * (epoch + 1),
@@ -279,11 +295,13 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
                     "images_per_sec":
                         (steps_per_epoch - first) * config.batch_size / train_secs,
                     "train_seconds": train_secs,
+                    "eval_seconds": eval_secs,
                     "epoch_seconds": time.perf_counter() - t_epoch,
                     "devices": shardings.size,
                     "processes": jax.process_count(),
                     "batch_size": config.batch_size,
                     "time": time.time(),
+                    **(first_step if first_of_run else {}),
                 }
                 if not math.isfinite(record["test_loss"]):
                     raise Diverged(record["step"])
