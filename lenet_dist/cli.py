@@ -354,43 +354,76 @@ def devices(devices, job):
     click.echo(describe(make_mesh(devices)))
 
 
-# Each round trains every device count from scratch: 100 rounds is days on a CPU.
+# Each round trains every configuration from scratch: 100 rounds is days on a CPU.
 MAX_BENCH_ROUNDS = 100
+
+
+class JobShape(click.ParamType):
+    """PxD: P local processes of D devices each (parsed by bench.parse_job)."""
+
+    name = "PxD"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        from lenet_dist.bench import parse_job
+
+        try:
+            return parse_job(value)
+        except UserError as e:
+            self.fail(str(e), param, ctx)
 
 
 @cli.command()
 @click.option("--devices", "device_counts", multiple=True, default=(1, 8),
               # One host: no more accelerators than CPU devices can be simulated.
               type=click.IntRange(1, runtime.MAX_SIMULATED_CPU_DEVICES),
-              help="Device counts to compare (repeat the option).")
+              help="Device counts, one process each (repeat the option).")
+@click.option("--job", "jobs", multiple=True, type=JobShape(), metavar="PxD",
+              help="Also P local processes x D devices each as one jax.distributed job, "
+                   "e.g. 2x4 (repeat the option).")
+@click.option("--batch-size", "batch_sizes", multiple=True, type=int_range("batch_size"),
+              help="Global batch sizes (repeat) [default: 128; 256 with --serving]")
+@click.option("--recipe", "recipes", multiple=True, type=click.Choice(RECIPES),
+              default=("d2l",), help="Recipes to measure (repeat the option).")
 @click.option("--epochs", type=click.IntRange(2, INT_RANGES["epochs"][1]), default=3,
               help="Epochs per run; the first (compilation) is not counted.")
 @click.option("--rounds", type=click.IntRange(1, MAX_BENCH_ROUNDS), default=2,
               help="Interleaved repetitions, to see the machine's noise.")
-@click.option("--batch-size", type=int_range("batch_size"), default=None,
-              help="[default: 128; 256 with --serving]")
 @click.option("--data-dir", type=TextPath(), default=None)
+@click.option("--json", "json_path", type=TextPath(), default=None, metavar="FILE",
+              help="Also write the result (machine, versions, every round) as JSON.")
 @click.option("--checkpoint-cost", is_flag=True,
-              help="Compare checkpointing on vs off on the first device count instead.")
+              help="Compare checkpointing on vs off on the first configuration instead.")
 @click.option("--serving", is_flag=True,
               help="Instead: inference, exported SavedModel vs jitted JAX, in one process.")
 @click.option("--workdir", type=TextPath(), default=None,
               help="With --serving: export this run's latest checkpoint [default: fresh init].")
-def bench(device_counts, epochs, rounds, batch_size, data_dir, checkpoint_cost, serving,
-          workdir):
-    """Steady-state training images/s per device count, each in a fresh process."""
+def bench(device_counts, jobs, batch_sizes, recipes, epochs, rounds, data_dir, json_path,
+          checkpoint_cost, serving, workdir):
+    """Training images/s per recipe x batch size x devices (or job), each run in fresh
+    processes: the steady state, evaluation, and warm-up (first step, compile included;
+    time to it) apart, peak memory; a table, and JSON with --json."""
+    from lenet_dist import bench as bench_lib
+
+    if json_path:
+        bench_lib.check_json_path(json_path)  # before an hour is spent
     if serving:
+        if len(batch_sizes) > 1:
+            raise click.UsageError("--serving measures one --batch-size")
         with runtime.quick_interrupts():
             runtime.configure(cpu_devices=1)
-            from lenet_dist.bench import bench_serving
-
-        bench_serving(workdir, batch_size=batch_size or 256, rounds=max(rounds, 3),
-                      echo=click.echo)
-        return
-    from lenet_dist.bench import bench_training
-
-    bench_training(device_counts, epochs=epochs, rounds=rounds, batch_size=batch_size or 128,
-                   data_dir=data_dir, echo=click.echo, checkpoint_cost=checkpoint_cost)
+        result = bench_lib.bench_serving(workdir, batch_size=(batch_sizes or (256,))[0],
+                                         rounds=max(rounds, 3), echo=click.echo)
+        result = {**bench_lib.environment(), "serving": result}
+    else:
+        runs = bench_lib.plan(device_counts, batch_sizes or (128,), recipes, jobs)
+        result = bench_lib.bench_training(runs, epochs=epochs, rounds=rounds,
+                                          data_dir=data_dir, echo=click.echo,
+                                          checkpoint_cost=checkpoint_cost)
+    if json_path:
+        bench_lib.write_json(json_path, result)
+        click.echo(f"wrote {json_path}")
 
 
 @cli.command("export")

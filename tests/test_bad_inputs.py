@@ -263,6 +263,17 @@ CASES: list[Case] = [
          "Invalid value for '--rounds': 1000 is not in the range 1<=x<=100."),
     Case("bench-devices-beyond-one-host", ("bench", "--devices", "1", "--devices", "1000"), 2,
          "Invalid value for '--devices': 1000 is not in the range 1<=x<=512."),
+    Case("bench-job-without-devices", ("bench", "--job", "2x"), 2,
+         "Invalid value for '--job': '2x' is not PROCESSESxDEVICES, e.g. 2x4 (2 processes of "
+         "4 devices each)"),
+    Case("bench-job-zero-processes", ("bench", "--job", "0x4"), 2,
+         "Invalid value for '--job': '0x4': processes must be in 2..64 (for one process, use "
+         "--devices)"),
+    Case("bench-batch-not-divisible", ("bench", "--devices", "1", "--devices", "8",
+                                       "--batch-size", "100"), 2,
+         "--batch-size 100 does not divide over 8 devices; use a multiple of 8 (e.g. 96, 104)"),
+    Case("bench-json-is-a-directory", ("bench", "--json", "{dir}"), 2,
+         "--json {dir} is a directory; give a file name, e.g. {dir}/bench.json"),
     # --- launch ---------------------------------------------------------------------------
     Case("launch-no-command", ("launch",), 2, "Missing argument 'COMMAND...'."),
     Case("launch-processes-zero", ("launch", "-n", "0", "--", "devices"), 2,
