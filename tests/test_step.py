@@ -5,6 +5,7 @@ import pytest
 from lenet_dist.config import Config
 from lenet_dist.feed import put
 from lenet_dist.mesh import Shardings, make_mesh
+from lenet_dist.model import build
 from lenet_dist.state import create_state, make_optimizer
 from lenet_dist.step import build_steps, summarize
 from lenet_dist.train import train
@@ -75,3 +76,29 @@ def test_same_losses_on_1_2_and_8_devices(dataset, tmp_path):
         for pa, pb in zip(jax.tree.leaves(histories[1].state.params),
                           jax.tree.leaves(histories[n].state.params)):
             np.testing.assert_allclose(np.asarray(pa), np.asarray(pb), atol=1e-5)
+
+
+def test_metric_sums_exact_and_one_all_reduce_per_step():
+    """The counts are summed as float32 so that one all-reduce carries the gradients and
+    the metrics; they must still equal the plain integer counts, train and eval alike."""
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (2, 64, 28, 28, 1)).astype(np.uint8)
+    y = rng.integers(0, 10, (2, 64)).astype(np.int32)
+    mask = rng.random((2, 64)) < 0.7
+    sh = Shardings(make_mesh(8))
+    tx = make_optimizer(Config())
+    steps = build_steps(tx, sh)
+    state = create_state(0, tx, sh)
+    xs, ys, ms = (put(a, sh.stacked_batches) for a in (x, y, mask))
+    lowered = steps.train.lower(state, steps.zeros(), xs, ys, 0).compile().as_text()
+    assert lowered.count(" all-reduce(") == 1
+    variables = jax.device_get(state.variables)
+    logits = np.asarray(build("d2l").apply(variables, x[1].astype(np.float32) / 255.0))
+    hits = logits.argmax(-1) == y[1]
+    acc = steps.evaluate(state.variables, steps.zeros(), xs, ys, ms, 1)
+    got = jax.device_get(acc)
+    assert int(got["count"]) == int(mask[1].sum())
+    assert int(got["correct"]) == int((hits & mask[1]).sum())
+    state, acc = steps.train(state, steps.zeros(), xs, ys, 1)
+    assert int(jax.device_get(acc)["correct"]) == int(hits.sum())
+    assert int(jax.device_get(acc)["count"]) == 64
