@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup data tools train test bench export check-export clean
+.PHONY: setup data tools train test bench peers export check-export clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,12 @@ test: setup data tools
 
 bench: setup data
 	$(BIN)/lenet-dist bench --devices 1 --devices 8 $(ARGS)
+
+# lenet-dist against PyTorch (eager, compile), Keras 3 and a plain Flax loop, in one
+# alternating run; the peers install into .peers/, outside lenet-dist's venv.
+peers: setup data
+	benchmarks/peers/setup.sh
+	$(BIN)/python benchmarks/peers/run.py $(ARGS)
 
 # Export runs/lenet's best checkpoint for TF Serving, then check it with TF alone.
 SERVING := serving/lenet/1

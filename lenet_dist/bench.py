@@ -189,6 +189,8 @@ def reap(procs: Sequence[subprocess.Popen], deadline: float,
          name: str) -> tuple[list[float], int | None]:
     """Wait for every process with os.wait4, which reports each one's peak resident
     memory (MiB here), until one fails: then its index comes back with the peaks.
+    Linux carries the parent's peak into a child at exec, so no figure reads below this
+    process's own peak (41 MiB for the bench command, which never imports JAX).
     Past `deadline` (time.monotonic), a Failure; the caller kills what runs."""
     peaks = [0.0] * len(procs)
     while any(p.returncode is None for p in procs):
@@ -376,9 +378,23 @@ def machine() -> dict:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f
                         if ln.startswith("model name")), None)
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {"cpu": cpu or platform.processor() or None, "cores": os.cpu_count(),
-            "usable_cores": usable, "platform": platform.platform(),
+    return {"cpu": cpu or platform.processor() or None, "cpu_features": cpu_features(),
+            "cores": os.cpu_count(), "usable_cores": usable, "platform": platform.platform(),
             "python": platform.python_version()}
+
+
+# The vector and matrix units that set XLA:CPU's and oneDNN's speed: two machines
+# with the same model name ran the same training 2x apart, AMX or not.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def cpu_features() -> list[str]:
+    """Which of CPU_FEATURES this CPU has (Linux /proc/cpuinfo; empty elsewhere)."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+        return [name for name in CPU_FEATURES if name in flags]
+    return []
 
 
 def versions() -> dict:

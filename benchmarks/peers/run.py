@@ -1,0 +1,129 @@
+"""LeNet-5 training speed, lenet-dist against its peers, in one alternating run.
+
+Every contender trains the same model (the seed's LeNet-5, Xavier init, SGD lr 0.1)
+on the real Fashion-MNIST, each run in a fresh process: one warm-up epoch, then
+timed epochs of training only. Round r runs every contender once, in turn, so the
+host's noise hits all alike; the figure is the median over rounds.
+
+    benchmarks/peers/setup.sh                    # the peers' environments, once
+    .venv/bin/python benchmarks/peers/run.py     # about 10 minutes on 2 cores
+
+Run with lenet-dist's own Python (it imports lenet_dist.bench). A peer whose
+environment is missing is skipped, with the line that sets it up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lenet_dist.bench import Run, die_with_parent, machine, run_config  # noqa: E402
+
+SEED_PARAMETERS = 61_706  # the seed's LeNet-5; every peer reports its own count
+PEER_TIMEOUT = 900  # seconds for one peer run: warm-up epoch, compile and timed epochs
+
+
+def contenders(batch_sizes: list[int], device_counts: list[int]) -> list[dict]:
+    envs = {"torch": ROOT / ".peers/torch/bin/python", "keras": ROOT / ".peers/keras/bin/python"}
+    peers = [
+        ("PyTorch eager", envs["torch"], ["torch_lenet.py"]),
+        ("PyTorch torch.compile", envs["torch"], ["torch_lenet.py", "--compile"]),
+        ("Keras 3 on JAX", envs["keras"], ["keras_lenet.py"]),
+        ("Flax, jitted step per host batch", Path(sys.executable), ["flax_loop.py"]),
+    ]
+    out = [{"name": name, "kind": "peer", "python": py, "argv": argv, "batch_size": 256}
+           for name, py, argv in peers]
+    out += [{"name": f"lenet-dist, {d} device{'s' * (d > 1)}", "kind": "lenet-dist",
+             "devices": d, "batch_size": b} for d in device_counts for b in batch_sizes]
+    return out
+
+
+def run_peer(c: dict, epochs: int, data_dir: str | None) -> float:
+    cmd = [str(c["python"]), str(HERE / c["argv"][0]), *c["argv"][1:],
+           "--batch-size", str(c["batch_size"]), "--epochs", str(epochs)]
+    env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{ROOT}"}
+    if data_dir:
+        cmd += ["--data-dir", data_dir]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, preexec_fn=die_with_parent)
+    try:
+        out, err = proc.communicate(timeout=PEER_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode:
+        raise RuntimeError(f"{c['name']} failed: {(err.strip().splitlines() or ['?'])[-1]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    if result["parameters"] != SEED_PARAMETERS:  # not the same model: not comparable
+        raise RuntimeError(f"{c['name']} trains {result['parameters']:,} parameters, "
+                           f"not the seed's {SEED_PARAMETERS:,}")
+    return result["images_per_sec"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up")
+    p.add_argument("--batch-size", type=int, action="append", help="lenet-dist's [128, 256]")
+    p.add_argument("--devices", type=int, action="append", help="lenet-dist's [1, 8]")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--json", default=None, help="also write the figures here")
+    args = p.parse_args()
+    todo = contenders(args.batch_size or [128, 256], args.devices or [1, 8])
+    for c in [c for c in todo if c["kind"] == "peer" and not c["python"].exists()]:
+        print(f"skipping {c['name']}: no {c['python']} (run benchmarks/peers/setup.sh)")
+        todo.remove(c)
+    rates: dict[str, list[float]] = {}
+    key = lambda c: f"{c['name']}|{c['batch_size']}"  # noqa: E731
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for i, c in enumerate(todo):
+                if c["kind"] == "peer":
+                    rate = run_peer(c, args.epochs, args.data_dir)
+                else:
+                    rate = run_config(Run(c["devices"], c["batch_size"], "d2l"), args.epochs + 1,
+                                      args.data_dir, Path(tmp) / f"r{r}-{i}"
+                                      )["train_images_per_sec"]
+                rates.setdefault(key(c), []).append(rate)
+                print(f"round {r + 1}: {c['name']}, batch {c['batch_size']}: {rate:,.0f} img/s",
+                      flush=True)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    eager = med.get("PyTorch eager|256")
+    comp = med.get("PyTorch torch.compile|256")
+    info = machine()
+    print(f"\n{info['cpu']} ({', '.join(info['cpu_features'])}), {info['cores']} cores; "
+          f"{datetime.date.today()}; median of "
+          f"{args.rounds} rounds x {args.epochs} epochs after a warm-up epoch\n")
+    print("| contender | batch | img/s | runs | vs PyTorch eager | vs torch.compile |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for c in todo:
+        k = key(c)
+        ratio = lambda base: f"{med[k] / base:.2f}x" if base else "-"  # noqa: E731
+        runs = ", ".join(f"{v:,.0f}" for v in rates[k])
+        print(f"| {c['name']} | {c['batch_size']} | {med[k]:,.0f} | {runs} | {ratio(eager)} "
+              f"| {ratio(comp)} |")
+        rows.append({"contender": c["name"], "batch_size": c["batch_size"],
+                     "images_per_sec": med[k], "runs": rates[k]})
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"machine": info, "date": str(datetime.date.today()), "rounds": args.rounds,
+             "epochs": args.epochs, "python": platform.python_version(), "results": rows},
+            indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
