@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from lenet_dist import safefs
+from lenet_dist import safefs, versions
 from lenet_dist.config import INT_RANGES, RECIPES
 from lenet_dist.distributed import check_devices
 from lenet_dist.errors import Failure, UserError
@@ -367,7 +366,7 @@ def format_table(result: dict) -> list[str]:
 def environment() -> dict:
     """When, on what, with which versions: what makes two results comparable."""
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine(), "versions": versions()}
+            "machine": machine(), "versions": versions.installed()}
 
 
 def machine() -> dict:
@@ -395,17 +394,6 @@ def cpu_features() -> list[str]:
             flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
         return [name for name in CPU_FEATURES if name in flags]
     return []
-
-
-def versions() -> dict:
-    """Installed versions, read without importing JAX into the benchmark's process."""
-    out = {}
-    for name in ("jax", "jaxlib", "flax", "optax", "lenet-dist"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def check_json_path(path: str) -> None:

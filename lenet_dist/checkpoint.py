@@ -21,14 +21,12 @@ import json
 import logging
 import math
 import os
-import platform
 import re
 import sys
 import time
 import warnings
 from typing import Callable
 
-import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
@@ -62,15 +60,6 @@ log = logging.getLogger(__name__)
 
 class CorruptCheckpoint(ValueError):
     """A checkpoint file that cannot be what we wrote; the message says which and why."""
-
-
-def versions() -> dict[str, str]:
-    import flax
-    import optax
-
-    return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-            "orbax-checkpoint": ocp.__version__ if hasattr(ocp, "__version__") else "?",
-            "python": platform.python_version()}
 
 
 # ------------------------------------------------------------------ inspection

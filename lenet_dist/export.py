@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from lenet_dist import data as data_lib
-from lenet_dist import distributed, faults, serialization
+from lenet_dist import distributed, faults, serialization, versions
 from lenet_dist.config import DEFAULT_EXPORT_PLATFORMS, EXPORT_PLATFORMS
 from lenet_dist.errors import Failure, UserError, first_line
 from lenet_dist.mesh import Shardings, make_mesh
@@ -177,18 +177,6 @@ def verify(tf, model_dir: Path, images: np.ndarray, expected: dict) -> float:
         raise UserError(f"the exported SavedModel's logits differ from JAX by {worst:.2e} "
                         f"(> {VERIFY_TOLERANCE:g})")
     return worst
-
-
-def library_versions(tf) -> dict:
-    from importlib import metadata
-
-    out = {"tensorflow": tf.__version__}
-    for pkg in ("jax", "jaxlib", "flax", "orbax-checkpoint", "lenet-dist"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 # ------------------------------------------------------------------- publishing
@@ -480,7 +468,7 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, best: boo
             "class_names": list(class_names),
             "platforms": list(platforms),
             "serialization": plan.to_dict(),
-            "versions": library_versions(tf),
+            "versions": {**versions.installed(), "tensorflow": tf.__version__},
             "reference": {"file": "assets.extra/reference.npz", "images": len(images),
                           "source": ref_source, "max_abs_logit_diff": max_diff},
         }

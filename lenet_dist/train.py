@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from lenet_dist import checkpoint as ckpt_lib
 from lenet_dist import data as data_lib
-from lenet_dist import distributed, safefs
+from lenet_dist import distributed, safefs, versions
 from lenet_dist.config import Config
 from lenet_dist.data import CLASS_NAMES
 from lenet_dist.errors import Failure, Preempted, UserError
@@ -217,7 +217,7 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
         f"{mesh.devices.flat[0].platform} device(s), global batch {config.batch_size}, "
         f"{config.optimizer} lr {config.learning_rate}, {config.epochs} epochs")
 
-    versions = ckpt_lib.versions()
+    stack = versions.installed()
     lr = learning_rate(config, steps_per_epoch)
     lr_at = (lambda step: float(lr(step))) if callable(lr) else (lambda step: lr)
     cleanup = contextlib.ExitStack()
@@ -240,7 +240,7 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
         return {"config": config.to_dict(), "step": step, "epoch": step / steps_per_epoch,
                 "steps_per_epoch": steps_per_epoch, "history": list(history),
                 "mesh": dict(mesh.shape),
-                "versions": versions, "dataset_source": dataset.source}
+                "versions": stack, "dataset_source": dataset.source}
 
     def save(step: int, state, sums, wait: bool, metrics: dict | None = None) -> None:
         """Save, unless the state is not finite: then the run has diverged at `step`."""
