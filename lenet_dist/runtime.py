@@ -116,7 +116,7 @@ def _configure(cpu_devices: int | None, job) -> None:
         raise UserError(
             f"--devices asks for {cpu_devices:,} simulated CPU devices{per_process}; at "
             f"most {MAX_SIMULATED_CPU_DEVICES} can be simulated, so ask for fewer (on a "
-            "GPU/TPU host, install lenet-dist[cuda] or [tpu] to use the accelerators)")
+            "GPU/TPU host, install lenet-dist[cuda13] or [tpu] to use the accelerators)")
 
 
 def start_backend() -> None:
