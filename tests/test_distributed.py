@@ -1,5 +1,6 @@
 """The pieces of a multi-process job that can be checked without one: job options,
 the stop rule, the stderr filter, the launcher's bookkeeping."""
+# ruff: noqa: E501  (LOST_PEER below is JAX's log text verbatim: its lines stay whole)
 
 import os
 import signal
