@@ -4,6 +4,8 @@ import gzip
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -81,6 +83,13 @@ def trained(dataset, tmp_path_factory):
     config = Config(devices=8, epochs=2, train_limit=2000, batch_size=16, optimizer="adam",
                     learning_rate=0.003, workdir=str(tmp_path_factory.mktemp("trained")))
     return train(config, dataset=dataset, log=lambda _: None)
+
+
+def run_cli(*args, cwd=None, env=None):
+    """`python -m lenet_dist ARGS` in a subprocess, as a user runs it (5-minute bound)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **(env or {}))
+    return subprocess.run([sys.executable, "-m", "lenet_dist", *args], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=300)
 
 
 def small(workdir, **kw) -> Config:

@@ -14,8 +14,7 @@ from lenet_dist.errors import UserError
 from lenet_dist.evaluate import evaluate_checkpoint, restore_params
 from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.train import train
-from tests.conftest import assert_same_params, copy_run_until, small
-from tests.test_cli import run_cli
+from tests.conftest import assert_same_params, copy_run_until, run_cli, small
 
 QUIET = dict(log=lambda _: None)
 

@@ -10,13 +10,7 @@ import pytest
 from lenet_dist.cli import main
 from lenet_dist.config import Config
 from lenet_dist.errors import UserError
-from tests.conftest import REAL_DIR, real_data_available, write_dataset
-
-
-def run_cli(*args, cwd=None, env=None):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **(env or {}))
-    return subprocess.run([sys.executable, "-m", "lenet_dist", *args], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=300)
+from tests.conftest import REAL_DIR, real_data_available, run_cli, write_dataset
 
 
 @pytest.fixture(scope="module")
