@@ -371,13 +371,11 @@ def environment() -> dict:
 
 def machine() -> dict:
     """What the figures were measured on."""
-    cpu = None
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f
-                        if ln.startswith("model name")), None)
+    info = cpuinfo()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {"cpu": cpu or platform.processor() or None, "cpu_features": cpu_features(),
+    flags = info.get("flags", "").split()
+    return {"cpu": info.get("model name") or platform.processor() or None,
+            "cpu_features": [name for name in CPU_FEATURES if name in flags],
             "cores": os.cpu_count(), "usable_cores": usable, "platform": platform.platform(),
             "python": platform.python_version()}
 
@@ -387,13 +385,17 @@ def machine() -> dict:
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
 
 
-def cpu_features() -> list[str]:
-    """Which of CPU_FEATURES this CPU has (Linux /proc/cpuinfo; empty elsewhere)."""
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (Linux; empty elsewhere)."""
+    fields: dict[str, str] = {}
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
-            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
-        return [name for name in CPU_FEATURES if name in flags]
-    return []
+            for line in f:
+                if not line.strip():
+                    break  # the end of the first processor's block
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    return fields
 
 
 def check_json_path(path: str) -> None:

@@ -270,11 +270,11 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
             for epoch in range(start // steps_per_epoch, config.epochs):
                 bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
                 t_epoch = time.perf_counter()
-                first = start - epoch * steps_per_epoch if epoch == start // steps_per_epoch else 0
+                first_of_run = epoch == start // steps_per_epoch
+                first = start - epoch * steps_per_epoch if first_of_run else 0
                 if first == 0:
                     sums = steps.zeros()
                 xs, ys = train_data.epoch(config.seed, epoch)
-                first_of_run = epoch == start // steps_per_epoch
                 state, sums = run_steps(steps, state, sums, xs, ys, first, steps_per_epoch,
                                         epoch * steps_per_epoch, bar,
                                         functools.partial(after_step, epoch), on_loss, profile,

@@ -15,10 +15,8 @@ environment is missing is skipped, with the line that sets it up.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,7 +27,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lenet_dist.bench import Run, die_with_parent, machine, run_config  # noqa: E402
+from lenet_dist.bench import (Run, check_json_path, die_with_parent,  # noqa: E402
+                               environment, run_config, write_json)
+from lenet_dist.errors import Failure, UserError  # noqa: E402
 
 SEED_PARAMETERS = 61_706  # the seed's LeNet-5; every peer reports its own count
 PEER_TIMEOUT = 900  # seconds for one peer run: warm-up epoch, compile and timed epochs
@@ -82,6 +82,8 @@ def main() -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
+    if args.json:
+        check_json_path(args.json)  # before the run, not after it
     todo = contenders(args.batch_size or [128, 256], args.devices or [1, 8])
     for c in [c for c in todo if c["kind"] == "peer" and not c["python"].exists()]:
         print(f"skipping {c['name']}: no {c['python']} (run benchmarks/peers/setup.sh)")
@@ -103,9 +105,10 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     eager = med.get("PyTorch eager|256")
     comp = med.get("PyTorch torch.compile|256")
-    info = machine()
+    env = environment()
+    info = env["machine"]
     print(f"\n{info['cpu']} ({', '.join(info['cpu_features'])}), {info['cores']} cores; "
-          f"{datetime.date.today()}; median of "
+          f"{env['date']}; median of "
           f"{args.rounds} rounds x {args.epochs} epochs after a warm-up epoch\n")
     print("| contender | batch | img/s | runs | vs PyTorch eager | vs torch.compile |")
     print("|---|---|---|---|---|---|")
@@ -119,11 +122,12 @@ def main() -> None:
         rows.append({"contender": c["name"], "batch_size": c["batch_size"],
                      "images_per_sec": med[k], "runs": rates[k]})
     if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"machine": info, "date": str(datetime.date.today()), "rounds": args.rounds,
-             "epochs": args.epochs, "python": platform.python_version(), "results": rows},
-            indent=1) + "\n")
+        write_json(args.json, {**env, "rounds": args.rounds, "epochs": args.epochs,
+                               "results": rows})
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (UserError, Failure, RuntimeError) as e:  # one line, as lenet-dist's own
+        sys.exit(f"error: {e}")
