@@ -1,6 +1,7 @@
 """Shared test setup: 8 simulated CPU devices, real data when present, one trained run."""
 
 import gzip
+import importlib.util
 import os
 import shutil
 import socket
@@ -19,8 +20,13 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from lenet_dist import data as data_lib  # noqa: E402
+from lenet_dist.cli import main  # noqa: E402
 from lenet_dist.config import Config  # noqa: E402
+from lenet_dist.evaluate import restore_params  # noqa: E402
+from lenet_dist.export import export_checkpoint  # noqa: E402
+from lenet_dist.mesh import Shardings, make_mesh  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 REAL_DIR = os.environ.get("LENET_DIST_TEST_DATA", data_lib.SYSTEM_DIRS["fashion_mnist"])
 
 
@@ -174,3 +180,51 @@ def make_special(directory, kind: str, suffix: str = ""):
         sock.bind(str(path))
         sock.close()  # the socket file stays
     return path
+
+
+# ---------------------------------------------------------------- export fixtures
+# Shared by the export, predict, kit and image tests: one export per session.
+
+@pytest.fixture(scope="session")
+def test_idx(dataset, tmp_path_factory):
+    """The fixture dataset's test split as IDX files (what a serving host would have)."""
+    d = tmp_path_factory.mktemp("test-idx")
+    images = write_idx(d / "t10k-images-idx3-ubyte", dataset.test.images[..., 0])
+    labels = write_idx(d / "t10k-labels-idx1-ubyte", dataset.test.labels)
+    return images, labels
+
+
+@pytest.fixture(scope="session")
+def exported(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serving") / "lenet" / "1"
+    info = export_checkpoint(trained.config.workdir, str(out))
+    return out, info
+
+
+@pytest.fixture(scope="session")
+def jax_params(trained):
+    params, *_ = restore_params(trained.config.workdir, None, False, Shardings(make_mesh(1)))
+    return jax.device_get(params)
+
+
+def one_line_error(capsys, argv, code=2):
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def png_bytes(tf, array):
+    return tf.io.encode_png(np.asarray(array, np.uint8)).numpy()
+
+
+def load_kit_module(name):
+    """A module of the deployment kit (export/), imported as the kit imports its own."""
+    sys.path.insert(0, str(ROOT / "export"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "export" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(ROOT / "export"))

@@ -13,13 +13,11 @@ import pytest
 from lenet_dist import serialization
 from lenet_dist.cli import main
 from lenet_dist.errors import UserError
-from lenet_dist.evaluate import restore_params
 from lenet_dist.export import export_checkpoint
-from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.step import infer
-from tests.conftest import write_idx
+from tests.conftest import ROOT, load_kit_module, one_line_error
 
-ROOT = Path(__file__).resolve().parents[1]
+
 JAX_FREE = ("jax", "jaxlib", "flax", "optax", "orbax", "lenet_dist")
 
 # Runs in a fresh interpreter that cannot import JAX or lenet_dist at all.
@@ -44,29 +42,6 @@ loaded = sorted(m for m in sys.modules if m.split(".")[0] in {jax_free!r}
                 and sys.modules[m] is not None)
 print(json.dumps({{"rc": rc, "loaded": loaded}}))
 """
-
-
-@pytest.fixture(scope="module")
-def test_idx(dataset, tmp_path_factory):
-    """The fixture dataset's test split as IDX files (what a serving host would have)."""
-    d = tmp_path_factory.mktemp("test-idx")
-    images = write_idx(d / "t10k-images-idx3-ubyte", dataset.test.images[..., 0])
-    labels = write_idx(d / "t10k-labels-idx1-ubyte", dataset.test.labels)
-    return images, labels
-
-
-@pytest.fixture(scope="module")
-def exported(trained, tmp_path_factory):
-    out = tmp_path_factory.mktemp("serving") / "lenet" / "1"
-    info = export_checkpoint(trained.config.workdir, str(out))
-    return out, info
-
-
-@pytest.fixture(scope="module")
-def jax_params(trained):
-    params, *_ = restore_params(trained.config.workdir, None, False, Shardings(make_mesh(1)))
-    return jax.device_get(params)
-
 
 def tf_only_env():
     env = dict(os.environ)
@@ -155,31 +130,6 @@ def test_metadata_labels_and_reference(exported, trained):
     assert ref["logits"].shape == (256, 10)
 
 
-# ---------------------------------------------------------------- version negotiation
-
-PRODUCER = serialization.Producer(stablehlo_default="1.18.0", stablehlo_min="0.9.0",
-                                  calling_convention_min=9, calling_convention_default=10)
-
-
-@pytest.mark.parametrize("tf_max, cc_max, expected", [
-    ("1.13.7", 10, ("1.13.7", 10)),   # TF 2.21: older StableHLO than jax writes
-    ("1.22.0", 10, ("1.18.0", 10)),   # newer TF: jax's own default
-    ("1.9.10", 9, ("1.9.10", 9)),     # patch versions compare numerically, not as text
-])
-def test_negotiate_picks_the_newest_both_accept(tf_max, cc_max, expected):
-    plan = serialization.negotiate(PRODUCER, serialization.Consumer(tf_max, cc_max))
-    assert (plan.stablehlo, plan.calling_convention) == expected
-
-
-@pytest.mark.parametrize("consumer, message", [
-    (serialization.Consumer("0.8.1", 10), "reads StableHLO <= 0.8.1, but jax"),
-    (serialization.Consumer("1.13.7", 8), "runs XlaCallModule <= v8, but jax"),
-])
-def test_negotiate_refuses_what_cannot_be_reconciled(consumer, message):
-    with pytest.raises(UserError, match=message):
-        serialization.negotiate(PRODUCER, consumer)
-
-
 def test_incompatible_tensorflow_is_caught_at_export_time(trained, exported, monkeypatch,
                                                          tmp_path):
     import shutil
@@ -228,33 +178,7 @@ def test_check_saved_model_rejects_a_naive_save(tmp_path):
         serialization.check_saved_model(tmp_path / "m", old_tf)
 
 
-def test_the_version_patch_is_scoped():
-    """serialize_for writes the plan's version (an old one, whatever TF is installed),
-    and only inside the block."""
-    from jax._src.export import _export
-
-    def export_double():
-        exp = jax.export.export(jax.jit(lambda x: x * 2))(jax.ShapeDtypeStruct((3,), np.float32))
-        return serialization.artifact_version(exp.mlir_module_serialized), \
-            exp.calling_convention_version
-
-    prod = serialization.producer()
-    plan = serialization.negotiate(prod, serialization.Consumer("1.0.0", 9))
-    before = _export._module_to_bytecode
-    with serialization.serialize_for(plan):
-        assert export_double() == ("1.0.0", 9)
-    assert _export._module_to_bytecode is before
-    assert export_double() == (prod.stablehlo_default, prod.calling_convention_default)
-
-
 # ---------------------------------------------------------------- CLI and bad input
-
-
-def one_line_error(capsys, argv, code=2):
-    assert main(argv) == code
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 def test_export_cli_refuses_an_existing_output_unless_overwrite(trained, exported, capsys,
@@ -346,220 +270,3 @@ def test_export_without_tensorflow_says_how_to_install(trained, capsys, tmp_path
     msg = one_line_error(capsys, ["export", "--workdir", trained.config.workdir, "--out",
                                   str(tmp_path / "m")])
     assert "TensorFlow is not installed" in msg and "pip install tensorflow-cpu==" in msg
-
-
-def png_bytes(tf, array):
-    return tf.io.encode_png(np.asarray(array, np.uint8)).numpy()
-
-
-def test_predict_savedmodel_and_checkpoint_agree(exported, trained, dataset, capsys, tmp_path):
-    import tensorflow as tf
-
-    model, _ = exported
-    files = []
-    for i in range(3):
-        p = tmp_path / f"img{i}.png"
-        p.write_bytes(png_bytes(tf, dataset.test.images[i]))
-        files.append(str(p))
-    idx = write_idx(tmp_path / "few-idx3-ubyte", dataset.test.images[:5, ..., 0])
-    labels = write_idx(tmp_path / "few-labels-idx1-ubyte", dataset.test.labels[:5])
-    msg = one_line_error(capsys, ["predict", "--model", str(model), *files, str(idx),
-                                  "--labels", str(labels)])
-    assert "has 5 labels for 8 images" in msg
-
-    assert main(["predict", "--model", str(model), str(idx), "--labels", str(labels)]) == 0
-    tf_out = capsys.readouterr().out.splitlines()
-    assert main(["predict", "--workdir", trained.config.workdir, str(idx),
-                 "--labels", str(labels)]) == 0
-    jax_out = capsys.readouterr().out.splitlines()
-    assert len(tf_out) == 6 and tf_out[-1].startswith("accuracy ")
-    # Same class per image; probabilities agree to the printed 3 decimals.
-    assert tf_out == jax_out
-
-    assert main(["predict", "--model", str(model), *files, "--top", "3", "--json"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["input"] for r in rows] == files
-    assert all(len(r["predictions"]) == 3 for r in rows)
-    # A PNG of a test image is the same pixels after the 28x28 "resize": same answer.
-    names = (model / "assets" / "labels.txt").read_text().splitlines()
-    expected = np.asarray(jax.jit(infer)(restore_params(
-        trained.config.workdir, None, False, Shardings(make_mesh(1)))[0],
-        dataset.test.images[:3])["classes"])
-    assert [r["predictions"][0]["class"] for r in rows] == [names[c] for c in expected]
-
-
-@pytest.mark.parametrize("make, message", [
-    (lambda p: p.write_text("not an image at all"), "is not a PNG, JPEG, GIF, BMP or IDX"),
-    (lambda p: p.write_bytes(b""), "is empty"),
-    # A valid PNG signature and IHDR claiming 100,000 x 100,000 pixels: refused unread.
-    (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
-                             + (100_000).to_bytes(4, "big") * 2 + b"\x08\x00\x00\x00\x00"),
-     "is 100000x100000 pixels; the limit is 8192"),
-    (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10), "cannot be decoded as PNG"),
-    (lambda p: write_idx(p, np.zeros((2, 10, 10))), "expected images [n, 28, 28]"),
-    (lambda p: write_idx(p, np.zeros((4,))), "is an IDX label file"),
-    (lambda p: write_idx(p, np.zeros((2, 28, 28)), cut=100), "is truncated"),
-    (lambda p: write_idx(p, np.zeros((0, 28, 28))), "holds no images"),
-    (lambda p: p.write_bytes(b"\x1f\x8b\x08\x00" + b"\xff" * 40), "cannot read"),
-    # dims 65536^4 overflow int64 to 0: must be "truncated", not a crash
-    (lambda p: p.write_bytes(b"\x00\x00\x08\x04" + (65536).to_bytes(4, "big") * 4),
-     "is truncated"),
-])
-def test_predict_bad_inputs(exported, capsys, tmp_path, make, message):
-    model, _ = exported
-    bad = tmp_path / "input.bin"
-    make(bad)
-    assert message in one_line_error(capsys, ["predict", "--model", str(model), str(bad)])
-
-
-def test_predict_needs_one_model(capsys, tmp_path):
-    msg = one_line_error(capsys, ["predict", str(tmp_path / "x.png")])
-    assert "give exactly one of --model (SavedModel) or --workdir" in msg
-    msg = one_line_error(capsys, ["predict", "--model", str(tmp_path), str(tmp_path / "x.png")])
-    assert "is not a SavedModel directory" in msg
-
-
-# ---------------------------------------------------------------- REST client
-
-
-def load_kit_module(name):
-    import importlib.util
-
-    sys.path.insert(0, str(ROOT / "export"))
-    try:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "export" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(ROOT / "export"))
-
-
-@pytest.fixture
-def fake_tf_serving(exported):
-    """A stand-in for TF Serving's REST predict API (columnar format), backed by the
-    SavedModel; records the requests it gets."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    import tensorflow as tf
-
-    model, _ = exported
-    served = tf.saved_model.load(str(model)).signatures["serving_default"]
-    seen = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append((self.path, body))
-            if self.path != "/v1/models/lenet:predict":
-                self.send_response(404)
-                self.end_headers()
-                self.wfile.write(b'{"error": "Servable not found"}')
-                return
-            images = np.asarray(body["inputs"]["images"], np.uint8)
-            out = {k: v.numpy().tolist() for k, v in served(images=tf.constant(images)).items()}
-            payload = json.dumps({"outputs": out}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    server.shutdown()
-
-
-def test_rest_client_against_the_serving_api(fake_tf_serving, test_idx, dataset, exported,
-                                             capsys, tmp_path):
-    url, seen = fake_tf_serving
-    client = load_kit_module("rest_client")
-    images, labels = map(str, test_idx)
-    assert client.main([images, "--labels", labels, "--url", url, "--batch", "4096"]) == 0
-    line = capsys.readouterr().out.strip()
-    _, info = exported
-    n = len(dataset.test)
-    assert line == f"accuracy {info['checkpoint']['test_accuracy']:.4f} on {n:,} images"
-    assert len(seen) == -(-n // 4096) and seen[0][1]["signature_name"] == "serving_default"
-
-    req = tmp_path / "request.json"
-    assert client.main([images, "--write-request", str(req), "--batch", "2"]) == 0
-    body = json.loads(req.read_text())
-    assert np.asarray(body["inputs"]["images"]).shape == (2, 28, 28, 1)
-
-    assert client.main([images, "--url", url, "--model", "other"]) == 1
-    assert "HTTP 404" in capsys.readouterr().err
-    assert client.main([images, "--url", "http://127.0.0.1:9", "--timeout", "5"]) == 1
-    assert "cannot reach http://127.0.0.1:9" in capsys.readouterr().err
-
-
-# ---------------------------------------------------------------- image formats
-
-# 1x1 GIF, one opaque white pixel (GIF cannot be written by TensorFlow).
-WHITE_GIF = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00"
-             b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
-
-
-def bmp_bytes(gray):
-    """24-bit BMP of a [h, w] uint8 image (bottom-up rows padded to 4 bytes)."""
-    h, w = gray.shape
-    row = (3 * w + 3) // 4 * 4
-    pixels = b"".join(np.repeat(gray[y], 3).tobytes().ljust(row, b"\0")
-                      for y in range(h - 1, -1, -1))
-    header = b"BM" + (54 + len(pixels)).to_bytes(4, "little") + b"\0" * 4 + \
-        (54).to_bytes(4, "little")
-    info = (40).to_bytes(4, "little") + w.to_bytes(4, "little") + h.to_bytes(4, "little") + \
-        (1).to_bytes(2, "little") + (24).to_bytes(2, "little") + b"\0" * 24
-    return header + info + pixels
-
-
-def test_every_image_format_decodes_alike_in_predict_and_the_kit(dataset, tmp_path):
-    """RGB, gray+alpha and RGBA PNG, BMP and GIF; transparency is the dataset's black
-    background; lenet-dist and the TF-only kit read the same pixels."""
-    import tensorflow as tf
-
-    from lenet_dist.images import load_inputs
-
-    kit = load_kit_module("serving_io")
-    img = dataset.test.images[0]  # [28, 28, 1], light object on black
-    alpha = np.where(img > 0, 255, 0).astype(np.uint8)
-    files = {
-        "rgb.png": png_bytes(tf, np.repeat(img, 3, axis=-1)),
-        "gray-alpha.png": png_bytes(tf, np.concatenate([img, alpha], -1)),
-        # transparent pixels are white in colour: they must still read as black
-        "rgba.png": png_bytes(tf, np.concatenate(
-            [np.repeat(np.where(alpha > 0, img, 255), 3, -1), alpha], -1)),
-        "img.bmp": bmp_bytes(img[..., 0]),
-    }
-    for name, raw in files.items():
-        (tmp_path / name).write_bytes(raw)
-        paths = [str(tmp_path / name)]
-        ours = load_inputs(paths)[0][0]
-        np.testing.assert_array_equal(ours, img, err_msg=name)
-        np.testing.assert_array_equal(kit.load_images(paths, tf)[0][0], ours, err_msg=name)
-
-    (tmp_path / "white.gif").write_bytes(WHITE_GIF)
-    gif = load_inputs([str(tmp_path / "white.gif")])[0][0]
-    assert gif.shape == (28, 28, 1) and np.all(gif == 255)
-    assert np.all(load_inputs([str(tmp_path / "white.gif")], invert=True)[0][0] == 0)
-
-    (tmp_path / "img.jpg").write_bytes(tf.io.encode_jpeg(img, quality=95).numpy())
-    jpg = load_inputs([str(tmp_path / "img.jpg")])[0][0]
-    assert np.mean(np.abs(jpg.astype(int) - img)) < 4  # lossy, but the same picture
-
-
-def test_a_corrupt_jpeg_is_one_line_even_at_the_file_descriptor(exported, capfd, tmp_path):
-    """libjpeg writes to fd 2 itself; predict keeps stderr to its one line."""
-    import tensorflow as tf
-
-    model, _ = exported
-    good = tf.io.encode_jpeg(np.full((40, 30, 1), 200, np.uint8)).numpy()
-    bad = tmp_path / "cut.jpg"
-    bad.write_bytes(good[:300])
-    assert main(["predict", "--model", str(model), str(bad)]) == 2
-    err = capfd.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: {bad} cannot be decoded as JPEG"), err
