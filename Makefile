@@ -4,15 +4,16 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup data tools train test bench peers export check-export clean
+.PHONY: setup data tools train test lint bench peers export check-export clean
 
 setup: $(STAMP)
 
-# Rebuild the venv when the dependencies change.
+# Rebuild the venv when the dependencies change. Every extra (export, tfds, report,
+# test): the tests cover all of it. A user who only trains needs `pip install .`.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || "$$(scripts/find-python.sh)" -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[all]"
 	@touch $@
 
 data:
@@ -25,8 +26,12 @@ tools:
 train: setup data
 	$(BIN)/lenet-dist train --devices 8 $(ARGS)
 
-test: setup data tools
+test: setup data tools lint
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The lint CI runs (pyproject's [tool.ruff]); .pre-commit-config.yaml runs the same.
+lint: setup
+	$(BIN)/ruff check .
 
 bench: setup data
 	$(BIN)/lenet-dist bench --devices 1 --devices 8 $(ARGS)
@@ -49,4 +54,4 @@ check-export: setup data
 	  --labels $(DATA)/t10k-labels-idx1-ubyte.gz --show 3
 
 clean:
-	rm -rf $(VENV) runs serving .pytest_cache
+	rm -rf $(VENV) runs serving .pytest_cache build dist

@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from lenet_dist import safefs
+from lenet_dist import extras, safefs
 from lenet_dist.errors import UserError, first_line
 
 NUM_CLASSES = 10
@@ -210,7 +210,10 @@ def tfds_prepared(name: str) -> bool:
 
 
 def load_tfds(name: str, download: bool) -> Dataset:
-    import tensorflow_datasets as tfds  # heavy: only when this source is used
+    try:
+        import tensorflow_datasets as tfds  # heavy, and an extra: only for this source
+    except ImportError as e:
+        raise extras.missing("tensorflow_datasets", f" ({e})") from None
 
     splits = {}
     for split in ("train", "test"):

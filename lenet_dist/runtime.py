@@ -16,6 +16,8 @@ import threading
 
 # `signal` without its enums: __main__ imports this module first, and the enum
 # set-up of `signal` alone took 50+ ms on a busy machine, a window for Ctrl-C.
+# LAZY_ERRORS: for the same reason lenet_dist.errors (which imports `signal`) and
+# lenet_dist.extras are imported inside the functions that raise.
 import _signal
 
 # Measured on the 2-core dev machine (see README, "Throughput"): routing
@@ -86,7 +88,7 @@ def configure(cpu_devices: int | None = None, job=None) -> None:
 
 
 def _configure(cpu_devices: int | None, job) -> None:
-    from lenet_dist.errors import UserError, first_line
+    from lenet_dist.errors import UserError, first_line  # see LAZY_ERRORS
 
     try:
         import jax
@@ -126,7 +128,7 @@ def start_backend() -> None:
     whichever line first touched a device."""
     import jax
 
-    from lenet_dist.errors import UserError, first_line
+    from lenet_dist.errors import UserError, first_line  # see LAZY_ERRORS
 
     try:
         jax.devices()
@@ -193,10 +195,11 @@ def import_tensorflow():
         with quick_interrupts(), filtered_stderr(TF_IMPORT_NOISE):
             import tensorflow as tf
     except ImportError as e:
+        from lenet_dist import extras  # see LAZY_ERRORS
         from lenet_dist.errors import UserError
 
-        raise UserError(f"TensorFlow is not installed ({e}); install it with "
-                        f"`pip install {TENSORFLOW_PIN}` (or `tensorflow` on a GPU or "
-                        "non-x86 host)") from None
+        error = extras.missing("tensorflow", f" ({e})")
+        raise UserError(f"{error}; or `pip install {TENSORFLOW_PIN}` alone (`tensorflow` "
+                        "on a GPU or non-x86 host)") from None
     tf.get_logger().setLevel("ERROR")  # deprecation notices from TF1 APIs
     return tf
