@@ -8,6 +8,10 @@ split evenly over processes, one writer (process 0), and start-up checks that
 every process sees the same workdir and the same data, so a misconfigured job
 fails in seconds with one line on every process instead of hanging or silently
 training different models.
+
+JAX is imported inside the functions (each marked "JAX late"): the CLI imports this
+module to parse its options, before `jax.distributed.initialize` may run, which must
+come before any backend starts; and `--help` never loads JAX.
 """
 
 from __future__ import annotations
@@ -91,8 +95,8 @@ def join(spec: JobSpec, devices: int | None) -> int | None:
         return devices
     if spec.num_processes is not None:  # fail before connecting, on every process alike
         check_devices(devices, spec.num_processes)
-    import jax
-    from jax._src import xla_bridge
+    import jax  # JAX late
+    from jax._src import xla_bridge  # JAX late
 
     if xla_bridge.backends_are_initialized():
         raise UserError("JAX's backend started before the job was joined; "
@@ -119,13 +123,13 @@ def join(spec: JobSpec, devices: int | None) -> int | None:
 
 
 def process_index() -> int:
-    import jax
+    import jax  # JAX late
 
     return jax.process_index()
 
 
 def process_count() -> int:
-    import jax
+    import jax  # JAX late
 
     return jax.process_count()
 
@@ -137,7 +141,7 @@ def is_primary() -> bool:
 
 def gather(values) -> np.ndarray:
     """Every process's int64 `values`, stacked [processes, ...] (a collective)."""
-    from jax.experimental import multihost_utils
+    from jax.experimental import multihost_utils  # JAX late
 
     if process_count() == 1:
         return np.asarray([values], np.int64)
@@ -145,7 +149,7 @@ def gather(values) -> np.ndarray:
 
 
 def barrier(name: str) -> None:
-    from jax.experimental import multihost_utils
+    from jax.experimental import multihost_utils  # JAX late
 
     if process_count() == 1:
         return
@@ -172,7 +176,7 @@ def on_primary(fn):
 def check_same_workdir(workdir) -> None:
     """Process 0 writes a fresh random token into the workdir; every process must read
     it back. A per-host local directory fails here, not in the first save's barrier."""
-    from jax.experimental import multihost_utils
+    from jax.experimental import multihost_utils  # JAX late
 
     if process_count() == 1:
         return

@@ -34,7 +34,7 @@ class StopRule:
         self._inject = _parse_injection(os.environ.get(SIGTERM_AT_ENV), process_index)
         self._previous: dict = {}
         if multi_process:
-            from jax.experimental import multihost_utils
+            from jax.experimental import multihost_utils  # only a multi-process job needs it
 
             self._reached_sync_point = multihost_utils.reached_preemption_sync_point
 

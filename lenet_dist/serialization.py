@@ -14,7 +14,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+from pathlib import Path
 from typing import Iterator
+
+import jax
+from jax import export as jax_export
+from jax._src.export import _export
+from jaxlib.mlir.dialects import stablehlo
 
 from lenet_dist.errors import UserError
 
@@ -63,13 +69,8 @@ class Plan:
 
 
 def producer() -> Producer:
-    from jax import export as jax_export
-    from jaxlib.mlir.dialects import stablehlo
-
     default = stablehlo.get_version_from_compatibility_requirement(
         stablehlo.StablehloCompatibilityRequirement.WEEK_4)
-    import jax
-
     return Producer(stablehlo_default=default,
                     stablehlo_min=stablehlo.get_minimum_version(),
                     calling_convention_min=jax_export.minimum_supported_calling_convention_version,
@@ -77,6 +78,7 @@ def producer() -> Producer:
 
 
 def consumer() -> Consumer:
+    # TensorFlow here and below: heavy, and the [export] extra.
     from tensorflow.compiler.mlir.stablehlo import stablehlo as tf_stablehlo
     from tensorflow.compiler.tf2xla.python import xla as tfxla
 
@@ -105,7 +107,6 @@ def negotiate(prod: Producer, cons: Consumer, jax_version: str = "?",
 
 
 def installed_plan() -> Plan:
-    import jax
     import tensorflow as tf
 
     return negotiate(producer(), consumer(), jax.__version__, tf.__version__)
@@ -113,8 +114,6 @@ def installed_plan() -> Plan:
 
 def downgrade(artifact: bytes, target: str) -> bytes:
     """Re-serialize a StableHLO portable artifact for an older reader."""
-    from jaxlib.mlir.dialects import stablehlo
-
     try:
         return stablehlo.serialize_portable_artifact_str(
             stablehlo.deserialize_portable_artifact_str(artifact), target)
@@ -130,9 +129,6 @@ def serialize_for(plan: Plan) -> Iterator[None]:
     jax has no public knob for the StableHLO target, so this wraps its one
     serialization function; `check_graph` then proves it took effect.
     """
-    import jax
-    from jax._src.export import _export
-
     original = getattr(_export, "_module_to_bytecode", None)
     if original is None:
         raise UserError(f"jax {jax.__version__} moved its StableHLO serializer; "
@@ -167,8 +163,6 @@ def xla_call_modules(graph_def) -> list[tuple[int, str | None]]:
 
 def check_saved_model(model_dir, plan: Plan) -> None:
     """check_graph over every meta graph of a written SavedModel (saved_model.pb)."""
-    from pathlib import Path
-
     from tensorflow.core.protobuf import saved_model_pb2
 
     saved = saved_model_pb2.SavedModel()

@@ -39,7 +39,7 @@ class Board:
         self._writer = None
         if not enabled:
             return
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # late: module note
 
         # tensorboardX names files by the second and opens them with "wb": two
         # writers in one second would truncate each other's file without this
@@ -70,7 +70,7 @@ class Board:
         also logged as scalars at `step`: the tab shows each tag's last value."""
         if self._writer is None:
             return
-        from tensorboardX.summary import hparams as hparams_summaries
+        from tensorboardX.summary import hparams as hparams_summaries  # late: module note
 
         values = {str(k): hparam_value(v) for k, v in hparams.items()}
         file_writer = self._writer.file_writer
@@ -121,8 +121,8 @@ def grid_image(images, labels, predictions, class_names: Sequence[str], n: int =
     """uint8 [H, W, 3]: up to `COLUMNS` cells a row, each an image upscaled `scale`
     times under its predicted class name, green if right, red with the true class
     in brackets if wrong."""
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFont
+    import numpy as np  # late: module note
+    from PIL import Image, ImageDraw, ImageFont  # late: module note
 
     images = np.asarray(images)
     if images.ndim == 4 and images.shape[-1] == 1:
@@ -183,8 +183,8 @@ def read_events(logdir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]
 def read_board(logdir: str | os.PathLike) -> BoardContents:
     """Scalars, images and hparams of the event files directly in `logdir`, read
     in file-name (creation) order, honouring purge steps as TensorBoard does."""
-    from google.protobuf.message import DecodeError
-    from tensorboardX.proto.event_pb2 import Event
+    from google.protobuf.message import DecodeError  # late: module note
+    from tensorboardX.proto.event_pb2 import Event  # late: module note
 
     contents = BoardContents()
     paths = sorted(p for p in Path(logdir).glob(EVENT_FILES) if p.is_file())
@@ -198,8 +198,8 @@ def read_board(logdir: str | os.PathLike) -> BoardContents:
 
 
 def _add_event(contents: BoardContents, event) -> None:
-    from tensorboardX.proto.event_pb2 import SessionLog
-    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+    from tensorboardX.proto.event_pb2 import SessionLog  # late: module note
+    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData  # late: module note
 
     if event.session_log.status == SessionLog.START:
         _purge(contents, event.step)
@@ -230,7 +230,7 @@ def _purge(contents: BoardContents, step: int) -> None:
 def _records(path: Path) -> Iterator[bytes]:
     """Each TFRecord's data, stopping quietly at the first short or corrupt record
     (a killed writer leaves a partial one at the end)."""
-    from tensorboardX.record_writer import masked_crc32c
+    from tensorboardX.record_writer import masked_crc32c  # late: module note
 
     with open(path, "rb") as f:
         while True:
@@ -275,7 +275,7 @@ class ProfileWindow:
         if self.window is None or self.active or self.traced:
             return
         if self.window[0] <= step <= self.window[1]:
-            import jax
+            import jax  # late: module note
 
             try:
                 jax.profiler.start_trace(str(self.logdir))
@@ -296,7 +296,7 @@ class ProfileWindow:
             self._stop(outputs)
 
     def _stop(self, outputs) -> None:
-        import jax
+        import jax  # late: module note
 
         self.active = False
         try:
