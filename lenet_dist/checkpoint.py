@@ -32,23 +32,13 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from lenet_dist import distributed, safefs
-from lenet_dist.config import Config
+# Which fields a resume compares are declared with them, in Config's field metadata.
+from lenet_dist.config import COMPATIBLE_FIELDS, REQUIRED_FIELDS, STRUCTURAL_FIELDS, Config
 from lenet_dist.errors import Failure, UserError, first_line
 
 CHECKPOINT_DIR = "checkpoints"
 QUARANTINE_DIR = "corrupt-checkpoints"
 BEST_METRIC = "test_accuracy"
-# Fields that decide what a run computes: resuming with any of them changed
-# would silently continue a different experiment.
-COMPATIBLE_FIELDS = ("dataset", "batch_size", "optimizer", "learning_rate", "momentum",
-                     "seed", "train_limit", "recipe", "schedule", "warmup_epochs",
-                     "weight_decay", "label_smoothing", "augment")
-# Fields every checkpoint's metadata has (those of the first release); the later
-# ones are read with Config's defaults, so old d2l checkpoints stay readable.
-REQUIRED_FIELDS = COMPATIBLE_FIELDS[:7]
-# Fields that change the saved state's structure: even --allow-config-change
-# cannot continue across them (the restore itself would fail).
-STRUCTURAL_FIELDS = ("optimizer", "recipe", "schedule")
 META_FILE = ("meta", "metadata")  # Orbax's JsonSave item "meta"
 METRICS_FILE = ("metrics", "metrics")
 STATE_INDEX = ("state", "_METADATA")

@@ -1,7 +1,8 @@
 """`lenet-dist`: a thin click CLI. Each command parses options and calls the library.
 
-JAX-heavy modules are imported inside commands, after `runtime.configure`
-has set the device count and XLA flags, and so `--help` stays fast. Start-up
+Modules that import JAX, TensorFlow or much else (bench) are imported inside the
+commands that use them: JAX only after `runtime.configure` has set the device count
+and XLA flags, and none of them for `--help`, which stays fast. Start-up
 (configure and those imports) runs under `runtime.quick_interrupts`: Ctrl-C
 there exits at once.
 """
@@ -19,20 +20,25 @@ import traceback
 import click
 
 from lenet_dist import distributed, runtime, safefs
+from lenet_dist import launch as launch_lib
 from lenet_dist.config import (
-    DATASETS,
     DEFAULT_EXPORT_PLATFORMS,
     DEPRECATED_PRESETS,
     FLOAT_RANGES,
     INT32_MAX,
     INT_RANGES,
-    OPTIMIZERS,
     PRESETS,
     RECIPES,
-    SCHEDULES,
+    Config,
+    effective_config,
+    field_type,
+    option_name,
+    preset,
+    read_settings,
 )
 from lenet_dist.distributed import DEFAULT_HEARTBEAT_TIMEOUT, MODES, JobSpec
 from lenet_dist.errors import Failure, Preempted, UserError, first_line
+from lenet_dist.fatal_filter import describe_loss
 
 DEBUG_ENV = "LENET_DIST_DEBUG"
 
@@ -58,10 +64,10 @@ class FiniteFloatRange(click.FloatRange):
     """FloatRange that also refuses nan and inf (nan passes every comparison)."""
 
     def convert(self, value, param, ctx):
-        rv = click.FLOAT.convert(value, param, ctx)
-        if not math.isfinite(rv):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
             self.fail(f"{value} is not a finite number", param, ctx)
-        return super().convert(rv, param, ctx)
+        return super().convert(number, param, ctx)
 
 
 def int_range(field: str) -> click.IntRange:
@@ -73,10 +79,68 @@ def float_range(field: str) -> FiniteFloatRange:
     return FiniteFloatRange(low, high, min_open=low_open, max_open=high_open)
 
 
-DEVICES = click.option(
-    "--devices", type=int_range("devices"), default=None,
-    help="Devices in the data-parallel mesh, over all processes of a job [default: all]. "
-         "On CPU, this many devices are simulated when the host has fewer.")
+class ConfigOption(click.Option):
+    """An option that sets a Config field. Its help shows the default of the recipe
+    given before --help (`train --recipe modern --help`), else d2l's with the other
+    recipes' values where they differ."""
+
+    def get_help_extra(self, ctx):
+        extra = super().get_help_extra(ctx)
+        chosen = ctx.params.get("preset") or ctx.params.get("recipe")  # eager: parsed
+        names = [chosen] if chosen else list(PRESETS)
+        shown = [(name, show_value(self.name, getattr(preset(name), self.name)))
+                 for name in names]
+        first = shown[0][1]
+        others = [f"{name}: {value or 'none'}" for name, value in shown[1:] if value != first]
+        if first or others:
+            extra["default"] = (first or "none") + (f" ({', '.join(others)})" if others else "")
+        return extra
+
+
+def show_value(field: str, value) -> str:
+    if value is None:
+        return CONFIG_FIELDS[field].metadata["unset"]
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def config_option(field: str, **changes):
+    """The option of a Config field, from its declaration (config.setting): name and
+    aliases, type and range, help. None when not given, so a preset's or a --config
+    file's value stays. `changes` are click.option arguments for one command."""
+    meta = CONFIG_FIELDS[field].metadata
+    kind, _ = field_type(field)
+    decls = [option_name(field), *meta["aliases"], field]
+    if kind is bool:
+        decls[0] += "/" + option_name(field).replace("--", "--no-", 1)
+        param_type = None
+    elif meta["choices"]:
+        param_type = click.Choice(meta["choices"])
+    elif meta["path"]:
+        param_type = TextPath()
+    elif field in INT_RANGES:
+        param_type = int_range(field)
+    elif field in FLOAT_RANGES:
+        param_type = float_range(field)
+    else:
+        raise TypeError(f"no option type for the Config field {field}")
+    settings = dict(cls=ConfigOption, type=param_type, default=None, help=meta["doc"] or None)
+    return click.option(*decls, **{**settings, **changes})
+
+
+def config_options(command):
+    """One option per Config field; `recipe` is set by the --recipe preset instead."""
+    for field in reversed(CONFIG_FIELDS):
+        if field != "recipe":
+            command = config_option(field)(command)
+    return command
+
+
+DEVICES = config_option("devices")
 
 
 # A day: the longest a survivor waits for a dead process; more is surely a typo.
@@ -93,7 +157,7 @@ def job_options(command):
                       heartbeat_timeout)
         return command(*args, job=job.validate(), **kwargs)
 
-    for option in reversed([
+    for job_option in reversed([
         click.option("--distributed", type=click.Choice(MODES), default="off",
                      envvar="LENET_DIST_DISTRIBUTED", show_envvar=True,
                      help="auto: join the multi-process job JAX detects (Cloud TPU VM, "
@@ -113,7 +177,7 @@ def job_options(command):
                      help="Seconds after which the others stop, with one line, when a "
                           "process of the job dies."),
     ]):
-        with_job = option(with_job)
+        with_job = job_option(with_job)
     return with_job
 
 
@@ -136,50 +200,19 @@ def cli(ctx, debug):
 
 
 @cli.command()
-@click.option("--recipe", type=click.Choice(sorted(PRESETS)), default="d2l",
+@click.option("--recipe", type=click.Choice(sorted(PRESETS)), default=None, is_eager=True,
               help="d2l: the seed's 1998 LeNet-5 and SGD; modern: the same skeleton with "
                    "ReLU, max pooling, BatchNorm, He init, AdamW + cosine, label smoothing "
-                   "and augmentation; smoke: d2l's model in seconds. The options below "
-                   "override its fields.")
+                   "and augmentation; smoke: d2l's model in seconds. It sets the defaults "
+                   "below, shown for d2l and where the others differ (`--recipe modern "
+                   "--help`: modern's); --config and the options override them.  "
+                   "[default: d2l, or the --config file's recipe]")
 @click.option("--preset", type=click.Choice(sorted({*PRESETS, *DEPRECATED_PRESETS})),
-              default=None, hidden=True, help="The old name of --recipe.")
-@DEVICES
-@click.option("--dataset", type=click.Choice(DATASETS), default=None,
-              help="[default: fashion_mnist]")
-@click.option("--data-dir", type=TextPath(), default=None,
-              help="Directory of IDX files (gz or not); skips the TFDS/system lookup.")
-@click.option("--batch-size", type=int_range("batch_size"), default=None,
-              help="Global batch, split over devices [default: 128].")
-@click.option("--epochs", type=int_range("epochs"), default=None, help="[default: 10]")
-@click.option("--learning-rate", "--lr", type=float_range("learning_rate"), default=None,
-              help="[default: 0.1]")
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None,
-              help="[default: sgd]")
-@click.option("--momentum", type=float_range("momentum"), default=None,
-              help="For --optimizer momentum.")
-@click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
-              help="Learning-rate schedule over the run [default: constant].")
-@click.option("--warmup-epochs", type=float_range("warmup_epochs"), default=None,
-              help="Linear warm-up before the cosine decay.")
-@click.option("--weight-decay", type=float_range("weight_decay"), default=None,
-              help="AdamW's decoupled weight decay.")
-@click.option("--label-smoothing", type=float_range("label_smoothing"), default=None)
-@click.option("--augment/--no-augment", default=None,
-              help="Random crops and flips on the devices, from (seed, step) only.")
-@click.option("--seed", type=int_range("seed"), default=None,
-              help="Init and data-order seed [default: 0].")
-@click.option("--eval-batch-size", type=int_range("eval_batch_size"), default=None,
-              help="[default: 1000, rounded up to a multiple of the devices]")
-@click.option("--train-limit", type=int_range("train_limit"), default=None,
-              help="Train on the first N training images only.")
-@click.option("--workdir", type=TextPath(), default=None,
-              help="Run directory for metrics.jsonl [default: runs/lenet].")
-@click.option("--save-every-steps", type=int_range("save_every_steps"), default=None,
-              help="Also checkpoint every K steps mid-epoch (0: only at epoch ends).")
-@click.option("--keep-checkpoints", type=int_range("keep_checkpoints"), default=None,
-              help="Keep the latest K checkpoints (and always the best) [default: 3].")
-@click.option("--checkpoint/--no-checkpoint", default=None,
-              help="Save checkpoints and resume from them [default: on].")
+              default=None, hidden=True, is_eager=True, help="The old name of --recipe.")
+@click.option("--config", "config_file", type=TextPath(), default=None, metavar="FILE",
+              help="A run.yaml or run.json of Config field names and values (or a run's "
+                   "config.json, to run it again): over the recipe, under the options.")
+@config_options
 @click.option("--allow-config-change", is_flag=True,
               help="Resume even if the workdir's saved run had other hyper-parameters.")
 @click.option("--progress/--no-progress", default=None,
@@ -191,21 +224,20 @@ def cli(ctx, debug):
 @click.option("--profile-steps", metavar="A:B", default=None,
               help="Trace steps A..B with jax.profiler into <workdir>/tb.")
 @job_options
-def train(recipe, preset, devices, progress, allow_config_change, tensorboard,
-          log_every_steps, profile_steps, job, **overrides):
+def train(recipe, preset, config_file, progress, allow_config_change, tensorboard,
+          log_every_steps, profile_steps, job, **fields):
     """Train LeNet-5 (the d2l recipe by default), resuming from --workdir.
 
     SIGTERM/SIGINT finish the step in flight, save a checkpoint and exit with
     128 + the signal number (143, 130); the same command then resumes. In a
     multi-process job a SIGTERM to any process stops all of them at the same step.
     """
-    from lenet_dist.config import preset as get_preset
-
     if preset is not None:
         if preset in DEPRECATED_PRESETS:
             click.echo(DEPRECATED_PRESETS[preset][1], err=True)
         recipe = preset
-    config = get_preset(recipe).replace(devices=devices, **overrides).validate()
+    settings = read_settings(config_file) if config_file else {}
+    config = effective_config(recipe, settings, fields).validate()
     if progress is None:
         progress = sys.stderr.isatty()
     with runtime.quick_interrupts():
@@ -217,7 +249,7 @@ def train(recipe, preset, devices, progress, allow_config_change, tensorboard,
         outputs=Outputs(tensorboard, log_every_steps, profile_steps))
 
 
-WORKDIR = click.option("--workdir", type=TextPath(), default="runs/lenet",
+WORKDIR = click.option("--workdir", type=TextPath(), default=Config().workdir,
                        help="Run directory holding checkpoints/.")
 
 
@@ -240,7 +272,7 @@ def checkpoint_choice(command):
 @WORKDIR
 @checkpoint_choice
 @DEVICES
-@click.option("--data-dir", type=TextPath(), default=None)
+@config_option("data_dir")
 @job_options
 def eval_cmd(workdir, step, best, devices, data_dir, job):
     """Evaluate a checkpoint on the full test set (all 10,000 images)."""
@@ -248,11 +280,13 @@ def eval_cmd(workdir, step, best, devices, data_dir, job):
         runtime.configure(cpu_devices=devices, job=job)
         from lenet_dist.evaluate import evaluate_checkpoint
 
-    r = evaluate_checkpoint(workdir, step=step, best=best, devices=devices, data_dir=data_dir)
+    result = evaluate_checkpoint(workdir, step=step, best=best, devices=devices,
+                                 data_dir=data_dir)
     if distributed.is_primary():
-        click.echo(f"step {r['step']} (epoch {r['epoch']:g}) on {r['devices']} device(s): "
-                   f"test loss {r['test_loss']:.4f}  test accuracy "
-                   f"{r['test_accuracy']:.4f}  ({r['examples']:,} images)")
+        click.echo(f"step {result['step']} (epoch {result['epoch']:g}) on "
+                   f"{result['devices']} device(s): test loss {result['test_loss']:.4f}  "
+                   f"test accuracy {result['test_accuracy']:.4f}  "
+                   f"({result['examples']:,} images)")
 
 
 @cli.command()
@@ -270,26 +304,26 @@ def checkpoints(workdir):
     if holder is not None:
         click.echo(f"(being written by {safefs.describe_holder(holder)})")
     click.echo(f"{'step':>8}  {'test acc':>8}  {'test loss':>9}")
-    for r in rows:
-        acc = f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "-"
-        loss = f"{r['test_loss']:.4f}" if r["test_loss"] is not None else "-"
-        mark = (f"  UNREADABLE: {r['unreadable']}" if r["unreadable"] else
-                "  best" if r["best"] else "")
-        note = f"  (note: {r['note']}; figures from its history)" if r["note"] else ""
-        click.echo(f"{r['step']:>8}  {acc:>8}  {loss:>9}{mark}{note}")
+    for row in rows:
+        acc = f"{row['test_accuracy']:.4f}" if row["test_accuracy"] is not None else "-"
+        loss = f"{row['test_loss']:.4f}" if row["test_loss"] is not None else "-"
+        mark = (f"  UNREADABLE: {row['unreadable']}" if row["unreadable"] else
+                "  best" if row["best"] else "")
+        note = f"  (note: {row['note']}; figures from its history)" if row["note"] else ""
+        click.echo(f"{row['step']:>8}  {acc:>8}  {loss:>9}{mark}{note}")
 
 
 @cli.command("report")
 @click.argument("runs", nargs=-1, type=TextPath())
 @click.option("--workdir", type=TextPath(), default=None,
-              help="The run to report on [default: runs/lenet].")
+              help=f"The run to report on [default: {Config().workdir}].")
 @click.option("--compare", is_flag=True,
               help="Overlay the runs given as arguments (e.g. a d2l and a modern run).")
 @click.option("--out", type=TextPath(), default=None,
               help="Where the PNGs and report.md go [default: <workdir>/report, or "
                    "./report-compare].")
 @checkpoint_choice
-@click.option("--data-dir", type=TextPath(), default=None)
+@config_option("data_dir")
 def report_cmd(runs, workdir, compare, out, step, best, data_dir):
     """PNGs (learning curves, confusion matrix, misclassified test images) and a
     report.md of a run; with --compare W1 W2 ..., the runs' curves overlaid."""
@@ -303,22 +337,23 @@ def report_cmd(runs, workdir, compare, out, step, best, data_dir):
             raise click.UsageError("--compare takes two or more run directories as arguments")
         table = {}
         for run in runs:
-            p = test_predictions(run, step, best, data_dir)
+            tested = test_predictions(run, step, best, data_dir)
             name = os.path.basename(os.path.normpath(run))
-            table[name] = {"history": p["history"], "config": p["config"].to_dict(),
-                           "final": {"test_accuracy": float((p["predictions"]
-                                                             == p["labels"]).mean()),
-                                     "parameters": p["parameters"]}}
+            table[name] = {"history": tested["history"], "config": tested["config"].to_dict(),
+                           "final": {"test_accuracy": float((tested["predictions"]
+                                                             == tested["labels"]).mean()),
+                                     "parameters": tested["parameters"]}}
         path = report_lib.write_comparison(out or "report-compare", table)
     else:
         if runs:
             raise click.UsageError("give the run with --workdir (arguments are for --compare)")
-        workdir = workdir or "runs/lenet"
-        p = test_predictions(workdir, step, best, data_dir)
+        workdir = workdir or Config().workdir
+        tested = test_predictions(workdir, step, best, data_dir)
         path = report_lib.write_report(
             out or os.path.join(workdir, "report"), os.path.basename(os.path.normpath(workdir)),
-            p["history"], p["config"].to_dict(), p["labels"], p["predictions"], p["images"],
-            p["class_names"], extra={"parameters": p["parameters"], "checkpoint step": p["step"]})
+            tested["history"], tested["config"].to_dict(), tested["labels"],
+            tested["predictions"], tested["images"], tested["class_names"],
+            extra={"parameters": tested["parameters"], "checkpoint step": tested["step"]})
     click.echo(f"wrote {path}")
 
 
@@ -366,7 +401,7 @@ class JobShape(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
-        from lenet_dist.bench import parse_job
+        from lenet_dist.bench import parse_job  # inside: bench is heavy (see the top)
 
         try:
             return parse_job(value)
@@ -390,7 +425,7 @@ class JobShape(click.ParamType):
               help="Epochs per run; the first (compilation) is not counted.")
 @click.option("--rounds", type=click.IntRange(1, MAX_BENCH_ROUNDS), default=2,
               help="Interleaved repetitions, to see the machine's noise.")
-@click.option("--data-dir", type=TextPath(), default=None)
+@config_option("data_dir")
 @click.option("--json", "json_path", type=TextPath(), default=None, metavar="FILE",
               help="Also write the result (machine, versions, every round) as JSON.")
 @click.option("--checkpoint-cost", is_flag=True,
@@ -435,8 +470,7 @@ def bench(device_counts, jobs, batch_sizes, recipes, epochs, rounds, data_dir, j
 @click.option("--platforms", default=",".join(DEFAULT_EXPORT_PLATFORMS),
               help="Comma-separated platforms to serialize for: cpu, cuda, rocm, tpu.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-@click.option("--data-dir", type=TextPath(), default=None,
-              help="Where the test images for the export-time check are.")
+@config_option("data_dir", help="Where the test images for the export-time check are.")
 @job_options
 def export_cmd(workdir, step, best, out, platforms, overwrite, data_dir, job):
     """Export a checkpoint as a TensorFlow SavedModel (jax2tf) for TF Serving.
@@ -531,9 +565,7 @@ def launch(processes, timeout, grace, port, command):
     gives 2 processes x 4 simulated CPU devices: the same program, sharding and
     checkpoints as N hosts of a TPU slice. Output lines carry the process id.
     """
-    from lenet_dist.launch import run
-
-    return run(list(command), processes, timeout=timeout, grace=grace, port=port)
+    return launch_lib.run(list(command), processes, timeout=timeout, grace=grace, port=port)
 
 
 def main(argv=None) -> int:
@@ -541,8 +573,8 @@ def main(argv=None) -> int:
     --debug (or LENET_DIST_DEBUG=1) the traceback follows the line."""
     session = Session()
     try:
-        rv = cli.main(args=argv, prog_name="lenet-dist", standalone_mode=False, obj=session)
-        return rv if isinstance(rv, int) else 0
+        code = cli.main(args=argv, prog_name="lenet-dist", standalone_mode=False, obj=session)
+        return code if isinstance(code, int) else 0
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.exceptions.NoArgsIsHelpError as e:  # `lenet-dist` alone: the help, as click
@@ -595,8 +627,6 @@ def lost_process_exit(e: BaseException) -> None:
     dead process, then abort with a second report). When the error does not name it
     (gloo only sees a closed socket), wait for JAX's heartbeat check, which names
     it through the output filter."""
-    from lenet_dist.fatal_filter import describe_loss
-
     if distributed.JOINED is None:
         return
     chain, seen = [], e

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 import math
+import os
+import typing
 from typing import Any
 
-from lenet_dist.errors import UserError
+from lenet_dist import safefs
+from lenet_dist.errors import UserError, first_line
 
 DATASETS = ("fashion_mnist", "mnist")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
@@ -50,38 +55,70 @@ FLOAT_RANGES: dict[str, tuple[float, float, bool, bool]] = {
 }
 
 
+def setting(default: Any, doc: str = "", *, choices: tuple[str, ...] = (),
+            aliases: tuple[str, ...] = (), path: bool = False, unset: str = "",
+            resume: str = "", first_release: bool = False) -> Any:
+    """A Config field with what the CLI and a resume need to know about it, so that a
+    new setting is declared once.
+
+    doc: its help line; choices: the values it takes; aliases: more option names
+    (`--lr`); path: a file or directory name; unset: what None means, for the help;
+    resume: "same" if a checkpoint of another value is another run, "layout" if the
+    saved state's structure depends on it too; first_release: every checkpoint's
+    metadata holds it (the later fields are read with their defaults).
+    """
+    assert resume in ("", "same", "layout"), resume
+    return dataclasses.field(default=default, metadata={
+        "doc": doc, "choices": choices, "aliases": aliases, "path": path, "unset": unset,
+        "resume": resume, "first_release": first_release})
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything that decides what a training run computes.
 
     `devices=None` means every available device. The global batch is split
     evenly over the devices, so the same seed and batch give the same
-    computation whatever the device count.
+    computation whatever the device count. The defaults are the d2l preset's.
     """
 
-    dataset: str = "fashion_mnist"
-    data_dir: str | None = None
-    devices: int | None = None
-    batch_size: int = 128
-    epochs: int = 10
-    learning_rate: float = 0.1
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    seed: int = 0
-    # The modern parts; the d2l defaults leave the seed's computation unchanged.
-    recipe: str = "d2l"
-    schedule: str = "constant"  # of the learning rate: warm-up + cosine, or one-cycle
-    warmup_epochs: float = 0.0
-    weight_decay: float = 0.0  # AdamW's decoupled weight decay
-    label_smoothing: float = 0.0
-    augment: bool = False  # random 28x28 crops of the 2-pixel-padded image, flips
-    eval_batch_size: int = 1000
-    train_limit: int | None = None
-    workdir: str = "runs/lenet"
+    dataset: str = setting("fashion_mnist", choices=DATASETS, resume="same",
+                           first_release=True)
+    data_dir: str | None = setting(
+        None, "Directory of IDX files (gz or not); skips the TFDS/system lookup.", path=True)
+    devices: int | None = setting(
+        None, "Devices in the data-parallel mesh, over all processes of a job. On CPU, "
+              "this many devices are simulated when the host has fewer.", unset="all")
+    batch_size: int = setting(128, "Global batch, split over devices.", resume="same",
+                              first_release=True)
+    epochs: int = setting(10)
+    learning_rate: float = setting(0.1, aliases=("--lr",), resume="same", first_release=True)
+    optimizer: str = setting("sgd", choices=OPTIMIZERS, resume="layout", first_release=True)
+    momentum: float = setting(0.9, "For --optimizer momentum.", resume="same",
+                              first_release=True)
+    seed: int = setting(0, "Init and data-order seed.", resume="same", first_release=True)
+    # The modern parts; the d2l defaults leave the seed's computation unchanged. The
+    # CLI's --recipe picks a preset, which sets this field (the model).
+    recipe: str = setting("d2l", choices=RECIPES, resume="layout")
+    # A constant rate and a schedule differ in the optimizer state's layout.
+    schedule: str = setting("constant", "Learning-rate schedule over the run: warm-up + "
+                            "cosine, or one-cycle.", choices=SCHEDULES, resume="layout")
+    warmup_epochs: float = setting(0.0, "Linear warm-up before the cosine decay.",
+                                   resume="same")
+    weight_decay: float = setting(0.0, "AdamW's decoupled weight decay.", resume="same")
+    label_smoothing: float = setting(0.0, resume="same")
+    augment: bool = setting(False, "Random 28x28 crops of the 2-pixel-padded image and "
+                            "flips, on the devices, from (seed, step) only.", resume="same")
+    eval_batch_size: int = setting(1000, "Rounded up to a multiple of the devices.")
+    train_limit: int | None = setting(None, "Train on the first N training images only.",
+                                      unset="all", resume="same", first_release=True)
+    workdir: str = setting("runs/lenet", "Run directory (checkpoints, metrics.jsonl); a run "
+                           "there is resumed.", path=True)
     # Checkpointing: always at epoch ends (unless off), and every K steps if K > 0.
-    checkpoint: bool = True
-    save_every_steps: int = 0
-    keep_checkpoints: int = 3
+    checkpoint: bool = setting(True, "Save checkpoints and resume from them.")
+    save_every_steps: int = setting(
+        0, "Also checkpoint every K steps mid-epoch (0: only at epoch ends).")
+    keep_checkpoints: int = setting(3, "Keep the latest K checkpoints (and always the best).")
 
     def replace(self, **overrides: Any) -> "Config":
         """Apply overrides, ignoring the ones left unset (None) by the CLI."""
@@ -106,18 +143,10 @@ class Config:
             raise UserError(
                 f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
             )
-        for name, (low, high) in INT_RANGES.items():
-            value = getattr(self, name)
-            if value is not None and not low <= value <= high:
-                raise UserError(f"{option(name)} must be in {low}..{high}, got {value}")
-        for name, (low, high, low_open, high_open) in FLOAT_RANGES.items():
-            value = getattr(self, name)
-            inside = ((low < value if low_open else low <= value)
-                      and (value < high if high_open else value <= high))
-            if not (math.isfinite(value) and inside):
-                span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-                raise UserError(f"{option(name)} must be a finite number in {span}, "
-                                f"got {value}")
+        for name in (*INT_RANGES, *FLOAT_RANGES):
+            problem = range_problem(name, getattr(self, name))
+            if problem:
+                raise UserError(f"{option_name(name)} {problem}")
         if self.train_limit is not None and self.train_limit < self.batch_size:
             raise UserError(
                 f"--train-limit {self.train_limit} is smaller than one batch "
@@ -127,6 +156,41 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """The fields as a JSON object, in declaration order; `--config` reads it back."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+
+def range_problem(name: str, value: Any) -> str | None:
+    """What is wrong with a number for an INT_RANGES or FLOAT_RANGES field, or None."""
+    if name in INT_RANGES:
+        low, high = INT_RANGES[name]
+        if value is not None and not low <= value <= high:
+            return f"must be in {low}..{high}, got {value}"
+        return None
+    low, high, low_open, high_open = FLOAT_RANGES[name]
+    inside = ((low < value if low_open else low <= value)
+              and (value < high if high_open else value <= high))
+    if math.isfinite(value) and inside:
+        return None
+    span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    return f"must be a finite number in {span}, got {value}"
+
+
+def _fields_where(wanted) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(Config) if wanted(f.metadata))
+
+
+# Fields that decide what a run computes: resuming with any of them changed
+# would silently continue a different experiment.
+COMPATIBLE_FIELDS = _fields_where(lambda m: m["resume"])
+# Fields every checkpoint's metadata has (those of the first release); the later
+# ones are read with Config's defaults, so old d2l checkpoints stay readable.
+REQUIRED_FIELDS = _fields_where(lambda m: m["first_release"])
+# Fields that change the saved state's structure: even --allow-config-change
+# cannot continue across them (the restore itself would fail).
+STRUCTURAL_FIELDS = _fields_where(lambda m: m["resume"] == "layout")
 
 
 PRESETS: dict[str, Config] = {
@@ -145,7 +209,7 @@ PRESETS: dict[str, Config] = {
 }
 
 
-def option(field: str) -> str:
+def option_name(field: str) -> str:
     """The CLI option that sets a Config field, for messages."""
     return "--" + field.replace("_", "-")
 
@@ -163,3 +227,123 @@ def preset(name: str) -> Config:
         raise UserError(
             f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}"
         ) from None
+
+
+# ------------------------------------------------------------------ run files
+
+CONFIG_FILE = "config.json"  # in the workdir: the run's effective Config
+MAX_CONFIG_BYTES = 2**20  # a settings file is a few hundred bytes
+
+
+def write_config(workdir: str | os.PathLike, config: Config) -> None:
+    """<workdir>/config.json, in one rename (readers never see half of it); `train
+    --config` of it runs the same run again."""
+    path = os.path.join(os.fspath(workdir), CONFIG_FILE)
+    try:
+        safefs.write_atomic(path, config.to_json())
+    except safefs.UnsafePath as e:
+        raise UserError(f"{e.filename} {e.strerror}") from None
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def read_settings(path: str) -> dict[str, Any]:
+    """The Config fields a run.yaml, run.json or a run's config.json sets, each checked,
+    so that a mistake is one line naming the file and the key. A .json file is read as
+    JSON, anything else as YAML."""
+    where = f"--config {path}"
+    try:
+        raw = safefs.read_file(path, MAX_CONFIG_BYTES)
+    except OSError as e:
+        raise UserError(f"cannot read {where}: {e.strerror or e}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise UserError(f"{where} is over {MAX_CONFIG_BYTES >> 20} MiB; it should hold a few "
+                        "settings")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{where} is not UTF-8 text") from None
+    if path.lower().endswith(".json"):
+        try:
+            settings = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise UserError(f"{where} is not valid JSON ({first_line(e, 120)})") from None
+    else:
+        # Lazy: only --config reads YAML, and every start of the CLI (--help too) would
+        # pay for the import.
+        import yaml
+
+        try:
+            settings = yaml.safe_load(text)
+        except (yaml.YAMLError, RecursionError) as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f"line {mark.line + 1}: " if mark is not None else ""
+            raise UserError(f"{where} is not valid YAML ({at}"
+                            f"{getattr(e, 'problem', None) or first_line(e, 120)})") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"{where} must hold a mapping of Config field names to values, "
+                        f"not {type(settings).__name__ if settings is not None else 'nothing'}")
+    return {key: checked_setting(where, key, value) for key, value in settings.items()}
+
+
+def checked_setting(where: str, key: Any, value: Any) -> Any:
+    """`value` for field `key` as Config holds it, or a UserError naming `where` and key."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    if not isinstance(key, str) or key not in fields:
+        close = difflib.get_close_matches(str(key).replace("-", "_"), fields, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"{where}: unknown key {key!r}{hint}; the keys are Config's fields: "
+                        f"{', '.join(fields)}")
+    kind, optional = field_type(key)
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{where}: {key} cannot be null")
+    if kind is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as text
+            value = float(value)
+        except ValueError:
+            pass
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UserError(f"{where}: {key} must be {KIND_NAMES[kind]}, got {value!r}")
+    choices = tuple(PRESETS) if key == "recipe" else fields[key].metadata["choices"]
+    if choices and value not in choices:
+        raise UserError(f"{where}: {key} must be one of {', '.join(choices)}, got {value!r}")
+    if key in INT_RANGES or key in FLOAT_RANGES:
+        problem = range_problem(key, value)
+        if problem:
+            raise UserError(f"{where}: {key} {problem}")
+    if isinstance(value, str):
+        if fields[key].metadata["path"] and not value:
+            raise UserError(f"{where}: {key} is an empty path")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"{where}: {key} is not valid text") from None
+    return value
+
+
+KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+
+
+def field_type(name: str) -> tuple[type, bool]:
+    """(bool, int, float or str; whether None is allowed) of a Config field."""
+    hint = typing.get_type_hints(Config)[name]
+    args = typing.get_args(hint)
+    if args:  # X | None
+        (kind,) = [a for a in args if a is not type(None)]
+        return kind, True
+    return hint, False
+
+
+def effective_config(recipe: str | None, settings: dict[str, Any],
+                     overrides: dict[str, Any]) -> Config:
+    """The preset, then a --config file's settings, then the command line's options
+    (None: not given). The preset is --recipe's, else the file's `recipe`, else d2l's.
+    Not validated yet."""
+    settings = dict(settings)
+    from_file = settings.pop("recipe", None)
+    return dataclasses.replace(preset(recipe or from_file or "d2l"), **settings).replace(
+        **overrides)

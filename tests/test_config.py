@@ -1,0 +1,221 @@
+"""Config declared once: the train options, the help's defaults, --config files,
+config.json, and the fields a resume compares all come from Config's fields."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import click
+import pytest
+
+from lenet_dist import cli as cli_lib
+from lenet_dist import config as config_lib
+from lenet_dist.cli import main
+from lenet_dist.config import PRESETS, Config
+from lenet_dist.errors import UserError
+
+# The train options that are not Config fields (--recipe sets `recipe` through a preset).
+NOT_FIELDS = {"recipe", "preset", "config_file", "allow_config_change", "progress",
+              "tensorboard", "log_every_steps", "profile_steps", "distributed",
+              "coordinator_address", "num_processes", "process_id", "heartbeat_timeout",
+              "help"}
+
+
+def train_options() -> dict[str, click.Option]:
+    return {p.name: p for p in cli_lib.train.params}
+
+
+def test_every_config_field_has_a_train_option_and_back():
+    fields = {f.name for f in dataclasses.fields(Config)}
+    options = set(train_options())
+    assert fields - options == set(), "Config fields without a train option"
+    assert options - fields - NOT_FIELDS == set(), "train options without a Config field"
+    assert "recipe" in options  # the preset chooser
+
+
+def test_train_options_keep_their_names_types_and_ranges():
+    options = train_options()
+    assert options["learning_rate"].opts == ["--learning-rate", "--lr"]
+    assert options["augment"].opts == ["--augment"]
+    assert options["augment"].secondary_opts == ["--no-augment"]
+    assert options["checkpoint"].secondary_opts == ["--no-checkpoint"]
+    assert options["preset"].hidden
+    for name, (low, high) in config_lib.INT_RANGES.items():
+        assert (options[name].type.min, options[name].type.max) == (low, high), name
+    for name, (low, high, low_open, high_open) in config_lib.FLOAT_RANGES.items():
+        kind = options[name].type
+        assert isinstance(kind, cli_lib.FiniteFloatRange), name
+        assert (kind.min, kind.max, kind.min_open, kind.max_open) == (
+            low, high, low_open, high_open), name
+    assert options["optimizer"].type.choices == config_lib.OPTIMIZERS
+    assert isinstance(options["workdir"].type, cli_lib.TextPath)
+    for name in {f.name for f in dataclasses.fields(Config)} - {"recipe"}:
+        assert options[name].default is None, name  # unset: the preset or file decides
+
+
+def test_resume_fields_come_from_the_declarations():
+    assert set(config_lib.COMPATIBLE_FIELDS) == {
+        "dataset", "batch_size", "optimizer", "learning_rate", "momentum", "seed",
+        "train_limit", "recipe", "schedule", "warmup_epochs", "weight_decay",
+        "label_smoothing", "augment"}
+    assert set(config_lib.REQUIRED_FIELDS) == {
+        "dataset", "batch_size", "optimizer", "learning_rate", "momentum", "seed",
+        "train_limit"}
+    assert set(config_lib.STRUCTURAL_FIELDS) == {"optimizer", "recipe", "schedule"}
+    assert set(config_lib.STRUCTURAL_FIELDS) <= set(config_lib.COMPATIBLE_FIELDS)
+
+    from lenet_dist import checkpoint
+
+    assert checkpoint.COMPATIBLE_FIELDS is config_lib.COMPATIBLE_FIELDS
+
+
+def help_text(capsys, *args) -> str:
+    assert main(["train", *args]) == 0
+    return " ".join(capsys.readouterr().out.split())  # unwrapped
+
+
+def test_help_shows_every_recipes_defaults(capsys):
+    text = help_text(capsys, "--help")
+    assert "[default: 128 (smoke: 16); 1<=x<=65536]" in text
+    assert "[default: 0.1 (modern: 0.003, smoke: 0.003); 0.0<x<=10.0]" in text
+    assert "[default: runs/lenet (modern: runs/modern, smoke: runs/smoke)]" in text
+    assert "[default: off (modern: on)]" in text  # --augment
+    assert "[default: all; 1<=x<=2147483647]" in text  # --devices
+    assert "[default: all (smoke: 2000); 1<=x<=2147483647]" in text  # --train-limit
+
+
+@pytest.mark.parametrize("args", [("--recipe", "modern"), ("--preset", "modern")])
+def test_recipe_before_help_shows_its_defaults(capsys, args):
+    text = help_text(capsys, *args, "--help")
+    assert "--lr FLOAT RANGE [default: 0.003; 0.0<x<=10.0]" in text
+    assert "[default: runs/modern]" in text and "smoke" not in text.split("--config")[1]
+    assert "[default: on]" in text  # --augment
+
+
+def test_help_imports_neither_jax_nor_yaml():
+    code = ("import sys; from lenet_dist.cli import main; main(['train', '--help']); "
+            "print(sorted(m for m in ('jax', 'yaml') if m in sys.modules), file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stderr.splitlines() == ["[]"], proc.stderr
+
+
+# ------------------------------------------------------------------ --config files
+
+
+@pytest.fixture
+def captured(monkeypatch, devices):
+    """main(["train", ...]) records the Config it would train instead of training."""
+    from lenet_dist import train as train_lib
+
+    seen = []
+    monkeypatch.setattr(train_lib, "train", lambda config, **kwargs: seen.append(config))
+    return seen
+
+
+def test_yaml_file_sits_between_the_recipe_and_the_options(tmp_path, captured):
+    path = tmp_path / "run.yaml"
+    path.write_text("# a run\nrecipe: modern\nbatch_size: 64\nlearning_rate: 1e-3\n"
+                    "epochs: 3\ndevices: 2\n")
+    assert main(["train", "--config", str(path), "--epochs", "5"]) == 0
+    (config,) = captured
+    modern = PRESETS["modern"]
+    assert config == modern.replace(batch_size=64, learning_rate=0.001, epochs=5, devices=2)
+
+
+def test_recipe_option_beats_the_files_recipe(tmp_path, captured):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"recipe": "modern", "seed": 7}))
+    assert main(["train", "--config", str(path), "--recipe", "smoke"]) == 0
+    assert captured == [PRESETS["smoke"].replace(seed=7)]
+
+
+def test_file_null_clears_a_presets_value(tmp_path, captured):
+    path = tmp_path / "run.yaml"
+    path.write_text("recipe: smoke\ntrain_limit: null\n")
+    assert main(["train", "--config", str(path)]) == 0
+    assert captured[0].train_limit is None and captured[0].epochs == 2
+
+
+def test_config_json_is_written_and_runs_again(tmp_path, captured):
+    config = PRESETS["modern"].replace(devices=4, seed=3, train_limit=4096,
+                                       workdir=str(tmp_path / "w"))
+    os.makedirs(config.workdir)
+    config_lib.write_config(config.workdir, config)
+    path = tmp_path / "w" / config_lib.CONFIG_FILE
+    assert json.loads(path.read_text()) == config.to_dict()
+    assert [p.name for p in path.parent.iterdir()] == ["config.json"]  # no temporary left
+    assert main(["train", "--config", str(path)]) == 0
+    assert captured == [config]
+    smoke = dataclasses.replace(PRESETS["smoke"], workdir=str(tmp_path / "s"))
+    os.makedirs(smoke.workdir)
+    config_lib.write_config(smoke.workdir, smoke)
+    assert main(["train", "--config", os.path.join(smoke.workdir, "config.json")]) == 0
+    assert captured[1] == smoke  # smoke's recipe field is d2l: the file holds every field
+
+
+def test_write_config_refuses_a_planted_link(tmp_path):
+    (tmp_path / "elsewhere").write_text("precious")
+    (tmp_path / "config.json").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="config.json is a symlink"):
+        config_lib.write_config(tmp_path, Config())
+    assert (tmp_path / "elsewhere").read_text() == "precious"
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("run.yaml", "batch_size: 64\nlr: 0.1\n",
+     "run.yaml: unknown key 'lr'; the keys are Config's fields: dataset,"),
+    ("run.yaml", "batch-size: 64\n", "unknown key 'batch-size' (did you mean batch_size?)"),
+    ("run.yaml", "batch_size: 6.4\n", "run.yaml: batch_size must be an integer, got 6.4"),
+    ("run.yaml", "batch_size: true\n", "run.yaml: batch_size must be an integer, got True"),
+    ("run.yaml", "augment: 1\n", "run.yaml: augment must be true or false, got 1"),
+    ("run.yaml", "learning_rate: fast\n", "learning_rate must be a number, got 'fast'"),
+    ("run.yaml", "learning_rate: .nan\n", "learning_rate must be a finite number in (0, 10]"),
+    ("run.yaml", "epochs: null\n", "run.yaml: epochs cannot be null"),
+    ("run.yaml", "batch_size: 0\n", "run.yaml: batch_size must be in 1..65536, got 0"),
+    ("run.yaml", "optimizer: lion\n",
+     "run.yaml: optimizer must be one of sgd, momentum, adam, adamw, got 'lion'"),
+    ("run.yaml", "recipe: huge\n", "run.yaml: recipe must be one of d2l, modern, smoke"),
+    ("run.yaml", "workdir: ''\n", "run.yaml: workdir is an empty path"),
+    ("run.yaml", "batch_size: [64\n", "run.yaml is not valid YAML (line 2:"),
+    ("run.yaml", "- 64\n", "run.yaml must hold a mapping of Config field names to values, "
+                           "not list"),
+    ("run.yaml", "", "run.yaml must hold a mapping of Config field names to values, "
+                     "not nothing"),
+    ("run.json", '{"batch_size": 64,}', "run.json is not valid JSON (Expecting"),
+    ("run.json", '{"data_dir": "\\udcff"}', "run.json: data_dir is not valid text"),
+    ("run.json", b"\xff\xfe", "run.json is not UTF-8 text"),
+    ("none.yaml", None, "cannot read --config {tmp}/none.yaml: No such file or directory"),
+    ("dir.yaml", "DIR", "cannot read --config {tmp}/dir.yaml: is a directory, not a regular"),
+])
+def test_bad_config_file_is_one_line_naming_file_and_key(capsys, tmp_path, name, content,
+                                                         message):
+    path = tmp_path / name
+    if content == "DIR":
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert message.format(tmp=tmp_path) in err[0], err
+
+
+def test_file_values_go_through_validate(capsys, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("weight_decay: 0.1\n")
+    assert main(["train", "--config", str(path)]) == 2
+    assert "--weight-decay needs --optimizer adamw" in capsys.readouterr().err
+
+
+def test_every_field_type_is_readable_from_a_file():
+    for field in dataclasses.fields(Config):
+        kind, optional = config_lib.field_type(field.name)
+        assert kind in config_lib.KIND_NAMES, field.name
+        assert optional == (field.default is None), field.name
+        value = getattr(PRESETS["modern"], field.name)
+        assert config_lib.checked_setting("f", field.name, value) == value
