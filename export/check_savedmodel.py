@@ -32,6 +32,7 @@ BATCH = 1024
 
 def read_signature(model_dir: Path, tf) -> dict:
     """{'inputs'|'outputs': {name: (dtype, shape)}} from saved_model.pb's SignatureDef."""
+    # here, not at the top: main imports TensorFlow with a one-line error if it is missing
     from tensorflow.core.protobuf import saved_model_pb2
 
     sm = saved_model_pb2.SavedModel()
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
             return 1
         names = io.class_names(args.model_dir)
         if args.images:
-            images, image_names = io.load_images(args.images, tf)
+            images, image_names = io.load_images(args.images)
             out = run_batched(run, images)
             report["predictions"] = [
                 {"input": n, "class": int(c), "name": names[int(c)],

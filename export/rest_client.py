@@ -5,8 +5,8 @@
   python export/rest_client.py t10k-images-idx3-ubyte.gz --labels t10k-labels-idx1-ubyte.gz
   python export/rest_client.py shirt.png --write-request request.json   # for curl
 
-Needs numpy (and TensorFlow only to decode PNG/JPEG files; IDX files need
-none). Sends the columnar "inputs" format to
+Needs numpy, and Pillow to decode PNG/JPEG/GIF/BMP files (IDX files need
+nothing more). Sends the columnar "inputs" format to
 {url}/v1/models/{model}[/versions/{version}]:predict and reads "outputs".
 """
 

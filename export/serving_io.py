@@ -1,17 +1,21 @@
-"""Inputs and the model contract for the deployment kit: numpy and TensorFlow only.
+"""Inputs and the model contract for the deployment kit: numpy, and Pillow for images.
 
 This directory is meant to be copied to a serving host that has neither JAX
-nor lenet-dist, so it keeps its own small IDX and image readers.
+nor lenet-dist, so it keeps its own small IDX and image readers. The image
+reader is a copy of lenet_dist/images.py's decoding (tests/test_images.py checks
+that both give the same pixels): change both or neither.
 """
 
 from __future__ import annotations
 
 import errno
 import gzip
+import io
 import math
 import os
 import stat
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -26,12 +30,23 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp")
 MAX_IDX_BYTES = 2**30
 MAX_IMAGE_BYTES = 64 * 2**20
 MAX_SIDE = 8192  # pixels per side, as lenet-dist predict; 8192x8192 RGBA is 256 MiB
-MAX_PIXELS = MAX_SIDE * MAX_SIDE  # all of a GIF's frames, which giflib holds at once
+# All of a GIF's frames: only the first is decoded, but more is no drawing to classify.
+MAX_PIXELS = MAX_SIDE * MAX_SIDE
 MAX_LABELS_BYTES = 2**20
 
 
 class InputError(Exception):
     """A file that cannot be used as input; the message says why."""
+
+
+def import_pillow():
+    """PIL.Image, imported when an image file is read: IDX files need only numpy."""
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise InputError(f"Pillow is not installed ({e}); pip install Pillow "
+                         "(it decodes PNG/JPEG/GIF/BMP files)") from None
+    return Image
 
 
 def import_tensorflow():
@@ -97,42 +112,56 @@ def read_idx(path: str | Path, limit: int = MAX_IDX_BYTES) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
 
 
-IMAGE_MAGICS = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF87a": "GIF",
-                b"GIF89a": "GIF", b"BM": "BMP"}
+IMAGE_MAGICS = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpeg", b"GIF87a": "gif",
+                b"GIF89a": "gif", b"BM": "bmp"}
 
 
-def image_size(path: Path, raw: bytes, tf) -> tuple[int, int, int]:
-    """(height, width, pixels) the decoder will allocate, from the header alone,
-    so a header that claims a huge image is refused before anything is allocated."""
-    kind = next((k for m, k in IMAGE_MAGICS.items() if raw.startswith(m)), None)
+def image_size(path: Path, raw: bytes, kind: str) -> tuple[int, int, int]:
+    """(height, width, pixels) the decoder will allocate, read from the header without
+    decoding; an InputError if the header is too broken to tell (the decoder would refuse
+    it too, but only after trusting whatever it could read)."""
     size = None
-    if kind == "PNG" and len(raw) >= 24 and raw[12:16] == b"IHDR":
+    if kind == "png" and len(raw) >= 24 and raw[12:16] == b"IHDR":
         width, height = struct.unpack(">II", raw[16:24])
         size = height, width, height * width
-    elif kind == "GIF":
+    elif kind == "gif" and len(raw) >= 10:
         frames = gif_frames(raw)
-        if frames:  # TensorFlow's output is as large as the largest frame, not the screen
-            size = (max(h for h, _ in frames), max(w for _, w in frames),
-                    sum(h * w for h, w in frames))  # giflib holds every frame
-    elif kind == "BMP" and len(raw) >= 26:
-        width, height = struct.unpack("<ii", raw[18:26])
+        if frames:  # Pillow's canvas: the screen, grown to hold a frame beyond it
+            screen_w, screen_h = struct.unpack("<HH", raw[6:10])
+            size = (max(screen_h, *(b for b, _, _ in frames)),
+                    max(screen_w, *(r for _, r, _ in frames)),
+                    sum(area for _, _, area in frames))
+    elif kind == "bmp" and len(raw) >= 26:
+        if raw[14:18] == b"\x0c\0\0\0":  # OS/2 1.x header: 16-bit sizes
+            width, height = struct.unpack("<HH", raw[18:22])
+        else:
+            width, height = struct.unpack("<ii", raw[18:26])
         size = abs(height), abs(width), abs(height * width)
-    elif kind == "JPEG":
-        try:
-            h, w, _ = (int(x) for x in tf.image.extract_jpeg_shape(raw).numpy())
-            size = h, w, h * w
-        except tf.errors.OpError:
-            pass
-    if kind is None:
-        raise InputError(f"{path}: not a PNG, JPEG, GIF or BMP file")
+    elif kind == "jpeg":
+        frames = jpeg_frames(raw)
+        if frames:
+            height, width = max(h for h, _ in frames), max(w for _, w in frames)
+            size = height, width, height * width
     if size is None:
-        raise InputError(f"{path}: not a decodable {kind} (header truncated or corrupt)")
+        raise InputError(f"{path}: not a decodable {kind.upper()} (header truncated or "
+                         "corrupt)")
     return size
 
 
-def gif_frames(raw: bytes) -> list[tuple[int, int]]:
-    """(height, width) of every frame a GIF declares, walking its blocks as giflib
-    does up to the first it would refuse (it has allocated those frames by then)."""
+def check_size(path: Path, height: int, width: int, pixels: int) -> None:
+    """Refuse an image too large to decode safely, in lenet-dist predict's words."""
+    if max(height, width) > MAX_SIDE:
+        raise InputError(f"{path} is {width}x{height} pixels; the limit is "
+                         f"{MAX_SIDE} per side (resize it first)")
+    if pixels > MAX_PIXELS:
+        raise InputError(f"{path} has frames of {pixels:,} pixels in all; the limit is "
+                         f"{MAX_SIDE} per side and {MAX_PIXELS:,} in all (keep the first "
+                         "frame only)")
+
+
+def gif_frames(raw: bytes) -> list[tuple[int, int, int]]:
+    """(bottom, right, pixels) of every frame a GIF declares, walking its blocks up to
+    the first that is neither an extension nor an image (the trailer, or a broken one)."""
     if len(raw) < 13:
         return []
     frames = []
@@ -141,17 +170,18 @@ def gif_frames(raw: bytes) -> list[tuple[int, int]]:
         if raw[pos] == 0x21:  # extension: label, then data sub-blocks
             pos = skip_sub_blocks(raw, pos + 2)
         elif raw[pos] == 0x2C and pos + 10 <= len(raw):  # image descriptor
-            width, height = struct.unpack("<HH", raw[pos + 5:pos + 9])
-            frames.append((height, width))
+            left, top, width, height = struct.unpack("<HHHH", raw[pos + 1:pos + 9])
+            frames.append((top + height, left + width, height * width))
             flags = raw[pos + 9]
             pos += 10 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
             pos = skip_sub_blocks(raw, pos + 1)  # after the LZW minimum code size
-        else:  # the trailer, or a block giflib refuses
+        else:
             break
     return frames
 
 
 def skip_sub_blocks(raw: bytes, pos: int) -> int:
+    """The position after a chain of GIF data sub-blocks (length byte, data; 0 ends)."""
     while pos < len(raw):
         length = raw[pos]
         pos += 1 + length
@@ -160,9 +190,129 @@ def skip_sub_blocks(raw: bytes, pos: int) -> int:
     return pos
 
 
-def read_image(path: Path, tf) -> np.ndarray:
-    """PNG/JPEG/GIF/BMP -> [28, 28, 1] grayscale uint8 (area resize), as lenet-dist
-    predict does: ITU-R 601 luma, transparent pixels black like the dataset's background."""
+JPEG_FRAME_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
+                      0xCE, 0xCF}  # SOF0-15 less DHT, JPG and DAC
+
+
+def jpeg_frames(raw: bytes) -> list[tuple[int, int]]:
+    """(height, width) of every frame header (SOFn) before the first scan, walking the
+    marker segments as Pillow does (bytes between markers skipped)."""
+    frames, pos = [], 2
+    while pos + 1 < len(raw):
+        marker = raw[pos + 1]
+        if raw[pos] != 0xFF or marker == 0xFF:  # junk or fill byte
+            pos += 1
+        elif marker in (0xDA, 0xD9):  # start of scan, end of image
+            break
+        elif marker in (0x00, 0x01) or 0xD0 <= marker <= 0xD8:  # no length field
+            pos += 2
+        else:
+            if pos + 4 > len(raw):
+                break
+            length = int.from_bytes(raw[pos + 2:pos + 4], "big")
+            if marker in JPEG_FRAME_MARKERS and pos + 9 <= len(raw):
+                frames.append(struct.unpack(">HH", raw[pos + 5:pos + 9]))
+            pos += 2 + max(length, 2)
+    return frames
+
+
+def open_image(path: Path, raw: bytes, kind: str):
+    """A Pillow image of `raw` as `kind`: its header read, nothing decoded yet, and the
+    size Pillow read checked again (it may differ from the sniffed one). Pillow itself
+    only warns below twice its own pixel limit; that warning is an error here."""
+    Image = import_pillow()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's advice about odd files: not ours to print
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(raw), formats=[kind.upper()])
+        except Image.UnidentifiedImageError:  # whose message names a BytesIO object
+            raise ValueError("its header is corrupt") from None
+    width, height = im.size
+    check_size(path, height, width, height * width)
+    return im
+
+
+def pixels_of(im, raw: bytes) -> np.ndarray:
+    """A Pillow image -> [h, w, 1|2|3|4] uint8, the channels the file holds (gray,
+    gray+alpha, RGB, RGBA): palettes expanded, a transparent colour or palette entry
+    as alpha, 16-bit samples cut to their high byte (TensorFlow's decoders did this)."""
+    transparent = "transparency" in im.info
+    if im.mode.startswith("I"):  # 16-bit gray PNG ("I;16", or "I" in older Pillow)
+        x = np.asarray(im).astype(np.int64)
+        gray = np.clip(x >> 8, 0, 255).astype(np.uint8)[..., None]
+        if not transparent:
+            return gray
+        alpha = np.where(x == im.info["transparency"], 0, 255).astype(np.uint8)
+        return np.concatenate([gray, alpha[..., None]], -1)
+    mode = "RGB" if im.format == "GIF" else PILLOW_MODES.get(im.mode)  # as TensorFlow
+    if mode is None:
+        raise ValueError(f"unsupported pixel format {im.mode}")
+    if transparent and mode in ("L", "RGB"):
+        mode += "A"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x = np.asarray(im.convert(mode))
+    if mode == "RGBA" and raw.startswith(b"\x89PNG") and len(raw) > 25 and raw[25] == 4:
+        x = x[..., [0, 3]]  # 16-bit gray+alpha PNG, which Pillow reads as RGBA
+    return x.reshape(*x.shape[:2], -1)
+
+
+# Pillow mode -> the mode whose channels are the file's (palettes become colours).
+PILLOW_MODES = {"1": "L", "L": "L", "LA": "LA", "P": "RGB", "PA": "RGBA", "RGB": "RGB",
+                "RGBA": "RGBA", "RGBX": "RGB", "CMYK": "RGB", "YCbCr": "RGB"}
+
+
+def to_gray(pixels: np.ndarray, background: int) -> np.ndarray:
+    """Decoded [h, w, 1|2|3|4] uint8 -> [h, w, 1] float32 luminance, transparent
+    pixels filled with `background` (a transparent PNG would otherwise read as 0)."""
+    x = pixels.astype(np.float32)
+    channels = x.shape[-1]
+    alpha = x[..., -1:] / 255.0 if channels in (2, 4) else 1.0
+    color = x[..., :3] if channels >= 3 else x[..., :1]
+    if color.shape[-1] == 3:  # ITU-R 601 luma, as tf.image.rgb_to_grayscale
+        color = color @ np.array([[0.2989], [0.5870], [0.1140]], np.float32)
+    return color * alpha + background * (1.0 - alpha)
+
+
+def area_taps(size: int, out: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """(index, weight), both [out, taps]: which input cells along one axis make each
+    output cell and how much of each, in float32 exactly as TensorFlow's ResizeArea
+    kernel computes them, so that predictions match the models' earlier inputs."""
+    scale = np.float32(size) / np.float32(out)
+    lo = np.arange(out, dtype=np.float32)[:, None] * scale  # each output cell's edges
+    hi = np.arange(1, out + 1, dtype=np.float32)[:, None] * scale
+    start = np.floor(lo).astype(np.int64)
+    end = np.ceil(hi).astype(np.int64)
+    i = start + np.arange(int(np.max(end - start)))
+    f = i.astype(np.float32)
+    weight = np.where(f < lo, np.where(f + 1 > hi, scale, f + 1 - lo),
+                      np.where(f + 1 > hi, hi - f, np.float32(1)))
+    weight = np.where(i < end, weight, np.float32(0)).astype(np.float32)
+    return np.clip(i, 0, size - 1), weight
+
+
+def resize_area(gray: np.ndarray, out: int = 28) -> np.ndarray:
+    """[h, w, 1] float32 -> [out, out, 1], bit for bit tf.image.resize(method="area"):
+    the same weights, summed in the same order (a row's cells, then the rows)."""
+    rows_at, rows_w = area_taps(gray.shape[0], out)
+    cols_at, cols_w = area_taps(gray.shape[1], out)
+    x = gray[..., 0]
+    rows = x[:, cols_at[:, 0]] * cols_w[:, 0]
+    for t in range(1, cols_at.shape[1]):
+        rows = rows + x[:, cols_at[:, t]] * cols_w[:, t]
+    small = rows[rows_at[:, 0]] * rows_w[:, :1]
+    for t in range(1, rows_at.shape[1]):
+        small = small + rows[rows_at[:, t]] * rows_w[:, t:t + 1]
+    scale = np.float32(1.0 / np.float64(np.float32(gray.shape[0]) / np.float32(out)
+                                        * (np.float32(gray.shape[1]) / np.float32(out))))
+    return (small * scale)[..., None]
+
+
+def read_image(path: Path) -> np.ndarray:
+    """PNG/JPEG/GIF/BMP -> [28, 28, 1] grayscale uint8, as lenet-dist predict reads it
+    (the same code, copied): Pillow decodes, ITU-R 601 luma, transparent pixels black
+    like the dataset's background, TensorFlow's area resize."""
     with open_input(path) as f:
         try:
             raw = f.read(MAX_IMAGE_BYTES + 1)
@@ -172,30 +322,30 @@ def read_image(path: Path, tf) -> np.ndarray:
         raise InputError(f"{path}: empty file")
     if len(raw) > MAX_IMAGE_BYTES:
         raise InputError(f"{path}: over {MAX_IMAGE_BYTES >> 20} MiB")
-    height, width, pixels = image_size(path, raw, tf)
-    if max(height, width) > MAX_SIDE or pixels > MAX_PIXELS:
-        raise InputError(f"{path}: {width}x{height} pixels ({pixels:,} in all frames); "
-                         f"the limit is {MAX_SIDE} per side")
+    kind = next((k for m, k in IMAGE_MAGICS.items() if raw.startswith(m)), None)
+    if kind is None:
+        raise InputError(f"{path}: not a PNG, JPEG, GIF or BMP file")
+    check_size(path, *image_size(path, raw, kind))
+    Image = import_pillow()
+    # What Pillow raises on a broken file, as lenet_dist/images.py lists it.
+    errors = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, struct.error,
+              Image.DecompressionBombError, Image.DecompressionBombWarning)
     try:
-        x = tf.io.decode_image(raw, channels=0, expand_animations=False).numpy()
-    except tf.errors.OpError as e:
-        raise InputError(f"{path}: not a decodable image ({type(e).__name__})") from None
-    x = x.astype(np.float32)
-    alpha = x[..., -1:] / 255.0 if x.shape[-1] in (2, 4) else 1.0
-    color = x[..., :3] if x.shape[-1] >= 3 else x[..., :1]
-    if color.shape[-1] == 3:
-        color = color @ np.array([[0.2989], [0.5870], [0.1140]], np.float32)
-    img = tf.image.resize(color * alpha, (28, 28), method="area", antialias=True)
-    return np.clip(np.rint(img.numpy()), 0, 255).astype(np.uint8)
+        with open_image(path, raw, kind) as im:
+            pixels = pixels_of(im, raw)
+    except errors as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise InputError(f"{path}: not a decodable {kind.upper()} ({reason})") from None
+    small = resize_area(to_gray(pixels, background=0))
+    return np.clip(np.rint(small), 0, 255).astype(np.uint8)
 
 
-def load_images(paths, tf=None) -> tuple[np.ndarray, list[str]]:
+def load_images(paths) -> tuple[np.ndarray, list[str]]:
     """IDX image files and image files -> uint8 [n, 28, 28, 1], one name per image."""
     batches, names = [], []
     for p in map(Path, paths):
         if p.name.lower().endswith(IMAGE_SUFFIXES):
-            tf = tf or import_tensorflow()
-            batches.append(read_image(p, tf)[None])
+            batches.append(read_image(p)[None])
             names.append(str(p))
             continue
         arr = read_idx(p)

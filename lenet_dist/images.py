@@ -3,23 +3,30 @@
 Everything is checked before it is decoded: special files (a FIFO or a device
 never blocks the read), empty files, files that are not images, headers that
 claim images too large to decode safely, IDX files of the wrong shape.
+
+Pillow decodes (TensorFlow took seconds to import for it); the resize is
+TensorFlow's area resize in numpy, bit for bit, so predictions did not change.
+The deployment kit (export/serving_io.py) has its own copy of this decoding.
 """
 
 from __future__ import annotations
 
+import io
 import struct
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
 from lenet_dist import data as data_lib
 from lenet_dist.errors import UserError, first_line
-from lenet_dist.runtime import filtered_stderr
 
 MAX_FILE_BYTES = 64 * 2**20
 MAX_SIDE = 8192  # pixels; a decoded 8192x8192 RGBA image is 256 MiB
-MAX_PIXELS = MAX_SIDE * MAX_SIDE  # all of a GIF's frames, which giflib holds at once
+# All of a GIF's frames: only the first is decoded, but more is no drawing to classify.
+MAX_PIXELS = MAX_SIDE * MAX_SIDE
 IMAGE_MAGICS = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpeg", b"GIF87a": "gif",
                 b"GIF89a": "gif", b"BM": "bmp"}
 
@@ -36,7 +43,7 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
-def image_size(path: Path, raw: bytes, kind: str, tf) -> tuple[int, int, int]:
+def image_size(path: Path, raw: bytes, kind: str) -> tuple[int, int, int]:
     """(height, width, pixels) the decoder will allocate, read from the header without
     decoding; a UserError if the header is too broken to tell (the decoder would refuse
     it too, but only after trusting whatever it could read)."""
@@ -44,30 +51,44 @@ def image_size(path: Path, raw: bytes, kind: str, tf) -> tuple[int, int, int]:
     if kind == "png" and len(raw) >= 24 and raw[12:16] == b"IHDR":
         width, height = struct.unpack(">II", raw[16:24])
         size = height, width, height * width
-    elif kind == "gif":
+    elif kind == "gif" and len(raw) >= 10:
         frames = gif_frames(raw)
-        if frames:  # TensorFlow's output is as large as the largest frame, not the screen
-            size = (max(h for h, _ in frames), max(w for _, w in frames),
-                    sum(h * w for h, w in frames))  # giflib holds every frame
+        if frames:  # Pillow's canvas: the screen, grown to hold a frame beyond it
+            screen_w, screen_h = struct.unpack("<HH", raw[6:10])
+            size = (max(screen_h, *(b for b, _, _ in frames)),
+                    max(screen_w, *(r for _, r, _ in frames)),
+                    sum(area for _, _, area in frames))
     elif kind == "bmp" and len(raw) >= 26:
-        width, height = struct.unpack("<ii", raw[18:26])
+        if raw[14:18] == b"\x0c\0\0\0":  # OS/2 1.x header: 16-bit sizes
+            width, height = struct.unpack("<HH", raw[18:22])
+        else:
+            width, height = struct.unpack("<ii", raw[18:26])
         size = abs(height), abs(width), abs(height * width)
     elif kind == "jpeg":
-        try:
-            with filtered_stderr():  # libjpeg prints to stderr itself
-                h, w, _ = tf.image.extract_jpeg_shape(raw).numpy()
-            size = int(h), int(w), int(h) * int(w)
-        except tf.errors.OpError as e:
-            raise UserError(f"{path} cannot be decoded as JPEG: {first_line(e, 160)}") from None
+        frames = jpeg_frames(raw)
+        if frames:
+            height, width = max(h for h, _ in frames), max(w for _, w in frames)
+            size = height, width, height * width
     if size is None:
         raise UserError(f"{path} cannot be decoded as {kind.upper()}: "
                         "its header is truncated or corrupt")
     return size
 
 
-def gif_frames(raw: bytes) -> list[tuple[int, int]]:
-    """(height, width) of every frame a GIF declares, walking its blocks as giflib
-    does up to the first it would refuse (it has allocated those frames by then)."""
+def check_size(path: Path, height: int, width: int, pixels: int) -> None:
+    """Refuse an image too large to decode safely: the kit says it in the same words."""
+    if max(height, width) > MAX_SIDE:
+        raise UserError(f"{path} is {width}x{height} pixels; the limit is "
+                        f"{MAX_SIDE} per side (resize it first)")
+    if pixels > MAX_PIXELS:
+        raise UserError(f"{path} has frames of {pixels:,} pixels in all; the limit is "
+                        f"{MAX_SIDE} per side and {MAX_PIXELS:,} in all (keep the first "
+                        "frame only)")
+
+
+def gif_frames(raw: bytes) -> list[tuple[int, int, int]]:
+    """(bottom, right, pixels) of every frame a GIF declares, walking its blocks up to
+    the first that is neither an extension nor an image (the trailer, or a broken one)."""
     if len(raw) < 13:
         return []
     frames = []
@@ -76,12 +97,12 @@ def gif_frames(raw: bytes) -> list[tuple[int, int]]:
         if raw[pos] == 0x21:  # extension: label, then data sub-blocks
             pos = skip_sub_blocks(raw, pos + 2)
         elif raw[pos] == 0x2C and pos + 10 <= len(raw):  # image descriptor
-            width, height = struct.unpack("<HH", raw[pos + 5:pos + 9])
-            frames.append((height, width))
+            left, top, width, height = struct.unpack("<HHHH", raw[pos + 1:pos + 9])
+            frames.append((top + height, left + width, height * width))
             flags = raw[pos + 9]
             pos += 10 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
             pos = skip_sub_blocks(raw, pos + 1)  # after the LZW minimum code size
-        else:  # the trailer, or a block giflib refuses
+        else:
             break
     return frames
 
@@ -96,6 +117,78 @@ def skip_sub_blocks(raw: bytes, pos: int) -> int:
     return pos
 
 
+JPEG_FRAME_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
+                      0xCE, 0xCF}  # SOF0-15 less DHT, JPG and DAC
+
+
+def jpeg_frames(raw: bytes) -> list[tuple[int, int]]:
+    """(height, width) of every frame header (SOFn) before the first scan, walking the
+    marker segments as Pillow does (bytes between markers skipped)."""
+    frames, pos = [], 2
+    while pos + 1 < len(raw):
+        marker = raw[pos + 1]
+        if raw[pos] != 0xFF or marker == 0xFF:  # junk or fill byte
+            pos += 1
+        elif marker in (0xDA, 0xD9):  # start of scan, end of image
+            break
+        elif marker in (0x00, 0x01) or 0xD0 <= marker <= 0xD8:  # no length field
+            pos += 2
+        else:
+            if pos + 4 > len(raw):
+                break
+            length = int.from_bytes(raw[pos + 2:pos + 4], "big")
+            if marker in JPEG_FRAME_MARKERS and pos + 9 <= len(raw):
+                frames.append(struct.unpack(">HH", raw[pos + 5:pos + 9]))
+            pos += 2 + max(length, 2)
+    return frames
+
+
+def open_image(path: Path, raw: bytes, kind: str):
+    """A Pillow image of `raw` as `kind`: its header read, nothing decoded yet, and the
+    size Pillow read checked again (it may differ from the sniffed one). Pillow itself
+    only warns below twice its own pixel limit; that warning is an error here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's advice about odd files: not ours to print
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(raw), formats=[kind.upper()])
+        except Image.UnidentifiedImageError:  # whose message names a BytesIO object
+            raise ValueError("its header is corrupt") from None
+    width, height = im.size
+    check_size(path, height, width, height * width)
+    return im
+
+
+def pixels_of(im, raw: bytes) -> np.ndarray:
+    """A Pillow image -> [h, w, 1|2|3|4] uint8, the channels the file holds (gray,
+    gray+alpha, RGB, RGBA): palettes expanded, a transparent colour or palette entry
+    as alpha, 16-bit samples cut to their high byte (TensorFlow's decoders did this)."""
+    transparent = "transparency" in im.info
+    if im.mode.startswith("I"):  # 16-bit gray PNG ("I;16", or "I" in older Pillow)
+        x = np.asarray(im).astype(np.int64)
+        gray = np.clip(x >> 8, 0, 255).astype(np.uint8)[..., None]
+        if not transparent:
+            return gray
+        alpha = np.where(x == im.info["transparency"], 0, 255).astype(np.uint8)
+        return np.concatenate([gray, alpha[..., None]], -1)
+    mode = "RGB" if im.format == "GIF" else PILLOW_MODES.get(im.mode)  # as TensorFlow
+    if mode is None:
+        raise ValueError(f"unsupported pixel format {im.mode}")
+    if transparent and mode in ("L", "RGB"):
+        mode += "A"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x = np.asarray(im.convert(mode))
+    if mode == "RGBA" and raw.startswith(b"\x89PNG") and len(raw) > 25 and raw[25] == 4:
+        x = x[..., [0, 3]]  # 16-bit gray+alpha PNG, which Pillow reads as RGBA
+    return x.reshape(*x.shape[:2], -1)
+
+
+# Pillow mode -> the mode whose channels are the file's (palettes become colours).
+PILLOW_MODES = {"1": "L", "L": "L", "LA": "LA", "P": "RGB", "PA": "RGBA", "RGB": "RGB",
+                "RGBA": "RGBA", "RGBX": "RGB", "CMYK": "RGB", "YCbCr": "RGB"}
+
+
 def to_gray(pixels: np.ndarray, background: int) -> np.ndarray:
     """Decoded [h, w, 1|2|3|4] uint8 -> [h, w, 1] float32 luminance, transparent
     pixels filled with `background` (a transparent PNG would otherwise read as 0)."""
@@ -108,28 +201,62 @@ def to_gray(pixels: np.ndarray, background: int) -> np.ndarray:
     return color * alpha + background * (1.0 - alpha)
 
 
-def decode_image(path: Path, raw: bytes, kind: str, tf, invert: bool) -> np.ndarray:
+def area_taps(size: int, out: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """(index, weight), both [out, taps]: which input cells along one axis make each
+    output cell and how much of each, in float32 exactly as TensorFlow's ResizeArea
+    kernel computes them, so that predictions match the models' earlier inputs."""
+    scale = np.float32(size) / np.float32(out)
+    lo = np.arange(out, dtype=np.float32)[:, None] * scale  # each output cell's edges
+    hi = np.arange(1, out + 1, dtype=np.float32)[:, None] * scale
+    start = np.floor(lo).astype(np.int64)
+    end = np.ceil(hi).astype(np.int64)
+    i = start + np.arange(int(np.max(end - start)))
+    f = i.astype(np.float32)
+    weight = np.where(f < lo, np.where(f + 1 > hi, scale, f + 1 - lo),
+                      np.where(f + 1 > hi, hi - f, np.float32(1)))
+    weight = np.where(i < end, weight, np.float32(0)).astype(np.float32)
+    return np.clip(i, 0, size - 1), weight
+
+
+def resize_area(gray: np.ndarray, out: int = 28) -> np.ndarray:
+    """[h, w, 1] float32 -> [out, out, 1], bit for bit tf.image.resize(method="area"):
+    the same weights, summed in the same order (a row's cells, then the rows)."""
+    rows_at, rows_w = area_taps(gray.shape[0], out)
+    cols_at, cols_w = area_taps(gray.shape[1], out)
+    x = gray[..., 0]
+    rows = x[:, cols_at[:, 0]] * cols_w[:, 0]
+    for t in range(1, cols_at.shape[1]):
+        rows = rows + x[:, cols_at[:, t]] * cols_w[:, t]
+    small = rows[rows_at[:, 0]] * rows_w[:, :1]
+    for t in range(1, rows_at.shape[1]):
+        small = small + rows[rows_at[:, t]] * rows_w[:, t:t + 1]
+    scale = np.float32(1.0 / np.float64(np.float32(gray.shape[0]) / np.float32(out)
+                                        * (np.float32(gray.shape[1]) / np.float32(out))))
+    return (small * scale)[..., None]
+
+
+def decode_image(path: Path, raw: bytes, kind: str, invert: bool) -> np.ndarray:
     """Any supported image -> 28x28 grayscale uint8, area-resampled like the dataset.
 
     Transparency becomes the dataset's dark background, or a light one with
     `invert` (for dark drawings), before the inversion."""
-    height, width, area = image_size(path, raw, kind, tf)
-    if max(height, width) > MAX_SIDE:
-        raise UserError(f"{path} is {width}x{height} pixels; the limit is "
-                        f"{MAX_SIDE} per side (resize it first)")
-    if area > MAX_PIXELS:
-        raise UserError(f"{path} has frames of {area:,} pixels in all; the limit is "
-                        f"{MAX_PIXELS:,} (keep the first frame only)")
+    check_size(path, *image_size(path, raw, kind))
     try:
-        with filtered_stderr():  # libjpeg/libpng warnings: our error says it in one line
-            pixels = tf.io.decode_image(raw, channels=0, expand_animations=False).numpy()
-    except tf.errors.OpError as e:  # InvalidArgumentError and friends
+        with open_image(path, raw, kind) as im:
+            pixels = pixels_of(im, raw)
+    except DECODE_ERRORS as e:
         raise UserError(f"{path} cannot be decoded as {kind.upper()}: "
                         f"{first_line(e, 160)}") from None
-    gray = to_gray(pixels, background=255 if invert else 0)
-    small = tf.image.resize(gray, (28, 28), method="area", antialias=True).numpy()
+    small = resize_area(to_gray(pixels, background=255 if invert else 0))
     small = np.clip(np.rint(small), 0, 255).astype(np.uint8)
     return 255 - small if invert else small
+
+
+# What Pillow raises on a broken file: OSError (truncated data, a decoder error,
+# UnidentifiedImageError), SyntaxError (a broken PNG chunk), and the rest from
+# parsing headers it trusts; DecompressionBombWarning is an error in open_image.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError,
+                 struct.error, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 def read_idx_images(path: Path, invert: bool) -> np.ndarray:
@@ -161,8 +288,9 @@ def read_input(path: Path) -> tuple[str | None, bytes]:
             raise UserError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def load_inputs(paths: Sequence[str], tf=None, invert: bool = False
-                ) -> tuple[np.ndarray, list[str]]:
+def load_inputs(paths: Sequence[str],
+                tf=None,  # ignored; removed once predict.py stops passing it
+                invert: bool = False) -> tuple[np.ndarray, list[str]]:
     """All inputs as one uint8 batch [n, 28, 28, 1], and a name per image."""
     batches, names = [], []
     for p in map(Path, paths):
@@ -179,11 +307,7 @@ def load_inputs(paths: Sequence[str], tf=None, invert: bool = False
         if len(raw) > MAX_FILE_BYTES:
             raise UserError(f"{p} is over {MAX_FILE_BYTES // 2**20} MiB; images that large "
                             "are refused")
-        if tf is None:
-            from lenet_dist.runtime import import_tensorflow
-
-            tf = import_tensorflow()
-        batches.append(decode_image(p, raw, kind, tf, invert)[None])
+        batches.append(decode_image(p, raw, kind, invert)[None])
         names.append(str(p))
     if not batches:
         raise UserError("no input images given")

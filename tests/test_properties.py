@@ -249,34 +249,34 @@ def test_random_bytes_as_idx_are_refused(scratch, raw):
 # ---------------------------------------------------------------- images
 
 
-def check_image_readers(path: Path, tf):
+def check_image_readers(path: Path):
     """predict's reader (images.load_inputs) and the kit's (load_images, which picks
     the image decoder by the file's suffix) refuse alike or read the same pixels."""
-    ours = outcome("predict", UserError, lambda p: images.load_inputs([str(p)], tf), path)
-    theirs = outcome("kit", kit.InputError, lambda p: kit.load_images([str(p)], tf), path)
+    ours = outcome("predict", UserError, lambda p: images.load_inputs([str(p)]), path)
+    theirs = outcome("kit", kit.InputError, lambda p: kit.load_images([str(p)]), path)
     assert_alike(*(x if isinstance(x, str) else x[0] for x in (ours, theirs)))
     return ours
 
 
 @FUZZ
 @given(name=st.sampled_from(SEED_NAMES), ops=mutations)
-def test_mutated_inputs_decode_alike_or_are_refused(scratch, tf, name, ops):
-    check_image_readers(put(scratch, name, mutate(seeds()[name], ops)), tf)
+def test_mutated_inputs_decode_alike_or_are_refused(scratch, name, ops):
+    check_image_readers(put(scratch, name, mutate(seeds()[name], ops)))
 
 
 @FUZZ
 @given(raw=random_bytes, suffix=st.sampled_from([".png", ".jpg", ".gif", ".bmp", ".idx"]))
-def test_random_bytes_as_inputs_are_refused(scratch, tf, raw, suffix):
-    check_image_readers(put(scratch, "random" + suffix, raw[0] + raw[1]), tf)
+def test_random_bytes_as_inputs_are_refused(scratch, raw, suffix):
+    check_image_readers(put(scratch, "random" + suffix, raw[0] + raw[1]))
 
 
-def test_the_seeds_themselves_are_read(scratch, tf):
+def test_the_seeds_themselves_are_read(scratch):
     """The mutations start from files both readers accept."""
     for name in SEED_NAMES:
         if name.startswith("labels"):
             assert kit.read_labels(put(scratch, name, seeds()[name])).shape == (6,)
             continue
-        batch = check_image_readers(put(scratch, name, seeds()[name]), tf)
+        batch = check_image_readers(put(scratch, name, seeds()[name]))
         assert not isinstance(batch, str) and batch[0].shape == (1, 28, 28, 1), name
 
 
@@ -324,10 +324,10 @@ def test_a_header_claiming_a_huge_image_is_refused_before_decoding(scratch, tf, 
     path = put(scratch, name, make(tf))
     with pytest.raises(UserError) as ours:
         with time_limit(5):
-            images.load_inputs([str(path)], tf)
+            images.load_inputs([str(path)])
     with pytest.raises(kit.InputError) as theirs:
         with time_limit(5):
-            kit.read_image(path, tf)
+            kit.read_image(path)
     assert message in str(ours.value) and "the limit is" in str(ours.value), ours.value
     assert "the limit is 8192 per side" in str(theirs.value), theirs.value
 
@@ -336,22 +336,22 @@ def test_a_header_claiming_a_huge_image_is_refused_before_decoding(scratch, tf, 
 
 
 READERS = {  # name -> (call, the error it may raise)
-    "predict inputs": (lambda p, tf: images.load_inputs([str(p)], tf), UserError),
-    "predict --labels": (lambda p, tf: data_lib.read_idx(p, data_lib.LABELS_MAGIC), UserError),
-    "labels.txt": (lambda p, tf: predict_lib.read_class_names(p), UserError),
-    "kit images": (lambda p, tf: kit.load_images([str(p)], tf), kit.InputError),
-    "kit image": (lambda p, tf: kit.read_image(p, tf), kit.InputError),
-    "kit idx": (lambda p, tf: kit.read_idx(p), kit.InputError),
+    "predict inputs": (lambda p: images.load_inputs([str(p)]), UserError),
+    "predict --labels": (lambda p: data_lib.read_idx(p, data_lib.LABELS_MAGIC), UserError),
+    "labels.txt": (lambda p: predict_lib.read_class_names(p), UserError),
+    "kit images": (lambda p: kit.load_images([str(p)]), kit.InputError),
+    "kit image": (lambda p: kit.read_image(p), kit.InputError),
+    "kit idx": (lambda p: kit.read_idx(p), kit.InputError),
 }
 EXPECTED = {"fifo": "FIFO", "dev-zero": "device", "directory": "directory", "socket": "socket"}
 
 
 @pytest.mark.parametrize("kind", list(EXPECTED))
 @pytest.mark.parametrize("reader", list(READERS))
-def test_special_files_are_refused_at_once(tmp_path, tf, reader, kind):
+def test_special_files_are_refused_at_once(tmp_path, reader, kind):
     path = make_special(tmp_path, kind, ".png")
     call, error = READERS[reader]
-    err = returns_within(10, call, path, tf)
+    err = returns_within(10, call, path)
     assert isinstance(err, error), repr(err)
     msg = str(err)
     assert "\n" not in msg and str(path) in msg and EXPECTED[kind] in msg, msg
