@@ -217,33 +217,31 @@ class Checkpoints:
         """Writer only: move bad steps to corrupt-checkpoints (process 0, once), and
         rewrite a bad metrics file from the step's own history, so that Orbax can open
         the directory and the best checkpoint stays known."""
-        bad = [i for i in self.info.values() if not i.ok]
-        repair = [i for i in self.info.values() if i.ok and i.metrics_problem]
+        bad = [found for found in self.info.values() if not found.ok]
+        repair = [found for found in self.info.values() if found.ok and found.metrics_problem]
         if not bad and not repair:
             return
 
-        def fix():
+        def move_and_repair():
             try:
-                move_and_repair()
+                for found in bad:
+                    where = self._move_aside(found.step)
+                    self.warn(f"warning: checkpoint step {found.step} is unreadable "
+                              f"({found.problem}); moved to {where}")
+                for found in repair:
+                    path = self.directory / str(found.step) / METRICS_FILE[0] / METRICS_FILE[1]
+                    kept = self._move_aside(found.step, path, "-metrics")
+                    if found.metrics is not None:
+                        safefs.write_atomic(path, json.dumps(found.metrics))
+                    self.warn(f"warning: checkpoint step {found.step}: {found.metrics_problem}; "
+                              f"moved to {kept}" + ("; rewritten from its history"
+                                                    if found.metrics
+                                                    else "; the step keeps no test metrics"))
             except OSError as e:  # as a UserError, so the other processes fail too
                 raise UserError(f"cannot move a bad checkpoint aside in {self.directory}: "
                                 f"{e.strerror or e}") from None
 
-        def move_and_repair():
-            for i in bad:
-                where = self._move_aside(i.step)
-                self.warn(f"warning: checkpoint step {i.step} is unreadable ({i.problem}); "
-                          f"moved to {where}")
-            for i in repair:
-                path = self.directory / str(i.step) / METRICS_FILE[0] / METRICS_FILE[1]
-                kept = self._move_aside(i.step, path, "-metrics")
-                if i.metrics is not None:
-                    safefs.write_atomic(path, json.dumps(i.metrics))
-                self.warn(f"warning: checkpoint step {i.step}: {i.metrics_problem}; moved "
-                          f"to {kept}" + ("; rewritten from its history" if i.metrics
-                                          else "; the step keeps no test metrics"))
-
-        distributed.on_primary(fix)  # the others wait for it, then look again
+        distributed.on_primary(move_and_repair)  # the others wait for it, then look again
         self.info = scan(self.directory)
 
     def _move_aside(self, step: int, path: epath.Path | None = None, tag: str = "") -> epath.Path:
@@ -309,7 +307,7 @@ class Checkpoints:
         return sorted(s for s in self.manager.all_steps() if s in self.info and self.info[s].ok)
 
     def bad_steps(self) -> dict[int, str]:
-        return {s: i.problem for s, i in self.info.items() if not i.ok}
+        return {step: found.problem for step, found in self.info.items() if not found.ok}
 
     def best_step(self) -> int | None:
         scored = [(self.info[s].metrics[BEST_METRIC], s) for s in self.steps()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import os
@@ -182,16 +183,16 @@ def _fields_where(wanted) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(Config) if wanted(f.metadata))
 
 
-# Fields that decide what a run computes: resuming with any of them changed
-# would silently continue a different experiment.
-COMPATIBLE_FIELDS = _fields_where(lambda m: m["resume"])
-# Fields every checkpoint's metadata has (those of the first release); the later
-# ones are read with Config's defaults, so old d2l checkpoints stay readable.
-REQUIRED_FIELDS = _fields_where(lambda m: m["first_release"])
 # Fields that change the saved state's structure: even --allow-config-change
 # cannot continue across them (the restore itself would fail).
 STRUCTURAL_FIELDS = _fields_where(lambda m: m["resume"] == "layout")
-
+# Fields that decide what a run computes: resuming with any of them changed
+# would silently continue a different experiment. The structural ones first, so a
+# refusal names first what no flag gets past.
+COMPATIBLE_FIELDS = STRUCTURAL_FIELDS + _fields_where(lambda m: m["resume"] == "same")
+# Fields every checkpoint's metadata has (those of the first release); the later
+# ones are read with Config's defaults, so old d2l checkpoints stay readable.
+REQUIRED_FIELDS = _fields_where(lambda m: m["first_release"])
 
 PRESETS: dict[str, Config] = {
     # The d2l chapter's recipe: SGD lr 0.1, batch 128, 10 epochs.
@@ -275,7 +276,7 @@ def read_settings(path: str) -> dict[str, Any]:
 
         try:
             settings = yaml.safe_load(text)
-        except (yaml.YAMLError, RecursionError) as e:
+        except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: 2001-13-01
             mark = getattr(e, "problem_mark", None)
             at = f"line {mark.line + 1}: " if mark is not None else ""
             raise UserError(f"{where} is not valid YAML ({at}"
@@ -330,12 +331,17 @@ KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: 
 
 def field_type(name: str) -> tuple[type, bool]:
     """(bool, int, float or str; whether None is allowed) of a Config field."""
-    hint = typing.get_type_hints(Config)[name]
+    hint = _type_hints()[name]
     args = typing.get_args(hint)
     if args:  # X | None
         (kind,) = [a for a in args if a is not type(None)]
         return kind, True
     return hint, False
+
+
+@functools.cache
+def _type_hints() -> dict[str, Any]:
+    return typing.get_type_hints(Config)  # evaluates every annotation: once, not per field
 
 
 def effective_config(recipe: str | None, settings: dict[str, Any],

@@ -9,6 +9,8 @@ import sys
 
 import click
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lenet_dist import cli as cli_lib
 from lenet_dist import config as config_lib
@@ -219,3 +221,30 @@ def test_every_field_type_is_readable_from_a_file():
         assert optional == (field.default is None), field.name
         value = getattr(PRESETS["modern"], field.name)
         assert config_lib.checked_setting("f", field.name, value) == value
+
+
+SETTINGS_TEXT = st.one_of(
+    st.text(max_size=200),
+    st.dictionaries(st.sampled_from([f.name for f in dataclasses.fields(Config)] + ["x"]),
+                    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(),
+                              st.text(max_size=20), st.lists(st.integers(), max_size=2)),
+                    max_size=6).map(json.dumps))
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=SETTINGS_TEXT, suffix=st.sampled_from([".json", ".yaml"]))
+def test_any_settings_file_is_read_or_refused_in_one_line(tmp_path, text, suffix):
+    """Whatever the file holds: settings Config takes, or the project's own error."""
+    path = tmp_path / f"run{suffix}"
+    path.write_text(text, errors="surrogatepass")
+    try:
+        settings_read = config_lib.read_settings(str(path))
+    except UserError as e:
+        assert str(path) in str(e)
+        return
+    config = config_lib.effective_config(None, settings_read, {})
+    try:
+        config.validate()
+    except UserError:
+        pass  # a combination of fields (e.g. weight decay without AdamW), one line
