@@ -6,6 +6,7 @@ host's noise hits every configuration alike. Serving: SavedModel vs JAX, one pro
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import json
@@ -21,12 +22,16 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
+
 from lenet_dist import safefs, versions
+from lenet_dist import serving_contract as contract
 from lenet_dist.config import INT_RANGES, RECIPES
+from lenet_dist.data import CLASS_NAMES
 from lenet_dist.distributed import check_devices
 from lenet_dist.errors import Failure, UserError
 from lenet_dist.launch import LocalJob
-from lenet_dist.runtime import MAX_SIMULATED_CPU_DEVICES
+from lenet_dist.runtime import MAX_SIMULATED_CPU_DEVICES, import_tensorflow
 
 # What run_config returns for one run, in this order (the table's and the JSON's).
 FIGURES = ("train_images_per_sec", "eval_images_per_sec", "first_step_seconds",
@@ -223,8 +228,6 @@ def die_with_parent() -> None:
     """In the child, before exec: SIGKILL when the benchmark dies, even by kill -9
     (Linux's PR_SET_PDEATHSIG; elsewhere the `finally` above is all there is)."""
     if sys.platform.startswith("linux"):
-        import ctypes
-
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
@@ -439,46 +442,44 @@ def bench_serving(workdir: str | None, batch_size: int = 256, rounds: int = 3,
     """SavedModel (TensorFlow) vs the jitted JAX forward, in one process on one device:
     images/s at `batch_size` and batch-1 latency, rounds interleaved. Each call includes
     moving the input in and the outputs back to numpy, as a server would."""
+    # Here, not at the top: the training benchmark's parent process never imports JAX
+    # (each run's device count is fixed when JAX starts in its own child process).
     import jax
-    import numpy as np
 
     from lenet_dist import export as export_lib
     from lenet_dist import serialization
-    from lenet_dist.data import CLASS_NAMES
+    from lenet_dist.mesh import Shardings, make_mesh
     from lenet_dist.model import init_params
-    from lenet_dist.runtime import import_tensorflow
+    from lenet_dist.restore import restore_checkpoint
     from lenet_dist.step import infer
 
     tf = import_tensorflow()
     if workdir:
-        from lenet_dist.evaluate import restore_params
-        from lenet_dist.mesh import Shardings, make_mesh
-
-        params = restore_params(workdir, None, False, Shardings(make_mesh(1)))[0]
+        variables = restore_checkpoint(workdir, Shardings(make_mesh(1))).variables
     else:
-        params = init_params(jax.random.key(0))  # speed does not depend on the weights
-    params = jax.device_get(params)
+        variables = init_params(jax.random.key(0))  # speed does not depend on the weights
+    variables = jax.device_get(variables)
     forward = jax.jit(infer)
 
     def run_jax(x):
-        return jax.device_get(forward(params, x))
+        return jax.device_get(forward(variables, x))
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = export_lib.save_savedmodel(
-            tf, params, Path(tmp), ("cpu",), CLASS_NAMES["fashion_mnist"],
+            tf, variables, Path(tmp), ("cpu",), CLASS_NAMES["fashion_mnist"],
             serialization.installed_plan())
-        served = tf.saved_model.load(str(model_dir)).signatures[export_lib.SIGNATURE]
+        served = contract.load_signature(tf, model_dir)
 
         def run_tf(x):
-            return {k: v.numpy() for k, v in served(images=tf.constant(x)).items()}
+            return contract.call_signature(tf, served, x)
 
         # TF Serving's own path: the SignatureDef's tensors run in a TF1 session.
         graph = tf.Graph()
         session = tf.compat.v1.Session(graph=graph)
         with graph.as_default():
             sig = tf.compat.v1.saved_model.loader.load(
-                session, ["serve"], str(model_dir)).signature_def[export_lib.SIGNATURE]
-        feed = sig.inputs[export_lib.INPUT_NAME].name
+                session, ["serve"], str(model_dir)).signature_def[contract.SIGNATURE]
+        feed = sig.inputs[contract.INPUT].name
         fetch = {k: v.name for k, v in sig.outputs.items()}
 
         def run_session(x):

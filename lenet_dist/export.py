@@ -29,27 +29,19 @@ import numpy as np
 
 from lenet_dist import data as data_lib
 from lenet_dist import distributed, faults, serialization, versions
+from lenet_dist import serving_contract as contract
 from lenet_dist.config import DEFAULT_EXPORT_PLATFORMS, EXPORT_PLATFORMS
 from lenet_dist.errors import Failure, UserError, first_line
 from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.model import NUM_CLASSES
+from lenet_dist.restore import restore_checkpoint
 from lenet_dist.runtime import import_tensorflow
 from lenet_dist.step import infer
 
-SIGNATURE = "serving_default"
-INPUT_NAME = "images"
 REFERENCE_IMAGES = 256
 # Export-time agreement bound between the SavedModel and JAX (measured: 5e-7 to 2e-6).
 VERIFY_TOLERANCE = 1e-5
 FORMAT_VERSION = 1
-SIGNATURE_SPEC = {  # what metadata.json promises; tests hold the graph to it
-    "name": SIGNATURE,
-    "inputs": {INPUT_NAME: {"dtype": "uint8", "shape": [-1, 28, 28, 1],
-                            "range": "raw pixels 0-255"}},
-    "outputs": {"logits": {"dtype": "float32", "shape": [-1, 10]},
-                "probabilities": {"dtype": "float32", "shape": [-1, 10]},
-                "classes": {"dtype": "int64", "shape": [-1]}},
-}
 
 
 def parse_platforms(text: str | Sequence[str]) -> tuple[str, ...]:
@@ -107,7 +99,7 @@ def build_module(tf, variables, platforms: Sequence[str], labels_file: Path):
     """A tf.Module whose `serve` is the jax2tf-converted `infer`; the model's variables
     (parameters, and BatchNorm statistics for the modern recipe) are tf.Variables, kept
     under the attribute `params` that exported models have always had."""
-    from jax.experimental import jax2tf
+    from jax.experimental import jax2tf  # imports TensorFlow: only once a model is built
 
     module = tf.Module()
     module.params = jax.tree_util.tree_map_with_path(
@@ -119,13 +111,9 @@ def build_module(tf, variables, platforms: Sequence[str], labels_file: Path):
                                with_gradient=False,
                                native_serialization_platforms=tuple(platforms))
 
-    @tf.function(autograph=False, input_signature=[
-        tf.TensorSpec([None, 28, 28, 1], tf.uint8, name=INPUT_NAME)])
+    @tf.function(autograph=False, input_signature=contract.input_signature(tf))
     def serve(images):
-        out = converted(module.params, images)
-        return {"logits": tf.identity(out["logits"], name="logits"),
-                "probabilities": tf.identity(out["probabilities"], name="probabilities"),
-                "classes": tf.cast(out["classes"], tf.int64, name="classes")}
+        return contract.named_outputs(tf, converted(module.params, images))
 
     module.serve = serve
     return module
@@ -134,7 +122,7 @@ def build_module(tf, variables, platforms: Sequence[str], labels_file: Path):
 def save_savedmodel(tf, variables, staging: Path, platforms: Sequence[str],
                     class_names: Sequence[str], plan: serialization.Plan) -> Path:
     """Write the SavedModel to staging/model with `plan`'s serialization versions."""
-    labels_file = staging / "labels.txt"
+    labels_file = staging / contract.LABELS_ASSET.name  # the Asset copies it to assets/
     labels_file.write_text("\n".join(class_names) + "\n")
     module = build_module(tf, variables, platforms, labels_file)
     model_dir = staging / "model"
@@ -142,7 +130,7 @@ def save_savedmodel(tf, variables, staging: Path, platforms: Sequence[str],
     # save must happen under the plan too; then check what was actually written.
     with serialization.serialize_for(plan):
         concrete = module.serve.get_concrete_function()
-        tf.saved_model.save(module, str(model_dir), signatures={SIGNATURE: concrete})
+        tf.saved_model.save(module, str(model_dir), signatures={contract.SIGNATURE: concrete})
     serialization.check_saved_model(model_dir, plan)
     return model_dir
 
@@ -158,20 +146,20 @@ def jax_reference(variables, images: np.ndarray) -> dict[str, np.ndarray]:
 def verify(tf, model_dir: Path, images: np.ndarray, expected: dict) -> float:
     """Load what was written and run its CPU lowering at batch 1, 7 and all;
     returns max |logits - JAX|."""
-    loaded = tf.saved_model.load(str(model_dir))
-    served = loaded.signatures[SIGNATURE]
+    loaded = tf.saved_model.load(str(model_dir))  # kept: the restored method runs too
+    served = contract.serving_signature(loaded)
     worst = 0.0
     for n in sorted({1, min(7, len(images)), len(images)}):
         try:
             with tf.device("/CPU:0"):
-                out = served(**{INPUT_NAME: tf.constant(images[:n])})
+                out = contract.call_signature(tf, served, images[:n])
                 loaded.serve(tf.constant(images[:n]))  # the restored method, too
         except Exception as e:  # TF raises many types; all mean "cannot serve"
             raise UserError("the exported SavedModel fails when TensorFlow runs it: "
                             f"{first_line(e)}") from None
-        diff = np.abs(out["logits"].numpy() - expected["logits"][:n])
+        diff = np.abs(out["logits"] - expected["logits"][:n])
         worst = max(worst, float(np.max(diff)) if np.all(np.isfinite(diff)) else np.inf)
-        if not np.array_equal(out["classes"].numpy(), expected["classes"][:n]):
+        if not np.array_equal(out["classes"], expected["classes"][:n]):
             raise UserError(f"the exported SavedModel's classes differ from JAX at batch {n}")
     if not worst <= VERIFY_TOLERANCE:
         raise UserError(f"the exported SavedModel's logits differ from JAX by {worst:.2e} "
@@ -412,8 +400,6 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, best: boo
     """Export one checkpoint of `workdir` as a SavedModel at `out`; returns its metadata
     (None on the other processes of a multi-process job: process 0 writes). What earlier,
     killed exports to `out` left behind is recovered first and reported through `warn`."""
-    from lenet_dist.evaluate import restore_params
-
     out_path, work_path = Path(out).resolve(), Path(workdir).resolve()
     platforms = parse_platforms(platforms)
     if "cpu" not in platforms:
@@ -431,8 +417,10 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, best: boo
     tf, plan = distributed.on_primary(prepare) or (None, None)
     # In a job every process takes part in the restore (onto all devices).
     mesh = make_mesh(None if jax.process_count() > 1 else 1)
-    variables, config, chosen, meta, _ = restore_params(workdir, step, best, Shardings(mesh))
-    variables = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), variables)  # replicated
+    restored = restore_checkpoint(workdir, Shardings(mesh), step, best)
+    config, chosen, meta = restored.config, restored.step, restored.meta
+    # replicated: any one device's copy is the whole value
+    variables = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), restored.variables)
     if not distributed.is_primary():
         return None
     if not all(np.all(np.isfinite(v)) for v in jax.tree.leaves(variables)):
@@ -464,7 +452,7 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, best: boo
                            "test_accuracy": evaluated.get("test_accuracy"),
                            "test_loss": evaluated.get("test_loss")},
             "config": config.to_dict(),
-            "signature": SIGNATURE_SPEC,
+            "signature": contract.SIGNATURE_SPEC,
             "class_names": list(class_names),
             "platforms": list(platforms),
             "serialization": plan.to_dict(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
+from typing import Callable
 
 import jax
 import numpy as np
@@ -29,11 +30,11 @@ class TrainFeed:
     labels: jax.Array  # int32 [n], replicated
     batch_size: int
     steps_per_epoch: int
-    epoch_fn: object
+    shuffle: Callable  # jitted (images, labels, key, epoch) -> [steps, batch, ...] arrays
 
     def epoch(self, seed: int, epoch: int) -> tuple[jax.Array, jax.Array]:
         """[steps, batch, ...] arrays for `epoch`, each step's batch split over "data"."""
-        return self.epoch_fn(self.images, self.labels, jax.random.key(seed), epoch)
+        return self.shuffle(self.images, self.labels, jax.random.key(seed), epoch)
 
 
 def _shuffle(images, labels, key, epoch, *, steps, batch):
@@ -50,11 +51,11 @@ def train_feed(split: Split, batch_size: int, shardings: Shardings) -> TrainFeed
     steps = len(split) // batch_size
     if steps == 0:
         raise UserError(f"{len(split)} training images is less than one batch of {batch_size}")
-    fn = jax.jit(partial(_shuffle, steps=steps, batch=batch_size),
-                 in_shardings=(shardings.replicated,) * 4,
-                 out_shardings=(shardings.stacked_batches,) * 2)
+    shuffle = jax.jit(partial(_shuffle, steps=steps, batch=batch_size),
+                      in_shardings=(shardings.replicated,) * 4,
+                      out_shardings=(shardings.stacked_batches,) * 2)
     return TrainFeed(put(split.images, shardings.replicated),
-                     put(split.labels, shardings.replicated), batch_size, steps, fn)
+                     put(split.labels, shardings.replicated), batch_size, steps, shuffle)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,14 +72,15 @@ class EvalFeed:
 
 def eval_feed(split: Split, batch_size: int, shardings: Shardings) -> EvalFeed:
     """The whole split, padded to full batches and masked, so every image counts once."""
-    n_dev = shardings.size
-    batch = -(-batch_size // n_dev) * n_dev  # round up to a multiple of the devices
+    devices = shardings.size
+    batch = -(-batch_size // devices) * devices  # round up to a multiple of the devices
     batches = max(1, -(-len(split) // batch))
     pad = batches * batch - len(split)
     images = np.concatenate([split.images, np.zeros((pad, *split.images.shape[1:]), np.uint8)])
     labels = np.concatenate([split.labels, np.zeros(pad, np.int32)])
     mask = np.arange(batches * batch) < len(split)
     shape = (batches, batch)
-    sh = shardings.stacked_batches
-    return EvalFeed(put(images.reshape(*shape, *images.shape[1:]), sh),
-                    put(labels.reshape(shape), sh), put(mask.reshape(shape), sh), len(split))
+    stacked = shardings.stacked_batches
+    return EvalFeed(put(images.reshape(*shape, *images.shape[1:]), stacked),
+                    put(labels.reshape(shape), stacked), put(mask.reshape(shape), stacked),
+                    len(split))

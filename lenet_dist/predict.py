@@ -9,11 +9,14 @@ from pathlib import Path
 import numpy as np
 
 from lenet_dist import data as data_lib
+from lenet_dist import serving_contract as contract
 from lenet_dist.errors import UserError, first_line
+from lenet_dist.images import load_inputs
+from lenet_dist.runtime import import_tensorflow
 
 BATCH = 1024
 MAX_LABELS_BYTES = 2**20
-OUTPUTS = ("probabilities", "classes")  # what predict reads of the serving signature
+READS = ("probabilities", "classes")  # what predict reads of the serving signature
 
 
 def is_savedmodel(path: Path) -> bool:
@@ -25,34 +28,32 @@ def savedmodel_predictor(model_dir: Path):
 
     The outputs and assets/labels.txt are checked on every batch: a model exported
     by something else, or with a labels file that does not fit it, is a UserError."""
-    from lenet_dist.runtime import import_tensorflow
-
     tf = import_tensorflow()
     try:
-        served = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
+        served = contract.load_signature(tf, model_dir)
     except Exception as e:
         raise UserError(f"{model_dir} cannot be loaded as a SavedModel: "
                         f"{first_line(e)}") from None
-    labels = model_dir / "assets" / "labels.txt"
+    labels = contract.labels_path(model_dir)
     names = read_class_names(labels) if os.path.lexists(labels) else None
 
     def predict(images):
         try:
-            out = served(images=tf.constant(images))
+            out = contract.call_signature(tf, served, images)
         except tf.errors.OpError as e:  # e.g. a StableHLO version this TF cannot read
             raise UserError(f"{model_dir} fails to run on TensorFlow {tf.__version__}: "
                             f"{first_line(e)}") from None
         except (TypeError, ValueError) as e:  # a signature without images: uint8
-            raise UserError(f"{model_dir}'s serving_default signature does not take "
-                            f"images uint8 [n, 28, 28, 1]: {first_line(e)}") from None
-        out = check_outputs(model_dir, {k: v.numpy() for k, v in out.items()}, len(images))
+            raise UserError(f"{model_dir}'s {contract.SIGNATURE} signature does not take "
+                            f"{contract.describe_input()}: {first_line(e)}") from None
+        out = check_outputs(model_dir, out, len(images))
         width = out["probabilities"].shape[1]
         if names is not None and len(names) != width:
             raise UserError(f"{labels} has {len(names)} class names for the model's "
                             f"{width} classes; it needs one name per line, in class order")
         return out
 
-    return predict, names, tf
+    return predict, names
 
 
 def read_class_names(path: Path) -> list[str]:
@@ -74,9 +75,9 @@ def read_class_names(path: Path) -> list[str]:
 
 def check_outputs(model_dir: Path, out: dict, n: int) -> dict:
     """The model's outputs for n images, as predict reads them, or a UserError."""
-    missing = [k for k in OUTPUTS if k not in out]
+    missing = [k for k in READS if k not in out]
     if missing:
-        raise UserError(f"{model_dir}'s serving_default signature has outputs "
+        raise UserError(f"{model_dir}'s {contract.SIGNATURE} signature has outputs "
                         f"{sorted(out)}, not {' and '.join(missing)}; "
                         "is it a lenet-dist export?")
     probs, classes = out["probabilities"], out["classes"]
@@ -89,19 +90,21 @@ def check_outputs(model_dir: Path, out: dict, n: int) -> dict:
 
 def checkpoint_predictor(workdir: str, step: int | None, best: bool):
     """(predict(images) -> outputs, class names) for a checkpoint, in JAX on one device."""
+    # Here, not at the top: `predict --model` runs on TensorFlow alone, without JAX.
     import jax
 
-    from lenet_dist.evaluate import restore_params
     from lenet_dist.mesh import Shardings, make_mesh
+    from lenet_dist.restore import restore_checkpoint
     from lenet_dist.step import infer
 
-    params, config, _, _, _ = restore_params(workdir, step, best, Shardings(make_mesh(1)))
+    restored = restore_checkpoint(workdir, Shardings(make_mesh(1)), step, best)
     forward = jax.jit(infer)
 
     def predict(images):
-        return {k: np.asarray(v) for k, v in jax.device_get(forward(params, images)).items()}
+        out = forward(restored.variables, images)
+        return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
 
-    return predict, list(data_lib.CLASS_NAMES[config.dataset]), None
+    return predict, list(data_lib.CLASS_NAMES[restored.config.dataset])
 
 
 def predict(inputs, model: str | None = None, workdir: str | None = None,
@@ -109,16 +112,14 @@ def predict(inputs, model: str | None = None, workdir: str | None = None,
             top: int = 1, labels: str | None = None) -> dict:
     """Classify `inputs`; returns rows of (name, [(class name, probability)] * top)
     and, when `labels` (an IDX labels file) is given, the accuracy."""
-    from lenet_dist.images import load_inputs
-
     if model is not None:
         path = Path(model)
         if not is_savedmodel(path):
             raise UserError(f"{model} is not a SavedModel directory (no saved_model.pb)")
-        forward, names, tf = savedmodel_predictor(path)
+        forward, names = savedmodel_predictor(path)
     else:
-        forward, names, tf = checkpoint_predictor(workdir, step, best)
-    images, image_names = load_inputs(inputs, tf=tf, invert=invert)
+        forward, names = checkpoint_predictor(workdir, step, best)
+    images, image_names = load_inputs(inputs, invert=invert)
 
     probs, classes = [], []
     for i in range(0, len(images), BATCH):

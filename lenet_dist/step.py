@@ -121,25 +121,27 @@ def infer(variables, images) -> dict[str, jax.Array]:
             "classes": jnp.argmax(logits, axis=-1)}
 
 
-def _add(acc, new):
-    return jax.tree.map(jnp.add, acc, new)
+def _add(sums, new):
+    return jax.tree.map(jnp.add, sums, new)
 
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
     """The jitted steps for one mesh.
 
-    `train(state, acc, xs, ys, i)` runs step i of an epoch stored on the
-    devices as [steps, batch, ...] and adds its metrics to `acc`; state is
-    donated. `evaluate(params, acc, xs, ys, mask, i)` does the same for eval.
-    Accumulators start from `zeros()`, so every call sees the same placements
-    and each function compiles exactly once.
+    `train(state, sums, xs, ys, i)` runs step i of an epoch stored on the
+    devices as [steps, batch, ...] and adds its metrics to the metric sums `sums`;
+    state is donated. `evaluate(variables, sums, xs, ys, mask, i)` does the same for
+    eval. Sums start from `zeros()`, so every call sees the same placements and each
+    function compiles exactly once.
     """
 
     train: Callable
     evaluate: Callable
-    zeros: Callable  # () -> metric accumulators, already placed on the mesh
-    abstract: Callable  # () -> {"state", "acc"} ShapeDtypeStructs with this mesh's shardings
+    zeros: Callable  # () -> metric sums, all zero, already placed on the mesh
+    # () -> {"state", "acc"} ShapeDtypeStructs with this mesh's shardings: the checkpoint's
+    # tree, whose key "acc" (the metric sums) stays as every saved checkpoint spells it
+    abstract: Callable
 
 
 def build_steps(tx: optax.GradientTransformation, shardings: Shardings,
@@ -152,14 +154,14 @@ def build_steps(tx: optax.GradientTransformation, shardings: Shardings,
     stacked = shardings.stacked_batches
     metrics_sh = jax.tree.map(lambda _: rep, zero_metrics())
 
-    def train_at(state, acc, xs, ys, i):
+    def train_at(state, sums, xs, ys, i):
         images = jax.lax.with_sharding_constraint(xs[i], shardings.batch)
         labels = jax.lax.with_sharding_constraint(ys[i], shardings.batch)
         state, metrics = train_step(state, images, labels, tx, config)
-        return state, _add(acc, metrics)
+        return state, _add(sums, metrics)
 
-    def eval_at(variables, acc, xs, ys, mask, i):
-        return _add(acc, eval_step(variables, xs[i], ys[i], mask[i]))
+    def eval_at(variables, sums, xs, ys, mask, i):
+        return _add(sums, eval_step(variables, xs[i], ys[i], mask[i]))
 
     train = jax.jit(
         train_at,
@@ -188,10 +190,10 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def summarize(acc: dict) -> dict[str, float]:
+def summarize(sums: dict) -> dict[str, float]:
     """Device sums -> host floats (one transfer per epoch)."""
-    acc = jax.device_get(acc)
-    n = max(int(acc["count"]), 1)
-    return {"loss": float(acc["loss_sum"]) / n, "accuracy": int(acc["correct"]) / n,
-            "count": int(acc["count"])}
+    sums = jax.device_get(sums)
+    n = max(int(sums["count"]), 1)
+    return {"loss": float(sums["loss_sum"]) / n, "accuracy": int(sums["correct"]) / n,
+            "count": int(sums["count"])}
 

@@ -25,7 +25,8 @@ from lenet_dist import distributed, safefs, versions
 from lenet_dist.config import Config
 from lenet_dist.data import CLASS_NAMES
 from lenet_dist.errors import Failure, Preempted, UserError
-from lenet_dist.feed import EvalFeed, eval_feed, train_feed
+from lenet_dist.evaluate import evaluate
+from lenet_dist.feed import eval_feed, train_feed
 from lenet_dist.mesh import Shardings, check_batch, make_mesh
 from lenet_dist.preemption import StopRule
 from lenet_dist.state import TrainState, create_state, learning_rate, make_optimizer
@@ -45,17 +46,6 @@ class TrainResult:
     @property
     def final(self) -> dict:
         return self.history[-1]
-
-
-def evaluate(steps: Steps, variables, feed: EvalFeed) -> dict[str, float]:
-    """Loss and accuracy over every real example of `feed` (padding masked out);
-    `variables` is the state's (`TrainState.variables`: BatchNorm in eval mode)."""
-    sums = steps.zeros()
-    for i in range(feed.num_batches):
-        sums = steps.evaluate(variables, sums, feed.images, feed.labels, feed.mask, i)
-    metrics = summarize(sums)
-    assert metrics["count"] == feed.size, (metrics["count"], feed.size)
-    return metrics
 
 
 class Diverged(Exception):
@@ -104,11 +94,11 @@ def run_steps(steps: Steps, state: TrainState, sums: dict, xs, ys, first: int, l
     return state, sums
 
 
-def format_epoch(r: dict, epochs: int) -> str:
-    return (f"epoch {r['epoch']:>{len(str(epochs))}}/{epochs}  "
-            f"train loss {r['train_loss']:.4f} acc {r['train_accuracy']:.4f}  "
-            f"test loss {r['test_loss']:.4f} acc {r['test_accuracy']:.4f}  "
-            f"{r['images_per_sec']:,.0f} img/s  {r['epoch_seconds']:.1f} s")
+def format_epoch(record: dict, epochs: int) -> str:
+    return (f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  "
+            f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}  "
+            f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}  "
+            f"{record['images_per_sec']:,.0f} img/s  {record['epoch_seconds']:.1f} s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +207,7 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
         f"{mesh.devices.flat[0].platform} device(s), global batch {config.batch_size}, "
         f"{config.optimizer} lr {config.learning_rate}, {config.epochs} epochs")
 
-    stack = versions.installed()
+    installed = versions.installed()
     lr = learning_rate(config, steps_per_epoch)
     lr_at = (lambda step: float(lr(step))) if callable(lr) else (lambda step: lr)
     cleanup = contextlib.ExitStack()
@@ -240,7 +230,7 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
         return {"config": config.to_dict(), "step": step, "epoch": step / steps_per_epoch,
                 "steps_per_epoch": steps_per_epoch, "history": list(history),
                 "mesh": dict(mesh.shape),
-                "versions": stack, "dataset_source": dataset.source}
+                "versions": installed, "dataset_source": dataset.source}
 
     def save(step: int, state, sums, wait: bool, metrics: dict | None = None) -> None:
         """Save, unless the state is not finite: then the run has diverged at `step`."""

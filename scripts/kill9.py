@@ -34,6 +34,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
+from lenet_dist import runtime
+
 TRAIN = ["train", "--devices", "8", "--epochs", "3", "--train-limit", "2560",
          "--batch-size", "64", "--lr", "0.5", "--save-every-steps", "3",
          "--keep-checkpoints", "3", "--no-progress"]
@@ -73,16 +77,16 @@ def kill_once(cmd: list[str], workdir: Path, rng: random.Random) -> str:
 
 
 def final_params(workdir: Path):
-    from lenet_dist.evaluate import restore_params
+    # Here, not at the top: JAX must be configured (main's runtime.configure) first.
     from lenet_dist.mesh import Shardings, make_mesh
+    from lenet_dist.restore import restore_checkpoint
 
-    params, _, step, _, _ = restore_params(str(workdir), None, False, Shardings(make_mesh(1)))
-    return step, params
+    restored = restore_checkpoint(str(workdir), Shardings(make_mesh(1)))
+    return restored.step, restored.variables
 
 
 def max_diff(params, ref) -> float:
-    import jax
-    import numpy as np
+    import jax  # here, not at the top: JAX must be configured (main) first
 
     return max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)))
@@ -265,9 +269,6 @@ def main() -> int:
                         help=f"comma-separated, from {', '.join(KINDS)} [default: train]")
     args = parser.parse_args()
     rng = random.Random(args.seed)
-
-    from lenet_dist import runtime
-
     runtime.configure(cpu_devices=1)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 from lenet_dist import data as data_lib  # noqa: E402
 from lenet_dist.cli import main  # noqa: E402
 from lenet_dist.config import Config  # noqa: E402
-from lenet_dist.evaluate import restore_params  # noqa: E402
+from lenet_dist.restore import restore_checkpoint  # noqa: E402
 from lenet_dist.export import export_checkpoint  # noqa: E402
 from lenet_dist.mesh import Shardings, make_mesh  # noqa: E402
 
@@ -203,8 +203,8 @@ def exported(trained, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def jax_params(trained):
-    params, *_ = restore_params(trained.config.workdir, None, False, Shardings(make_mesh(1)))
-    return jax.device_get(params)
+    variables = restore_checkpoint(trained.config.workdir, Shardings(make_mesh(1))).variables
+    return jax.device_get(variables)
 
 
 def one_line_error(capsys, argv, code=2):

@@ -11,7 +11,8 @@ import pytest
 from lenet_dist.checkpoint import Checkpoints
 from lenet_dist.cli import main
 from lenet_dist.errors import UserError
-from lenet_dist.evaluate import evaluate_checkpoint, restore_params
+from lenet_dist.evaluate import evaluate_checkpoint
+from lenet_dist.restore import restore_checkpoint
 from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.train import train
 from tests.conftest import assert_same_params, copy_run_until, run_cli, small
@@ -48,8 +49,8 @@ def test_interrupted_run_continues_exactly(reference, dataset, tmp_path, resume_
 
 @pytest.mark.parametrize("n", [1, 4])
 def test_checkpoint_from_8_devices_restores_on_fewer(trained, dataset, n):
-    params, config, step, meta, _ = restore_params(trained.config.workdir, None, False,
-                                                   Shardings(make_mesh(n)))
+    restored = restore_checkpoint(trained.config.workdir, Shardings(make_mesh(n)))
+    params, step, meta = restored.variables, restored.step, restored.meta
     assert meta["mesh"] == {"data": 8} and step == trained.final["step"]
     assert {len(p.sharding.device_set) for p in jax.tree.leaves(params)} == {n}
     assert_same_params(params, trained.state.params)
@@ -164,5 +165,5 @@ def test_sigterm_saves_and_resume_matches(reference, tmp_path):
     again = run_cli(*args)
     assert again.returncode == 0, again.stderr
     assert "resuming from checkpoint at step" in again.stdout
-    params, *_ = restore_params(str(tmp_path), None, False, Shardings(make_mesh(8)))
+    params = restore_checkpoint(str(tmp_path), Shardings(make_mesh(8))).variables
     assert_same_params(params, ref.state.params, atol=1e-6)

@@ -245,15 +245,18 @@ def test_export_never_replaces_what_is_not_a_model(trained, capsys, tmp_path, mo
 
 
 def test_a_diverged_checkpoint_is_not_exported(trained, monkeypatch, tmp_path):
-    from lenet_dist import evaluate
+    import dataclasses
 
-    real = evaluate.restore_params
+    from lenet_dist import export as export_lib
+
+    real = export_lib.restore_checkpoint
 
     def nan_params(*args, **kwargs):
-        params, *rest = real(*args, **kwargs)
-        return (jax.tree.map(lambda p: p * np.nan, params), *rest)
+        restored = real(*args, **kwargs)
+        return dataclasses.replace(
+            restored, variables=jax.tree.map(lambda p: p * np.nan, restored.variables))
 
-    monkeypatch.setattr(evaluate, "restore_params", nan_params)
+    monkeypatch.setattr(export_lib, "restore_checkpoint", nan_params)
     with pytest.raises(UserError, match="has NaN or infinite parameters"):
         export_checkpoint(trained.config.workdir, str(tmp_path / "m"))
     assert list(tmp_path.iterdir()) == []

@@ -252,7 +252,7 @@ def test_modern_recipe_as_2x4_trains_like_1x8(data_dir, dataset, tmp_path):
     """BatchNorm's statistics span the global batch across processes too; augmentation
     draws the same crops on 2 processes as in one."""
     from lenet_dist.config import PRESETS
-    from lenet_dist.evaluate import restore_params
+    from lenet_dist.restore import restore_checkpoint
 
     work = tmp_path / "mp"
     job, codes = run_job(["train", "--recipe", "modern", "--devices", "8", "--epochs", "1",
@@ -263,7 +263,7 @@ def test_modern_recipe_as_2x4_trains_like_1x8(data_dir, dataset, tmp_path):
     one = train(PRESETS["modern"].replace(devices=8, epochs=1, train_limit=640, batch_size=64,
                                           workdir=str(tmp_path / "one"), checkpoint=False),
                 dataset=dataset, log=lambda _: None)
-    variables, *_ = restore_params(str(work), None, False, Shardings(make_mesh(8)))
+    variables = restore_checkpoint(str(work), Shardings(make_mesh(8))).variables
     assert set(variables) == {"params", "batch_stats"}
     assert_same_params(variables, one.state.variables, atol=1e-5)
     assert (work / "tb").is_dir()  # process 0 wrote the events

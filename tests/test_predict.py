@@ -1,13 +1,16 @@
 """`lenet-dist predict`: a SavedModel and a checkpoint classify files alike."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 from lenet_dist.cli import main
-from lenet_dist.evaluate import restore_params
+from lenet_dist.restore import restore_checkpoint
 from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.step import infer
 from tests.conftest import (one_line_error, png_bytes,
@@ -44,8 +47,8 @@ def test_predict_savedmodel_and_checkpoint_agree(exported, trained, dataset, cap
     assert all(len(r["predictions"]) == 3 for r in rows)
     # A PNG of a test image is the same pixels after the 28x28 "resize": same answer.
     names = (model / "assets" / "labels.txt").read_text().splitlines()
-    expected = np.asarray(jax.jit(infer)(restore_params(
-        trained.config.workdir, None, False, Shardings(make_mesh(1)))[0],
+    expected = np.asarray(jax.jit(infer)(restore_checkpoint(
+        trained.config.workdir, Shardings(make_mesh(1))).variables,
         dataset.test.images[:3])["classes"])
     assert [r["predictions"][0]["class"] for r in rows] == [names[c] for c in expected]
 
@@ -79,3 +82,27 @@ def test_predict_needs_one_model(capsys, tmp_path):
     assert "give exactly one of --model (SavedModel) or --workdir" in msg
     msg = one_line_error(capsys, ["predict", "--model", str(tmp_path), str(tmp_path / "x.png")])
     assert "is not a SavedModel directory" in msg
+
+
+# predict --model in a fresh interpreter where JAX and its libraries cannot be imported.
+WITHOUT_JAX = """
+import json, sys
+for name in ("jax", "jaxlib", "flax", "optax", "orbax"):
+    sys.modules[name] = None  # any import of these now fails
+from lenet_dist.predict import predict
+result = predict([sys.argv[2]], model=sys.argv[1], labels=sys.argv[3])
+print(json.dumps({"accuracy": result["accuracy"]}))
+"""
+
+
+def test_predict_from_a_savedmodel_runs_without_jax(exported, test_idx, trained):
+    from lenet_dist import model, serving_contract
+
+    assert serving_contract.NUM_CLASSES == model.NUM_CLASSES
+    images, labels = map(str, test_idx)
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_JAX, str(exported[0]), images, labels],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["accuracy"] == pytest.approx(trained.final["test_accuracy"], abs=1e-6)

@@ -11,7 +11,8 @@ import pytest
 from lenet_dist import model as model_lib
 from lenet_dist.cli import main
 from lenet_dist.config import PRESETS, Config
-from lenet_dist.evaluate import evaluate_checkpoint, restore_params
+from lenet_dist.evaluate import evaluate_checkpoint
+from lenet_dist.restore import restore_checkpoint
 from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.state import BNTrainState
 from lenet_dist.step import augment
@@ -87,8 +88,8 @@ def test_resumed_modern_run_equals_the_uninterrupted_one(modern_reference, datas
 def test_modern_checkpoint_evaluates_on_other_device_counts(modern_reference, dataset):
     work, ref = modern_reference
     for n in (1, 4):
-        variables, config, step, meta, _ = restore_params(str(work), None, False,
-                                                          Shardings(make_mesh(n)))
+        restored = restore_checkpoint(str(work), Shardings(make_mesh(n)))
+        variables, config = restored.variables, restored.config
         assert config.recipe == "modern" and set(variables) == {"params", "batch_stats"}
         result = evaluate_checkpoint(str(work), devices=n)
         assert result["test_accuracy"] == pytest.approx(ref.final["test_accuracy"], abs=1e-6)
@@ -120,7 +121,7 @@ def test_mnist_with_both_recipes(recipe, tmp_path, capsys):
                  "--devices", "8", "--epochs", "1", "--batch-size", "64", "--workdir",
                  str(work), "--no-progress", "--no-tensorboard"]) == 0
     assert "training LeNet-5 on mnist" in capsys.readouterr().out
-    _, config, *_ = restore_params(str(work), None, False, Shardings(make_mesh(1)))
+    config = restore_checkpoint(str(work), Shardings(make_mesh(1))).config
     assert (config.dataset, config.recipe) == ("mnist", recipe)
     assert main(["predict", "--workdir", str(work), str(data / "t10k-images-idx3-ubyte"),
                  "--labels", str(data / "t10k-labels-idx1-ubyte"), "-q"]) == 0

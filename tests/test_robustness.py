@@ -21,7 +21,8 @@ from lenet_dist import safefs
 from lenet_dist import train as train_mod
 from lenet_dist.cli import main
 from lenet_dist.errors import Failure, UserError
-from lenet_dist.evaluate import evaluate_checkpoint, list_checkpoints, restore_params
+from lenet_dist.evaluate import evaluate_checkpoint, list_checkpoints
+from lenet_dist.restore import restore_checkpoint
 from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.train import train
 from tests.conftest import assert_same_params, small
@@ -190,9 +191,7 @@ def test_bad_metadata_in_the_latest_checkpoint(run_copy, dataset, reference, con
     rows = {r["step"]: r for r in list_checkpoints(str(run_copy))}
     assert rows[20]["unreadable"] and not rows[20]["best"]
     # Read-only commands name it and use the previous good one; nothing is moved.
-    params, _, step, _, _ = restore_params(str(run_copy), None, False,
-                                           Shardings(make_mesh(8)))
-    assert step == 18
+    assert restore_checkpoint(str(run_copy), Shardings(make_mesh(8))).step == 18
     assert "checkpoint step 20 is unreadable" in capsys.readouterr().err
     assert main(["eval", "--workdir", str(run_copy), "--step", "20"]) == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -26,9 +26,9 @@ def one_step(n_devices):
     tx = make_optimizer(Config())
     steps = build_steps(tx, sh)
     state = create_state(0, tx, sh)
-    state, acc = steps.train(state, steps.zeros(), put(x, sh.stacked_batches),
-                             put(y, sh.stacked_batches), 0)
-    return state, summarize(acc)
+    state, sums = steps.train(state, steps.zeros(), put(x, sh.stacked_batches),
+                              put(y, sh.stacked_batches), 0)
+    return state, summarize(sums)
 
 
 @pytest.mark.parametrize("n", [1, 8])
@@ -51,13 +51,13 @@ def test_train_step_donates_state_and_does_not_retrace():
     state = create_state(0, tx, sh)
     x = put(np.zeros((3, 64, 28, 28, 1), np.uint8), sh.stacked_batches)
     y = put(np.zeros((3, 64), np.int32), sh.stacked_batches)
-    acc = steps.zeros()
+    sums = steps.zeros()
     for i in range(3):
         old = state
-        state, acc = steps.train(state, acc, x, y, i)
+        state, sums = steps.train(state, sums, x, y, i)
         assert old.params["layers_0"]["kernel"].is_deleted()
     assert steps.train._cache_size() == 1
-    assert summarize(acc)["count"] == 192
+    assert summarize(sums)["count"] == 192
 
 
 def test_same_losses_on_1_2_and_8_devices(dataset, tmp_path):
@@ -95,10 +95,10 @@ def test_metric_sums_exact_and_one_all_reduce_per_step():
     variables = jax.device_get(state.variables)
     logits = np.asarray(build("d2l").apply(variables, x[1].astype(np.float32) / 255.0))
     hits = logits.argmax(-1) == y[1]
-    acc = steps.evaluate(state.variables, steps.zeros(), xs, ys, ms, 1)
-    got = jax.device_get(acc)
+    sums = steps.evaluate(state.variables, steps.zeros(), xs, ys, ms, 1)
+    got = jax.device_get(sums)
     assert int(got["count"]) == int(mask[1].sum())
     assert int(got["correct"]) == int((hits & mask[1]).sum())
-    state, acc = steps.train(state, steps.zeros(), xs, ys, 1)
-    assert int(jax.device_get(acc)["correct"]) == int(hits.sum())
-    assert int(jax.device_get(acc)["count"]) == 64
+    state, sums = steps.train(state, steps.zeros(), xs, ys, 1)
+    assert int(jax.device_get(sums)["correct"]) == int(hits.sum())
+    assert int(jax.device_get(sums)["count"]) == 64
