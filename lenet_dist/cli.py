@@ -19,7 +19,7 @@ import traceback
 
 import click
 
-from lenet_dist import distributed, runtime, safefs
+from lenet_dist import distributed, extras, runtime, safefs
 from lenet_dist import launch as launch_lib
 from lenet_dist.config import (
     DEFAULT_EXPORT_PLATFORMS,
@@ -594,11 +594,21 @@ def main(argv=None) -> int:
         return report(f"error: {e.strerror or e}{where}", e, 1, session)
     except (KeyboardInterrupt, click.exceptions.Abort) as e:
         return report("error: interrupted", e, 130, session)
+    except ModuleNotFoundError as e:
+        hint = extras.missing(e.name or "")
+        if hint is None:  # a core module: a broken install, reported as internal below
+            return internal_error(e, session)
+        return report(f"error: {hint}", e, hint.exit_code, session)
     except Exception as e:
-        lost_process_exit(e)
-        what = type(e).__name__ + (f": {first_line(e)}" if str(e).strip() else "")
-        return report(f"error: internal error: {what}; rerun with --debug (or {DEBUG_ENV}=1) "
-                      "for the traceback", e, 1, session)
+        return internal_error(e, session)
+
+
+def internal_error(e: Exception, session: Session) -> int:
+    """A bug or a broken install: one line, the traceback only with --debug."""
+    lost_process_exit(e)
+    what = type(e).__name__ + (f": {first_line(e)}" if str(e).strip() else "")
+    return report(f"error: internal error: {what}; rerun with --debug (or {DEBUG_ENV}=1) "
+                  "for the traceback", e, 1, session)
 
 
 def debug_from_env() -> bool:
