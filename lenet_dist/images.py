@@ -252,9 +252,9 @@ def decode_image(path: Path, raw: bytes, kind: str, invert: bool) -> np.ndarray:
     return 255 - small if invert else small
 
 
-# What Pillow raises on a broken file: OSError (truncated data, a decoder error,
-# UnidentifiedImageError), SyntaxError (a broken PNG chunk), and the rest from
-# parsing headers it trusts; DecompressionBombWarning is an error in open_image.
+# What Pillow raises on a broken file: OSError (truncated data, a decoder error),
+# SyntaxError (a broken PNG chunk), the rest from parsing headers it trusts, and
+# open_image's ValueError and DecompressionBombWarning (an error there).
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError,
                  struct.error, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
