@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from lenet_dist import checkpoint as ckpt_lib
 from lenet_dist import data as data_lib
 from lenet_dist import distributed, safefs, versions
-from lenet_dist.config import Config
+from lenet_dist.config import Config, write_config
 from lenet_dist.data import CLASS_NAMES
 from lenet_dist.errors import Failure, Preempted, UserError
 from lenet_dist.evaluate import evaluate
@@ -190,6 +190,7 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
         state, sums, history = tree["state"], tree["acc"], meta["history"]
     if primary:  # epochs after the checkpoint dropped, another run's lines kept aside
         start_metrics(workdir, history, log)
+        write_config(workdir, config)  # what this run computes, for `train --config`
     start = int(state.step)
     if restored is not None:
         if start >= total_steps:

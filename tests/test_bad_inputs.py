@@ -80,6 +80,17 @@ FF = b"\xff"  # a byte that is never UTF-8
 
 CASES: list[Case] = [
     # --- train: numbers --------------------------------------------------------------
+    Case("train-config-missing", ("train", "--config", "run.yaml"), 2,
+         "cannot read --config run.yaml: No such file or directory"),
+    Case("train-config-unknown-key", ("train", "--config", "run.yaml"), 2,
+         "--config run.yaml: unknown key 'lr'; the keys are Config's fields",
+         setup=_write("run.yaml", b"lr: 0.1\n")),
+    Case("train-config-wrong-type", ("train", "--config", "run.yaml"), 2,
+         "--config run.yaml: epochs must be an integer, got 'ten'",
+         setup=_write("run.yaml", b"epochs: ten\n")),
+    Case("train-config-bad-json", ("train", "--config", "run.json"), 2,
+         "--config run.json is not valid JSON",
+         setup=_write("run.json", b'{"epochs": 3,')),
     Case("train-devices-zero", ("train", "--devices", "0"), 2,
          "Invalid value for '--devices': 0 is not in the range 1<=x<=2147483647."),
     Case("train-devices-word", ("train", "--devices", "two"), 2,

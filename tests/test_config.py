@@ -248,3 +248,11 @@ def test_any_settings_file_is_read_or_refused_in_one_line(tmp_path, text, suffix
         config.validate()
     except UserError:
         pass  # a combination of fields (e.g. weight decay without AdamW), one line
+
+
+def test_a_training_run_leaves_its_config_json(trained):
+    """train writes <workdir>/config.json, and reading it back gives the run's Config."""
+    path = os.path.join(trained.config.workdir, config_lib.CONFIG_FILE)
+    saved = json.loads(open(path).read())
+    assert saved == trained.config.to_dict()
+    assert Config(**config_lib.read_settings(path)) == trained.config
