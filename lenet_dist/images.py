@@ -288,9 +288,8 @@ def read_input(path: Path) -> tuple[str | None, bytes]:
             raise UserError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def load_inputs(paths: Sequence[str],
-                tf=None,  # ignored; removed once predict.py stops passing it
-                invert: bool = False) -> tuple[np.ndarray, list[str]]:
+def load_inputs(paths: Sequence[str], *, invert: bool = False
+                ) -> tuple[np.ndarray, list[str]]:
     """All inputs as one uint8 batch [n, 28, 28, 1], and a name per image."""
     batches, names = [], []
     for p in map(Path, paths):
