@@ -196,7 +196,7 @@ def import_tensorflow():
             import tensorflow as tf
     except ImportError as e:
         from lenet_dist import extras  # see LAZY_ERRORS
-        from lenet_dist.errors import UserError
+        from lenet_dist.errors import UserError  # see LAZY_ERRORS
 
         error = extras.missing("tensorflow", f" ({e})")
         raise UserError(f"{error}; or `pip install {TENSORFLOW_PIN}` alone (`tensorflow` "
