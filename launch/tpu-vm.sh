@@ -240,7 +240,8 @@ remote_setup() {  # $1: wheel file name, copied to the home directory
     ' rm -rf '"$venv"'; uv venv --seed --python '"$(rq "$remote_python")"' '"$venv"';' \
     ' '"$venv"'/bin/python -m pip install -q '"$(rq "${whl}[tpu]")"';' \
     ' { sudo apt-get update -q && sudo apt-get install -y -q dataset-fashion-mnist; } >/dev/null 2>&1' \
-    ' || echo "$(hostname): no dataset-fashion-mnist package; lenet-dist will download Fashion-MNIST";' \
+    ' || { echo "$(hostname): no dataset-fashion-mnist package; adding the [tfds] extra to download Fashion-MNIST";' \
+    ' '"$venv"'/bin/python -m pip install -q '"$(rq "${whl}[tpu,tfds]")"'; };' \
     ' '"$venv"'/bin/lenet-dist --help >/dev/null;' \
     ' echo "$(hostname): lenet-dist ready, $('"$venv"'/bin/python -V)"'
 }
@@ -331,8 +332,9 @@ cmd_create() {
 cmd_setup() {
   local whl=$wheel version
   if [[ -z "$whl" ]]; then
-    version=$(sed -n 's/^version *= *"\([^"]*\)".*/\1/p' "$repo/pyproject.toml" | head -n 1)
-    [[ -n "$version" ]] || die "no version in $repo/pyproject.toml: build a wheel and pass --wheel"
+    # The version's one home (pyproject reads it from there too).
+    version=$(sed -n 's/^__version__ *= *"\([^"]*\)".*/\1/p' "$repo/lenet_dist/__init__.py" | head -n 1)
+    [[ -n "$version" ]] || die "no __version__ in $repo/lenet_dist/__init__.py: build a wheel and pass --wheel"
     # The wheel is pure Python; the workers' Python 3.12 checks requires-python.
     run "${PYTHON:-python3}" -m pip wheel --no-deps --ignore-requires-python -w "$(in_repo dist)" "$repo"
     whl="$(in_repo dist)/lenet_dist-$version-py3-none-any.whl"

@@ -18,12 +18,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+import lenet_dist
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 TPU = LAUNCH / "tpu-vm.sh"
 SLURM = LAUNCH / "slurm.sbatch"
 SHELL_SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch"),
-                        *(ROOT / "scripts").glob("*.sh")])
+                        *(ROOT / "scripts").glob("*.sh"), *(ROOT / "export").glob("*.sh"),
+                        *(ROOT / "benchmarks").rglob("*.sh")])
 
 NAME, RUN = "lenet-v5e", "lenet-v5e"
 COMMON = ["-p", "my-proj", "-z", "us-central1-a", "-n", NAME, "-a", "v5litepod-16",
@@ -33,7 +36,7 @@ TRAIN = ["--", "--epochs", "20", "--data-dir", DATA_DIR]
 SEQUENCE = ["create", "setup", "start", "status", "logs", "stop", "delete", "recreate"]
 TRAIN_ARGV = ["train", "--distributed", "auto", "--workdir", f"gs://my-bucket/{RUN}",
               "--epochs", "20", "--data-dir", DATA_DIR]
-VERSION = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M)[1]
+VERSION = lenet_dist.__version__
 WHEEL = f"dist/lenet_dist-{VERSION}-py3-none-any.whl"
 LOC = ["--zone=us-central1-a", "--project=my-proj"]
 
