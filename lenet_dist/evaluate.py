@@ -54,7 +54,7 @@ def test_predictions(workdir: str, step: int | None = None, best: bool = False,
                                   for i in range(0, len(images), batch)])
     return {"config": config, "step": restored.step, "history": restored.meta["history"],
             "images": images, "labels": dataset.test.labels, "predictions": predictions,
-            "class_names": data_lib.CLASS_NAMES[config.dataset],
+            "class_names": dataset.class_names,
             "parameters": param_count(variables["params"])}
 
 

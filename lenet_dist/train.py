@@ -23,7 +23,6 @@ from lenet_dist import checkpoint as ckpt_lib
 from lenet_dist import data as data_lib
 from lenet_dist import distributed, safefs, versions
 from lenet_dist.config import Config, write_config
-from lenet_dist.data import CLASS_NAMES
 from lenet_dist.errors import Failure, Preempted, UserError
 from lenet_dist.evaluate import evaluate
 from lenet_dist.feed import eval_feed, train_feed
@@ -310,7 +309,7 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
                         "images_per_sec": record["images_per_sec"]})
                     predicted = np.asarray(forward(state.variables, grid.images)["classes"])
                     board.image_grid("test/predictions", record["step"], grid.images,
-                                     grid.labels, predicted, CLASS_NAMES[dataset.name])
+                                     grid.labels, predicted, dataset.class_names)
                     board.flush()
                 if ckpt:
                     save(record["step"], state, sums, wait=stop.should_stop(),
