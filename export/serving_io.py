@@ -233,6 +233,30 @@ def open_image(path: Path, raw: bytes, kind: str):
     return im
 
 
+def bmp_alpha(raw: bytes, height: int, width: int) -> np.ndarray | None:
+    """The 4th byte of a 32-bit BMP's pixels, as alpha: TensorFlow read it so, and Pillow
+    drops it. None when the file has no such byte, or when it is 0 everywhere: then it is
+    padding, not alpha (TensorFlow turned such an image black)."""
+    if len(raw) < 54 or struct.unpack_from("<I", raw, 14)[0] < 40:
+        return None  # an OS/2 header: no 32-bit pixels
+    offset, = struct.unpack_from("<I", raw, 10)
+    file_width, file_height = struct.unpack_from("<ii", raw, 18)
+    bits, compression = struct.unpack_from("<HI", raw, 28)
+    if bits != 32 or (file_width, abs(file_height)) != (width, height):
+        return None
+    # Plain, or bit fields with the usual masks: the 4th byte is the one left over.
+    if compression == 3 and (len(raw) < 66 or struct.unpack_from("<III", raw, 54)
+                             != (0xFF0000, 0xFF00, 0xFF)):
+        return None
+    if compression not in (0, 3) or len(raw) < offset + 4 * width * height:
+        return None
+    alpha = np.frombuffer(raw, np.uint8, 4 * width * height, offset)[3::4]
+    if not alpha.any():
+        return None
+    alpha = alpha.reshape(height, width)
+    return alpha[::-1] if file_height > 0 else alpha  # rows are bottom-up unless < 0
+
+
 def pixels_of(im, raw: bytes) -> np.ndarray:
     """A Pillow image -> [h, w, 1|2|3|4] uint8, the channels the file holds (gray,
     gray+alpha, RGB, RGBA): palettes expanded, a transparent colour or palette entry
@@ -255,6 +279,10 @@ def pixels_of(im, raw: bytes) -> np.ndarray:
         x = np.asarray(im.convert(mode))
     if mode == "RGBA" and raw.startswith(b"\x89PNG") and len(raw) > 25 and raw[25] == 4:
         x = x[..., [0, 3]]  # 16-bit gray+alpha PNG, which Pillow reads as RGBA
+    if mode == "RGB" and im.format == "BMP":
+        alpha = bmp_alpha(raw, *x.shape[:2])
+        if alpha is not None:
+            x = np.concatenate([x, alpha[..., None]], -1)
     return x.reshape(*x.shape[:2], -1)
 
 

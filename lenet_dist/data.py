@@ -245,7 +245,8 @@ def resolve_source(name: str, data_dir: str | None) -> tuple[str, str | None]:
 def how_to_get(name: str) -> str:
     pkg = "dataset-fashion-mnist" if name == "fashion_mnist" else "an MNIST IDX copy"
     return (f"get {name} one of three ways: pass --data-dir DIR holding its four IDX files; "
-            f"let TFDS download it (needs internet) into {tfds_data_dir()}; "
+            f"let TFDS download it (needs internet) into {tfds_data_dir()}, with the "
+            "[tfds] extra; "
             f"or install {pkg} (apt-get install -y dataset-fashion-mnist) "
             f"into {SYSTEM_DIRS[name]}")
 

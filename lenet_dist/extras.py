@@ -15,7 +15,8 @@ from lenet_dist.errors import UserError
 # keeps the two in step.
 EXTRAS: dict[str, tuple[str, str, str]] = {
     "tensorflow": ("TensorFlow", "export", "export, predict --model and bench --serving"),
-    "tensorflow_datasets": ("TensorFlow Datasets", "tfds", "reading a TFDS copy of the data"),
+    "tensorflow_datasets": ("TensorFlow Datasets", "tfds",
+                            "reading or downloading the data with TFDS"),
     "matplotlib": ("matplotlib", "report", "report"),
 }
 

@@ -4,8 +4,11 @@ Everything is checked before it is decoded: special files (a FIFO or a device
 never blocks the read), empty files, files that are not images, headers that
 claim images too large to decode safely, IDX files of the wrong shape.
 
-Pillow decodes (TensorFlow took seconds to import for it); the resize is
-TensorFlow's area resize in numpy, bit for bit, so predictions did not change.
+Pillow decodes (TensorFlow took seconds to import for it), reading the channels
+TensorFlow's decoders did (a 32-bit BMP's 4th byte as alpha too); the resize is
+TensorFlow's area resize in numpy, bit for bit. JPEG pixels may differ from
+TensorFlow's by a grey level or two (libjpeg's fast DCT, which Pillow does not use), and
+a gray PNG's transparent colour now reads as transparent (TensorFlow ignored it).
 The deployment kit (export/serving_io.py) has its own copy of this decoding.
 """
 
@@ -159,6 +162,30 @@ def open_image(path: Path, raw: bytes, kind: str):
     return im
 
 
+def bmp_alpha(raw: bytes, height: int, width: int) -> np.ndarray | None:
+    """The 4th byte of a 32-bit BMP's pixels, as alpha: TensorFlow read it so, and Pillow
+    drops it. None when the file has no such byte, or when it is 0 everywhere: then it is
+    padding, not alpha (TensorFlow turned such an image black)."""
+    if len(raw) < 54 or struct.unpack_from("<I", raw, 14)[0] < 40:
+        return None  # an OS/2 header: no 32-bit pixels
+    offset, = struct.unpack_from("<I", raw, 10)
+    file_width, file_height = struct.unpack_from("<ii", raw, 18)
+    bits, compression = struct.unpack_from("<HI", raw, 28)
+    if bits != 32 or (file_width, abs(file_height)) != (width, height):
+        return None
+    # Plain, or bit fields with the usual masks: the 4th byte is the one left over.
+    if compression == 3 and (len(raw) < 66 or struct.unpack_from("<III", raw, 54)
+                             != (0xFF0000, 0xFF00, 0xFF)):
+        return None
+    if compression not in (0, 3) or len(raw) < offset + 4 * width * height:
+        return None
+    alpha = np.frombuffer(raw, np.uint8, 4 * width * height, offset)[3::4]
+    if not alpha.any():
+        return None
+    alpha = alpha.reshape(height, width)
+    return alpha[::-1] if file_height > 0 else alpha  # rows are bottom-up unless < 0
+
+
 def pixels_of(im, raw: bytes) -> np.ndarray:
     """A Pillow image -> [h, w, 1|2|3|4] uint8, the channels the file holds (gray,
     gray+alpha, RGB, RGBA): palettes expanded, a transparent colour or palette entry
@@ -181,6 +208,10 @@ def pixels_of(im, raw: bytes) -> np.ndarray:
         x = np.asarray(im.convert(mode))
     if mode == "RGBA" and raw.startswith(b"\x89PNG") and len(raw) > 25 and raw[25] == 4:
         x = x[..., [0, 3]]  # 16-bit gray+alpha PNG, which Pillow reads as RGBA
+    if mode == "RGB" and im.format == "BMP":
+        alpha = bmp_alpha(raw, *x.shape[:2])
+        if alpha is not None:
+            x = np.concatenate([x, alpha[..., None]], -1)
     return x.reshape(*x.shape[:2], -1)
 
 
@@ -235,6 +266,13 @@ def resize_area(gray: np.ndarray, out: int = 28) -> np.ndarray:
     return (small * scale)[..., None]
 
 
+# What Pillow raises on a broken file: OSError (truncated data, a decoder error),
+# SyntaxError (a broken PNG chunk), the rest from parsing headers it trusts, and
+# open_image's ValueError and DecompressionBombWarning (an error there).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError,
+                 struct.error, Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
 def decode_image(path: Path, raw: bytes, kind: str, invert: bool) -> np.ndarray:
     """Any supported image -> 28x28 grayscale uint8, area-resampled like the dataset.
 
@@ -250,13 +288,6 @@ def decode_image(path: Path, raw: bytes, kind: str, invert: bool) -> np.ndarray:
     small = resize_area(to_gray(pixels, background=255 if invert else 0))
     small = np.clip(np.rint(small), 0, 255).astype(np.uint8)
     return 255 - small if invert else small
-
-
-# What Pillow raises on a broken file: OSError (truncated data, a decoder error),
-# SyntaxError (a broken PNG chunk), the rest from parsing headers it trusts, and
-# open_image's ValueError and DecompressionBombWarning (an error there).
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError,
-                 struct.error, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 def read_idx_images(path: Path, invert: bool) -> np.ndarray:

@@ -46,7 +46,15 @@ def test_every_image_format_decodes_alike_in_predict_and_the_kit(dataset, tmp_pa
         "rgba.png": png_bytes(tf, np.concatenate(
             [np.repeat(np.where(alpha > 0, img, 255), 3, -1), alpha], -1)),
         "img.bmp": bmp_bytes(img[..., 0]),
+        # Pillow writes RGBA as a 32-bit BMP and reads its 4th byte back as padding;
+        # TensorFlow read it as alpha, and so does lenet-dist
+        "rgba.bmp": encode(np.concatenate(
+            [np.repeat(np.where(alpha > 0, img, 255), 3, -1), alpha], -1), "BMP"),
+        # a 4th byte that is 0 everywhere is padding: the image is opaque
+        "rgbx.bmp": encode(np.concatenate(
+            [np.repeat(img, 3, -1), np.zeros_like(img)], -1), "BMP"),
     }
+    assert files["rgba.bmp"][28] == 32 and files["rgbx.bmp"][28] == 32  # bits per pixel
     for name, raw in files.items():
         (tmp_path / name).write_bytes(raw)
         paths = [str(tmp_path / name)]
@@ -190,8 +198,8 @@ def test_the_kit_decodes_with_a_copy_of_predicts_code():
     import inspect
 
     kit = load_kit_module("serving_io")
-    for name in ["gif_frames", "skip_sub_blocks", "jpeg_frames", "pixels_of", "to_gray",
-                 "area_taps", "resize_area"]:
+    for name in ["gif_frames", "skip_sub_blocks", "jpeg_frames", "bmp_alpha", "pixels_of",
+                 "to_gray", "area_taps", "resize_area"]:
         assert inspect.getsource(getattr(kit, name)) == \
             inspect.getsource(getattr(images, name)), name
     for name in ["JPEG_FRAME_MARKERS", "PILLOW_MODES", "IMAGE_MAGICS", "MAX_SIDE",
