@@ -291,7 +291,10 @@ def checked_setting(where: str, key: Any, value: Any) -> Any:
     """`value` for field `key` as Config holds it, or a UserError naming `where` and key."""
     fields = {f.name: f for f in dataclasses.fields(Config)}
     if not isinstance(key, str) or key not in fields:
-        close = difflib.get_close_matches(str(key).replace("-", "_"), fields, n=1)
+        name = str(key).lstrip("-").replace("-", "_")
+        aliased = [f.name for f in fields.values()
+                   if "--" + name.replace("_", "-") in f.metadata.get("aliases", ())]
+        close = aliased or difflib.get_close_matches(name, fields, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise UserError(f"{where}: unknown key {key!r}{hint}; the keys are Config's fields: "
                         f"{', '.join(fields)}")

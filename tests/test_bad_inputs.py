@@ -83,7 +83,8 @@ CASES: list[Case] = [
     Case("train-config-missing", ("train", "--config", "run.yaml"), 2,
          "cannot read --config run.yaml: No such file or directory"),
     Case("train-config-unknown-key", ("train", "--config", "run.yaml"), 2,
-         "--config run.yaml: unknown key 'lr'; the keys are Config's fields",
+         "--config run.yaml: unknown key 'lr' (did you mean learning_rate?); the keys are "
+         "Config's fields",
          setup=_write("run.yaml", b"lr: 0.1\n")),
     Case("train-config-wrong-type", ("train", "--config", "run.yaml"), 2,
          "--config run.yaml: epochs must be an integer, got 'ten'",

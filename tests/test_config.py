@@ -168,7 +168,8 @@ def test_write_config_refuses_a_planted_link(tmp_path):
 
 @pytest.mark.parametrize("name, content, message", [
     ("run.yaml", "batch_size: 64\nlr: 0.1\n",
-     "run.yaml: unknown key 'lr'; the keys are Config's fields: dataset,"),
+     "run.yaml: unknown key 'lr' (did you mean learning_rate?); the keys are Config's "
+     "fields: dataset,"),
     ("run.yaml", "batch-size: 64\n", "unknown key 'batch-size' (did you mean batch_size?)"),
     ("run.yaml", "batch_size: 6.4\n", "run.yaml: batch_size must be an integer, got 6.4"),
     ("run.yaml", "batch_size: true\n", "run.yaml: batch_size must be an integer, got True"),
