@@ -30,6 +30,7 @@ from lenet_dist.config import (
     INT_RANGES,
     PRESETS,
     RECIPES,
+    FIELDS,
     Config,
     effective_config,
     field_type,
@@ -100,20 +101,17 @@ class ConfigOption(click.Option):
 
 def show_value(field: str, value) -> str:
     if value is None:
-        return CONFIG_FIELDS[field].metadata["unset"]
+        return FIELDS[field].metadata["unset"]
     if isinstance(value, bool):
         return "on" if value else "off"
     return str(value)
-
-
-CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
 def config_option(field: str, **changes):
     """The option of a Config field, from its declaration (config.setting): name and
     aliases, type and range, help. None when not given, so a preset's or a --config
     file's value stays. `changes` are click.option arguments for one command."""
-    meta = CONFIG_FIELDS[field].metadata
+    meta = FIELDS[field].metadata
     kind, _ = field_type(field)
     decls = [option_name(field), *meta["aliases"], field]
     if kind is bool:
@@ -135,7 +133,7 @@ def config_option(field: str, **changes):
 
 def config_options(command):
     """One option per Config field; `recipe` is set by the --recipe preset instead."""
-    for field in reversed(CONFIG_FIELDS):
+    for field in reversed(FIELDS):
         if field != "recipe":
             command = config_option(field)(command)
     return command

@@ -179,8 +179,12 @@ def range_problem(name: str, value: Any) -> str | None:
     return f"must be a finite number in {span}, got {value}"
 
 
+# Config's fields by name, each with its declaration (`setting`'s metadata).
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
+
+
 def _fields_where(wanted) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(Config) if wanted(f.metadata))
+    return tuple(name for name, f in FIELDS.items() if wanted(f.metadata))
 
 
 # Fields that change the saved state's structure: even --allow-config-change
@@ -289,15 +293,14 @@ def read_settings(path: str) -> dict[str, Any]:
 
 def checked_setting(where: str, key: Any, value: Any) -> Any:
     """`value` for field `key` as Config holds it, or a UserError naming `where` and key."""
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    if not isinstance(key, str) or key not in fields:
+    if not isinstance(key, str) or key not in FIELDS:
         name = str(key).lstrip("-").replace("-", "_")
-        aliased = [f.name for f in fields.values()
+        aliased = [f.name for f in FIELDS.values()
                    if "--" + name.replace("_", "-") in f.metadata.get("aliases", ())]
-        close = aliased or difflib.get_close_matches(name, fields, n=1)
+        close = aliased or difflib.get_close_matches(name, FIELDS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise UserError(f"{where}: unknown key {key!r}{hint}; the keys are Config's fields: "
-                        f"{', '.join(fields)}")
+                        f"{', '.join(FIELDS)}")
     kind, optional = field_type(key)
     if value is None:
         if optional:
@@ -312,7 +315,7 @@ def checked_setting(where: str, key: Any, value: Any) -> Any:
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise UserError(f"{where}: {key} must be {KIND_NAMES[kind]}, got {value!r}")
-    choices = tuple(PRESETS) if key == "recipe" else fields[key].metadata["choices"]
+    choices = tuple(PRESETS) if key == "recipe" else FIELDS[key].metadata["choices"]
     if choices and value not in choices:
         raise UserError(f"{where}: {key} must be one of {', '.join(choices)}, got {value!r}")
     if key in INT_RANGES or key in FLOAT_RANGES:
@@ -320,7 +323,7 @@ def checked_setting(where: str, key: Any, value: Any) -> Any:
         if problem:
             raise UserError(f"{where}: {key} {problem}")
     if isinstance(value, str):
-        if fields[key].metadata["path"] and not value:
+        if FIELDS[key].metadata["path"] and not value:
             raise UserError(f"{where}: {key} is an empty path")
         try:
             value.encode("utf-8")

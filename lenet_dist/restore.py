@@ -13,7 +13,7 @@ import sys
 from typing import Callable
 
 from lenet_dist.checkpoint import BEST_METRIC, Checkpoints, CorruptCheckpoint
-from lenet_dist.config import Config
+from lenet_dist.config import FIELDS, Config
 from lenet_dist.errors import Failure, UserError
 from lenet_dist.mesh import Shardings
 from lenet_dist.state import make_optimizer
@@ -99,5 +99,4 @@ def restore_checkpoint(workdir: str, shardings: Shardings, step: int | None = No
 
 def config_from(meta: dict) -> Config:
     """The run's Config from checkpoint metadata; fields this version lacks are dropped."""
-    fields = Config.__dataclass_fields__
-    return Config(**{k: v for k, v in meta["config"].items() if k in fields})
+    return Config(**{k: v for k, v in meta["config"].items() if k in FIELDS})
