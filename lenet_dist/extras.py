@@ -18,6 +18,7 @@ EXTRAS: dict[str, tuple[str, str, str]] = {
     "tensorflow_datasets": ("TensorFlow Datasets", "tfds",
                             "reading or downloading the data with TFDS"),
     "matplotlib": ("matplotlib", "report", "report"),
+    "gcsfs": ("gcsfs", "gcs", "gs:// workdirs and exports"),
 }
 
 

@@ -1,17 +1,33 @@
 #!/usr/bin/env bash
-# Make sure the launcher tests' tools are here: shellcheck (Debian's package),
-# installed when apt-get is available as root; otherwise harmless, and
-# tests/test_launch.py skips the shellcheck test. gcloud (the Cloud SDK, on
-# this project's machine image) is not installed here: the flag checks skip
-# without it.
+# The tools the tests run for real, from Debian's packages (as root, with apt-get):
+#   shellcheck                               the launch scripts' lint
+#   slurmctld slurmd slurm-client munge      a real SLURM cluster on this host
+#                                            (scripts/slurm-local.sh, tests/test_slurm.py)
+#   openmpi-bin                              mpirun (tests/test_mpi.py)
+# Without root or apt-get this is harmless: the tests that need a missing tool skip
+# and say which. gcloud (the Cloud SDK, on this project's machine image) is not
+# installed here: the flag checks skip without it.
 set -euo pipefail
-if command -v shellcheck >/dev/null 2>&1; then
-  echo "tools: $(shellcheck --version | sed -n 's/^version: /shellcheck /p') found"; exit 0
+want=()
+command -v shellcheck >/dev/null 2>&1 || want+=(shellcheck)
+command -v slurmctld >/dev/null 2>&1 || want+=(slurmctld)
+command -v slurmd >/dev/null 2>&1 || want+=(slurmd)
+command -v sbatch >/dev/null 2>&1 || want+=(slurm-client)
+command -v munged >/dev/null 2>&1 && [ -e /etc/munge/munge.key ] || want+=(munge)
+command -v mpirun >/dev/null 2>&1 || want+=(openmpi-bin)
+if [ ${#want[@]} = 0 ]; then
+  echo "tools: shellcheck, SLURM, munge and Open MPI found"; exit 0
 fi
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  echo "tools: installing Debian's shellcheck"
-  apt-get update -q >/dev/null && apt-get install -y -q shellcheck >/dev/null \
-    && exit 0
-  echo "tools: apt-get could not install shellcheck" >&2
+  echo "tools: installing Debian's ${want[*]}"
+  # No daemon may start from a package's install script (there is no init system
+  # here anyway); the tests start and stop their own by PID.
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+  rc=0
+  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -q --no-install-recommends "${want[@]}" >/dev/null; } || rc=$?
+  rm -f /usr/sbin/policy-rc.d
+  [ "$rc" = 0 ] && exit 0
+  echo "tools: apt-get could not install ${want[*]}" >&2
 fi
-echo "tools: no shellcheck; the launcher tests skip their shellcheck check"
+echo "tools: missing ${want[*]}; the tests that need them skip"
