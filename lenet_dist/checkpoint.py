@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from lenet_dist import distributed, safefs
+from lenet_dist import distributed, gcs, safefs
 # Which fields a resume compares are declared with them, in Config's field metadata.
 from lenet_dist.config import COMPATIBLE_FIELDS, REQUIRED_FIELDS, STRUCTURAL_FIELDS, Config
 from lenet_dist.errors import Failure, UserError, first_line
@@ -131,8 +131,11 @@ def inspect_step(directory: epath.Path, step: int) -> StepInfo:
         info.meta = parse_meta(_read(root.joinpath(*META_FILE)), step)
         parse_json(_read(root.joinpath(*STATE_INDEX)), "the state index")
     except FileNotFoundError as e:
-        info.problem = f"{os.path.relpath(e.filename, root) if e.filename else 'a file'} " \
-                       "is missing"
+        name = os.fspath(e.filename) if e.filename else ""
+        # a gs:// error names "bucket/run/checkpoints/N/...": the part after the step
+        name = (os.path.relpath(name, root) if safefs.is_local(root)
+                else name.rpartition(f"/{CHECKPOINT_DIR}/{step}/")[2]) if name else ""
+        info.problem = f"{name or 'a file'} is missing"
     except (CorruptCheckpoint, OSError) as e:
         info.problem = str(e) if isinstance(e, CorruptCheckpoint) else \
             f"cannot read it: {e.strerror or e}"
@@ -389,7 +392,10 @@ def save_error(e: BaseException) -> str:
 def workdir_path(workdir: str | os.PathLike) -> epath.Path:
     """A local path made absolute, or a URL such as gs://bucket/run kept as it is."""
     text = os.fspath(workdir)
-    return epath.Path(text) if "://" in text else epath.Path(os.path.abspath(text))
+    if "://" not in text:
+        return epath.Path(os.path.abspath(text))
+    gcs.check_installed(text)
+    return epath.Path(text)
 
 
 def check_compatible(saved: dict, current: dict, workdir: str, allow_change: bool = False,

@@ -26,9 +26,10 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
 from lenet_dist import data as data_lib
-from lenet_dist import distributed, faults, serialization, versions
+from lenet_dist import distributed, faults, gcs, serialization, versions
 from lenet_dist import serving_contract as contract
 from lenet_dist.config import DEFAULT_EXPORT_PLATFORMS, EXPORT_PLATFORMS
 from lenet_dist.errors import Failure, UserError, first_line
@@ -79,6 +80,65 @@ def check_destination(out: Path, overwrite: bool, workdir: Path) -> None:
     if not (out / "saved_model.pb").is_file():
         raise UserError(f"{out} is not a SavedModel (no saved_model.pb); --overwrite only "
                         "replaces an exported model, so move it away yourself")
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    return "://" in os.fspath(path)
+
+
+def destination(path: str) -> Path | str:
+    """A local path resolved, or a URL (gs://) kept as text: pathlib would read
+    gs://bucket/x as the local directory gs:/bucket/x."""
+    if is_remote(path):
+        gcs.check_installed(path)
+        return path.rstrip("/")
+    return Path(path).resolve()
+
+
+def check_remote_destination(out: str, overwrite: bool, workdir: Path | str) -> None:
+    """`check_destination` for a gs:// --out: never the run, nor inside its
+    checkpoints; an existing model only with --overwrite, anything else never."""
+    work = os.fspath(workdir).rstrip("/")
+    if is_remote(work) and (out == work or work.startswith(out + "/")):
+        raise UserError(f"--out {out} would replace the training run ({work}); "
+                        "choose a new directory, e.g. gs://bucket/serving/lenet/1")
+    if is_remote(work) and (out + "/").startswith(f"{work}/checkpoints/"):
+        raise UserError(f"--out {out} is inside the checkpoints of {work}; choose another")
+    target = epath.Path(out)
+    try:
+        if target.is_file():
+            raise UserError(f"{out} exists and is not a directory; choose another --out")
+        if not target.is_dir() or not any(target.iterdir()):
+            return
+        has_model = (target / "saved_model.pb").is_file()
+    except OSError as e:
+        raise UserError(f"cannot read {out}: {e.strerror or e}") from None
+    if not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    if not has_model:
+        raise UserError(f"{out} is not a SavedModel (no saved_model.pb); --overwrite only "
+                        "replaces an exported model, so move it away yourself")
+
+
+def publish_remote(model_dir: Path, out: str, overwrite: bool, workdir: Path | str) -> None:
+    """Upload the verified model to a gs:// `out`. Object stores cannot rename a
+    directory, so the model appears when its saved_model.pb does, which is written
+    last (loaders and TF Serving look for it first). --overwrite deletes the old model
+    first, its saved_model.pb before the rest: readers see the old model, no model,
+    or the new one, never a mix. A killed upload leaves files without
+    saved_model.pb, which the next export refuses to replace (it is not a model)."""
+    check_remote_destination(out, overwrite, workdir)  # again: minutes may have passed
+    target = epath.Path(out)
+    try:
+        if (target / "saved_model.pb").exists():
+            (target / "saved_model.pb").unlink()
+            target.rmtree()
+        faults.point("publish:before-move")
+        gcs.upload_tree(model_dir, out, last="saved_model.pb")
+    except OSError as e:
+        raise Failure(f"cannot upload the exported model to {out}: "
+                      f"{e.strerror or first_line(e)}") from None
+    faults.point("publish:moved")
 
 
 def reference_batch(dataset: str, data_dir: str | None, n: int = REFERENCE_IMAGES):
@@ -400,13 +460,17 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, best: boo
     """Export one checkpoint of `workdir` as a SavedModel at `out`; returns its metadata
     (None on the other processes of a multi-process job: process 0 writes). What earlier,
     killed exports to `out` left behind is recovered first and reported through `warn`."""
-    out_path, work_path = Path(out).resolve(), Path(workdir).resolve()
+    out_path, work_path = destination(out), destination(workdir)
+    remote = is_remote(out_path)
     platforms = parse_platforms(platforms)
     if "cpu" not in platforms:
         raise UserError(f"--platforms {','.join(platforms)}: include cpu; the export is "
                         "checked by running its CPU lowering before it is published")
 
     def prepare():  # only the writer needs --out and TensorFlow
+        if remote:
+            check_remote_destination(out_path, overwrite, work_path)
+            return import_tensorflow(), serialization.installed_plan()
         if out_path.name:
             note = recover_leftovers(out_path)
             if note:
@@ -433,10 +497,14 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, best: boo
     expected = jax_reference(variables, images)
 
     try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        staging = make_staging(out_path)
+        if remote:  # built and checked here, then uploaded (publish_remote)
+            staging = Path(tempfile.mkdtemp(prefix="lenet-dist-export-"))
+        else:
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            staging = make_staging(out_path)
     except OSError as e:
-        raise UserError(f"cannot write in {out_path.parent}: {e.strerror}") from None
+        where = tempfile.gettempdir() if remote else out_path.parent
+        raise UserError(f"cannot write in {where}: {e.strerror}") from None
     try:
         model_dir = save_savedmodel(tf, variables, staging, platforms, class_names, plan)
         faults.point("publish:staged")
@@ -466,7 +534,10 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, best: boo
         np.savez_compressed(extra / "reference.npz", images=images, labels=labels,
                             **expected)
         faults.point("publish:verified")
-        publish(model_dir, out_path, overwrite, work_path)
+        if remote:
+            publish_remote(model_dir, out_path, overwrite, work_path)
+        else:
+            publish(model_dir, out_path, overwrite, work_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return info

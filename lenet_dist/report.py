@@ -21,7 +21,7 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from lenet_dist import safefs
+from lenet_dist import gcs, safefs
 
 CURVES_PNG = "curves.png"
 CONFUSION_PNG = "confusion.png"
@@ -228,6 +228,7 @@ def write_report(out_dir: str | epath.Path, name: str, history: Sequence[Mapping
     """curves.png, confusion.png, misclassified.png and report.md in `out_dir`; returns
     report.md's path. `extra` adds rows to the summary (`parameters` is formatted as a
     count); the links are relative, so the directory can be moved or published whole."""
+    gcs.check_installed(str(out_dir))
     out = epath.Path(out_dir)
     safefs.make_dir(out)
     plot_curves({name: history}, out / CURVES_PNG)
@@ -266,6 +267,7 @@ def write_comparison(out_dir: str | epath.Path,
     history (the last epoch's accuracy, the sum of the epochs' wall seconds)."""
     if not runs:
         raise ValueError("write_comparison needs at least one run")
+    gcs.check_installed(str(out_dir))
     out = epath.Path(out_dir)
     safefs.make_dir(out)
     histories = {name: run.get("history") or [] for name, run in runs.items()}

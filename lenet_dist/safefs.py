@@ -1,7 +1,8 @@
 """Files in directories we do not control: no planted symlink is followed, no reader
 sees a half-written file, no special file blocks us, and one writer per workdir.
 
-Stdlib only (plus etils.epath for gs:// workdirs), so every module may use it.
+Stdlib only (plus etils.epath and lenet_dist.gcs for gs:// workdirs), so every module
+may use it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import tempfile
 import time
 from typing import BinaryIO
 
-from etils import epath
+# First: it makes etils.epath reach gs:// through fsspec + gcsfs (its docstring says why).
+from lenet_dist import gcs  # isort: skip
+
+from etils import epath  # noqa: E402
 
 LOCK_FILE = "lock"
 # The process's umask, read once at import (reading it means setting it): files made
@@ -157,7 +161,7 @@ class WorkdirLock:
     The kernel drops a flock when its holder dies, however it dies, so a lock left
     by a killed run is simply free: taking it over needs no guessing from PIDs or
     ages (which would be wrong across hosts). `stale` says whose it was.
-    Works on local disks and NFSv4; object stores (gs://) cannot be locked.
+    Works on local disks and NFSv4; a gs:// workdir holds a lease instead (gcs.Lease).
     """
 
     def __init__(self, workdir: epath.Path | str, command: str):
@@ -217,6 +221,16 @@ class WorkdirLock:
         self.release()
 
 
+Lock = WorkdirLock | gcs.Lease
+
+
+def workdir_lock(workdir: epath.Path | str, command: str) -> Lock:
+    """The workdir's lock, not yet taken: a flock locally, a lease object on gs://."""
+    if is_local(workdir):
+        return WorkdirLock(workdir, command)
+    return gcs.Lease(os.fspath(workdir), command)
+
+
 def read_holder(fd: int) -> dict:
     try:
         text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
@@ -228,6 +242,8 @@ def read_holder(fd: int) -> dict:
 
 def lock_holder(workdir: epath.Path | str) -> dict | None:
     """Who holds the workdir's lock now (None if nobody), without taking it."""
+    if not is_local(workdir):
+        return gcs.lease_holder(os.fspath(workdir))
     path = os.path.join(os.fspath(workdir), LOCK_FILE)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)

@@ -7,14 +7,17 @@ that needs them: importing this module costs ~20 ms, a disabled Board nothing.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
+import shutil
 import struct
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import BinaryIO, Iterator, Mapping, Sequence
 
 from lenet_dist.errors import Failure, UserError, first_line
 
@@ -25,18 +28,30 @@ BACKGROUND, RIGHT, WRONG = (40, 40, 40), (70, 210, 70), (240, 70, 70)
 EVENT_FILES = "events.out.tfevents.*"
 
 
+def is_remote(logdir: str | os.PathLike) -> bool:
+    """gs:// and the like. Never through pathlib, which reads gs://b as the local gs:/b."""
+    return "://" in os.fspath(logdir)
+
+
 class Board:
     """TensorBoard event files in `logdir`. A disabled Board (another process of
     the job, or --no-tensorboard) creates nothing and every method does nothing.
 
     `purge_step`: on a resumed run, the first step this run will log; TensorBoard
     (and `read_board`) then hide what an earlier run logged from that step on.
+
+    A gs:// `logdir`: the events are written to a local temporary directory and each
+    file is copied to `logdir` (through epath and gcsfs, like every other gs:// file)
+    at `flush` (train flushes at every epoch end) and `close`. A run killed with
+    SIGKILL loses the events since its last flush; its checkpoints do not depend on them.
     """
 
     def __init__(self, logdir: str | os.PathLike, enabled: bool = True,
                  purge_step: int | None = None):
-        self.logdir = Path(logdir)
+        self.logdir = os.fspath(logdir) if is_remote(logdir) else Path(logdir)
         self._writer = None
+        self._local: str | None = None  # the staging directory of a remote logdir
+        self._uploaded: dict[str, tuple[int, int]] = {}
         if not enabled:
             return
         from tensorboardX import SummaryWriter  # late: module note
@@ -45,8 +60,10 @@ class Board:
         # writers in one second would truncate each other's file without this
         # suffix, which also keeps their names in creation order.
         suffix = f".{time.time_ns()}.{os.getpid()}"
+        if is_remote(logdir):
+            self._local = tempfile.mkdtemp(prefix="lenet-dist-tb-")
         try:
-            self._writer = SummaryWriter(str(self.logdir), purge_step=purge_step,
+            self._writer = SummaryWriter(self._local or str(self.logdir), purge_step=purge_step,
                                          flush_secs=10, filename_suffix=suffix)
         except OSError as e:
             raise UserError(f"cannot write TensorBoard events in {self.logdir}: "
@@ -91,12 +108,30 @@ class Board:
     def flush(self) -> None:
         if self._writer is not None:
             self._writer.flush()
+            self._upload()
 
     def close(self) -> None:
         """Flush and close; the Board does nothing afterwards."""
         if self._writer is not None:
             writer, self._writer = self._writer, None
             writer.close()
+            try:
+                self._upload()
+            finally:
+                if self._local is not None:
+                    shutil.rmtree(self._local, ignore_errors=True)
+
+    def _upload(self) -> None:
+        """A remote logdir: copy the event files that grew since the last copy."""
+        if self._local is None:
+            return
+        from lenet_dist.gcs import upload_tree  # late: module note
+
+        try:
+            upload_tree(self._local, self.logdir, self._uploaded)
+        except OSError as e:
+            raise Failure(f"cannot write TensorBoard events to {self.logdir}: "
+                          f"{e.strerror or first_line(e)}") from None
 
     def __enter__(self) -> Board:
         return self
@@ -187,9 +222,15 @@ def read_board(logdir: str | os.PathLike) -> BoardContents:
     from tensorboardX.proto.event_pb2 import Event  # late: module note
 
     contents = BoardContents()
-    paths = sorted(p for p in Path(logdir).glob(EVENT_FILES) if p.is_file())
+    if is_remote(logdir):
+        from etils import epath  # late: module note
+
+        folder = epath.Path(logdir)
+    else:
+        folder = Path(logdir)
+    paths = sorted((p for p in folder.glob(EVENT_FILES) if p.is_file()), key=lambda p: p.name)
     for path in paths:
-        for record in _records(path):
+        for record in _records(io.BytesIO(path.read_bytes())):
             try:
                 _add_event(contents, Event.FromString(record))
             except DecodeError:
@@ -227,23 +268,22 @@ def _purge(contents: BoardContents, step: int) -> None:
             series[tag] = [p for p in points if p[0] < step]
 
 
-def _records(path: Path) -> Iterator[bytes]:
+def _records(f: BinaryIO) -> Iterator[bytes]:
     """Each TFRecord's data, stopping quietly at the first short or corrupt record
     (a killed writer leaves a partial one at the end)."""
     from tensorboardX.record_writer import masked_crc32c  # late: module note
 
-    with open(path, "rb") as f:
-        while True:
-            header = f.read(12)
-            if len(header) < 12:
-                return
-            length, header_crc = struct.unpack("<QI", header)
-            if masked_crc32c(header[:8]) != header_crc:
-                return  # checked before the length is trusted for a read
-            data, footer = f.read(length), f.read(4)
-            if len(footer) < 4 or masked_crc32c(data) != struct.unpack("<I", footer)[0]:
-                return
-            yield data
+    while True:
+        header = f.read(12)
+        if len(header) < 12:
+            return
+        length, header_crc = struct.unpack("<QI", header)
+        if masked_crc32c(header[:8]) != header_crc:
+            return  # checked before the length is trusted for a read
+        data, footer = f.read(length), f.read(4)
+        if len(footer) < 4 or masked_crc32c(data) != struct.unpack("<I", footer)[0]:
+            return
+        yield data
 
 
 def parse_profile_steps(spec: str) -> tuple[int, int]:
@@ -261,11 +301,15 @@ def parse_profile_steps(spec: str) -> tuple[int, int]:
 
 class ProfileWindow:
     """A jax.profiler trace of steps A..B into `logdir` (TensorBoard's PROFILE tab
-    reads <logdir>/plugins/profile/*/*.xplane.pb). With spec None it does nothing."""
+    reads <logdir>/plugins/profile/*/*.xplane.pb). With spec None it does nothing.
+    A gs:// `logdir`: the trace is written to a local temporary directory and copied
+    there when it stops (the profiler's own gs:// support ignores the endpoint settings
+    that gcsfs follows)."""
 
     def __init__(self, spec: str | None, logdir: str | os.PathLike):
         self.window = None if spec is None else parse_profile_steps(spec)
-        self.logdir = Path(logdir)
+        self.logdir = os.fspath(logdir) if is_remote(logdir) else Path(logdir)
+        self._local: str | None = None  # the staging directory of a remote logdir
         self.active = False  # a trace is running
         self.traced = False  # a trace was written
 
@@ -277,8 +321,10 @@ class ProfileWindow:
         if self.window[0] <= step <= self.window[1]:
             import jax  # late: module note
 
+            if is_remote(self.logdir):
+                self._local = tempfile.mkdtemp(prefix="lenet-dist-trace-")
             try:
-                jax.profiler.start_trace(str(self.logdir))
+                jax.profiler.start_trace(self._local or str(self.logdir))
             except RuntimeError as e:  # another trace running in this process
                 raise Failure(f"--profile-steps: cannot start the profiler: "
                               f"{first_line(e)}") from None
@@ -308,7 +354,23 @@ class ProfileWindow:
             except RuntimeError as e:  # e.g. the trace could not be written
                 raise Failure(f"--profile-steps: cannot save the trace: "
                               f"{first_line(e)}") from None
+            finally:
+                self._upload()
         self.traced = True
+
+    def _upload(self) -> None:
+        if self._local is None:
+            return
+        from lenet_dist.gcs import upload_tree  # late: module note
+
+        local, self._local = self._local, None
+        try:
+            upload_tree(local, self.logdir)
+        except OSError as e:
+            raise Failure(f"--profile-steps: cannot copy the trace to {self.logdir}: "
+                          f"{e.strerror or first_line(e)}") from None
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
 
     def __enter__(self) -> ProfileWindow:
         return self

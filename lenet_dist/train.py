@@ -363,15 +363,12 @@ def start_metrics(workdir: epath.Path, history: list[dict], log: Callable[[str],
     write_metrics(workdir, history)
 
 
-def lock_workdir(workdir: epath.Path, log: Callable[[str], None]) -> safefs.WorkdirLock | None:
+def lock_workdir(workdir: epath.Path, log: Callable[[str], None]) -> safefs.Lock:
     """Take the workdir's lock before anything touches its checkpoints (a second train
-    would delete the first one's in-flight save), or say who holds it."""
-    if not safefs.is_local(workdir):
-        log(f"note: {workdir} is on an object store, which cannot be locked; run one "
-            "train at a time there")
-        return None
+    would delete the first one's in-flight save), or say who holds it (on gs://, a
+    lease object: safefs.workdir_lock)."""
     try:
-        lock = safefs.WorkdirLock(workdir, "lenet-dist train").acquire()
+        lock = safefs.workdir_lock(workdir, "lenet-dist train").acquire()
     except safefs.Busy as e:
         raise Failure(f"--workdir {workdir} is in use by {e}; wait for it to finish, stop "
                       "it, or use another --workdir") from None
