@@ -3,6 +3,7 @@
 `cli.main` turns a Ctrl-C into one line, but importing `cli` (click, numpy)
 comes before it, and the interpreter's shutdown (JAX and Orbax tear down in
 atexit hooks) after it: Ctrl-C in either exits at once, one line, status 130.
+SIGTERM, until training takes it over, exits at once too: one line, status 143.
 """
 
 import contextlib
@@ -10,10 +11,12 @@ import sys
 
 import _signal
 
+from lenet_dist.preemption import exit_on_sigterm
 from lenet_dist.runtime import exit_interrupted, quick_interrupts
 
 
 def main() -> int:
+    exit_on_sigterm()
     with quick_interrupts():
         from lenet_dist.cli import main as cli_main
     code = cli_main()

@@ -4,11 +4,21 @@ One process: SIGTERM/SIGINT set a local flag (Python handlers) and the loop
 stops after the step in flight. Several processes: a local flag would stop one
 process while the others wait in the next all-reduce, so the decision is
 collective. `jax.distributed` installs a C-level SIGTERM notifier that feeds
-JAX's preemption sync manager; `reached_preemption_sync_point(step)` then turns
-True on every process at the same step (it costs ~0.3 us a call, measured, so
+JAX's preemption sync manager; `reached_preemption_sync_point(n)` then turns
+True on every process at the same call (it costs ~0.3 us a call, measured, so
 it is asked at every step, as it requires). A Python SIGTERM handler would
 silently replace that notifier, so none is installed there; Ctrl-C is relayed to
 it as SIGTERM.
+
+The sync manager counts calls, not training steps: on a notice it takes the
+largest `n` any process has passed so far (0 before the first call) and stops
+at exactly `n + 1`. Passing the global step made a resumed run ignore a SIGTERM
+that came before its first step: the sync point became 1, the run's steps
+started past it and never equalled it, and the job trained to the end. So
+`n` is this process's own call count, 1, 2, 3, ... from the start of the run.
+
+Before any of that is installed (imports, joining, loading data), SIGTERM
+exits at once with one line (`exit_on_sigterm`): nothing is saved yet.
 """
 
 from __future__ import annotations
@@ -24,6 +34,22 @@ from lenet_dist.errors import UserError
 SIGTERM_AT_ENV = "LENET_DIST_SIGTERM_AT"
 
 
+def exit_terminated(signum, frame) -> None:
+    """SIGTERM before a command's work is saved: one line, exit 143, no unwinding."""
+    os.write(2, b"error: stopped by SIGTERM\n")
+    os._exit(128 + signal.SIGTERM)
+
+
+def exit_on_sigterm() -> None:
+    """From the start of a command, SIGTERM is `exit_terminated` (not the silent
+    default: an exit 143 with no word). In a job, JAX's notifier replaces it at the
+    C level when the job is joined; in one process, `StopRule` replaces it when
+    training starts."""
+    if threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, exit_terminated)
+
+
 class StopRule:
     """Asked after every step (`at_step`) and at each epoch end (`should_stop`)."""
 
@@ -31,6 +57,7 @@ class StopRule:
         self.multi_process = multi_process
         self.received: list[int] = []  # signals this process got
         self.decided_at: int | None = None  # the step at which the job stops
+        self._calls = 0  # sync-point calls made by this process (see the module's doc)
         self._inject = _parse_injection(os.environ.get(SIGTERM_AT_ENV), process_index)
         self._previous: dict = {}
         if multi_process:
@@ -48,14 +75,18 @@ class StopRule:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        """The handlers from before, but never `exit_terminated` again: training has
+        started, so its "nothing to save" would be wrong."""
         for s, h in self._previous.items():
-            signal.signal(s, h)
+            signal.signal(s, signal.SIG_DFL if h is exit_terminated else h)
         self._previous = {}
 
     def _handler(self, signum, frame) -> None:
         self.received.append(signum)
-        for s, h in self._previous.items():  # a second signal acts as usual
-            signal.signal(s, h)
+        self._restore()  # a second signal acts as usual
         if self.multi_process:  # hand it to JAX's notifier: the job decides together
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -67,7 +98,8 @@ class StopRule:
             os.kill(os.getpid(), signal.SIGTERM)
         if self.decided_at is None:
             if self.multi_process:
-                stop = self._reached_sync_point(step)
+                self._calls += 1
+                stop = self._reached_sync_point(self._calls)
             else:
                 stop = bool(self.received)
             if stop:

@@ -1,0 +1,129 @@
+"""A real SIGTERM, from outside, to both processes of a 2 x 4 job at every phase of a
+run: start-up, before the first step, before the first step of a resumed run (each
+several times), and in the last epoch. Every signal stops the job: at once with one
+line before anything is saved, or at one step, the same on both processes, with a
+checkpoint of that step; and the resumed job ends where an uninterrupted run ends.
+
+The signal is sent when a process prints the line that marks the phase, so the phase
+is the same on a fast machine and a slow one (no sleeps, no skips).
+"""
+
+import os
+import re
+import signal
+import sys
+import time
+
+import pytest
+
+from lenet_dist.checkpoint import Checkpoints
+from lenet_dist.launch import LocalJob
+from lenet_dist.mesh import Shardings, make_mesh
+from lenet_dist.state import make_optimizer
+from lenet_dist.step import build_steps
+from tests.conftest import assert_same_params, small
+
+pytestmark = pytest.mark.slow
+
+HEARTBEAT = 5
+TIMEOUT = 180
+STOPPED = re.compile(r"stopped by SIGTERM at step (\d+); checkpoint saved")
+EARLY = "error: stopped by SIGTERM"
+
+
+def train_args(workdir, data_dir):
+    """The shared `small` run (conftest): 2 epochs of 10 steps, saves every 3 steps."""
+    return ["train", "--devices", "8", "--epochs", "2", "--train-limit", "640",
+            "--batch-size", "64", "--lr", "0.5", "--save-every-steps", "3",
+            "--keep-checkpoints", "20", "--no-progress", "--heartbeat-timeout",
+            str(HEARTBEAT), "--data-dir", data_dir, "--workdir", str(workdir)]
+
+
+def run_job(args, *, when=None, delay=None):
+    """Run the 2-process job; SIGTERM both processes by PID once process 0 prints a
+    line containing `when`, or `delay` seconds after they start. Exit codes, outputs."""
+    job = LocalJob(args, 2, env={"PYTHONPATH": os.pathsep.join(sys.path)})
+    job.start()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        if when is not None or delay is not None:
+            start = time.monotonic()
+            while not (when is not None and when in job.output(0)
+                       or delay is not None and time.monotonic() - start >= delay):
+                assert time.monotonic() < deadline, job.output(0)
+                assert all(p.poll() is None for p in job.procs), \
+                    f"the job ended before {when or delay!r}: {job.output(0)[-2000:]}"
+                time.sleep(0.01)
+            for i in range(2):
+                job.signal(i, signal.SIGTERM)
+        codes = job.wait(max(1.0, deadline - time.monotonic()), grace=60)
+    finally:
+        job.kill_all()
+    out = [job.output(0), job.output(1)]
+    assert not job.timed_out, out
+    assert "Traceback" not in "".join(out), out
+    return codes, out
+
+
+def stop_step(codes, out):
+    """The step both processes stopped at (after the same step, with a checkpoint)."""
+    assert codes == [143, 143], out
+    steps = [[int(m.group(1)) for m in STOPPED.finditer(o)] for o in out]
+    assert len(steps[0]) == 1 and steps[0] == steps[1], out
+    return steps[0][0]
+
+
+def params(workdir, step=None):
+    ckpts = Checkpoints(workdir, read_only=True)
+    abstract = build_steps(make_optimizer(small(workdir)), Shardings(make_mesh(8))).abstract()
+    tree, _ = ckpts.restore(step if step is not None else ckpts.steps()[-1], abstract)
+    return tree["state"].params
+
+
+@pytest.mark.parametrize("delay", [0.2, 1.0, 2.5])
+def test_sigterm_at_start_up_exits_143_with_one_line(delay, data_dir, tmp_path):
+    """Before the job has anything to save: 143 at once, one line, nothing written
+    that a resume would trip on; or, if the signal lands after the join, one step
+    and its checkpoint."""
+    codes, out = run_job(train_args(tmp_path / "run", data_dir), delay=delay)
+    assert codes == [143, 143], out
+    for o in out:
+        lines = [ln for ln in o.splitlines() if ln.startswith(EARLY) or STOPPED.search(ln)]
+        assert len(lines) == 1, o
+    if any(STOPPED.search(o) for o in out):
+        assert stop_step(codes, out) == 1
+
+
+def test_sigterm_before_the_first_step_stops_at_step_1(data_dir, tmp_path):
+    work = tmp_path / "run"
+    codes, out = run_job(train_args(work, data_dir), when="training LeNet-5 on")
+    assert stop_step(codes, out) == 1
+    assert Checkpoints(work, read_only=True).steps()[-1] == 1
+
+
+def test_sigterm_on_resumed_runs_and_in_the_last_epoch(reference, data_dir, tmp_path):
+    """The case JAX's sync point used to miss: a resumed run signalled before its first
+    step trained on to the end. Each resume is signalled as it starts and must stop
+    after its first step; the first resumes land in epoch 1, the later ones in the
+    last epoch. The job then finishes equal to the uninterrupted run."""
+    work = tmp_path / "run"
+    args = train_args(work, data_dir)
+    codes, out = run_job(args, when="training LeNet-5 on")
+    step = stop_step(codes, out)
+    resumed = [step]
+    while step < 14:  # resumes at 1, 2, ... : epoch 1 (steps 1-10), then epoch 2
+        if step == 4:  # skip ahead into the last epoch (a fresh resume at step 12)
+            codes, out = run_job(args, when="epoch 1/2")
+            step = stop_step(codes, out)
+            assert 10 < step < 20, out  # a stop in the last epoch
+        else:
+            codes, out = run_job(args, when="resuming from checkpoint")
+            assert f"resuming from checkpoint at step {step}" in out[0]
+            assert stop_step(codes, out) == step + 1, out
+            step += 1
+        assert Checkpoints(work, read_only=True).steps()[-1] == step
+        resumed.append(step)
+    codes, out = run_job(args)
+    assert codes == [0, 0], out
+    assert f"resuming from checkpoint at step {step}" in out[0]
+    assert_same_params(params(work), reference[1].state.params, atol=1e-6)
