@@ -100,7 +100,7 @@ def check_reference(run, model_dir: Path, tolerance: float) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("model_dir", help="a local SavedModel directory")
     ap.add_argument("--images", nargs="+", default=[], help="IDX or PNG/JPEG/GIF/BMP files")
     ap.add_argument("--labels", help="IDX labels for --images: report accuracy")
     ap.add_argument("--tolerance", type=float, default=1e-5,
@@ -110,6 +110,12 @@ def main(argv=None) -> int:
     ap.add_argument("--show", type=int, default=10, help="predictions to print (default 10)")
     ap.add_argument("--json", action="store_true", help="print one JSON report instead")
     args = ap.parse_args(argv)
+    if "://" in args.model_dir:  # pathlib would read gs://b/m as the local gs:/b/m
+        print(f"error: {args.model_dir} is a URL; this check reads a local directory, so "
+              f"copy the model first (gcloud storage cp -r {args.model_dir} .)",
+              file=sys.stderr)
+        return 2
+    args.model_dir = Path(args.model_dir)
 
     try:
         tf = io.import_tensorflow()
