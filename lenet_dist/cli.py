@@ -38,7 +38,13 @@ from lenet_dist.config import (
     preset,
     read_settings,
 )
-from lenet_dist.distributed import DEFAULT_HEARTBEAT_TIMEOUT, MODES, JobSpec
+from lenet_dist.distributed import (
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_JOIN_TIMEOUT,
+    MAX_TIMEOUT,
+    MODES,
+    JobSpec,
+)
 from lenet_dist.errors import Failure, Preempted, UserError, first_line
 from lenet_dist.fatal_filter import describe_loss
 
@@ -142,25 +148,22 @@ def config_options(command):
 DEVICES = config_option("devices")
 
 
-# A day: the longest a survivor waits for a dead process; more is surely a typo.
-MAX_HEARTBEAT_TIMEOUT = 86_400
-
-
 def job_options(command):
     """Options to run as one process of a multi-process job; the command gets `job`."""
 
     @functools.wraps(command)
     def with_job(*args, distributed, coordinator_address, num_processes, process_id,
-                 heartbeat_timeout, **kwargs):
+                 heartbeat_timeout, join_timeout, **kwargs):
         job = JobSpec(distributed, coordinator_address, num_processes, process_id,
-                      heartbeat_timeout)
+                      heartbeat_timeout, join_timeout)
         return command(*args, job=job.validate(), **kwargs)
 
     for job_option in reversed([
         click.option("--distributed", type=click.Choice(MODES), default="off",
                      envvar="LENET_DIST_DISTRIBUTED", show_envvar=True,
                      help="auto: join the multi-process job JAX detects (Cloud TPU VM, "
-                          "SLURM, Open MPI, Kubernetes); run the same command on every host."),
+                          "SLURM, Open MPI, Kubernetes) and run the same command on every "
+                          "host; where none is detected, one process (with a note)."),
         click.option("--coordinator-address", metavar="HOST:PORT", default=None,
                      envvar=["LENET_DIST_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS"],
                      show_envvar=True, help="Or join explicitly: process 0's address..."),
@@ -170,7 +173,13 @@ def job_options(command):
         click.option("--process-id", type=click.IntRange(0, INT32_MAX - 1), default=None,
                      envvar="LENET_DIST_PROCESS_ID", show_envvar=True,
                      help="...and this process's id (0 writes logs, metrics, exports)."),
-        click.option("--heartbeat-timeout", type=click.IntRange(1, MAX_HEARTBEAT_TIMEOUT),
+        click.option("--join-timeout", type=click.IntRange(1, MAX_TIMEOUT),
+                     default=DEFAULT_JOIN_TIMEOUT, envvar="LENET_DIST_JOIN_TIMEOUT",
+                     show_envvar=True,
+                     help="Seconds to wait for every process of the job to join (on GKE, "
+                          "this includes waiting for the coordinator's DNS name); a wait "
+                          "past 5 s says so once, a wait past this fails with one line."),
+        click.option("--heartbeat-timeout", type=click.IntRange(1, MAX_TIMEOUT),
                      default=DEFAULT_HEARTBEAT_TIMEOUT, envvar="LENET_DIST_HEARTBEAT_TIMEOUT",
                      show_envvar=True,
                      help="Seconds after which the others stop, with one line, when a "
@@ -543,6 +552,8 @@ def predict(inputs, model, workdir, step, best, top, invert, labels, as_json, qu
 # workstation. A job longer than 30 days does not belong on one machine's launcher.
 MAX_LOCAL_PROCESSES = 64
 MAX_LAUNCH_SECONDS = 30 * 86_400
+# A job that fails 100 times in a row is crash-looping, not unlucky.
+MAX_RESTARTS = 100
 
 
 @cli.command(context_settings={"ignore_unknown_options": True,
@@ -550,22 +561,30 @@ MAX_LAUNCH_SECONDS = 30 * 86_400
 @click.option("--processes", "-n", type=click.IntRange(1, MAX_LOCAL_PROCESSES), default=2,
               help="Local processes, each one process of the job.")
 @click.option("--timeout", type=FiniteFloatRange(1, MAX_LAUNCH_SECONDS), default=3600,
-              help="Seconds before every process is killed (exit 124).")
+              help="Seconds for the whole launch, restarts included; then every "
+                   "process is killed (exit 124).")
 @click.option("--grace", type=FiniteFloatRange(0, MAX_LAUNCH_SECONDS), default=30,
               help="Seconds the others get to exit after one process fails, "
                    "before they are killed.")
 @click.option("--port", type=click.IntRange(1, 65535), default=None,
-              help="Coordinator port on 127.0.0.1 [default: a free one].")
+              help="Coordinator port on 127.0.0.1 [default: a free one, fresh for each "
+                   "restart].")
+@click.option("--max-restarts", type=click.IntRange(0, MAX_RESTARTS), default=0,
+              help="Times a failed job is started again (all its processes; train "
+                   "resumes from its workdir). Not restarted: a usage error (exit 2), "
+                   "or a job the launcher's own SIGTERM or Ctrl-C stopped.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def launch(processes, timeout, grace, port, command):
+def launch(processes, timeout, grace, port, max_restarts, command):
     """Run COMMAND as a job of N local processes on loopback (CPU devices simulated).
 
     \b
     lenet-dist launch -n 2 -- train --devices 8 --workdir runs/mp
     gives 2 processes x 4 simulated CPU devices: the same program, sharding and
     checkpoints as N hosts of a TPU slice. Output lines carry the process id.
+    The processes die with the launcher, even by kill -9.
     """
-    return launch_lib.run(list(command), processes, timeout=timeout, grace=grace, port=port)
+    return launch_lib.run(list(command), processes, timeout=timeout, grace=grace, port=port,
+                          max_restarts=max_restarts)
 
 
 def main(argv=None) -> int:

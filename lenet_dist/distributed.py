@@ -22,6 +22,7 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 
 import numpy as np
 
@@ -32,6 +33,18 @@ MODES = ("off", "auto")
 # How long the survivors of a dead process wait before exiting (JAX's
 # coordination-service heartbeat timeout; JAX's own default is 100 s).
 DEFAULT_HEARTBEAT_TIMEOUT = 60
+# How long a process waits for all the others to join (JAX's own default): hosts of a
+# slice or an allocation rarely start within seconds of each other.
+DEFAULT_JOIN_TIMEOUT = 300
+# A day: more for either timeout is surely a typo.
+MAX_TIMEOUT = 86_400
+# A join that takes longer than this says once what it waits for, so a slow start does
+# not look like a hang.
+JOIN_NOTICE_AFTER = 5.0
+# JAX's own join deadline comes this much later than ours: ours ends the wait with one
+# line, JAX's with a C++ abort and a stack trace.
+JAX_DEADLINE_MARGIN = 30
+CLUSTERS = "Cloud TPU, SLURM, Open MPI, Kubernetes"
 JOB_TOKEN_FILE = ".lenet-dist-job"
 JOINED: "JobSpec | None" = None  # the job this process joined, if any
 
@@ -46,6 +59,7 @@ class JobSpec:
     num_processes: int | None = None
     process_id: int | None = None
     heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT
+    join_timeout: int = DEFAULT_JOIN_TIMEOUT
 
     @property
     def enabled(self) -> bool:
@@ -54,8 +68,11 @@ class JobSpec:
     def validate(self) -> "JobSpec":
         if self.mode not in MODES:
             raise UserError(f"--distributed {self.mode!r}: choose one of {', '.join(MODES)}")
-        if self.heartbeat_timeout < 1:
-            raise UserError("--heartbeat-timeout must be >= 1 second")
+        for name, value in (("heartbeat", self.heartbeat_timeout),
+                            ("join", self.join_timeout)):
+            if not 1 <= value <= MAX_TIMEOUT:
+                raise UserError(f"--{name}-timeout must be in 1..{MAX_TIMEOUT} seconds, "
+                                f"got {value}")
         if self.coordinator_address is not None:
             host, _, port = self.coordinator_address.rpartition(":")
             if not host or not port.isdigit():
@@ -89,7 +106,7 @@ def check_devices(devices: int | None, processes: int) -> int | None:
 def join(spec: JobSpec, devices: int | None) -> int | None:
     """Join the job before any JAX backend starts; returns this process's share of
     `devices` (what CPU simulation should provide locally), or `devices` unchanged
-    in a single-process run."""
+    in a single-process run (also `--distributed auto` where no cluster is found)."""
     spec = spec.validate()
     if not spec.enabled:
         return devices
@@ -101,25 +118,109 @@ def join(spec: JobSpec, devices: int | None) -> int | None:
     if xla_bridge.backends_are_initialized():
         raise UserError("JAX's backend started before the job was joined; "
                         "jax.distributed.initialize must come first")
+    nothing_given = (spec.coordinator_address, spec.num_processes, spec.process_id,
+                     os.environ.get("JAX_COORDINATOR_ADDRESS")) == (None,) * 4
+    if spec.mode == "auto" and nothing_given and detect_cluster() is None:
+        # A laptop, a single-host TPU slice (no TPU_WORKER_* variables): one process.
+        _say(f"note: --distributed auto found no cluster ({CLUSTERS}); running as one "
+             "process")
+        return devices
     # CPU collectives across processes (the CPU backend also exists on GPU/TPU hosts).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     start_fatal_filter()
+    watch = JoinWatch(spec.join_timeout).start()
     try:
+        address, count, index = resolve(spec)
+        watch.joining(address, count)
         jax.distributed.initialize(
-            coordinator_address=spec.coordinator_address,
-            num_processes=spec.num_processes, process_id=spec.process_id,
+            coordinator_address=address, num_processes=count, process_id=index,
             heartbeat_timeout_seconds=spec.heartbeat_timeout,
             shutdown_timeout_seconds=spec.heartbeat_timeout,
-            initialization_timeout=max(spec.heartbeat_timeout, 60))
-    except (RuntimeError, ValueError) as e:
-        hint = ("; no cluster was detected (Cloud TPU, SLURM, Open MPI, Kubernetes): "
-                "pass --coordinator-address, --num-processes and --process-id"
+            initialization_timeout=spec.join_timeout + JAX_DEADLINE_MARGIN)
+    except (RuntimeError, ValueError, KeyError) as e:
+        hint = (f"; no cluster was detected ({CLUSTERS}): pass --coordinator-address, "
+                "--num-processes and --process-id"
                 if spec.mode == "auto" and spec.coordinator_address is None else "")
         raise UserError(f"cannot join the job: {first_line(e)}{hint}") from None
+    finally:
+        watch.stop()
     global JOINED
     JOINED = spec
     state = jax._src.distributed.global_state
     return check_devices(devices, state.num_processes)
+
+
+def detect_cluster() -> str | None:
+    """The name of the cluster JAX's `initialize()` would detect (its ClusterEnv
+    classes' own `is_env_present`, in JAX's order, opt-in ones skipped as JAX skips
+    them), or None where it would find none and fail."""
+    from jax._src import clusters  # JAX late
+
+    for env in clusters.ClusterEnv._cluster_types:
+        if not env.opt_in_only_method and env.is_env_present():
+            return env.name or env.__name__
+    return None
+
+
+def resolve(spec: JobSpec) -> tuple[str | None, int | None, int | None]:
+    """The coordinator address, process count and this process's id: as given, the
+    rest detected as `jax.distributed.initialize` would detect it (JAX's own
+    ClusterEnv code), so that the wait can name what it waits for. On GKE this
+    may wait for the coordinator's DNS name, within --join-timeout."""
+    address = spec.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    count, index = spec.num_processes, spec.process_id
+    if spec.mode == "auto" and None in (address, count, index):
+        from jax._src import clusters  # JAX late
+
+        address, count, index, _ = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+            address, count, index, None, None, spec.join_timeout)
+    return address, count, index
+
+
+class JoinWatch:
+    """Bounds the join: after JOIN_NOTICE_AFTER seconds, one line says what this
+    process waits for; at `timeout`, one line and exit 1. JAX's own deadline would
+    abort from C++ with a stack trace (its `connect()` releases the GIL, so this
+    thread runs meanwhile)."""
+
+    def __init__(self, timeout: float, notice_after: float = JOIN_NOTICE_AFTER):
+        self.timeout, self.notice_after = timeout, notice_after
+        self.address: str | None = None
+        self.count: int | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="join-watch", daemon=True)
+
+    def start(self) -> "JoinWatch":
+        self._thread.start()
+        return self
+
+    def joining(self, address: str | None, count: int | None) -> None:
+        self.address, self.count = address, count
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _what(self) -> str:
+        if self.address is None:
+            return "the job's coordinator address (cluster detection)"
+        return f"all {self.count} processes of the job to join at {self.address}"
+
+    def _watch(self) -> None:
+        if self._done.wait(min(self.notice_after, self.timeout)):
+            return
+        if self.notice_after < self.timeout:
+            _say(f"waiting for {self._what()} (up to {self.timeout:g} s: --join-timeout)")
+            if self._done.wait(self.timeout - self.notice_after):
+                return
+        _say(f"error: gave up waiting for {self._what()} after {self.timeout:g} s "
+             "(--join-timeout): start the same command on every host, check that they "
+             "reach that address, or raise --join-timeout")
+        os._exit(1)
+
+
+def _say(line: str) -> None:
+    sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
 
 
 def process_index() -> int:

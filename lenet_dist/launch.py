@@ -5,11 +5,17 @@ machine: process i gets the coordinator address, the process count and its id
 through the environment the CLI reads (LENET_DIST_COORDINATOR_ADDRESS, ...).
 Output is prefixed with the process id; a hard timeout bounds the whole job;
 when one process fails the others get `grace` seconds to notice, then are
-killed by PID. Standard library only: it never imports JAX.
+killed by process group (each process leads its own, with its output filters).
+Every process dies with the launcher, however the launcher dies (Linux's
+parent-death signal). With restarts, a failed job is started again, torchrun's
+way, and resumes from its workdir. Standard library only: it never imports JAX.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import os
 import signal
 import socket
@@ -20,6 +26,25 @@ import time
 from typing import Callable, Sequence, TextIO
 
 TIMED_OUT = 124  # what timeout(1) returns
+USAGE_ERROR = 2  # errors.UserError's exit code: the same command would fail the same way
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A `preexec_fn` that makes the child receive SIGKILL when the launcher dies (a
+    SIGKILL to the launcher runs none of its code), or None off Linux. prctl is looked
+    up here, in the parent: the child runs only the call between fork and exec."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl
+    launcher = os.getpid()
+
+    def set_in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != launcher:  # the launcher died before the call: follow it
+            os._exit(128 + signal.SIGKILL)
+
+    return set_in_child
 
 
 def free_port() -> int:
@@ -33,6 +58,17 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def describe_exit(i: int, returncode: int) -> str:
+    """`process 1 was killed by SIGKILL`, `process 0 exited with status 1`."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"process {i} was killed by {name}"
+    return f"process {i} exited with status {returncode}"
+
+
 class LocalJob:
     """`processes` local copies of `python -m lenet_dist ARGS`, one job on loopback.
 
@@ -40,6 +76,8 @@ class LocalJob:
     process other data); `env` is added to each child's environment, then
     `env_for(i)`. With `wire=False` the job variables are left out, for a job
     that finds its peers itself (`--distributed auto` in a fake SLURM job).
+    The processes die with the thread that started them (PR_SET_PDEATHSIG), so
+    start a job from a thread that outlives it (the main thread).
     """
 
     def __init__(self, args: Sequence[str], processes: int, *, port: int | None = None,
@@ -66,6 +104,7 @@ class LocalJob:
     # -- life cycle ------------------------------------------------------------
 
     def start(self) -> "LocalJob":
+        die_with_launcher = _parent_death_signal()
         for i in range(self.processes):
             job = {"LENET_DIST_COORDINATOR_ADDRESS": f"127.0.0.1:{self.port}",
                    "LENET_DIST_NUM_PROCESSES": str(self.processes),
@@ -74,7 +113,8 @@ class LocalJob:
             proc = subprocess.Popen([self.python, "-m", "lenet_dist", *self.args_for(i)],
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=env, text=True,
-                                    errors="replace", start_new_session=True)
+                                    errors="replace", start_new_session=True,
+                                    preexec_fn=die_with_launcher)
             self.procs.append(proc)
             reader = threading.Thread(target=self._relay, args=(i, proc), daemon=True)
             reader.start()
@@ -91,19 +131,32 @@ class LocalJob:
                     self.out.flush()
 
     def signal(self, i: int, signum: int) -> None:
-        """Send `signum` to process i (by PID), if it still runs."""
+        """Send `signum` to process i's process group (the process and its output
+        filters, which ignore SIGTERM and SIGINT), if process i still runs."""
         if self.procs[i].poll() is None:
-            os.kill(self.procs[i].pid, signum)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.procs[i].pid, signum)
 
     def kill_all(self) -> None:
-        for i in range(len(self.procs)):
-            self.signal(i, signal.SIGKILL)
+        """SIGKILL every process group, also where its leader has exited (a filter may
+        linger), and reap the leaders."""
+        for p in self.procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
         for p in self.procs:
             p.wait()
 
-    def wait(self, timeout: float, grace: float = 30.0) -> list[int]:
+    def say(self, line: str) -> None:
+        """A line of the launcher's own, between the processes' lines."""
+        if self.out is not None:
+            with self._lock:
+                self.out.write(line + "\n")
+                self.out.flush()
+
+    def wait(self, timeout: float, grace: float | Callable[[int], float] = 30.0) -> list[int]:
         """Exit statuses of all processes. After the first failure the others have
-        `grace` seconds to exit; past `timeout` every process is killed."""
+        `grace` seconds to exit (or `grace(returncode)`, of the failed process);
+        past `timeout` every process is killed."""
         deadline = time.monotonic() + timeout
         kill_at = None
         while any(p.poll() is None for p in self.procs):
@@ -111,7 +164,8 @@ class LocalJob:
             if self.failed_first is None:
                 for i, p in enumerate(self.procs):
                     if p.poll() not in (None, 0):
-                        self.failed_first, kill_at = i, now + grace
+                        wait = grace(p.returncode) if callable(grace) else grace
+                        self.failed_first, kill_at = i, now + wait
                         break
             if now >= deadline:
                 self.timed_out = True
@@ -123,7 +177,10 @@ class LocalJob:
             time.sleep(0.05)
         for r in self._readers:
             r.join(timeout=10)
-        return [exit_status(p.wait()) for p in self.procs]
+        codes = [exit_status(p.wait()) for p in self.procs]
+        if self.failed_first is None and any(codes):  # all ended within one poll
+            self.failed_first = next(i for i, c in enumerate(codes) if c)
+        return codes
 
     def output(self, i: int) -> str:
         with self._lock:
@@ -137,39 +194,85 @@ class LocalJob:
 
 
 def run(args: Sequence[str], processes: int, timeout: float, grace: float,
-        port: int | None = None, out: TextIO = sys.stdout) -> int:
+        port: int | None = None, out: TextIO = sys.stdout, max_restarts: int = 0) -> int:
     """The `lenet-dist launch` command: run the job, relay output; the job's exit status.
 
     SIGINT/SIGTERM to the launcher are forwarded as SIGTERM to every process (they
-    save a checkpoint together and exit 143); a second one kills them.
+    save a checkpoint together and exit 143); a second one kills them. A job that
+    fails otherwise is started again, up to `max_restarts` times (see `restart_refusal`),
+    on a fresh port unless `port` is given; the survivors of a failure that will be
+    restarted are killed at once, since they cannot go on without the lost process.
+    `timeout` bounds the whole launch, restarts included.
     """
-    job = LocalJob(args, processes, port=port, out=out)
-    forwarded = []
+    deadline = time.monotonic() + timeout
+    stopping: list[int] = []  # the signals the launcher received
+    jobs: list[LocalJob] = []
 
     def forward(signum, frame):
-        if forwarded:
-            job.kill_all()
+        if stopping:
+            if jobs:
+                jobs[-1].kill_all()
             return
-        forwarded.append(signum)
-        for i in range(processes):
-            job.signal(i, signal.SIGTERM)
+        stopping.append(signum)
+        if jobs:
+            for i in range(len(jobs[-1].procs)):
+                jobs[-1].signal(i, signal.SIGTERM)
+
+    def grace_for(restarts_left: int) -> Callable[[int], float]:
+        return lambda returncode: (0.0 if restart_refusal(returncode, stopping, restarts_left)
+                                   is None else grace)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    restarts = 0
     try:
-        out.write(f"launching {processes} processes on 127.0.0.1:{job.port}: "
-                  f"lenet-dist {' '.join(args)}\n")
-        job.start()
-        out.write("pids: " + ", ".join(f"{i}={p.pid}" for i, p in enumerate(job.procs)) + "\n")
-        codes = job.wait(timeout, grace)
+        while True:
+            job = LocalJob(args, processes, port=port, out=out)
+            job.say(f"launching {processes} processes on 127.0.0.1:{job.port}: "
+                    f"lenet-dist {' '.join(args)}")
+            jobs.append(job)
+            job.start()
+            job.say("pids: " + ", ".join(f"{i}={p.pid}" for i, p in enumerate(job.procs)))
+            if stopping:  # a signal came while the processes were being started
+                for i in range(processes):
+                    job.signal(i, signal.SIGTERM)
+            codes = job.wait(max(0.0, deadline - time.monotonic()),
+                             grace_for(max_restarts - restarts))
+            job.kill_all()
+            summary = ", ".join(f"{i}: {c}" for i, c in enumerate(codes))
+            if job.timed_out:
+                job.say(f"launch: timed out after {timeout:g} s; killed all processes "
+                        f"({summary})")
+                return TIMED_OUT
+            job.say(f"launch: exit statuses {summary}")
+            if job.failed_first is None:
+                return next((c for c in codes if c), 0)
+            returncode = job.procs[job.failed_first].returncode
+            cause = describe_exit(job.failed_first, returncode)
+            refusal = restart_refusal(returncode, stopping, max_restarts - restarts)
+            if refusal is not None:
+                if max_restarts:
+                    job.say(f"launch: {cause}; not restarting: {refusal}")
+                return codes[job.failed_first]
+            restarts += 1
+            # The next LocalJob takes a fresh free port (a given `port` is reused).
+            job.say(f"launch: {cause}; restarting the job ({restarts} of {max_restarts})")
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        job.kill_all()
-    summary = ", ".join(f"{i}: {c}" for i, c in enumerate(codes))
-    if job.timed_out:
-        out.write(f"launch: timed out after {timeout:g} s; killed all processes ({summary})\n")
-        return TIMED_OUT
-    out.write(f"launch: exit statuses {summary}\n")
-    if job.failed_first is not None:
-        return codes[job.failed_first]
-    return next((c for c in codes if c), 0)
+        for job in jobs:
+            job.kill_all()
+
+
+def restart_refusal(returncode: int, stopping: Sequence[int], restarts_left: int) -> str | None:
+    """Why a job whose first failed process ended with `returncode` (Popen's: negative
+    for a signal) is not started again, or None to restart it. Like torchrun, any
+    failure is restarted, except a usage error (exit 2: the same command fails the
+    same way) and a stop the launcher itself was asked for (its SIGTERM or Ctrl-C,
+    which the processes obeyed, exiting 143 or 130)."""
+    if stopping:
+        return f"the launcher was stopped by {signal.Signals(stopping[0]).name}"
+    if returncode == USAGE_ERROR:
+        return "a usage error (exit 2) fails the same way again"
+    if restarts_left <= 0:
+        return "every restart (--max-restarts) is used"
+    return None

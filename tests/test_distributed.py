@@ -1,5 +1,6 @@
-"""The pieces of a multi-process job that can be checked without one: job options,
-the stop rule, the stderr filter, the launcher's bookkeeping."""
+"""The pieces of a multi-process job that can be checked without one (job options, the
+stop rule, the stderr filter, the launcher's bookkeeping, cluster detection), and
+joining: a peer that comes late, one that never comes."""
 # ruff: noqa: E501  (LOST_PEER below is JAX's log text verbatim: its lines stay whole)
 
 import os
@@ -12,9 +13,9 @@ import pytest
 
 from lenet_dist import preemption
 from lenet_dist.cli import main
-from lenet_dist.distributed import JobSpec, check_devices
+from lenet_dist.distributed import JobSpec, check_devices, detect_cluster
 from lenet_dist.errors import UserError
-from lenet_dist.launch import exit_status
+from lenet_dist.launch import describe_exit, exit_status, free_port, restart_refusal
 
 # What a survivor of a kill -9 printed on stderr (jax 0.12, trimmed stack trace).
 LOST_PEER = b"""\
@@ -77,6 +78,8 @@ def test_job_spec_validation():
         (JobSpec("off", "h:1", 2, None), "together"),
         (JobSpec("off", "h:1", 2, 2), "must be in 0..1"),
         (JobSpec("off", heartbeat_timeout=0), "--heartbeat-timeout"),
+        (JobSpec("auto", join_timeout=0), "--join-timeout must be in 1..86400"),
+        (JobSpec("auto", join_timeout=86_401), "--join-timeout must be in 1..86400"),
     ]:
         with pytest.raises(UserError, match=message):
             bad.validate()
@@ -127,6 +130,126 @@ def test_stop_rule_multi_process_leaves_sigterm_to_jax():
 
 def test_exit_status():
     assert exit_status(0) == 0 and exit_status(2) == 2 and exit_status(-9) == 137
+    assert describe_exit(1, -9) == "process 1 was killed by SIGKILL"
+    assert describe_exit(0, 1) == "process 0 exited with status 1"
+
+
+def test_restart_rule():
+    """torchrun's rule (any failure), less what a restart cannot fix or was not wanted."""
+    assert restart_refusal(-9, [], 1) is None
+    assert restart_refusal(1, [], 1) is None
+    assert restart_refusal(143, [], 1) is None  # a process stopped from outside the launcher
+    assert "usage error" in restart_refusal(2, [], 5)
+    assert "stopped by SIGTERM" in restart_refusal(143, [signal.SIGTERM], 5)
+    assert "stopped by SIGINT" in restart_refusal(-9, [signal.SIGINT], 5)
+    assert "--max-restarts" in restart_refusal(-9, [], 0)
+
+
+# What each cluster JAX detects needs in the environment, and what must be absent for
+# "no cluster" (a laptop, a single-host TPU slice without TPU_WORKER_* variables).
+CLUSTER_PREFIXES = ("SLURM_", "OMPI_", "PMIX_", "TPU_", "MEGASCALE_", "KUBERNETES_",
+                    "JAX_COORDINATOR", "LENET_DIST_")
+SLURM_TASK = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2",
+              "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+OMPI_TASK = {"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://127.0.0.1:34911",
+             "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0",
+             "OMPI_COMM_WORLD_LOCAL_RANK": "0"}
+
+
+def no_cluster_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith(CLUSTER_PREFIXES)}
+
+
+@pytest.mark.parametrize("variables, cluster", [({}, None), (SLURM_TASK, "slurm"),
+                                                (OMPI_TASK, "ompi")])
+def test_cluster_detection_is_jaxs(monkeypatch, variables, cluster):
+    for name in list(os.environ):
+        if name.startswith(CLUSTER_PREFIXES):
+            monkeypatch.delenv(name)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert detect_cluster() == cluster
+
+
+def test_distributed_auto_without_a_cluster_is_one_process():
+    env = dict(no_cluster_env(), PYTHONPATH=os.pathsep.join(sys.path))
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "lenet_dist", "devices", "--distributed",
+                           "auto", "--devices", "2"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "note: --distributed auto found no cluster (Cloud TPU, SLURM, Open MPI, Kubernetes); "
+        "running as one process"]
+    assert "processes: 1 (this is process 0)" in proc.stdout
+    assert "mesh: {'data': 2}" in proc.stdout
+    assert time.monotonic() - started < 60  # no join was attempted, nothing waited
+
+
+def job_process(args, i, port, env=None, **kw):
+    """Process i of a 2-process job on 127.0.0.1:port, in its own process group."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), PYTHONUNBUFFERED="1",
+               LENET_DIST_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+               LENET_DIST_NUM_PROCESSES="2", LENET_DIST_PROCESS_ID=str(i), **(env or {}))
+    return subprocess.Popen([sys.executable, "-m", "lenet_dist", *args], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+
+
+def end(*procs):
+    """SIGKILL each process's group (the process and its output filters), reap it."""
+    for proc in procs:
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)
+
+
+def test_a_peer_that_never_joins_fails_the_join_timeout_with_one_line():
+    port = free_port()
+    proc = job_process(["devices", "--devices", "2", "--join-timeout", "7"], 0, port)
+    try:
+        started = time.monotonic()
+        out, err = proc.communicate(timeout=120)
+        took = time.monotonic() - started
+    finally:
+        end(proc)
+    address = f"127.0.0.1:{port}"
+    assert proc.returncode == 1, (out, err)
+    assert err.splitlines() == [
+        f"waiting for all 2 processes of the job to join at {address} (up to 7 s: "
+        "--join-timeout)",
+        f"error: gave up waiting for all 2 processes of the job to join at {address} after "
+        "7 s (--join-timeout): start the same command on every host, check that they reach "
+        "that address, or raise --join-timeout"], err
+    assert took < 7 + 20, took  # the wait, plus starting Python and JAX on a busy machine
+
+
+@pytest.mark.slow
+def test_a_peer_70_seconds_late_still_joins_and_trains(data_dir, tmp_path):
+    """JAX's 300 s join (--join-timeout's default), not the heartbeat's 60 s, bounds
+    the wait; the waiting process says so once."""
+    args = ["train", "--devices", "2", "--epochs", "1", "--train-limit", "256",
+            "--batch-size", "128", "--no-checkpoint", "--no-tensorboard", "--no-progress",
+            "--data-dir", data_dir, "--workdir", str(tmp_path / "run")]
+    port = free_port()
+    first = late = None
+    try:
+        first = job_process(args, 0, port)
+        time.sleep(70)
+        assert first.poll() is None, first.communicate()
+        late = job_process(args, 1, port)
+        outs = [p.communicate(timeout=240) for p in (first, late)]
+    finally:
+        end(first, late)
+    assert (first.returncode, late.returncode) == (0, 0), outs
+    waiting = [ln for ln in outs[0][1].splitlines() if ln.startswith("waiting for")]
+    assert waiting == [f"waiting for all 2 processes of the job to join at 127.0.0.1:{port} "
+                       "(up to 300 s: --join-timeout)"], outs[0][1]
+    assert "epoch 1/1  train loss" in outs[0][0]
+    assert "error" not in outs[0][1] + outs[1][1]
 
 
 @pytest.mark.slow
