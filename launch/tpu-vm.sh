@@ -18,17 +18,24 @@ usage() {
 Usage: launch/tpu-vm.sh [OPTIONS] COMMAND... [-- TRAIN_ARGS...]
 
 Commands (several run in the order given):
-  create    queued resource for one TPU slice; waits until ACTIVE. Ctrl-C while
-            waiting deletes the queued resource instead of leaving it queued.
+  create    queued resource for one TPU slice; waits until ACTIVE (gives up on
+            FAILED, SUSPENDING, SUSPENDED, DELETING or 10 failed describes in a
+            row). The name must be free: Ctrl-C before ACTIVE deletes the queued
+            resource this command created, never one that was there before.
   setup     on every worker: Python 3.12 venv (uv) + this package with [tpu],
-            from a wheel built here (pip wheel) and copied to all workers.
+            from a wheel built here (pip wheel) and copied to all workers;
+            Fashion-MNIST from apt (waiting for a busy apt's lock; its output in
+            ~/lenet-dist/logs/apt.log). Refuses where lenet-dist is training.
   start     on every worker: stop stale lenet-dist runs, kill whatever holds
             /dev/accel* or /dev/vfio/*, remove /tmp/libtpu_lockfile; then start
             `lenet-dist train --distributed auto --workdir gs://...` on all
             workers at once, detached (setsid nohup), one log per worker in
-            ~/lenet-dist/logs/RUN.log.
+            ~/lenet-dist/logs/RUN.log, copied to WORKDIR/logs/worker-N.log every
+            --log-copy seconds and when training ends, so that it outlives the
+            VM (a later start on a new VM continues that copy).
   status    queued-resource state, and per worker: process count, last log line.
-  logs      copy each worker's log to LOG_DIR/<worker>.log.
+  logs      copy each worker's log to LOG_DIR/<worker>.log; names the workers
+            that had none and goes on.
   stop      SIGTERM to training on every worker: all save a checkpoint at the
             same step and exit 143. `start` again resumes from the workdir.
   delete    delete the queued resource and its TPU VMs (no checkpoint: stop first).
@@ -46,6 +53,10 @@ Options (environment variable in brackets):
                               from the type: v4 tpu-ubuntu2204-base, v5litepod
                               v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e
       --spot                  spot capacity: cheap, preemptible [TPU_SPOT=1]
+      --autocheckpoint        Cloud TPU Autocheckpoint (preview; `gcloud alpha`):
+                              a maintenance event sends SIGTERM first, so every
+                              worker saves a checkpoint; without it maintenance
+                              stops the VM with no signal [TPU_AUTOCHECKPOINT=1]
       --reserved              reserved capacity [TPU_RESERVED=1]
       --valid-until D         give up queueing after duration D, e.g. 6h [TPU_VALID_UNTIL]
       --internal-ip           ssh/scp to the workers' internal IPs [TPU_INTERNAL_IP=1]
@@ -59,6 +70,8 @@ Options (environment variable in brackets):
       --python-version V      Python of the workers' venv [LENET_REMOTE_PYTHON] (3.12)
       --poll S                seconds between state checks in `create` [TPU_POLL_SECONDS] (30)
       --grace S               seconds `stop`/`start` wait after SIGTERM [TPU_GRACE_SECONDS] (60)
+      --log-copy S            seconds between copies of each worker's log to
+                              WORKDIR/logs/ [LENET_LOG_COPY_SECONDS] (60; 0: none)
       --dry-run               print the commands, run nothing [DRY_RUN=1]
   -h, --help                  this text
   -- TRAIN_ARGS...            more `lenet-dist train` flags, e.g. -- --epochs 20
@@ -130,12 +143,14 @@ name=${TPU_NAME:-lenet-dist}
 accel=${TPU_ACCELERATOR_TYPE:-v5litepod-16}
 runtime=${TPU_RUNTIME_VERSION:-}
 spot=${TPU_SPOT:-0}
+autocheckpoint=${TPU_AUTOCHECKPOINT:-0}
 reserved=${TPU_RESERVED:-0}
 valid_until=${TPU_VALID_UNTIL:-}
 internal_ip=${TPU_INTERNAL_IP:-0}
 workers=${TPU_WORKERS:-}
 poll=${TPU_POLL_SECONDS:-30}
 grace=${TPU_GRACE_SECONDS:-60}
+log_copy=${LENET_LOG_COPY_SECONDS:-60}
 bucket=${LENET_BUCKET:-}
 run_name=${LENET_RUN:-lenet}
 workdir=${LENET_WORKDIR:-}
@@ -161,6 +176,7 @@ while [[ $# -gt 0 ]]; do
     -h | --help) usage; exit 0 ;;
     --dry-run) dry_run=1 ;;
     --spot) spot=1 ;;
+    --autocheckpoint) autocheckpoint=1 ;;
     --reserved) reserved=1 ;;
     --internal-ip) internal_ip=1 ;;
     -p | --project) has_value "$arg" "$@"; project=$1; shift ;;
@@ -178,6 +194,7 @@ while [[ $# -gt 0 ]]; do
     --python-version) has_value "$arg" "$@"; remote_python=$1; shift ;;
     --poll) has_value "$arg" "$@"; poll=$1; shift ;;
     --grace) has_value "$arg" "$@"; grace=$1; shift ;;
+    --log-copy) has_value "$arg" "$@"; log_copy=$1; shift ;;
     --) train_args+=("$@"); break ;;
     create | setup | start | status | logs | stop | delete | recreate | up) commands+=("$arg") ;;
     *) die "unknown command or option: $arg (-h for help)" ;;
@@ -191,6 +208,7 @@ done
 [[ -z "$workers" || "$workers" =~ ^[1-9][0-9]*$ ]] || die "--workers: a positive integer"
 [[ "$poll" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--poll: seconds"
 [[ "$grace" =~ ^[0-9]+$ ]] || die "--grace: whole seconds"
+[[ "$log_copy" =~ ^[0-9]+$ ]] || die "--log-copy: whole seconds (0: no copy)"
 if [[ -z "$runtime" ]]; then
   case "$accel" in
     v4-*) runtime=tpu-ubuntu2204-base ;;
@@ -234,14 +252,26 @@ ssh_all() {  # one shell command on every worker at once
 # ---- remote scripts (POSIX sh, one line each) --------------------------------
 remote_setup() {  # $1: wheel file name, copied to the home directory
   local whl=$remote_dir/$1 venv=$remote_dir/venv
-  printf '%s' 'set -e; cd; mkdir -p '"$remote_dir"'/logs; mv -f '"$(rq "$1")"' '"$remote_dir"'/;' \
+  # A fresh VM upgrades itself at boot and holds apt's locks for minutes:
+  # `apt-get install` waits for the dpkg lock (DPkg::Lock::Timeout), but
+  # `apt-get update` does not wait for its lists lock (apt 2.6, tried), so it
+  # is retried while its error is the lock, 10 min at most.
+  printf '%s' 'set -e; cd; mkdir -p '"$remote_dir"'/logs;' \
+    ' if pgrep -f "'"$pattern"'" >/dev/null; then echo "$(hostname): lenet-dist is training, perhaps from '"$venv"': not replacing it (stop first)" >&2; exit 1; fi;' \
+    ' mv -f '"$(rq "$1")"' '"$remote_dir"'/;' \
     ' export PATH="$HOME/.local/bin:$HOME/.cargo/bin:$PATH";' \
     ' command -v uv >/dev/null 2>&1 || curl -LsSf https://astral.sh/uv/install.sh | sh;' \
     ' rm -rf '"$venv"'; uv venv --seed --python '"$(rq "$remote_python")"' '"$venv"';' \
     ' '"$venv"'/bin/python -m pip install -q '"$(rq "${whl}[tpu]")"';' \
-    ' { sudo apt-get update -q && sudo apt-get install -y -q dataset-fashion-mnist; } >/dev/null 2>&1' \
-    ' || { echo "$(hostname): no dataset-fashion-mnist package; adding the [tfds] extra to download Fashion-MNIST";' \
-    ' '"$venv"'/bin/python -m pip install -q '"$(rq "${whl}[tpu,tfds]")"'; };' \
+    ' alog='"$remote_dir"'/logs/apt.log; : >"$alog"; ok=0; i=0;' \
+    ' while [ "$i" -lt 60 ]; do if sudo apt-get -q update >>"$alog" 2>&1; then ok=1; break; fi;' \
+    ' tail -n 2 "$alog" | grep -q "Could not get lock" || break;' \
+    ' [ "$i" -gt 0 ] || echo "$(hostname): apt is busy (a new VM updates itself); waiting for its lock, 10 min at most";' \
+    ' i=$((i + 1)); sleep 10; done;' \
+    ' if [ "$ok" = 1 ] && sudo apt-get -q -o DPkg::Lock::Timeout=600 install -y dataset-fashion-mnist >>"$alog" 2>&1;' \
+    ' then echo "$(hostname): Fashion-MNIST from the dataset-fashion-mnist package";' \
+    ' else echo "$(hostname): apt did not install dataset-fashion-mnist ($(tail -n 1 "$alog"); all of it in ~/$alog); adding the [tfds] extra to download Fashion-MNIST";' \
+    ' '"$venv"'/bin/python -m pip install -q '"$(rq "${whl}[tpu,tfds]")"'; fi;' \
     ' '"$venv"'/bin/lenet-dist --help >/dev/null;' \
     ' echo "$(hostname): lenet-dist ready, $('"$venv"'/bin/python -V)"'
 }
@@ -260,15 +290,29 @@ remote_free_tpu() {
 }
 
 remote_start() {
-  local cmd a
+  local cmd a copy=""
   cmd='"$bin" train --distributed auto --workdir '"$(rq "$workdir")"
   for a in ${train_args[@]+"${train_args[@]}"}; do cmd+=" $(rq "$a")"; done
+  if [[ "$log_copy" != 0 ]]; then
+    # The log's copy in the workdir outlives a preempted or recreated VM. Named
+    # by the worker number TPU VMs publish (JAX reads the same key), else the
+    # hostname. A new VM first fetches the copy, so the log goes on from it.
+    # A loop beside the trainer copies it every $log_copy s and once it ends.
+    copy=' copy='"$(rq "$workdir/logs")"'/worker-$(curl -sf -m 5 -H Metadata-Flavor:Google http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number 2>/dev/null || hostname).log;'
+    copy+=' [ -s "$log" ] || gcloud storage cp "$copy" "$log" >/dev/null 2>&1 || true;'
+  fi
   printf '%s' 'cd; log='"$remote_log"'; bin='"$remote_dir"'/venv/bin/lenet-dist; mkdir -p '"$remote_dir"'/logs;' \
     ' if [ ! -x "$bin" ]; then echo "$(hostname): no $bin, run setup first" >&2; exit 1; fi;' \
     ' if pgrep -f "'"$pattern"'" >/dev/null; then echo "$(hostname): already running, not started twice"; exit 0; fi;' \
+    "$copy" \
     ' echo "=== start $(date -u +%FT%TZ)" >>"$log";' \
-    ' PYTHONUNBUFFERED=1 setsid nohup '"$cmd"' >>"$log" 2>&1 </dev/null &' \
-    ' sleep 3; if pgrep -f "'"$pattern"'" >/dev/null; then echo "$(hostname): training, log ~/$log";' \
+    ' PYTHONUNBUFFERED=1 setsid nohup '"$cmd"' >>"$log" 2>&1 </dev/null &'
+  if [[ "$log_copy" != 0 ]]; then
+    printf '%s' ' pid=$!; setsid nohup sh -c "while kill -0 $pid 2>/dev/null; do sleep '"$log_copy"';' \
+      ' gcloud storage cp \"\$1\" \"\$2\"; done; gcloud storage cp \"\$1\" \"\$2\""' \
+      ' copy-log "$log" "$copy" >'"$remote_dir"'/logs/copy.log 2>&1 </dev/null &'
+  fi
+  printf '%s' ' sleep 3; if pgrep -f "'"$pattern"'" >/dev/null; then echo "$(hostname): training, log ~/$log'"${copy:+, copied to \$copy}"'";' \
     ' else echo "$(hostname): lenet-dist exited at once:" >&2; tail -n 20 "$log" >&2; exit 1; fi'
 }
 
@@ -291,37 +335,82 @@ cleanup=(gcloud compute tpus queued-resources delete "$name" --force --quiet ${l
 
 on_interrupt() {
   trap - INT TERM HUP
-  echo "tpu-vm.sh: interrupted before $name was ACTIVE: deleting its queued resource" >&2
+  if [[ -n "$err_file" ]]; then rm -f "$err_file"; fi
+  echo "tpu-vm.sh: interrupted before $name was ACTIVE: deleting the queued resource it created" >&2
   run "${cleanup[@]}" || echo "tpu-vm.sh: delete failed; see: gcloud compute tpus queued-resources list" >&2
   exit 130
 }
 
-wait_active() {
-  local describe=(gcloud compute tpus queued-resources describe "$name"
-    --format='value(state.state)' ${loc[@]+"${loc[@]}"}) state
+# The state of the queued resource; stderr into $err_file.
+describe=(gcloud compute tpus queued-resources describe "$name" --format='value(state.state)'
+  ${loc[@]+"${loc[@]}"})
+err_file=""
+describe_state() { "${describe[@]}" 2>"$err_file"; }
+
+# `create` deletes on Ctrl-C only what it created: the name must be free first.
+must_be_free() {
+  local state
+  note "$name must not exist yet: Ctrl-C deletes only a queued resource this run created"
   printf '+ %s\n' "$(show "${describe[@]}")"
-  note "repeated every ${poll}s until the state is ACTIVE"
   [[ "$dry_run" != 1 ]] || return 0
+  err_file=$(mktemp)
+  if state=$(describe_state); then
+    rm -f "$err_file"
+    die "queued resource $name exists already (${state:-state unknown}): pick another --name, or remove it: $0 -n $name delete"
+  fi
+  if ! grep -q -e NOT_FOUND -e 'not found' "$err_file"; then
+    state=$(tail -n 1 "$err_file")
+    rm -f "$err_file"
+    echo "tpu-vm.sh: cannot tell whether $name exists: $state" >&2
+    exit 1
+  fi
+  rm -f "$err_file"
+}
+
+describe_tries=10  # failed describes in a row before `create` gives up
+wait_active() {
+  local state fails=0
+  printf '+ %s\n' "$(show "${describe[@]}")"
+  note "repeated every ${poll}s until the state is ACTIVE (FAILED, SUSPENDING, SUSPENDED, DELETING, or $describe_tries failures in a row: give up)"
+  [[ "$dry_run" != 1 ]] || return 0
+  err_file=$(mktemp)
   while :; do
-    state=$("${describe[@]}" 2>/dev/null) || state=UNKNOWN
-    echo "$(date +%T) $name: ${state:-UNKNOWN}"
-    case "$state" in
-      ACTIVE) return 0 ;;
-      FAILED | SUSPENDING | SUSPENDED)
-        echo "tpu-vm.sh: queued resource $name is $state; see: gcloud compute tpus queued-resources describe $name; remove it with: $0 delete" >&2
-        return 1 ;;
-    esac
+    if state=$(describe_state); then
+      fails=0
+      echo "$(date +%T) $name: ${state:-UNKNOWN}"
+      case "$state" in
+        ACTIVE) rm -f "$err_file"; return 0 ;;
+        FAILED | SUSPENDING | SUSPENDED | DELETING)
+          rm -f "$err_file"
+          echo "tpu-vm.sh: queued resource $name is $state; see: gcloud compute tpus queued-resources describe $name; remove it with: $0 -n $name delete" >&2
+          return 1 ;;
+      esac
+    else
+      fails=$((fails + 1))
+      echo "$(date +%T) $name: describe failed ($fails of $describe_tries): $(tail -n 1 "$err_file")"
+      if [[ "$fails" -ge "$describe_tries" ]]; then
+        echo "tpu-vm.sh: gave up waiting for $name after $describe_tries failed describes in a row: $(tail -n 1 "$err_file"); it may still exist: gcloud compute tpus queued-resources list" >&2
+        rm -f "$err_file"
+        return 1
+      fi
+    fi
     sleep "$poll"
   done
 }
 
 cmd_create() {
-  local create=(gcloud compute tpus queued-resources create "$name" --node-id="$name"
+  local create=(gcloud)
+  # --autocheckpoint-enabled exists only in `gcloud alpha` (gcloud 528).
+  if [[ "$autocheckpoint" == 1 ]]; then create+=(alpha); fi
+  create+=(compute tpus queued-resources create "$name" --node-id="$name"
     --accelerator-type="$accel" --runtime-version="$runtime")
   if [[ "$spot" == 1 ]]; then create+=(--spot); fi
   if [[ "$reserved" == 1 ]]; then create+=(--reserved); fi
   if [[ -n "$valid_until" ]]; then create+=(--valid-until-duration="$valid_until"); fi
+  if [[ "$autocheckpoint" == 1 ]]; then create+=(--autocheckpoint-enabled); fi
   create+=(${loc[@]+"${loc[@]}"})
+  must_be_free
+  # Armed only now: whatever has this name from here on is ours.
   note "on Ctrl-C before ACTIVE, runs: $(show "${cleanup[@]}")"
   trap on_interrupt INT TERM HUP
   run "${create[@]}"
@@ -358,7 +447,7 @@ cmd_status() {
 }
 
 cmd_logs() {
-  local n=$workers dir=${log_dir:-runs/tpu-logs/$run_name} w=0
+  local n=$workers dir=${log_dir:-runs/tpu-logs/$run_name} w=0 missing=()
   if [[ -z "$n" ]]; then
     printf '+ %s\n' "$(show gcloud compute tpus tpu-vm describe "$name" \
       --format='value(networkEndpoints.len())' ${loc[@]+"${loc[@]}"})"
@@ -370,10 +459,16 @@ cmd_logs() {
   # ./None/<worker>.log whatever directory it is given.
   run mkdir -p "$dir"
   while [[ "$w" -lt "$n" ]]; do
-    run_to "$dir/$w.log" gcloud compute tpus tpu-vm ssh "$name" --worker="$w" \
-      --command="cat $remote_log" ${ssh_opts[@]+"${ssh_opts[@]}"} ${loc[@]+"${loc[@]}"}
+    if ! run_to "$dir/$w.log" gcloud compute tpus tpu-vm ssh "$name" --worker="$w" \
+      --command="cat $remote_log" ${ssh_opts[@]+"${ssh_opts[@]}"} ${loc[@]+"${loc[@]}"}; then
+      missing+=("$w")
+      rm -f "$dir/$w.log"
+    fi
     w=$((w + 1))
   done
+  if [[ ${#missing[@]} -gt 0 ]]; then
+    echo "tpu-vm.sh: no log from worker ${missing[*]} (not started there, or ssh failed: see above)${workdir:+; copies, if any: $workdir/logs/}" >&2
+  fi
 }
 
 cmd_stop() {

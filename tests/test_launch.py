@@ -28,7 +28,7 @@ SHELL_SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch"),
 
 NAME, RUN = "lenet-v5e", "lenet-v5e"
 COMMON = ["-p", "my-proj", "-z", "us-central1-a", "-n", NAME, "-a", "v5litepod-16",
-          "--spot", "-b", "my-bucket", "--run", RUN, "--workers", "4"]
+          "--spot", "--autocheckpoint", "-b", "my-bucket", "--run", RUN, "--workers", "4"]
 DATA_DIR = "/mnt/my data/fashion's"  # a space and a quote, through two shells
 TRAIN = ["--", "--epochs", "20", "--data-dir", DATA_DIR]
 SEQUENCE = ["create", "setup", "start", "status", "logs", "stop", "delete", "recreate"]
@@ -39,17 +39,46 @@ WHEEL = f"dist/lenet_dist-{VERSION}-py3-none-any.whl"
 LOC = ["--zone=us-central1-a", "--project=my-proj"]
 
 FAKE_GCLOUD = f"""#!{sys.executable}
-# Records its arguments; answers describe calls; sleeps in create if asked.
-import json, os, sys, time
+# Records its arguments. A queued resource exists once created (or with
+# FAKE_QR_EXISTS=1) until deleted; describe answers FAKE_QR_STATE for it, else
+# NOT_FOUND, or fails with FAKE_DESCRIBE_ERROR. Sleeps in create or describe if
+# asked; ssh fails on the workers in FAKE_SSH_FAIL; storage cp copies gs://B/P
+# to and from FAKE_GCS/B/P.
+import json, os, shutil, sys, time
 args = sys.argv[1:]
-with open(os.environ["FAKE_LOG"], "a") as f:
+log = os.environ["FAKE_LOG"]
+exists = os.environ.get("FAKE_QR_EXISTS") == "1"
+if os.path.exists(log):
+    for line in open(log):
+        call = [w for w in json.loads(line)[1:] if w != "alpha"]
+        if call[2:3] == ["queued-resources"]:
+            exists = {{"create": True, "delete": False}}.get(call[3], exists)
+with open(log, "a") as f:
     f.write(json.dumps(["gcloud", *args]) + "\\n")
-if args[:4] == ["compute", "tpus", "queued-resources", "describe"]:
+call = [w for w in args if w != "alpha"]
+if call[:4] == ["compute", "tpus", "queued-resources", "describe"]:
+    time.sleep(float(os.environ.get("FAKE_DESCRIBE_SECONDS", "0")))
+    if not exists:
+        sys.exit("ERROR: (gcloud.compute.tpus.queued-resources.describe) NOT_FOUND: "
+                 "Resource 'queuedResources/" + call[4] + "' was not found")
+    if os.environ.get("FAKE_DESCRIBE_ERROR"):
+        sys.exit("ERROR: " + os.environ["FAKE_DESCRIBE_ERROR"])
     print(os.environ.get("FAKE_QR_STATE", "ACTIVE"))
-elif args[:4] == ["compute", "tpus", "tpu-vm", "describe"]:
+elif call[:4] == ["compute", "tpus", "tpu-vm", "describe"]:
     print(os.environ.get("FAKE_WORKERS", "2"))
-elif args[:4] == ["compute", "tpus", "queued-resources", "create"]:
+elif call[:4] == ["compute", "tpus", "queued-resources", "create"]:
     time.sleep(float(os.environ.get("FAKE_CREATE_SECONDS", "0")))
+elif call[:4] == ["compute", "tpus", "tpu-vm", "ssh"]:
+    worker = [w.split("=")[1] for w in call if w.startswith("--worker=")][0]
+    if worker in os.environ.get("FAKE_SSH_FAIL", "").split(","):
+        sys.exit("cat: lenet-dist/logs/x.log: No such file or directory")
+elif call[:2] == ["storage", "cp"]:
+    src, dst = (os.path.join(os.environ["FAKE_GCS"], p[5:]) if p.startswith("gs://") else p
+                for p in call[2:4])
+    if not os.path.exists(src):
+        sys.exit("ERROR: (gcloud.storage.cp) The following URLs matched no objects or files")
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    shutil.copyfile(src, dst)
 """
 FAKE_RECORDER = """#!/bin/sh
 printf '%s\\n' "$(basename "$0") $*" >> "$FAKE_LOG.other"
@@ -107,11 +136,17 @@ def option(argv, flag):
     return values[0]
 
 
+def command_path(argv):
+    """gcloud's command words (alpha included) and the rest."""
+    n = 5 if argv[1] == "alpha" else 4
+    return argv[1:1 + n], argv[1 + n:]
+
+
 def kind(argv):
     """A short name for each printed command, to check the order of a sequence."""
     if argv[0] != "gcloud":
         return " ".join(argv[:3])
-    group, verb = argv[3], argv[4]
+    group, verb = command_path(argv)[0][-2:]
     if group == "queued-resources":
         return f"qr {verb}"
     if verb == "scp":
@@ -153,7 +188,8 @@ def test_usage_and_bad_arguments(fake):
                           (("--dry-run", "start"), "needs --bucket or --workdir"),
                           (("--dry-run", "-w", "/local/dir", "start"), "must be gs://"),
                           (("--dry-run", "logs"), "needs --workers"),
-                          (("--dry-run", "-n", "Bad_Name", "status"), "TPU name")]:
+                          (("--dry-run", "-n", "Bad_Name", "status"), "TPU name"),
+                          (("--dry-run", "--log-copy", "1m", "status"), "--log-copy")]:
         proc = tpu(fake, *args, check=False)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
     assert fake.calls() == [] and fake.others() == []
@@ -169,7 +205,7 @@ def dry(fake):
 
 def test_dry_run_sequence_order(dry):
     setup = ["python3 -m pip", "scp", "ssh setup"]
-    create = ["qr create", "qr describe"]
+    create = ["qr describe", "qr create", "qr describe"]  # free?, create, wait
     start = ["ssh free", "ssh start"]
     assert [kind(c) for c in printed(dry)] == [
         *create, *setup, *start,
@@ -195,11 +231,15 @@ def test_dry_run_every_worker_command_reaches_all_workers(dry):
 
 def test_dry_run_create_waits_and_cleans_up(dry):
     cmds = printed(dry)
-    assert cmds[0] == ["gcloud", "compute", "tpus", "queued-resources", "create", NAME,
+    describe = ["gcloud", "compute", "tpus", "queued-resources", "describe", NAME,
+                "--format=value(state.state)", *LOC]
+    assert cmds[0] == describe  # the name must be free
+    # Autocheckpoint is a preview: only `gcloud alpha` has the flag.
+    assert cmds[1] == ["gcloud", "alpha", "compute", "tpus", "queued-resources", "create", NAME,
                        f"--node-id={NAME}", "--accelerator-type=v5litepod-16",
-                       "--runtime-version=v2-alpha-tpuv5-lite", "--spot", *LOC]
-    assert cmds[1] == ["gcloud", "compute", "tpus", "queued-resources", "describe", NAME,
-                       "--format=value(state.state)", *LOC]
+                       "--runtime-version=v2-alpha-tpuv5-lite", "--spot",
+                       "--autocheckpoint-enabled", *LOC]
+    assert cmds[2] == describe
     delete = ["gcloud", "compute", "tpus", "queued-resources", "delete", NAME,
               "--force", "--quiet", *LOC]
     on_ctrl_c = [shlex.split(line.split("runs: ", 1)[1]) for line in dry.splitlines()
@@ -233,6 +273,8 @@ def test_dry_run_start_frees_the_tpu_first_then_starts_detached(dry):
     words = shlex.split(start)
     i = words.index("train")
     assert words[i - 1] == "$bin" and words[i:i + len(TRAIN_ARGV)] == TRAIN_ARGV
+    assert f"copy=gs://my-bucket/{RUN}/logs/worker-$(curl" in start
+    assert "agent-worker-number" in start and "do sleep 60;" in start
 
 
 def test_readme_holds_this_exact_transcript(dry):
@@ -264,35 +306,95 @@ def test_logs_asks_gcloud_for_the_worker_count(fake, tmp_path):
     assert [option(c, "--worker") for c in calls[1:]] == ["0", "1", "2"]
 
 
-@pytest.mark.parametrize("where", ["while queued", "during create"])
-def test_ctrl_c_before_active_deletes_the_queued_resource(fake, where):
-    env = {**fake.env, "FAKE_QR_STATE": "WAITING_FOR_RESOURCES",
-           "FAKE_CREATE_SECONDS": "30" if where == "during create" else "0"}
+def verbs(calls):
+    return [command_path(c)[0][-1] for c in calls]
+
+
+def interrupt(fake, ready, **env):
+    """Run `create`, press Ctrl-C once ready(gcloud calls so far) holds; (rc, stderr)."""
     proc = subprocess.Popen(["bash", str(TPU), "-n", NAME, "--poll", "0.1", "create"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            cwd=ROOT, env={**fake.env, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
                             # as in a terminal, even if this process ignores SIGINT
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    verb = "describe" if where == "while queued" else "create"
     deadline = time.time() + 20
-    while not any(c[4] == verb for c in fake.calls()):
+    while not ready(verbs(fake.calls())):
         if time.time() > deadline or proc.poll() is not None:
             os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"no gcloud {verb} call: {proc.communicate()}")
+            pytest.fail(f"never ready: {fake.calls()} {proc.communicate()}")
         time.sleep(0.05)
     time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-    _, err = proc.communicate(timeout=20)
-    assert proc.returncode == 130, err
-    assert fake.calls()[-1] == ["gcloud", "compute", "tpus", "queued-resources", "delete",
-                                NAME, "--force", "--quiet"]
+    try:
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, err
 
 
-def test_failed_queued_resource_stops_the_sequence(fake):
+DELETE = ["gcloud", "compute", "tpus", "queued-resources", "delete", NAME, "--force", "--quiet"]
+
+
+@pytest.mark.parametrize("where", ["while queued", "during create"])
+def test_ctrl_c_before_active_deletes_the_queued_resource_it_created(fake, where):
+    if where == "while queued":  # a describe after the create
+        rc, err = interrupt(fake, lambda v: "describe" in v[v.index("create"):] if "create" in v
+                            else False, FAKE_QR_STATE="WAITING_FOR_RESOURCES")
+    else:
+        rc, err = interrupt(fake, lambda v: "create" in v, FAKE_CREATE_SECONDS="30")
+    assert rc == 130, err
+    assert "deleting the queued resource it created" in err
+    assert fake.calls()[-1] == DELETE
+
+
+def test_ctrl_c_never_deletes_a_queued_resource_that_was_there_before(fake):
+    # Ctrl-C while create checks the name, which someone else's resource holds.
+    rc, err = interrupt(fake, lambda v: "describe" in v, FAKE_QR_EXISTS="1",
+                        FAKE_DESCRIBE_SECONDS="30")
+    assert rc != 0, err
+    assert verbs(fake.calls()) == ["describe"]  # no create, no delete
+    # Without Ctrl-C: one line, exit 2, nothing created or deleted.
+    proc = tpu(fake, "-n", NAME, "create", check=False, FAKE_QR_EXISTS="1",
+               FAKE_QR_STATE="ACTIVE")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"queued resource {NAME} exists already (ACTIVE)" in proc.stderr
+    assert verbs(fake.calls()) == ["describe", "describe"]
+
+
+def test_create_stops_when_it_cannot_tell_whether_the_name_is_free(fake):
+    proc = tpu(fake, "-n", NAME, "create", check=False, FAKE_QR_EXISTS="1",
+               FAKE_DESCRIBE_ERROR="PERMISSION_DENIED: no tpu.queuedResources.get")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "cannot tell whether" in proc.stderr and "PERMISSION_DENIED" in proc.stderr
+    assert verbs(fake.calls()) == ["describe"]
+
+
+@pytest.mark.parametrize("state", ["FAILED", "SUSPENDED", "DELETING"])
+def test_a_queued_resource_that_ends_stops_the_sequence(fake, state):
     proc = tpu(fake, "-n", NAME, "-b", "b", "--poll", "0", "up", check=False,
-               FAKE_QR_STATE="FAILED")
-    assert proc.returncode != 0 and "is FAILED" in proc.stderr
-    assert [c[4] for c in fake.calls()] == ["create", "describe"]
+               FAKE_QR_STATE=state)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"is {state}" in proc.stderr
+    assert verbs(fake.calls()) == ["describe", "create", "describe"]  # then no setup
+
+
+def test_create_gives_up_after_ten_failed_describes_in_a_row(fake):
+    proc = tpu(fake, "-n", NAME, "--poll", "0", "create", check=False,
+               FAKE_DESCRIBE_ERROR="UNAVAILABLE: try again")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "after 10 failed describes in a row" in proc.stderr and "UNAVAILABLE" in proc.stderr
+    assert verbs(fake.calls()) == ["describe", "create", *["describe"] * 10]
+    assert "describe failed (10 of 10): ERROR: UNAVAILABLE: try again" in proc.stdout
+
+
+def test_logs_goes_on_past_a_worker_without_a_log(fake, tmp_path):
+    logs = tmp_path / "logs"
+    proc = tpu(fake, *COMMON, "--log-dir", str(logs), "logs", FAKE_SSH_FAIL="1,2")
+    assert [option(c, "--worker") for c in fake.calls()] == ["0", "1", "2", "3"]
+    assert sorted(p.name for p in logs.iterdir()) == ["0.log", "3.log"]
+    assert proc.stderr.endswith(f"tpu-vm.sh: no log from worker 1 2 (not started there, or ssh "
+                                f"failed: see above); copies, if any: gs://my-bucket/{RUN}/logs/\n")
 
 
 # ---- (b) the remote commands, run under dash in a private PID namespace --------
@@ -322,49 +424,158 @@ def _private_pids():
         capture_output=True, timeout=10).returncode == 0
 
 
+FAKE_CURL = """#!/bin/sh
+# The TPU VM metadata server: this VM is worker 3.
+case "$*" in *agent-worker-number*) echo 3 ;; *) exit 22 ;; esac
+"""
+
+
 def test_remote_commands_start_status_stop_and_free_the_tpu(fake, tmp_path):
     # pkill -f in these commands must see only the processes this test starts:
     # they run in a new PID namespace, never against this machine's processes.
     if not _private_pids():
         pytest.skip("needs unshare --pid (root) and dash")
-    cmds = printed(tpu(fake, "--dry-run", *COMMON, "--grace", "1", "start", "status",
-                       "stop", *TRAIN).stdout)
+    cmds = printed(tpu(fake, "--dry-run", *COMMON, "--grace", "1", "--log-copy", "1", "start",
+                       "status", "stop", *TRAIN).stdout)
     remote = {kind(c)[4:]: option(c, "--command") for c in cmds if kind(c).startswith("ssh ")}
-    home, bin_dir = tmp_path / "home", tmp_path / "sbin"
+    home, bin_dir, gcs = tmp_path / "home", tmp_path / "sbin", tmp_path / "gcs"
     (home / "lenet-dist/venv/bin").mkdir(parents=True)
     bin_dir.mkdir()
     (home / "lenet-dist/venv/bin/lenet-dist").write_text(FAKE_TRAINER)
     (bin_dir / "sudo").write_text(FAKE_SUDO)
-    for f in [home / "lenet-dist/venv/bin/lenet-dist", bin_dir / "sudo"]:
+    (bin_dir / "curl").write_text(FAKE_CURL)
+    for f in [home / "lenet-dist/venv/bin/lenet-dist", bin_dir / "sudo", bin_dir / "curl"]:
         f.chmod(0o755)
+    copy = gcs / f"my-bucket/{RUN}/logs/worker-3.log"
     script = """
         run() { dash -c "$2" > "$HOME/$1.out" 2>&1; echo "rc=$?" >> "$HOME/$1.out"; }
+        copied() {  # the copy matches the log, within 5 s
+          for _ in $(seq 50); do cmp -s "$LOG" "$COPY" && return; sleep 0.1; done; return 1; }
         run start "$START"; run again "$START"; run status "$STATUS"; run stop "$STOP"
         run status2 "$STATUS"
+        copied && cp "$COPY" "$HOME/copy-after-stop"
         FAKE_IGNORE_TERM=1 setsid "$HOME/lenet-dist/venv/bin/lenet-dist" train &
         sleep 0.3; run free "$FREE"; run status3 "$STATUS"
+        rm "$LOG"; run restart "$START"; run stop2 "$STOP"  # a new VM: the log goes on
+        copied && cp "$COPY" "$HOME/copy-after-restart"
     """
     env = {**fake.env, "HOME": str(home), "PATH": f"{bin_dir}:{fake.env['PATH']}",
            "START": remote["start"], "STATUS": remote["status"], "STOP": remote["stop"],
-           "FREE": remote["free"]}
+           "FREE": remote["free"], "FAKE_GCS": str(gcs), "COPY": str(copy),
+           "LOG": str(home / f"lenet-dist/logs/{RUN}.log")}
     subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "bash", "-c", script],
-                   env=env, check=True, timeout=40)
+                   env=env, check=True, timeout=60)
     out = {p.stem: p.read_text() for p in home.glob("*.out")}
-    assert "training, log ~/lenet-dist/logs/lenet-v5e.log\nrc=0" in out["start"], out
+    assert f"training, log ~/lenet-dist/logs/lenet-v5e.log, copied to gs://my-bucket/{RUN}/" \
+           "logs/worker-3.log\nrc=0" in out["start"], out
     assert (home / "argv").read_text().split("\0")[:-1] == TRAIN_ARGV
     pid, sid = (home / "session").read_text().split()
     assert pid == sid, "setsid: the trainer leads its own session, ssh's end is no HUP"
     assert "already running, not started twice\nrc=0" in out["again"], out
     assert ": 1 lenet-dist process(es); log: fake training started" in out["status"], out
     assert "stopped" in out["stop"] and out["stop"].endswith("rc=0\n"), out
-    assert (home / "signals").read_text() == "TERM\n"
+    assert (home / "signals").read_text() == "TERM\nTERM\n"  # stop, stop2
     assert ": 0 lenet-dist process(es)" in out["status2"], out
     assert "stopping a stale lenet-dist" in out["free"] and "TPU free\nrc=0" in out["free"]
     assert ": 0 lenet-dist process(es)" in out["status3"], out  # SIGKILL after --grace
     sudo = (home / "sudo.log").read_text().splitlines()
     assert "rm -f /tmp/libtpu_lockfile" in sudo and "pkill -KILL -f [l]enet-dist train" in sudo
-    log = (home / "lenet-dist/logs/lenet-v5e.log").read_text()
-    assert log.startswith("=== start ") and "fake training started" in log
+    # The log's copy in the workdir: the whole log once training ended; a new VM
+    # fetched it and appended to it.
+    first = (home / "copy-after-stop").read_text()
+    assert first.startswith("=== start ") and first.count("fake training started") == 1
+    log = (home / f"lenet-dist/logs/{RUN}.log").read_text()
+    assert log.startswith(first) and log.count("=== start ") == 2, log
+    assert (home / "copy-after-restart").read_text() == log
+
+
+FAKE_UV = """#!/bin/sh
+# uv venv --seed --python V DIR: a venv whose python records pip installs and
+# whose lenet-dist, given `train`, runs until killed.
+[ "$1" = venv ] || exit 1
+eval "dir=\\${$#}"
+mkdir -p "$dir/bin"
+cat > "$dir/bin/python" <<'EOF'
+#!/bin/sh
+if [ "$1" = -V ]; then echo "Python 3.12.9"; else echo "$*" >> "$HOME/pip.log"; fi
+EOF
+cat > "$dir/bin/lenet-dist" <<'EOF'
+#!/bin/sh
+[ "$1" = train ] || exit 0
+while :; do sleep 0.1; done
+EOF
+chmod +x "$dir/bin/python" "$dir/bin/lenet-dist"
+"""
+FAKE_APT = """#!/bin/sh
+# apt-get: `update` finds the lists locked FAKE_APT_LOCKED times, then works;
+# `install` fails with FAKE_APT_NO_PACKAGE set.
+echo "$*" >> "$HOME/apt.calls"
+case " $* " in
+  *" update "*)
+    n=$(cat "$HOME/apt.locked" 2>/dev/null || echo 0)
+    if [ "$n" -lt "${FAKE_APT_LOCKED:-0}" ]; then
+      echo $((n + 1)) > "$HOME/apt.locked"; echo "Reading package lists..."
+      echo "E: Could not get lock /var/lib/apt/lists/lock. It is held by process 42 (apt-get)" >&2
+      echo "E: Unable to lock directory /var/lib/apt/lists/" >&2; exit 100
+    fi
+    echo "Hit:1 http://archive.ubuntu.com/ubuntu jammy InRelease" ;;
+  *" install "*)
+    if [ -n "${FAKE_APT_NO_PACKAGE:-}" ]; then
+      echo "E: Unable to locate package dataset-fashion-mnist" >&2; exit 100
+    fi
+    echo "Setting up dataset-fashion-mnist" ;;
+esac
+"""
+FAKE_SLEEP = """#!/bin/sh
+echo "$*" >> "$HOME/sleeps"
+"""
+
+
+def test_remote_setup_waits_for_apt_and_refuses_while_training(fake, tmp_path):
+    if not _private_pids():
+        pytest.skip("needs unshare --pid (root) and dash")
+    cmds = printed(tpu(fake, "--dry-run", *COMMON, "setup").stdout)
+    setup = option(next(c for c in cmds if kind(c) == "ssh setup"), "--command")
+    home, bin_dir, sleepy = tmp_path / "home", tmp_path / "sbin", tmp_path / "sleepy"
+    for d in (home, bin_dir, sleepy):
+        d.mkdir()
+    for path, text in [(bin_dir / "sudo", FAKE_SUDO), (bin_dir / "uv", FAKE_UV),
+                       (bin_dir / "apt-get", FAKE_APT), (sleepy / "sleep", FAKE_SLEEP)]:
+        path.write_text(text)
+        path.chmod(0o755)
+    wheel = Path(WHEEL).name
+    script = f"""
+        run() {{ touch "$HOME/{wheel}"; PATH="$SLEEPY:$PATH" dash -c "$SETUP" > "$HOME/$1.out" 2>&1
+                echo "rc=$?" >> "$HOME/$1.out"; }}
+        FAKE_APT_LOCKED=2 run locked
+        FAKE_APT_NO_PACKAGE=1 run nopackage
+        setsid "$HOME/lenet-dist/venv/bin/lenet-dist" train & sleep 0.3
+        touch "$HOME/lenet-dist/venv/kept"; run busy
+    """
+    env = {**fake.env, "HOME": str(home), "PATH": f"{bin_dir}:{fake.env['PATH']}",
+           "SETUP": setup, "SLEEPY": str(sleepy)}
+    subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "bash", "-c", script],
+                   env=env, check=True, timeout=40)
+    out = {p.stem: p.read_text() for p in home.glob("*.out")}
+    # A locked apt: waited for (two 10 s sleeps, said once), then the package.
+    assert out["locked"].count("apt is busy") == 1, out
+    assert "Fashion-MNIST from the dataset-fashion-mnist package" in out["locked"], out
+    assert out["locked"].endswith("lenet-dist ready, Python 3.12.9\nrc=0\n"), out
+    apt = (home / "apt.calls").read_text().splitlines()
+    assert apt[:4] == ["-q update"] * 3 + [
+        "-q -o DPkg::Lock::Timeout=600 install -y dataset-fashion-mnist"], apt
+    # No package: apt's own last line, and the [tfds] extra instead.
+    assert "apt did not install dataset-fashion-mnist (E: Unable to locate package " \
+           "dataset-fashion-mnist; all of it in ~/lenet-dist/logs/apt.log); adding the " \
+           "[tfds] extra" in out["nopackage"], out
+    assert (home / "sleeps").read_text() == "10\n10\n"  # only the lock waited
+    pip = (home / "pip.log").read_text().splitlines()
+    assert [p.split()[-1] for p in pip] == [f'lenet-dist/{wheel}[tpu]'] * 2 + [
+        f'lenet-dist/{wheel}[tpu,tfds]'], pip
+    # Training runs from the venv: setup leaves it alone, in one line.
+    assert out["busy"].endswith("lenet-dist is training, perhaps from lenet-dist/venv: not "
+                                "replacing it (stop first)\nrc=1\n"), out
+    assert (home / "lenet-dist/venv/kept").exists()
 
 
 # ---- (c) every gcloud flag exists in the installed gcloud ---------------------
@@ -395,29 +606,38 @@ def _gcloud_help(cache, command):
 def test_every_gcloud_flag_is_in_gcloud_help(fake, tmp_path, request):
     if shutil.which("gcloud") is None:
         pytest.skip("gcloud not installed")
-    dry = tpu(fake, "--dry-run", *COMMON, "--internal-ip", "--valid-until", "6h",
-              *SEQUENCE, *TRAIN).stdout
-    cmds = [c for c in printed(dry) if c[0] == "gcloud"]
-    cmds += [shlex.split(line.split("runs: ", 1)[1]) for line in dry.splitlines()
-             if line.startswith("# on Ctrl-C")]
+    cmds = []
+    for autocheckpoint in ([], ["--autocheckpoint"]):  # gcloud alpha, or not
+        common = [a for a in COMMON if a != "--autocheckpoint"] + autocheckpoint
+        dry = tpu(fake, "--dry-run", *common, "--internal-ip", "--valid-until", "6h",
+                  *SEQUENCE, *TRAIN).stdout
+        cmds += [c for c in printed(dry) if c[0] == "gcloud"]
+        cmds += [shlex.split(line.split("runs: ", 1)[1]) for line in dry.splitlines()
+                 if line.startswith("# on Ctrl-C")]
+    # The workers run `gcloud storage cp` (no flags) to copy their logs.
+    assert "gcloud storage cp" in option(next(c for c in cmds if kind(c) == "ssh start"),
+                                         "--command")
+    cmds.append(["gcloud", "storage", "cp"])
     tpu(fake, "-n", NAME, "--log-dir", str(tmp_path), "logs")  # asks for the worker count
     cmds += fake.calls()
-    groups = sorted({tuple(c[1:5]) for c in cmds})
+    groups = sorted({tuple(command_path(c)[0]) for c in cmds})
     with ThreadPoolExecutor(4) as pool:
         cache = getattr(request.config, "cache", None)
         helps = dict(zip(groups, pool.map(lambda g: _gcloud_help(cache, g), groups)))
     checked = set()
     for c in cmds:
-        text = helps[tuple(c[1:5])]
-        assert f"gcloud {' '.join(c[1:5])}" in text
+        path, rest = command_path(c)
+        text = helps[tuple(path)]
+        assert f"gcloud {' '.join(path)}" in text
         # A flag counts when the help defines it (a line starting with it) or
         # lists it among the flags every gcloud command takes, not when prose names it.
         own, _, wide = text.partition("GCLOUD WIDE FLAGS")
         wide = wide.split("Run $ gcloud help")[0]
-        for flag in (w.split("=", 1)[0] for w in c[5:] if w.startswith("--")):
+        for flag in (w.split("=", 1)[0] for w in rest if w.startswith("--")):
             name = re.escape(flag) + r"(?![\w-])"
             assert re.search(rf"^\s+{name}", own, re.M) or re.search(rf"\s{name}", wide), \
-                f"{flag} is not a flag of gcloud {' '.join(c[1:5])}"
+                f"{flag} is not a flag of gcloud {' '.join(path)}"
             checked.add(flag)
     assert {"--spot", "--valid-until-duration", "--worker", "--command", "--internal-ip",
+            "--autocheckpoint-enabled",
             "--force", "--format", "--node-id"} <= checked
