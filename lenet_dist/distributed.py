@@ -129,8 +129,11 @@ def join(spec: JobSpec, devices: int | None) -> int | None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     start_fatal_filter()
     watch = JoinWatch(spec.join_timeout).start()
+    address = spec.coordinator_address
     try:
         address, count, index = resolve(spec)
+        if count is not None:  # detected: fail before connecting, as with flags
+            check_devices(devices, count)
         watch.joining(address, count)
         jax.distributed.initialize(
             coordinator_address=address, num_processes=count, process_id=index,
@@ -140,8 +143,9 @@ def join(spec: JobSpec, devices: int | None) -> int | None:
     except (RuntimeError, ValueError, KeyError) as e:
         hint = (f"; no cluster was detected ({CLUSTERS}): pass --coordinator-address, "
                 "--num-processes and --process-id"
-                if spec.mode == "auto" and spec.coordinator_address is None else "")
-        raise UserError(f"cannot join the job: {first_line(e)}{hint}") from None
+                if spec.mode == "auto" and address is None and detect_cluster() is None
+                else "")
+        raise UserError(f"cannot join the job: {first_line(e).rstrip('.')}{hint}") from None
     finally:
         watch.stop()
     global JOINED

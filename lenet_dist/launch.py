@@ -131,11 +131,10 @@ class LocalJob:
                     self.out.flush()
 
     def signal(self, i: int, signum: int) -> None:
-        """Send `signum` to process i's process group (the process and its output
-        filters, which ignore SIGTERM and SIGINT), if process i still runs."""
+        """Send `signum` to process i (by PID, not to its output filters, which may
+        not yet ignore SIGTERM), if it still runs."""
         if self.procs[i].poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.procs[i].pid, signum)
+            os.kill(self.procs[i].pid, signum)
 
     def kill_all(self) -> None:
         """SIGKILL every process group, also where its leader has exited (a filter may

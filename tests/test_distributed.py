@@ -186,6 +186,19 @@ def test_distributed_auto_without_a_cluster_is_one_process():
     assert time.monotonic() - started < 60  # no join was attempted, nothing waited
 
 
+def test_distributed_auto_in_a_slurm_task_is_a_job_before_it_connects():
+    """SLURM's variables make `auto` a job of SLURM_NTASKS processes: --devices is
+    checked against that count at once, before any connection is tried."""
+    env = dict(no_cluster_env(), PYTHONPATH=os.pathsep.join(sys.path), **SLURM_TASK)
+    proc = subprocess.run([sys.executable, "-m", "lenet_dist", "devices", "--distributed",
+                           "auto", "--devices", "3"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "error: --devices 3 does not split over 2 processes; use a multiple of 2 (every "
+        "process gives the mesh the same number of its devices)"]
+
+
 def job_process(args, i, port, env=None, **kw):
     """Process i of a 2-process job on 127.0.0.1:port, in its own process group."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), PYTHONUNBUFFERED="1",
