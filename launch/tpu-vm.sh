@@ -345,6 +345,7 @@ on_interrupt() {
 describe=(gcloud compute tpus queued-resources describe "$name" --format='value(state.state)'
   ${loc[@]+"${loc[@]}"})
 err_file=""
+trap 'if [[ -n "$err_file" ]]; then rm -f "$err_file"; fi' EXIT
 describe_state() { "${describe[@]}" 2>"$err_file"; }
 
 # `create` deletes on Ctrl-C only what it created: the name must be free first.
