@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The tools the tests run for real, from Debian's packages (as root, with apt-get):
-#   shellcheck                               the launch scripts' lint
+#   the launch scripts' lint:                shellcheck
 #   slurmctld slurmd slurm-client munge      a real SLURM cluster on this host
 #                                            (scripts/slurm-local.sh, tests/test_slurm.py)
 #   openmpi-bin                              mpirun (tests/test_mpi.py)
