@@ -136,12 +136,17 @@ class LocalJob:
         if self.procs[i].poll() is None:
             os.kill(self.procs[i].pid, signum)
 
-    def kill_all(self) -> None:
+    def kill_groups(self) -> None:
         """SIGKILL every process group, also where its leader has exited (a filter may
-        linger), and reap the leaders."""
+        linger). Reaps nothing, so a signal handler may call it (Popen.wait would
+        wait for a lock the interrupted main thread may hold)."""
         for p in self.procs:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.pid, signal.SIGKILL)
+
+    def kill_all(self) -> None:
+        """`kill_groups`, then reap the processes."""
+        self.kill_groups()
         for p in self.procs:
             p.wait()
 
@@ -210,7 +215,7 @@ def run(args: Sequence[str], processes: int, timeout: float, grace: float,
     def forward(signum, frame):
         if stopping:
             if jobs:
-                jobs[-1].kill_all()
+                jobs[-1].kill_groups()
             return
         stopping.append(signum)
         if jobs:
@@ -258,8 +263,8 @@ def run(args: Sequence[str], processes: int, timeout: float, grace: float,
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        for job in jobs:
-            job.kill_all()
+        if jobs:  # each earlier attempt was killed when it ended
+            jobs[-1].kill_all()
 
 
 def restart_refusal(returncode: int, stopping: Sequence[int], restarts_left: int) -> str | None:
