@@ -3,11 +3,12 @@
 One process per host (or per GPU node), all running the same command. JAX's
 own runtime does the work: `jax.distributed.initialize` before any backend
 starts, a coordination service with heartbeats, collectives across processes.
-This module adds only what a trainer needs on top: the global `--devices`
-split evenly over processes, one writer (process 0), and start-up checks that
-every process sees the same workdir and the same data, so a misconfigured job
-fails in seconds with one line on every process instead of hanging or silently
-training different models.
+This module adds only what a trainer needs on top: a join bounded by
+`--join-timeout` that says what it waits for, `--distributed auto` as one process
+where JAX detects no cluster, the global `--devices` split evenly over processes,
+one writer (process 0), and start-up checks that every process sees the same
+workdir and the same data, so a misconfigured job fails in seconds with one line on
+every process instead of hanging or silently training different models.
 
 JAX is imported inside the functions (each marked "JAX late"): the CLI imports this
 module to parse its options, before `jax.distributed.initialize` may run, which must
