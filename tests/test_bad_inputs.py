@@ -164,6 +164,12 @@ CASES: list[Case] = [
     Case("train-heartbeat-huge", ("train", "--heartbeat-timeout", "1000000"), 2,
          "'--heartbeat-timeout' (env var: 'LENET_DIST_HEARTBEAT_TIMEOUT'): 1000000 is not in "
          "the range 1<=x<=86400."),
+    Case("train-join-timeout-zero", ("train", "--join-timeout", "0"), 2,
+         "'--join-timeout' (env var: 'LENET_DIST_JOIN_TIMEOUT'): 0 is not in the range "
+         "1<=x<=86400."),
+    Case("train-join-timeout-env-not-a-number", ("train",), 2,
+         "'--join-timeout' (env var: 'LENET_DIST_JOIN_TIMEOUT'): 'soon' is not a valid "
+         "integer range.", env={"LENET_DIST_JOIN_TIMEOUT": "soon"}),
     Case("train-job-incomplete", ("train", "--process-id", "0"), 2,
          "a job needs --coordinator-address, --num-processes and --process-id together"),
     Case("train-job-bad-address", ("train", "--coordinator-address", "nohost", "--num-processes",
@@ -288,6 +294,8 @@ CASES: list[Case] = [
          "--json {dir} is a directory; give a file name, e.g. {dir}/bench.json"),
     # --- launch ---------------------------------------------------------------------------
     Case("launch-no-command", ("launch",), 2, "Missing argument 'COMMAND...'."),
+    Case("launch-max-restarts-huge", ("launch", "--max-restarts", "101", "--", "devices"), 2,
+         "Invalid value for '--max-restarts': 101 is not in the range 0<=x<=100."),
     Case("launch-processes-zero", ("launch", "-n", "0", "--", "devices"), 2,
          "Invalid value for '--processes' / '-n': 0 is not in the range 1<=x<=64."),
     Case("launch-timeout-nan", ("launch", "--timeout", "nan", "--", "devices"), 2,
