@@ -3,6 +3,8 @@
 The SavedModel is built in a staging directory next to `out`, loaded back and
 compared with JAX on reference images, and only then moved into place, so a
 failed export never leaves a half-written model or touches an existing one.
+A gs:// `out` is built and checked in a local temporary directory, then uploaded
+with saved_model.pb last (`publish_remote`: object stores have no rename).
 Publishing is one atomic rename where the system allows it (`publish` says which
 guarantee holds where), and the next export to the same `out` cleans up, or puts
 back, what an export killed mid-way left beside it (`recover_leftovers`).
@@ -55,15 +57,20 @@ def parse_platforms(text: str | Sequence[str]) -> tuple[str, ...]:
     return chosen
 
 
-def check_destination(out: Path, overwrite: bool, workdir: Path) -> None:
+def check_destination(out: Path, overwrite: bool, workdir: Path | str) -> None:
     """Refuse any --out whose replacement could destroy something that is not a model.
 
-    `out` and `workdir` are resolved paths."""
-    for precious, what in ((workdir, "the training run"), (Path.cwd(), "the current directory")):
-        if out == precious or out in precious.parents:
-            raise UserError(f"--out {out} would replace {what} ({precious}); "
+    `out` and `workdir` are resolved paths (`workdir` may be a gs:// URL: then a local
+    `out` cannot touch it)."""
+    precious = [(Path.cwd(), "the current directory")]
+    if isinstance(workdir, Path):
+        precious.insert(0, (workdir, "the training run"))
+    for place, what in precious:
+        if out == place or out in place.parents:
+            raise UserError(f"--out {out} would replace {what} ({place}); "
                             "choose a new directory, e.g. serving/lenet/1")
-    if workdir in out.parents and (workdir / "checkpoints") in (out, *out.parents):
+    if isinstance(workdir, Path) and workdir in out.parents \
+            and (workdir / "checkpoints") in (out, *out.parents):
         raise UserError(f"--out {out} is inside the checkpoints of {workdir}; choose another")
     if not out.exists():
         return

@@ -35,10 +35,12 @@ pytestmark = pytest.mark.slow
 BUCKET, PORT = "bucket", 4443
 ENDPOINT = f"http://127.0.0.1:{PORT}"
 # What points the stack at the emulator (field notes): gcsfs and google-cloud-storage,
-# TensorStore (Orbax's arrays), no credential look-ups, epath through gcsfs.
+# TensorStore (Orbax's arrays), no credential look-ups. Not EPATH_USE_TF: lenet-dist
+# sets it (TensorFlow is installed here, so without it epath would use tf.io.gfile,
+# which cannot reach the emulator).
 GCS_ENV = {
     "STORAGE_EMULATOR_HOST": ENDPOINT, "TENSORSTORE_GCS_HTTP_URL": ENDPOINT,
-    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x", "EPATH_USE_TF": "false", "FSSPEC_GCS_TOKEN": "anon",
+    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x", "FSSPEC_GCS_TOKEN": "anon",
     "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "GCE_METADATA_HOST": "127.0.0.1:9",
     "GCE_METADATA_IP": "127.0.0.1:9", "GCE_METADATA_ROOT": "127.0.0.1:9",
 }
@@ -128,6 +130,16 @@ class Emulator:
         finally:
             kill_group(proc)
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def cmds(self, *commands, timeout=TIMEOUT) -> list[subprocess.CompletedProcess]:
+        """Several commands at once (read-only ones): their results, in order."""
+        procs = [self.spawn(*args) for args in commands]
+        try:
+            outs = [proc.communicate(timeout=timeout) for proc in procs]
+        finally:
+            for proc in procs:
+                kill_group(proc)
+        return [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(procs, outs)]
 
     def spawn(self, *args, **extra) -> subprocess.Popen:
         return self._popen(self.args(*args), cwd=self.cwd, env=self.env(**extra),
@@ -265,23 +277,6 @@ def test_second_trainer_is_refused_and_the_first_untouched(gcs_run):
     assert gcs_run["resumed"].returncode == 0
 
 
-def test_a_dead_trainers_lease_is_taken_over(gcs_run, emulator, data_dir):
-    """A lease left by a trainer that died (not renewed for 3 periods) is taken over."""
-    leave = ("import os; from lenet_dist.gcs import Lease; "
-             f"Lease('{gcs_run['url']}', 'lenet-dist train', refresh=0.2).acquire(); "
-             "os._exit(0)")  # dies holding it
-    left = subprocess.run(["nsenter", emulator.net, "--", sys.executable, "-c", leave],
-                          env=emulator.env(), capture_output=True, text=True, timeout=60)
-    assert left.returncode == 0, left.stderr
-    assert emulator.object("run/lock").exists()
-    time.sleep(1.0)  # > 3 x 0.2 s
-    again = emulator.cmd(*train_args(gcs_run["url"], data_dir))
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "took over the lock of a run that is no longer running" in again.stdout
-    assert "is finished: 16 steps" in again.stdout
-    assert not emulator.object("run/lock").exists()
-
-
 def test_lease_takeover_has_one_winner(emulator):
     """Two takers of one stale lease: the generation precondition lets exactly one win."""
     race = ("import json, os, threading, time; from lenet_dist import gcs, safefs\n"
@@ -308,11 +303,22 @@ def test_lease_takeover_has_one_winner(emulator):
 
 
 def test_two_processes_share_the_bucket(emulator, data_dir, local_run):
-    """`lenet-dist launch -n 2 -- train` on gs://: one job, one lease, the same result."""
+    """`lenet-dist launch -n 2 -- train` on gs://: one job, the same result, after
+    taking over the lease a dead trainer left (not renewed for 3 of its periods)."""
     url = f"gs://{BUCKET}/job"
+    leave = ("import os; from lenet_dist.gcs import Lease; "
+             f"Lease('{url}', 'lenet-dist train', refresh=0.2).acquire(); "
+             "os._exit(0)")  # dies holding it
+    left = subprocess.run(["nsenter", emulator.net, "--", sys.executable, "-c", leave],
+                          env=emulator.env(), capture_output=True, text=True, timeout=60)
+    assert left.returncode == 0, left.stderr
+    assert emulator.object("job/lock").exists()
+    time.sleep(1.0)  # > 3 x 0.2 s
     job = emulator.cmd("launch", "-n", "2", "--timeout", str(TIMEOUT - 20), "--",
                        *train_args(url, data_dir))
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "took over the lock of a run that is no longer running (`lenet-dist train`" \
+        in job.stdout, job.stdout[-3000:]
     assert_same_params(params_in(emulator.object("job"), 16), local_run.state.params,
                        atol=1e-6)
     assert (emulator.object("job") / "metrics.jsonl").read_text().count("\n") == 2
@@ -324,16 +330,16 @@ def test_two_processes_share_the_bucket(emulator, data_dir, local_run):
 
 def test_checkpoints_eval_report_on_the_bucket(gcs_run, emulator, local_run):
     url = gcs_run["url"]
-    listing = emulator.cmd("checkpoints", "--workdir", url)
+    listing, evaluated, report = emulator.cmds(
+        ("checkpoints", "--workdir", url), ("eval", "--workdir", url, "--devices", "2"),
+        ("report", "--workdir", url))
     assert listing.returncode == 0, listing.stderr
     steps = [ln.split()[0] for ln in listing.stdout.splitlines()[1:]]
     assert steps == ["5", "8", "16"], listing.stdout
-    evaluated = emulator.cmd("eval", "--workdir", url, "--devices", "2")
     assert evaluated.returncode == 0, evaluated.stderr
     acc = f"test accuracy {local_run.history[-1]['test_accuracy']:.4f}"
     assert evaluated.stdout.startswith("step 16 (epoch 2) on 2 device(s)") and acc in \
         evaluated.stdout, evaluated.stdout
-    report = emulator.cmd("report", "--workdir", url)
     assert report.returncode == 0, report.stderr
     assert report.stdout.strip() == f"wrote {url}/report/report.md"
     for name in ("report.md", "curves.png", "confusion.png", "misclassified.png"):
@@ -371,3 +377,17 @@ def test_a_gs_path_without_gcsfs_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "pip install 'lenet-dist[gcs]'" in err[0] and \
         "gs://bucket/run" in err[0], err
+
+
+def test_export_destination_checks_need_no_bucket(tmp_path):
+    """The checks that need no request: a gs:// --out inside the run or its checkpoints,
+    and a local --out beside a gs:// workdir (never compared as paths)."""
+    from lenet_dist.errors import UserError
+    from lenet_dist.export import check_destination, check_remote_destination, destination
+
+    with pytest.raises(UserError, match="would replace the training run"):
+        check_remote_destination("gs://b/run", False, "gs://b/run/")
+    with pytest.raises(UserError, match="inside the checkpoints of gs://b/run"):
+        check_remote_destination("gs://b/run/checkpoints/1", False, "gs://b/run")
+    assert destination("gs://b/serving/1/") == "gs://b/serving/1"
+    check_destination((tmp_path / "serving" / "1").resolve(), False, "gs://b/run")
