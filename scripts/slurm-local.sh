@@ -169,12 +169,13 @@ up() {
 down() {
   local i dir jobs=()
   if [[ -f "$conf" ]] && alive "$state/slurmctld.pid" slurmctld >/dev/null; then
-    # Jobs first, so that no slurmstepd or task outlives its slurmd: SIGKILL to
-    # every process of a running job (the batch shell too), then cancel them all.
+    # Jobs first, so that no slurmstepd or task outlives its slurmd. SIGKILL to
+    # every step and the batch shell; the tasks of a step whose srun died still get
+    # SIGTERM and, KillWait (10 s) later, SIGKILL. Then the pending jobs go.
     mapfile -t jobs < <(squeue -h -o %i 2>/dev/null || true)
     if [[ ${#jobs[@]} -gt 0 ]]; then
       scancel --full --signal=KILL "${jobs[@]}" 2>/dev/null || true
-      scancel "${jobs[@]}" 2>/dev/null || true
+      scancel --state=PENDING "${jobs[@]}" 2>/dev/null || true
       for ((i = 0; i < 150; i++)); do
         [[ -z "$(squeue -h -t RUNNING,COMPLETING,CONFIGURING -o %i 2>/dev/null)" ]] && break
         sleep 0.1

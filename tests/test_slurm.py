@@ -45,7 +45,7 @@ def test_sbatch_directives():
     assert opts["--requeue"] is True and opts["--open-mode"] == "append"
 
 
-def slurm(tmp_path, rc=0, restarts=0, dry=False):
+def slurm(tmp_path, rc=0, restarts=0, dry=False, **extra_env):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     for tool in ["srun", "scontrol"]:
@@ -59,7 +59,7 @@ def slurm(tmp_path, rc=0, restarts=0, dry=False):
            "SLURM_JOB_NAME": "lenet-dist", "SLURM_SUBMIT_DIR": str(tmp_path),
            "SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_ON_NODE": "32",
            "SLURM_RESTART_COUNT": str(restarts), "LENET_TRAIN_ARGS": "--epochs 3",
-           "LENET_DRY_RUN": "1" if dry else "0"}
+           "LENET_DRY_RUN": "1" if dry else "0", **extra_env}
     proc = subprocess.run(["bash", str(SLURM), "--data-dir", DATA_DIR], env=env,
                           capture_output=True, text=True, timeout=30)
     other = Path(f"{log}.other")
@@ -78,6 +78,24 @@ def test_sbatch_dry_run_prints_srun_with_all_gpus(tmp_path):
                         f"{tmp_path}/runs/lenet-dist", "--epochs", "3", "--data-dir", DATA_DIR]
     assert "+ export JAX_LOCAL_DEVICE_IDS=0,1,2,3" in proc.stdout.splitlines()
     assert not (tmp_path / "runs").exists()
+
+
+def test_sbatch_cpu_mode_asks_for_devices_over_all_tasks(tmp_path):
+    """LENET_CPU_DEVICES_PER_TASK: N simulated devices a task, so --devices N x nodes;
+    no GPU is looked for (nvidia-smi would fail here) and none is named."""
+    proc, calls = slurm(tmp_path, LENET_CPU_DEVICES_PER_TASK="2", SLURM_JOB_NUM_NODES="3",
+                        SLURM_GPUS_ON_NODE="")
+    assert proc.returncode == 0, proc.stderr
+    assert calls[0].endswith(" (JAX_LOCAL_DEVICE_IDS=unset)"), calls
+    assert " lenet-dist train --distributed auto --workdir " in calls[0]
+    assert calls[0].split(" (JAX")[0].endswith(" --devices 6 --epochs 3 --data-dir " + DATA_DIR)
+    assert "x 2 CPU device(s)" in proc.stdout and "JAX_LOCAL_DEVICE_IDS" not in proc.stdout
+    for i, bad in enumerate(["0", "two", "-1"]):
+        (tmp_path / str(i)).mkdir()
+        proc, calls = slurm(tmp_path / str(i), LENET_CPU_DEVICES_PER_TASK=bad)
+        assert proc.returncode == 2 and calls == [] and proc.stdout == "", proc.stdout
+        assert proc.stderr.strip() == ("slurm.sbatch: LENET_CPU_DEVICES_PER_TASK must be a "
+                                       f"positive integer, not '{bad}'")
 
 
 @pytest.mark.parametrize("rc,restarts,requeued", [
@@ -172,7 +190,7 @@ class Job:
     def __init__(self, conf, submit_dir, data_dir):
         self.conf, self.dir = conf, submit_dir
         self.work, self.out = submit_dir / "run", submit_dir / "lenet-dist.out"
-        lenet = Path(sys.executable).with_name("lenet-dist")
+        lenet = Path(sys.executable).with_name("lenet-dist")  # this venv's
         env = {**os.environ, "SLURM_CONF": str(conf), "LENET_WORKDIR": str(self.work),
                "LENET_CPU_DEVICES_PER_TASK": "4", "LENET_DIST": str(lenet),
                "PYTHONPATH": os.pathsep.join(sys.path)}
