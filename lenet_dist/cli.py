@@ -250,7 +250,7 @@ def train(recipe, preset, config_file, progress, allow_config_change, tensorboar
     if progress is None:
         progress = sys.stderr.isatty()
     with runtime.quick_interrupts():
-        runtime.configure(cpu_devices=config.devices, job=job)
+        runtime.configure(cpu_devices=config.devices, job=job, sync_preemption=True)
         from lenet_dist.train import Outputs
         from lenet_dist.train import train as run
 

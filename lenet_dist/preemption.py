@@ -40,13 +40,15 @@ def exit_terminated(signum, frame) -> None:
     os._exit(128 + signal.SIGTERM)
 
 
-def exit_on_sigterm() -> None:
+def exit_on_sigterm(replace_jax: bool = False) -> None:
     """From the start of a command, SIGTERM is `exit_terminated` (not the silent
     default: an exit 143 with no word). In a job, JAX's notifier replaces it at the
-    C level when the job is joined; in one process, `StopRule` replaces it when
-    training starts."""
-    if threading.current_thread() is threading.main_thread() \
-            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    C level when the job is joined (Python still reports its own handler), and a
+    command that does not train takes it back with `replace_jax`; in one process,
+    `StopRule` replaces it when training starts."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if replace_jax or signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, exit_terminated)
 
 

@@ -72,11 +72,15 @@ def quick_interrupts():
 MAX_SIMULATED_CPU_DEVICES = 512
 
 
-def configure(cpu_devices: int | None = None, job=None) -> None:
+def configure(cpu_devices: int | None = None, job=None, sync_preemption: bool = False) -> None:
     """Prepare JAX: join the multi-process `job` (a `distributed.JobSpec`) if any,
     then `cpu_devices` simulated CPU devices (the global count: each process of a
     job simulates its share), fast CPU kernels; then start the backend, so that a
     platform that is not here fails now, in one line.
+
+    Joining a job installs JAX's SIGTERM notifier, which only a training loop asks
+    (`sync_preemption`); any other command takes SIGTERM back, so that it still
+    stops (one line, 143) instead of running on until SIGKILL.
 
     Simulating devices only changes the CPU backend; on a GPU/TPU host the
     accelerators stay the default backend.
@@ -85,6 +89,10 @@ def configure(cpu_devices: int | None = None, job=None) -> None:
         add_xla_flags()
     with quick_interrupts():
         _configure(cpu_devices, job)
+    if job is not None and job.enabled and not sync_preemption:
+        from lenet_dist.preemption import exit_on_sigterm  # JAX-free; after the join
+
+        exit_on_sigterm(replace_jax=True)
 
 
 def _configure(cpu_devices: int | None, job) -> None:

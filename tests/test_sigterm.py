@@ -111,8 +111,8 @@ def test_sigterm_on_resumed_runs_and_in_the_last_epoch(reference, data_dir, tmp_
     codes, out = run_job(args, when="training LeNet-5 on")
     step = stop_step(codes, out)
     resumed = [step]
-    while step < 14:  # resumes at 1, 2, ... : epoch 1 (steps 1-10), then epoch 2
-        if step == 4:  # skip ahead into the last epoch (a fresh resume at step 12)
+    while step < 13:  # resumes at 1, 2: epoch 1 (steps 1-10), then in epoch 2
+        if step == 3:  # skip ahead into the last epoch
             codes, out = run_job(args, when="epoch 1/2")
             step = stop_step(codes, out)
             assert 10 < step < 20, out  # a stop in the last epoch
@@ -127,3 +127,28 @@ def test_sigterm_on_resumed_runs_and_in_the_last_epoch(reference, data_dir, tmp_
     assert codes == [0, 0], out
     assert f"resuming from checkpoint at step {step}" in out[0]
     assert_same_params(params(work), reference[1].state.params, atol=1e-6)
+
+
+def test_sigterm_stops_a_job_command_that_does_not_train(reference, tmp_path):
+    """Joining installs JAX's notifier, which only training asks; `export` in a job
+    takes SIGTERM back. Before, the signal was swallowed and the export ran on to the
+    end (then failed JAX's shutdown barrier). Signalled once process 0 has staged its
+    export, the job stops: process 0 with one line and 143, nothing published; process
+    1 when it loses its coordinator."""
+    out = tmp_path / "export"
+    job = LocalJob(["export", "--workdir", str(reference[0]), "--out", str(out)], 2,
+                   env={"PYTHONPATH": os.pathsep.join(sys.path)})
+    job.start()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not list(tmp_path.glob(".export.staging-*")):
+            assert time.monotonic() < deadline and job.procs[0].poll() is None, job.output(0)
+            time.sleep(0.01)
+        for i in range(2):
+            job.signal(i, signal.SIGTERM)
+        codes = job.wait(TIMEOUT, grace=60)
+    finally:
+        job.kill_all()
+    assert codes[0] == 143 and codes[1] != 0, [job.output(0), job.output(1)]
+    assert job.output(0).splitlines()[-1] == "error: stopped by SIGTERM", job.output(0)
+    assert not out.exists()
