@@ -228,3 +228,81 @@ def load_kit_module(name):
         return module
     finally:
         sys.path.remove(str(ROOT / "export"))
+
+
+# ------------------------------------------------- a job whose second process is late
+
+class LateJoin:
+    """A 2-process job whose process 1 starts `delay` seconds after process 0: what
+    --join-timeout's default must wait for. Most of that is waiting, so when its test
+    is selected the job starts as the session does (`pytest_collection_modifyitems`),
+    beside the other tests, and the test collects the result; outputs go to files (no
+    pipe to fill), and every process is killed by its group at the end."""
+
+    TEST = "test_a_peer_70_seconds_late_still_joins_and_trains"
+    running: "LateJoin | None" = None
+
+    def __init__(self, data_dir: str, work: Path, delay: float = 70.0):
+        from lenet_dist.launch import free_port
+
+        self.port, self.work, self.delay = free_port(), work, delay
+        self.args = ["train", "--devices", "2", "--epochs", "1", "--train-limit", "256",
+                     "--batch-size", "128", "--no-checkpoint", "--no-tensorboard",
+                     "--no-progress", "--data-dir", data_dir, "--workdir", str(work / "run")]
+        self.procs: list[subprocess.Popen] = []
+        self.first_alive_when_late: bool | None = None
+        self._timer = threading.Timer(delay, self._start_late)
+
+    def _start(self, i: int) -> None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), PYTHONUNBUFFERED="1",
+                   LENET_DIST_COORDINATOR_ADDRESS=f"127.0.0.1:{self.port}",
+                   LENET_DIST_NUM_PROCESSES="2", LENET_DIST_PROCESS_ID=str(i))
+        with open(self.work / f"out{i}", "w") as out, open(self.work / f"err{i}", "w") as err:
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "lenet_dist", *self.args], env=env,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True))
+
+    def _start_late(self) -> None:
+        self.first_alive_when_late = self.procs[0].poll() is None
+        self._start(1)
+
+    def start(self) -> "LateJoin":
+        self._start(0)
+        self._timer.start()
+        return self
+
+    def result(self, timeout: float) -> tuple[list[int | None], list[tuple[str, str]]]:
+        """Exit codes and (stdout, stderr) of both processes, once both have ended."""
+        self._timer.join(timeout=self.delay + 5)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+        outs = [((self.work / f"out{i}").read_text(), (self.work / f"err{i}").read_text())
+                for i in range(len(self.procs))]
+        return [p.returncode for p in self.procs], outs
+
+    def kill(self) -> None:
+        self._timer.cancel()
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, 9)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    if any(item.name == LateJoin.TEST for item in items) and real_data_available():
+        import tempfile
+
+        LateJoin.running = LateJoin(REAL_DIR, Path(tempfile.mkdtemp(prefix="late-join-")))
+        LateJoin.running.start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if LateJoin.running is not None:
+        LateJoin.running.kill()
+        shutil.rmtree(LateJoin.running.work, ignore_errors=True)

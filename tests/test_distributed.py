@@ -16,6 +16,7 @@ from lenet_dist.cli import main
 from lenet_dist.distributed import JobSpec, check_devices, detect_cluster
 from lenet_dist.errors import UserError
 from lenet_dist.launch import describe_exit, exit_status, free_port, restart_refusal
+from tests.conftest import LateJoin
 
 # What a survivor of a kill -9 printed on stderr (jax 0.12, trimmed stack trace).
 LOST_PEER = b"""\
@@ -243,24 +244,15 @@ def test_a_peer_that_never_joins_fails_the_join_timeout_with_one_line():
 @pytest.mark.slow
 def test_a_peer_70_seconds_late_still_joins_and_trains(data_dir, tmp_path):
     """JAX's 300 s join (--join-timeout's default), not the heartbeat's 60 s, bounds
-    the wait; the waiting process says so once."""
-    args = ["train", "--devices", "2", "--epochs", "1", "--train-limit", "256",
-            "--batch-size", "128", "--no-checkpoint", "--no-tensorboard", "--no-progress",
-            "--data-dir", data_dir, "--workdir", str(tmp_path / "run")]
-    port = free_port()
-    first = late = None
-    try:
-        first = job_process(args, 0, port)
-        time.sleep(70)
-        assert first.poll() is None, first.communicate()
-        late = job_process(args, 1, port)
-        outs = [p.communicate(timeout=240) for p in (first, late)]
-    finally:
-        end(first, late)
-    assert (first.returncode, late.returncode) == (0, 0), outs
+    the wait; the waiting process says so once. The job runs beside the session's
+    other tests (conftest's LateJoin) when the real data is there, else here."""
+    job = LateJoin.running or LateJoin(data_dir, tmp_path).start()
+    codes, outs = job.result(timeout=300)
+    assert job.first_alive_when_late, outs  # process 0 was still waiting at 70 s
+    assert codes == [0, 0], outs
     waiting = [ln for ln in outs[0][1].splitlines() if ln.startswith("waiting for")]
-    assert waiting == [f"waiting for all 2 processes of the job to join at 127.0.0.1:{port} "
-                       "(up to 300 s: --join-timeout)"], outs[0][1]
+    assert waiting == [f"waiting for all 2 processes of the job to join at 127.0.0.1:"
+                       f"{job.port} (up to 300 s: --join-timeout)"], outs[0][1]
     assert "epoch 1/1  train loss" in outs[0][0]
     assert "error" not in outs[0][1] + outs[1][1]
 
