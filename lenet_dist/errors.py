@@ -35,3 +35,20 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     """A library exception as one short line, for a UserError that wraps it."""
     text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", str(e)).strip()  # TF's op prefix
     return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
+class Busy(Exception):
+    """A workdir's lock (a flock, or a lease on gs://) is held; `holder` says by whom
+    (may be empty)."""
+
+    def __init__(self, holder: dict):
+        self.holder = holder
+        super().__init__(describe_holder(holder))
+
+
+def describe_holder(holder: dict) -> str:
+    if not holder:
+        return "another process (no details recorded)"
+    since = holder.get("since")
+    return (f"`{holder.get('command', 'lenet-dist')}` (PID {holder.get('pid', '?')} on "
+            f"{holder.get('host', '?')}, since {since or '?'})")

@@ -25,6 +25,8 @@ import sys
 import threading
 import time
 
+from lenet_dist.errors import Busy, UserError, describe_holder, first_line
+
 # Only a default: a user who sets EPATH_USE_TF=true asks for tf.io.gfile knowingly.
 os.environ.setdefault("EPATH_USE_TF", "false")
 
@@ -62,8 +64,7 @@ def upload_tree(local: str | os.PathLike, url: str,
             raise
         except Exception as e:  # noqa: BLE001 - gcsfs's HttpError, aiohttp's errors
             raise OSError(f"cannot write {url}/{rel}: {type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
-                          ) from None
+                          f"{first_line(e)}") from None
         if done is not None:
             done[rel] = (stat.st_size, stat.st_mtime_ns)
 
@@ -84,8 +85,6 @@ def refresh_seconds() -> float:
     except ValueError:
         value = -1.0
     if not 0.2 <= value <= 3600:
-        from lenet_dist.errors import UserError  # late: see check_installed
-
         raise UserError(f"{REFRESH_ENV}={text!r} is not a number of seconds in [0.2, 3600]")
     return value
 
@@ -144,19 +143,16 @@ class Lease:
             "command": self.command, "refresh_seconds": self.refresh}) + "\n").encode()
 
     def acquire(self) -> Lease:
-        """Take the lease, or raise safefs.Busy naming its holder; OSError when Cloud
+        """Take the lease, or raise Busy naming its holder; OSError when Cloud
         Storage cannot be reached or refuses (one line, not the client's traceback)."""
-        from lenet_dist.errors import first_line  # late: see check_installed
-        from lenet_dist.safefs import Busy  # late: safefs imports this module
-
         try:
-            return self._acquire(Busy)
+            return self._acquire()
         except (Busy, OSError):
             raise
         except Exception as e:  # noqa: BLE001 - google.api_core, google.auth, requests
             raise OSError(f"{type(e).__name__}: {first_line(e, 200)}") from None
 
-    def _acquire(self, Busy) -> Lease:  # noqa: N803 - the class, passed in late
+    def _acquire(self) -> Lease:
         self._since = datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds")
         for _ in range(5):  # a lease may vanish or change between our calls
@@ -289,8 +285,6 @@ def lease_holder(workdir: str) -> dict | None:
 def _exit_lost(url: str, holder: dict) -> None:
     """The lease was taken over while we ran: another trainer writes the workdir now,
     so stop at once, saving nothing (a save would overwrite its checkpoints)."""
-    from lenet_dist.safefs import describe_holder  # late: safefs imports this module
-
     os.write(2, (f"error: lost the lease {url} to {describe_holder(holder)} (this run "
                  "stalled longer than the lease lasts); stopping without saving, so that "
                  "two trainers never write one workdir\n").encode())

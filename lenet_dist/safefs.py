@@ -24,6 +24,8 @@ from lenet_dist import gcs  # isort: skip
 
 from etils import epath  # noqa: E402
 
+from lenet_dist.errors import Busy, describe_holder  # noqa: E402, F401 - the lock's API
+
 LOCK_FILE = "lock"
 # The process's umask, read once at import (reading it means setting it): files made
 # through mkstemp (0600) get the mode an ordinary open() would have given them.
@@ -137,22 +139,6 @@ def make_dir(path: epath.Path | str) -> None:
 
 
 # ------------------------------------------------------------------- locking
-
-
-class Busy(Exception):
-    """The workdir's lock is held; `holder` says by whom (may be empty)."""
-
-    def __init__(self, holder: dict):
-        self.holder = holder
-        super().__init__(describe_holder(holder))
-
-
-def describe_holder(holder: dict) -> str:
-    if not holder:
-        return "another process (no details recorded)"
-    since = holder.get("since")
-    return (f"`{holder.get('command', 'lenet-dist')}` (PID {holder.get('pid', '?')} on "
-            f"{holder.get('host', '?')}, since {since or '?'})")
 
 
 class WorkdirLock:
