@@ -11,13 +11,14 @@ import sys
 
 import _signal
 
-from lenet_dist.preemption import exit_on_sigterm
 from lenet_dist.runtime import exit_interrupted, quick_interrupts
 
 
 def main() -> int:
-    exit_on_sigterm()
-    with quick_interrupts():
+    with quick_interrupts():  # preemption imports `signal` (50+ ms): a Ctrl-C window
+        from lenet_dist.preemption import exit_on_sigterm
+
+        exit_on_sigterm()
         from lenet_dist.cli import main as cli_main
     code = cli_main()
     with contextlib.suppress(OSError):  # a closed pipe: click has already said nothing

@@ -21,14 +21,17 @@ import dataclasses
 import hashlib
 import os
 import secrets
+import select
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 
 from lenet_dist import safefs
-from lenet_dist.errors import UserError, first_line
+from lenet_dist.errors import Failure, UserError, first_line
 
 MODES = ("off", "auto")
 # How long the survivors of a dead process wait before exiting (JAX's
@@ -146,7 +149,10 @@ def join(spec: JobSpec, devices: int | None) -> int | None:
                 "--num-processes and --process-id"
                 if spec.mode == "auto" and address is None and detect_cluster() is None
                 else "")
-        raise UserError(f"cannot join the job: {first_line(e).rstrip('.')}{hint}") from None
+        # A connection that failed (RuntimeError) may work on a restart: exit 1, which
+        # restart policies retry; a bad setting (ValueError, KeyError) is exit 2.
+        kind = Failure if isinstance(e, RuntimeError) else UserError
+        raise kind(f"cannot join the job: {first_line(e).rstrip('.')}{hint}") from None
     finally:
         watch.stop()
     global JOINED
@@ -186,7 +192,14 @@ class JoinWatch:
     """Bounds the join: after JOIN_NOTICE_AFTER seconds, one line says what this
     process waits for; at `timeout`, one line and exit 1. JAX's own deadline would
     abort from C++ with a stack trace (its `connect()` releases the GIL, so this
-    thread runs meanwhile)."""
+    thread runs meanwhile).
+
+    It also hears SIGTERM and Ctrl-C while the main thread is inside `connect()`:
+    Python runs a signal's handler only when the main thread returns to bytecode,
+    so until the join ended (up to --join-timeout) a scheduler's SIGTERM did nothing
+    (measured: 25 s). Python's C-level handler still writes the signal's number to
+    the wakeup fd (`signal.set_wakeup_fd`), which this thread reads: 143 or 130, one
+    line, at once. Nothing is written yet at that point."""
 
     def __init__(self, timeout: float, notice_after: float = JOIN_NOTICE_AFTER):
         self.timeout, self.notice_after = timeout, notice_after
@@ -194,8 +207,15 @@ class JoinWatch:
         self.count: int | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="join-watch", daemon=True)
+        self._pipe: tuple[int, int] | None = None
+        self._old_wakeup = -1
 
     def start(self) -> "JoinWatch":
+        if threading.current_thread() is threading.main_thread():
+            self._pipe = os.pipe()
+            for fd in self._pipe:
+                os.set_blocking(fd, False)
+            self._old_wakeup = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
         self._thread.start()
         return self
 
@@ -204,18 +224,48 @@ class JoinWatch:
 
     def stop(self) -> None:
         self._done.set()
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
+            os.write(self._pipe[1], b"\0")  # wakes the thread
+            self._thread.join(timeout=5)
+            for fd in self._pipe:
+                os.close(fd)
 
     def _what(self) -> str:
         if self.address is None:
             return "the job's coordinator address (cluster detection)"
         return f"all {self.count} processes of the job to join at {self.address}"
 
+    def _wait(self, seconds: float) -> bool:
+        """True once the join ended; exits on SIGTERM or SIGINT meanwhile."""
+        if self._pipe is None:
+            return self._done.wait(seconds)
+        deadline = time.monotonic() + seconds
+        while not self._done.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if select.select([self._pipe[0]], [], [], left)[0]:
+                try:
+                    got = os.read(self._pipe[0], 64)
+                except BlockingIOError:
+                    continue
+                if self._done.is_set():
+                    break
+                if signal.SIGTERM in got:
+                    os.write(2, b"error: stopped by SIGTERM while joining the job\n")
+                    os._exit(128 + signal.SIGTERM)
+                if signal.SIGINT in got:
+                    os.write(2, b"error: interrupted while joining the job\n")
+                    os._exit(128 + signal.SIGINT)
+        return True
+
     def _watch(self) -> None:
-        if self._done.wait(min(self.notice_after, self.timeout)):
+        if self._wait(min(self.notice_after, self.timeout)):
             return
         if self.notice_after < self.timeout:
             _say(f"waiting for {self._what()} (up to {self.timeout:g} s: --join-timeout)")
-            if self._done.wait(self.timeout - self.notice_after):
+            if self._wait(self.timeout - self.notice_after):
                 return
         _say(f"error: gave up waiting for {self._what()} after {self.timeout:g} s "
              "(--join-timeout): start the same command on every host, check that they "
@@ -271,11 +321,12 @@ def on_primary(fn):
             result = fn()
         except UserError as e:
             error = e
-    failed = bool(gather([error is not None])[0, 0])
+    code = int(gather([error.exit_code if error is not None else 0])[0, 0])
     if error is not None:
         raise error
-    if failed:
-        raise UserError("process 0 stopped (its error says why)")
+    if code:  # the same class as process 0's, so a restart policy treats both alike
+        raise (Failure if code == Failure.exit_code else UserError)(
+            "process 0 stopped (its error says why)")
     return result
 
 

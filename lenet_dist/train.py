@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import math
@@ -372,8 +373,9 @@ def lock_workdir(workdir: epath.Path, log: Callable[[str], None]) -> safefs.Lock
     except safefs.Busy as e:
         raise Failure(f"--workdir {workdir} is in use by {e}; wait for it to finish, stop "
                       "it, or use another --workdir") from None
-    except OSError as e:
-        raise UserError(f"cannot lock --workdir {workdir}: {e.strerror or e}") from None
+    except OSError as e:  # a permission is the user's to fix (2); storage may recover (1)
+        kind = UserError if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else Failure
+        raise kind(f"cannot lock --workdir {workdir}: {e.strerror or e}") from None
     if lock.stale:
         log(f"note: took over the lock of a run that is no longer running "
             f"({safefs.describe_holder(lock.stale)})")

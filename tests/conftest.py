@@ -294,6 +294,7 @@ class LateJoin:
             proc.wait(timeout=30)
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected: only what will run
 def pytest_collection_modifyitems(session, config, items):
     if any(item.name == LateJoin.TEST for item in items) and real_data_available():
         import tempfile

@@ -241,6 +241,30 @@ def test_a_peer_that_never_joins_fails_the_join_timeout_with_one_line():
     assert took < 7 + 20, took  # the wait, plus starting Python and JAX on a busy machine
 
 
+@pytest.mark.parametrize("process_id,signum,line", [
+    (0, signal.SIGTERM, "error: stopped by SIGTERM while joining the job"),
+    (1, signal.SIGTERM, "error: stopped by SIGTERM while joining the job"),
+    (1, signal.SIGINT, "error: interrupted while joining the job")])
+def test_a_signal_while_waiting_to_join_stops_at_once(process_id, signum, line):
+    """The main thread sits in JAX's C++ connect(), where Python runs no handler; the
+    previous code let a scheduler's SIGTERM wait out the whole --join-timeout."""
+    port = free_port()
+    proc = job_process(["devices", "--devices", "2", "--join-timeout", "120"], process_id,
+                       port)
+    try:
+        notice = proc.stderr.readline()  # at 5 s: the process is inside the join
+        assert notice.startswith("waiting for all 2 processes"), notice
+        sent = time.monotonic()
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        end(proc)
+    assert proc.returncode == 128 + signum, (out, err)
+    assert err.splitlines() == [line], err
+    assert took < 5, took
+
+
 @pytest.mark.slow
 def test_a_peer_70_seconds_late_still_joins_and_trains(data_dir, tmp_path):
     """JAX's 300 s join (--join-timeout's default), not the heartbeat's 60 s, bounds
