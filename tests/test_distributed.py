@@ -249,8 +249,9 @@ def test_a_signal_while_waiting_to_join_stops_at_once(process_id, signum, line):
     """The main thread sits in JAX's C++ connect(), where Python runs no handler; the
     previous code let a scheduler's SIGTERM wait out the whole --join-timeout."""
     port = free_port()
+    # SIGINT as a terminal gives it: a background shell (CI) starts children ignoring it.
     proc = job_process(["devices", "--devices", "2", "--join-timeout", "120"], process_id,
-                       port)
+                       port, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         notice = proc.stderr.readline()  # at 5 s: the process is inside the join
         assert notice.startswith("waiting for all 2 processes"), notice
