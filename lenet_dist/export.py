@@ -87,6 +87,47 @@ def check_destination(out: Path, overwrite: bool, workdir: Path | str) -> None:
     if not (out / "saved_model.pb").is_file():
         raise UserError(f"{out} is not a SavedModel (no saved_model.pb); --overwrite only "
                         "replaces an exported model, so move it away yourself")
+    refuse_foreign(out, foreign_entries(out))
+
+
+# What an export publishes, and nothing else: --overwrite replaces a directory only when
+# every entry in it is one of these (a run's checkpoints kept inside an old export, a
+# notes file or a second model in D/2 were deleted with it).
+PUBLISHED = re.compile(r"saved_model\.pb|fingerprint\.pb|variables|assets|assets\.extra"
+                       r"|variables/variables\.(index|data-\d{5}-of-\d{5})"
+                       r"|assets/labels\.txt|assets\.extra/(metadata\.json|reference\.npz)")
+PUBLISHED_DIRS = {"variables", "assets", "assets.extra"}
+
+
+def foreign_entries(out: Path | epath.Path) -> list[str]:
+    """Entries under `out` (relative, sorted) that no export writes; links count as
+    foreign locally (we never write one)."""
+    foreign = []
+    for top in sorted(out.iterdir(), key=lambda p: p.name):
+        rel = top.name
+        is_link = isinstance(top, Path) and top.is_symlink()
+        if is_link or not PUBLISHED.fullmatch(rel):
+            foreign.append(rel)
+        elif rel in PUBLISHED_DIRS:
+            if not top.is_dir():
+                foreign.append(rel)
+                continue
+            for child in sorted(top.iterdir(), key=lambda p: p.name):
+                sub = f"{rel}/{child.name}"
+                if (isinstance(child, Path) and child.is_symlink()) \
+                        or not PUBLISHED.fullmatch(sub) or child.is_dir():
+                    foreign.append(sub)
+        elif top.is_dir():
+            foreign.append(rel)
+    return foreign
+
+
+def refuse_foreign(out, foreign: list[str]) -> None:
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more"
+                                          if len(foreign) > 3 else "")
+        raise UserError(f"{out} holds what no export writes ({shown}); --overwrite only "
+                        "replaces an exported model, so move those away yourself")
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -125,6 +166,11 @@ def check_remote_destination(out: str, overwrite: bool, workdir: Path | str) -> 
     if not has_model:
         raise UserError(f"{out} is not a SavedModel (no saved_model.pb); --overwrite only "
                         "replaces an exported model, so move it away yourself")
+    try:
+        foreign = foreign_entries(target)
+    except OSError as e:
+        raise UserError(f"cannot read {out}: {e.strerror or e}") from None
+    refuse_foreign(out, foreign)
 
 
 def publish_remote(model_dir: Path, out: str, overwrite: bool, workdir: Path | str) -> None:

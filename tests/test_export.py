@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from lenet_dist import export as export_lib
 from lenet_dist import serialization
 from lenet_dist.cli import main
 from lenet_dist.errors import UserError
@@ -183,8 +185,6 @@ def test_check_saved_model_rejects_a_naive_save(tmp_path):
 
 def test_export_cli_refuses_an_existing_output_unless_overwrite(trained, exported, capsys,
                                                                tmp_path):
-    import shutil
-
     out = tmp_path / "model"
     shutil.copytree(exported[0], out)  # an earlier export
     (out / "precious.txt").write_text("keep me")
@@ -192,7 +192,11 @@ def test_export_cli_refuses_an_existing_output_unless_overwrite(trained, exporte
             "--platforms", "cpu"]
     assert "already exists; pass --overwrite" in one_line_error(capsys, argv)
     assert (out / "precious.txt").read_text() == "keep me"
+    assert "holds what no export writes (precious.txt)" in one_line_error(
+        capsys, argv + ["--overwrite"])
+    assert (out / "precious.txt").read_text() == "keep me"
 
+    (out / "precious.txt").unlink()
     assert main(argv + ["--overwrite", "--best"]) == 0
     text = capsys.readouterr().out
     assert f"exported step {trained.state.step}" in text and "StableHLO" in text
@@ -273,3 +277,23 @@ def test_export_without_tensorflow_says_how_to_install(trained, capsys, tmp_path
     msg = one_line_error(capsys, ["export", "--workdir", trained.config.workdir, "--out",
                                   str(tmp_path / "m")])
     assert "TensorFlow is not installed" in msg and "pip install tensorflow-cpu==" in msg
+
+
+@pytest.mark.parametrize("plant", ["checkpoints/5/x", "notes.txt", "2/saved_model.pb",
+                                   "variables/extra.bin", "assets/mine.txt"])
+def test_overwrite_replaces_only_what_an_export_published(exported, capsys, tmp_path, plant,
+                                                          trained):
+    """--overwrite deleted whatever the directory held: a run's checkpoints stored in an
+    old export, a notes file, a second model in D/2. Now anything an export does not
+    write is named, and the directory is left as it was."""
+    out = tmp_path / "1"
+    shutil.copytree(exported[0], out)
+    assert export_lib.foreign_entries(out) == []
+    (out / plant).parent.mkdir(parents=True, exist_ok=True)
+    (out / plant).write_text("someone's")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    msg = one_line_error(capsys, ["export", "--workdir", trained.config.workdir, "--out",
+                                  str(out), "--overwrite"])
+    assert "holds what no export writes (" + plant.split("/")[0] in msg, msg
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    assert (out / plant).read_text() == "someone's"
