@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from lenet_dist import safefs, versions
+from lenet_dist import safefs, tempdirs, versions
 from lenet_dist import serving_contract as contract
 from lenet_dist.config import INT_RANGES, RECIPES
 from lenet_dist.data import CLASS_NAMES
@@ -291,7 +291,7 @@ def bench_training(runs: Sequence[Run], epochs: int, rounds: int, data_dir: str 
         variants = [(run, False, "") for run in runs]
     entries = [{"name": f"{run.name} {note}".strip(), **dataclasses.asdict(run),
                 "checkpoint": checkpoint, "rounds": []} for run, checkpoint, note in variants]
-    with tempfile.TemporaryDirectory(prefix="lenet-dist-bench-") as tmp:
+    with tempdirs.temporary_directory("lenet-dist-bench-") as tmp:
         for r in range(rounds):
             for i, (entry, (run, checkpoint, _)) in enumerate(zip(entries, variants)):
                 figures = run_config(run, epochs, data_dir, Path(tmp) / f"r{r}-c{i}",
@@ -413,6 +413,7 @@ def check_json_path(path: str) -> None:
         raise UserError(f"--json {path}: cannot write to the directory {parent}")
     try:
         safefs.refuse_symlink(path)
+        safefs.refuse_special(path)  # a rename would replace /dev/full with our file
     except safefs.UnsafePath as e:
         raise UserError(f"--json {path} {e.strerror}") from None
 
@@ -464,7 +465,7 @@ def bench_serving(workdir: str | None, batch_size: int = 256, rounds: int = 3,
     def run_jax(x):
         return jax.device_get(forward(variables, x))
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempdirs.temporary_directory("lenet-dist-bench-serving-") as tmp:
         model_dir = export_lib.save_savedmodel(
             tf, variables, Path(tmp), ("cpu",), CLASS_NAMES["fashion_mnist"],
             serialization.installed_plan())

@@ -31,7 +31,7 @@ import numpy as np
 from etils import epath
 
 from lenet_dist import data as data_lib
-from lenet_dist import distributed, faults, gcs, serialization, versions
+from lenet_dist import distributed, faults, gcs, serialization, tempdirs, versions
 from lenet_dist import serving_contract as contract
 from lenet_dist.config import DEFAULT_EXPORT_PLATFORMS, EXPORT_PLATFORMS
 from lenet_dist.errors import Failure, UserError, first_line
@@ -551,7 +551,7 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, best: boo
 
     try:
         if remote:  # built and checked here, then uploaded (publish_remote)
-            staging = Path(tempfile.mkdtemp(prefix="lenet-dist-export-"))
+            staging = Path(tempdirs.mkdtemp("lenet-dist-export-"))
         else:
             out_path.parent.mkdir(parents=True, exist_ok=True)
             staging = make_staging(out_path)

@@ -101,13 +101,26 @@ def refuse_symlink(path: epath.Path | str) -> None:
                          "links in a workdir (remove it)", os.fspath(path))
 
 
+def refuse_special(path: str) -> None:
+    """Only a regular file (or nothing) may be replaced by a file we write."""
+    try:
+        kind = stat.S_IFMT(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return
+    if kind not in (stat.S_IFREG, stat.S_IFLNK):  # links: refuse_symlink's message
+        raise UnsafePath(errno.EEXIST, f"is {describe_mode(kind)}; lenet-dist writes a file "
+                         "only where nothing or a regular file is (choose a file path)", path)
+
+
 def write_atomic(path: epath.Path | str, data: str | bytes) -> None:
     """Replace `path` with `data` in one rename: readers see the old or the new file.
 
     Locally the temporary file gets a unique name created with O_EXCL (so a link
     planted under any name is never written through), is fsynced, and renamed over
     `path`, which replaces a directory entry and never follows a link there;
-    a symlink at `path` is refused all the same, since someone meant it.
+    a symlink at `path` is refused all the same, since someone meant it, and so is
+    anything but a regular file (a rename would replace /dev/full, a FIFO, a socket or
+    an empty directory with our file; checked again just before the rename).
     On object stores (gs://) a write is already atomic.
     """
     raw = data.encode() if isinstance(data, str) else data
@@ -116,6 +129,7 @@ def write_atomic(path: epath.Path | str, data: str | bytes) -> None:
         return
     path = os.fspath(path)
     refuse_symlink(path)
+    refuse_special(path)
     directory, name = os.path.split(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory or ".")
     try:
@@ -124,6 +138,7 @@ def write_atomic(path: epath.Path | str, data: str | bytes) -> None:
             f.write(raw)
             f.flush()
             os.fsync(f.fileno())
+        refuse_special(path)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
