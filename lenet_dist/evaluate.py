@@ -29,6 +29,7 @@ def evaluate(steps: Steps, variables, feed: EvalFeed) -> dict[str, float]:
 
 def evaluate_checkpoint(workdir: str, step: int | None = None, best: bool = False,
                         devices: int | None = None, data_dir: str | None = None) -> dict:
+    distributed.check_same_settings({"step": step, "best": best}, "eval")
     shardings = Shardings(make_mesh(devices))
     restored = restore_checkpoint(workdir, shardings, step, best)
     config = restored.config

@@ -236,8 +236,9 @@ def test_a_peer_that_never_joins_fails_the_join_timeout_with_one_line():
         f"waiting for all 2 processes of the job to join at {address} (up to 7 s: "
         "--join-timeout)",
         f"error: gave up waiting for all 2 processes of the job to join at {address} after "
-        "7 s (--join-timeout): start the same command on every host, check that they reach "
-        "that address, or raise --join-timeout"], err
+        "7 s (--join-timeout): 1 of the 2 processes never joined (process 1); start the same "
+        "command on every host, check that they reach that address, or raise "
+        "--join-timeout"], err
     assert took < 7 + 20, took  # the wait, plus starting Python and JAX on a busy machine
 
 
