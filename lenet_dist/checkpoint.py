@@ -154,13 +154,64 @@ def inspect_step(directory: epath.Path, step: int) -> StepInfo:
     return info
 
 
+# A step directory is named as Orbax's standard name format writes it: ASCII digits,
+# no leading zero but "0" itself. Orbax reads names with its own regex, whose `\d`
+# takes any script's digits ("1٥" would be its step 15), and `str.isdigit` takes "①"
+# and "²", which int() refuses: this one pattern decides what a step is, for our scan
+# and for Orbax (`StepNames`); anything else is a file the project did not write.
+STEP_NAME = re.compile(r"(?:0|[1-9][0-9]*)\Z")
+ORBAX_TMP = ".orbax-checkpoint-tmp"  # in the names of Orbax's unfinished saves
+OWN_NAMES = (PROBE_DIR, "metadata")  # the write probe; Orbax's root metadata
+
+
+def step_of(name: str) -> int | None:
+    """The step a directory name stands for, or None when it is not a step name."""
+    return int(name) if STEP_NAME.match(name) else None
+
+
+def shown(name: str) -> str:
+    """A file name on one line: control characters escaped, other text as it is."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in name)
+
+
+def foreign_entries(directory: epath.Path) -> list[str]:
+    """Names in `directory` that are neither a step directory nor Orbax's or ours."""
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir()
+                  if not (step_of(p.name) is not None and p.is_dir())
+                  and ORBAX_TMP not in p.name and p.name not in OWN_NAMES)
+
+
 def scan(directory: epath.Path) -> dict[int, StepInfo]:
-    """Inspect every finished step directory (Orbax's temporary ones are not steps)."""
+    """Inspect every finished step directory (Orbax's temporary ones are not steps,
+    nor is any name `step_of` refuses)."""
     if not directory.is_dir():
         return {}
-    steps = sorted(int(p.name) for p in directory.iterdir()
-                   if p.name.isdigit() and p.is_dir())
+    steps = sorted(step for p in directory.iterdir()
+                   if (step := step_of(p.name)) is not None and p.is_dir())
     return {s: inspect_step(directory, s) for s in steps}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepNames:
+    """Orbax's standard step name format, listing only the names `step_of` accepts: a
+    directory the project did not write is never a step to Orbax, so it is never
+    restored, counted as the latest, or deleted by the keep-K policy."""
+
+    standard: object = dataclasses.field(default_factory=ocp.step.standard_name_format)
+    single_host_load_and_broadcast: bool = False
+
+    def build_name(self, step: int) -> str:
+        return self.standard.build_name(step)
+
+    def find_all(self, base_path):
+        return (m for m in self.standard.find_all(base_path)
+                if step_of(epath.Path(m.path).name) == m.step)
+
+    def find_step(self, base_path, step: int):
+        return self.standard.find_step(base_path, step)
 
 
 # ------------------------------------------------------------------ the manager
@@ -191,6 +242,9 @@ class Checkpoints:
                 if self.directory.exists() and not self.directory.is_dir():
                     raise UserError(f"{self.directory} is not a directory; move it away")
             self.info = scan(self.directory)
+            for name in foreign_entries(self.directory):
+                warn(f"note: {CHECKPOINT_DIR}/{shown(name)} is not a step this project "
+                     "wrote; left alone")
             if not read_only:
                 self._set_aside_bad()
         except OSError as e:
@@ -210,6 +264,7 @@ class Checkpoints:
             cleanup_tmp_directories=not read_only,
             # Readers never let Orbax parse the metrics files: `info` holds checked ones.
             lightweight_initialize=read_only,
+            step_name_format=StepNames(),
         )
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -275,10 +330,22 @@ class Checkpoints:
         self.info[step] = StepInfo(step, meta=meta, metrics=metrics)
 
     def _save_failure(self, step: int, e: Exception) -> Failure:
-        done = [s for s in self.manager.all_steps() if s != step]
-        last = f"step {max(done)}" if done else "none"
-        return Failure(f"cannot save the checkpoint of step {step} in {self.directory}: "
-                       f"{save_error(e)}; the latest checkpoint saved is {last}")
+        """What failed, and what is on disk now: read again after the failure (the
+        manager's own list is what it meant to keep, and a save can fail after its
+        step was written, in removing an old one)."""
+        reason = save_error(e)
+        if isinstance(e, OSError) and e.filename:
+            reason += f" ({os.fspath(e.filename)})"
+        try:
+            good = [s for s, found in scan(self.directory).items() if found.ok]
+        except OSError as error:
+            good = None
+            listed = f"the checkpoints on disk cannot be listed ({error.strerror or error})"
+        what = (f"checkpoint step {step} was saved in {self.directory}, but then: {reason}"
+                if good and step in good else
+                f"cannot save the checkpoint of step {step} in {self.directory}: {reason}")
+        return Failure(f"{what}; {listed if good is None else on_disk(good)}")
+
 
     def check_writable(self, tree: dict) -> None:
         """Save `tree` the way a checkpoint is saved, to a scratch name, and delete it:
@@ -376,6 +443,14 @@ class Checkpoints:
         distributed.barrier(f"lenet-dist: quarantined {step}")
         self.manager.reload()
         return where
+
+
+def on_disk(good: list[int]) -> str:
+    """The readable checkpoints in the directory, as a few words."""
+    if not good:
+        return "no readable checkpoint is on disk"
+    return (f"on disk: step{'s' if len(good) > 1 else ''} "
+            f"{', '.join(map(str, good))} (the latest is step {max(good)})")
 
 
 def save_error(e: BaseException) -> str:

@@ -12,6 +12,7 @@ import errno
 import functools
 import json
 import math
+import os
 import time
 from typing import Callable
 
@@ -135,6 +136,7 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
     shardings = Shardings(mesh)
     check_batch(config.batch_size, shardings.size)
     workdir = prepare_workdir(config.workdir, create=primary)
+    distributed.check_same_config(config.to_dict(), allow_config_change=allow_config_change)
     distributed.check_same_workdir(workdir)
     with contextlib.ExitStack() as cleanup:  # last in, first out: saves end, then unlock
         lock = distributed.on_primary(lambda: lock_workdir(workdir, log))
@@ -348,20 +350,47 @@ def write_metrics(workdir: epath.Path, history: list[dict]) -> None:
 
 
 def start_metrics(workdir: epath.Path, history: list[dict], log: Callable[[str], None]) -> None:
-    """metrics.jsonl for the run that starts now: the restored history. Lines that are
+    """metrics.jsonl for the run that starts now: the restored history. A file that is
     not this run's (a previous run's, after its checkpoints proved bad or with
-    --no-checkpoint) are kept aside as metrics-<time>.jsonl, never lost."""
+    --no-checkpoint) is renamed to metrics-<time>.jsonl, never copied: a copy through
+    a bounded reader lost everything past its limit."""
     path = workdir / METRICS_FILE
+    mine = "".join(json.dumps(r) + "\n" for r in history).encode()
     try:
-        old = safefs.read_file(path, 2**30, follow=False) if path.exists() else b""
+        if not path.exists():
+            return write_metrics(workdir, history)
+        size = path.stat().length
+        head = safefs.read_file(path, max(len(mine), 4096), follow=False)
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    mine = "".join(json.dumps(r) + "\n" for r in history).encode()
-    if old.strip() and not (history and old.startswith(mine)):
-        kept = workdir / f"metrics-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.jsonl"
-        safefs.write_atomic(kept, old)
+    empty = size <= len(head) and not head.strip()
+    if not empty and not (history and head[: len(mine)] == mine):
+        kept = keep_aside(path)
         log(f"note: {path} held another run's metrics; kept as {kept}")
     write_metrics(workdir, history)
+
+
+def keep_aside(path: epath.Path) -> epath.Path:
+    """Rename `path` to <stem>-<time>[-N]<suffix> beside it, whole, whatever its size."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    for n in range(100):
+        kept = path.with_name(f"{path.stem}-{stamp}{f'-{n}' if n else ''}{path.suffix}")
+        if safefs.is_local(kept):
+            try:  # link + unlink: never over an existing name (rename would replace it)
+                os.link(path, kept)
+            except FileExistsError:
+                continue
+            except OSError as e:
+                if e.errno in (errno.EPERM, errno.ENOTSUP, errno.EXDEV) and not kept.exists():
+                    os.rename(path, kept)  # a filesystem without hard links
+                    return kept
+                raise Failure(f"cannot keep {path} aside as {kept}: {e.strerror}") from None
+            os.unlink(path)
+            return kept
+        if not kept.exists():
+            path.rename(kept)
+            return kept
+    raise Failure(f"cannot keep {path} aside: 100 names {path.stem}-{stamp}-N are taken")
 
 
 def lock_workdir(workdir: epath.Path, log: Callable[[str], None]) -> safefs.Lock:

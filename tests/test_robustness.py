@@ -10,9 +10,12 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import pytest
+from etils import epath
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -345,6 +348,34 @@ def test_fresh_start_keeps_a_previous_runs_metrics_aside(dataset, tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and "older run" not in lines[0]
     assert any("held another run's metrics" in line for line in logs)
+
+
+def test_a_previous_metrics_file_past_the_readers_limit_is_kept_whole(dataset, tmp_path):
+    """Kept aside by a rename, not copied through the 1 GiB reader (which cut 184 MB
+    of a 1.2 GB file): the same inode, the same size. Sparse: no disk is used."""
+    path = tmp_path / "metrics.jsonl"
+    with open(path, "wb") as f:
+        f.write(b'{"epoch": 1, "note": "a long run"}\n')
+        f.truncate(2**30 + 200 * 2**20)
+    before = os.stat(path)
+    train(small(tmp_path, epochs=1), dataset=dataset, **QUIET)
+    (kept,) = tmp_path.glob("metrics-*.jsonl")
+    after = os.stat(kept)
+    assert (after.st_ino, after.st_size) == (before.st_ino, before.st_size)
+    assert len(path.read_text().splitlines()) == 1
+
+
+def test_keeping_aside_never_replaces_an_earlier_kept_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod.time, "strftime", lambda *_: "20261203T000000")
+    kept = []
+    for text in ("first", "second", "third"):
+        (tmp_path / "metrics.jsonl").write_text(text)
+        kept.append(train_mod.keep_aside(epath.Path(tmp_path / "metrics.jsonl")))
+    assert [Path(k).name for k in kept] == [
+        "metrics-20261203T000000.jsonl", "metrics-20261203T000000-1.jsonl",
+        "metrics-20261203T000000-2.jsonl"]
+    assert [Path(k).read_text() for k in kept] == ["first", "second", "third"]
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_no_checkpoint_on_a_workdir_holding_a_run_is_refused(run_copy, dataset):
