@@ -51,6 +51,9 @@ from lenet_dist.fatal_filter import describe_loss
 DEBUG_ENV = "LENET_DIST_DEBUG"
 
 
+NUL_PATH = "the path contains a NUL byte, which no file name can hold"
+
+
 class TextPath(click.Path):
     """A path that is not empty and is valid text. Bytes that are not UTF-8 reach
     Python as surrogate escapes, which a later print, JSON write or C++ call fails on."""
@@ -59,6 +62,8 @@ class TextPath(click.Path):
         if isinstance(value, str):
             if not value:
                 self.fail("the path is empty", param, ctx)
+            if "\0" in value:
+                self.fail(NUL_PATH, param, ctx)
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
@@ -344,6 +349,8 @@ def report_cmd(runs, workdir, compare, out, step, best, data_dir):
     if compare:
         if len(runs) < 2 or workdir is not None:
             raise click.UsageError("--compare takes two or more run directories as arguments")
+        out = out or "report-compare"
+        report_lib.check_out_dir(out, runs)  # before restoring and predicting
         table = {}
         for run in runs:
             tested = test_predictions(run, step, best, data_dir)
@@ -352,14 +359,16 @@ def report_cmd(runs, workdir, compare, out, step, best, data_dir):
                            "final": {"test_accuracy": float((tested["predictions"]
                                                              == tested["labels"]).mean()),
                                      "parameters": tested["parameters"]}}
-        path = report_lib.write_comparison(out or "report-compare", table)
+        path = report_lib.write_comparison(out, table)
     else:
         if runs:
             raise click.UsageError("give the run with --workdir (arguments are for --compare)")
         workdir = workdir or Config().workdir
+        out = out or os.path.join(workdir, "report")
+        report_lib.check_out_dir(out, [workdir])  # before restoring and predicting
         tested = test_predictions(workdir, step, best, data_dir)
         path = report_lib.write_report(
-            out or os.path.join(workdir, "report"), os.path.basename(os.path.normpath(workdir)),
+            out, os.path.basename(os.path.normpath(workdir)),
             tested["history"], tested["config"].to_dict(), tested["labels"],
             tested["predictions"], tested["images"], tested["class_names"],
             extra={"parameters": tested["parameters"], "checkpoint step": tested["step"]})
@@ -591,6 +600,7 @@ def main(argv=None) -> int:
     """Entry point: every failure is one line on stderr and a non-zero exit; with
     --debug (or LENET_DIST_DEBUG=1) the traceback follows the line."""
     session = Session()
+    safe_streams()
     try:
         code = cli.main(args=argv, prog_name="lenet-dist", standalone_mode=False, obj=session)
         return code if isinstance(code, int) else 0
@@ -618,8 +628,46 @@ def main(argv=None) -> int:
         if hint is None:  # a core module: a broken install, reported as internal below
             return internal_error(e, session)
         return report(f"error: {hint}", e, hint.exit_code, session)
+    except MemoryError as e:
+        lost_process_exit(e)
+        return report("error: out of memory (MemoryError); free memory, or use a smaller "
+                      "--batch-size or fewer --devices", e, 1, session)
     except Exception as e:
+        known = known_failure(e)
+        if known is not None:
+            return report(f"error: {known[0]}", e, known[1], session)
         return internal_error(e, session)
+
+
+def known_failure(e: Exception) -> tuple[str, int] | None:
+    """Library errors that are not OSErrors but say the same kind of thing: (the line,
+    the exit code), or None for a bug. Recognised by class name, so that naming them
+    imports neither TensorFlow nor JAX."""
+    names = {cls.__name__ for cls in type(e).__mro__}
+    text = first_line(e)
+    if "ResourceExhaustedError" in names:  # TensorFlow: a full disk, or memory
+        return f"out of resources: {text}", 1
+    if "PermissionDeniedError" in names:  # TensorFlow
+        return f"permission denied: {text}", 1
+    if "XlaRuntimeError" in names and text.startswith("RESOURCE_EXHAUSTED"):
+        return f"out of device memory: {text}", 1
+    if isinstance(e, ValueError) and "null byte" in str(e):  # os.* on a path with "\0"
+        return NUL_PATH, 2
+    if isinstance(e, UnicodeError):  # text this system cannot encode or decode
+        return f"text that cannot be encoded here: {text}", 2
+    return None
+
+
+def safe_streams() -> None:
+    """Printing never fails on a character the terminal's encoding lacks
+    (PYTHONIOENCODING=ascii, LC_ALL=C and a non-ASCII path): it is escaped."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a closed or detached stream
+                pass
 
 
 def internal_error(e: Exception, session: Session) -> int:

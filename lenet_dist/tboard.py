@@ -13,12 +13,13 @@ import os
 import re
 import shutil
 import struct
-import tempfile
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator, Mapping, Sequence
+from typing import BinaryIO, Callable, Iterator, Mapping, Sequence
 
+from lenet_dist import tempdirs
 from lenet_dist.errors import Failure, UserError, first_line
 
 SCALE = 3  # 28 px -> 84 px: big enough to tell a shirt from a pullover
@@ -33,6 +34,10 @@ def is_remote(logdir: str | os.PathLike) -> bool:
     return "://" in os.fspath(logdir)
 
 
+def warn_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 class Board:
     """TensorBoard event files in `logdir`. A disabled Board (another process of
     the job, or --no-tensorboard) creates nothing and every method does nothing.
@@ -44,14 +49,23 @@ class Board:
     file is copied to `logdir` (through epath and gcsfs, like every other gs:// file)
     at `flush` (train flushes at every epoch end) and `close`. A run killed with
     SIGKILL loses the events since its last flush; its checkpoints do not depend on them.
+    A copy that fails is a warning (once), tried again at the next flush; one still
+    failing at `close` leaves the events in the staging directory, named.
+
+    A local write that fails (a full disk) is a one-line Failure at the next call,
+    whichever thread met it: tensorboardX writes in its own thread, which would
+    otherwise die with a traceback and leave its queue to fill and block training.
     """
 
     def __init__(self, logdir: str | os.PathLike, enabled: bool = True,
-                 purge_step: int | None = None):
+                 purge_step: int | None = None, warn: Callable[[str], None] = warn_stderr):
         self.logdir = os.fspath(logdir) if is_remote(logdir) else Path(logdir)
         self._writer = None
         self._local: str | None = None  # the staging directory of a remote logdir
         self._uploaded: dict[str, tuple[int, int]] = {}
+        self._guard: _GuardedEvents | None = None
+        self._warn = warn
+        self._upload_failing = False  # warned once; the next flush tries again
         if not enabled:
             return
         from tensorboardX import SummaryWriter  # late: module note
@@ -61,13 +75,14 @@ class Board:
         # suffix, which also keeps their names in creation order.
         suffix = f".{time.time_ns()}.{os.getpid()}"
         if is_remote(logdir):
-            self._local = tempfile.mkdtemp(prefix="lenet-dist-tb-")
+            self._local = tempdirs.mkdtemp("lenet-dist-tb-")
         try:
             self._writer = SummaryWriter(self._local or str(self.logdir), purge_step=purge_step,
                                          flush_secs=10, filename_suffix=suffix)
         except OSError as e:
             raise UserError(f"cannot write TensorBoard events in {self.logdir}: "
                             f"{e.strerror or e}") from None
+        self._guard = _guard_writes(self._writer)
 
     @property
     def enabled(self) -> bool:
@@ -77,6 +92,7 @@ class Board:
         """One point per tag at `step` (stored as float32, TensorBoard's format)."""
         if self._writer is None:
             return
+        self._check()
         walltime = time.time()
         for tag, value in values.items():
             self._writer.add_scalar(tag, float(value), int(step), walltime=walltime)
@@ -89,6 +105,7 @@ class Board:
             return
         from tensorboardX.summary import hparams as hparams_summaries  # late: module note
 
+        self._check()
         values = {str(k): hparam_value(v) for k, v in hparams.items()}
         file_writer = self._writer.file_writer
         # Into this run's own file (add_hparams would open a sub-run per call), so
@@ -102,42 +119,128 @@ class Board:
         """The first `n` images with their predicted class, as one image."""
         if self._writer is None:
             return
+        self._check()
         grid = grid_image(images, labels, predictions, class_names, n)
         self._writer.add_image(tag, grid, int(step), dataformats="HWC")
 
     def flush(self) -> None:
         if self._writer is not None:
-            self._writer.flush()
+            self._check()
+            try:
+                self._writer.flush()
+            except OSError as e:
+                self._fail(e)
+            self._check()
             self._upload()
 
     def close(self) -> None:
         """Flush and close; the Board does nothing afterwards."""
         if self._writer is not None:
             writer, self._writer = self._writer, None
-            writer.close()
             try:
-                self._upload()
-            finally:
-                if self._local is not None:
-                    shutil.rmtree(self._local, ignore_errors=True)
+                if self._guard is None or self._guard.error is None:
+                    writer.close()  # a failed writer is dropped: its files stay as they are
+            except OSError as e:
+                self._fail(e)
+            if self._guard is not None and self._guard.error is not None:
+                self._fail(self._guard.error)
+            kept = self._upload(final=True)
+            if self._local is not None and not kept:
+                shutil.rmtree(self._local, ignore_errors=True)
 
-    def _upload(self) -> None:
-        """A remote logdir: copy the event files that grew since the last copy."""
+    def _check(self) -> None:
+        """Raise what the writer thread met (once the Board is failed, it writes nothing)."""
+        if self._guard is not None and self._guard.error is not None:
+            self._fail(self._guard.error)
+
+    def _fail(self, e: OSError) -> None:
+        self._writer = None  # dropped, not closed: nothing more is written
+        where = str(self.logdir)
+        if self._local is not None:
+            where = f"{self._local} (staged for {self.logdir})"
+            shutil.rmtree(self._local, ignore_errors=True)
+        raise Failure(f"cannot write TensorBoard events in {where}: "
+                      f"{e.strerror or first_line(e)}")
+
+    def _upload(self, final: bool = False) -> bool:
+        """A remote logdir: copy the event files that grew since the last copy. A
+        failure warns once and is tried again at the next flush; True when the final
+        copy failed and the staging directory is kept for the user."""
         if self._local is None:
-            return
+            return False
         from lenet_dist.gcs import upload_tree  # late: module note
 
         try:
             upload_tree(self._local, self.logdir, self._uploaded)
         except OSError as e:
-            raise Failure(f"cannot write TensorBoard events to {self.logdir}: "
-                          f"{e.strerror or first_line(e)}") from None
+            why = e.strerror or first_line(e)
+            if final:
+                self._warn(f"warning: cannot copy TensorBoard events to {self.logdir}: {why}; "
+                           f"they are left in {self._local}")
+                return True
+            if not self._upload_failing:
+                self._warn(f"warning: cannot copy TensorBoard events to {self.logdir}: {why}; "
+                           "trying again at the next flush")
+            self._upload_failing = True
+            return False
+        self._upload_failing = False
+        return False
 
     def __enter__(self) -> Board:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the error already on its way is the one to report
+            self.close()
+        except Failure:
+            pass
+
+
+class _GuardedEvents:
+    """tensorboardX's EventsWriter, shared by the writer thread and flush: the first
+    OSError is kept (for the Board to raise) and everything after it is dropped, so
+    the thread lives on, drains its queue, and prints nothing."""
+
+    def __init__(self, events):
+        self._events = events
+        self.error: OSError | None = None
+
+    def _guarded(self, name: str, *args) -> None:
+        if self.error is not None:
+            return
+        try:
+            getattr(self._events, name)(*args)
+        except OSError as e:
+            self.error = e
+
+    def write_event(self, event) -> None:
+        self._guarded("write_event", event)
+
+    def flush(self) -> None:
+        self._guarded("flush")
+
+    def close(self) -> None:
+        self._guarded("close")
+
+    def __getattr__(self, name: str):
+        return getattr(self._events, name)
+
+
+def _guard_writes(writer) -> _GuardedEvents | None:
+    """Put a _GuardedEvents between tensorboardX's writer thread (and flush) and the
+    event file. None where tensorboardX's internals differ: then a thread's error
+    prints as Python prints it, and flush and close still fail in one line."""
+    event_writer = getattr(getattr(writer, "file_writer", None), "event_writer", None)
+    worker = getattr(event_writer, "_worker", None)
+    events = getattr(event_writer, "_ev_writer", None)
+    if events is None or getattr(worker, "_record_writer", None) is not events:
+        return None
+    guard = _GuardedEvents(events)
+    event_writer._ev_writer = worker._record_writer = guard
+    return guard
 
 
 def hparam_value(value: object) -> str | float | int | bool:
@@ -322,7 +425,7 @@ class ProfileWindow:
             import jax  # late: module note
 
             if is_remote(self.logdir):
-                self._local = tempfile.mkdtemp(prefix="lenet-dist-trace-")
+                self._local = tempdirs.mkdtemp("lenet-dist-trace-")
             try:
                 jax.profiler.start_trace(self._local or str(self.logdir))
             except RuntimeError as e:  # another trace running in this process

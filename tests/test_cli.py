@@ -180,3 +180,73 @@ def test_no_arguments_prints_the_help_as_click_does(capsys):
     err = capsys.readouterr().err
     assert err.startswith("Usage: lenet-dist [OPTIONS] COMMAND [ARGS]...")
     assert "\n  train " in err and "error:" not in err
+
+
+# ------------------------------------------------------------------ errors as one line
+
+
+def tf_resource_exhausted():
+    tf = pytest.importorskip("tensorflow")
+    return tf.errors.ResourceExhaustedError(
+        None, None, "{{function_node __wrapped__SaveV2}} out/variables/variables_temp/"
+        "part-00000-of-00001.data-00000-of-00001.tempstate1; No space left on device")
+
+
+@pytest.mark.parametrize("error, code, line", [
+    (MemoryError, 1, "error: out of memory (MemoryError); free memory, or use a smaller "
+                     "--batch-size or fewer --devices"),
+    (lambda: ValueError("embedded null byte"), 2,
+     "error: the path contains a NUL byte, which no file name can hold"),
+    (tf_resource_exhausted, 1,
+     "error: out of resources: out/variables/variables_temp/part-00000-of-00001.data-"
+     "00000-of-00001.tempstate1; No space left on device"),
+    (lambda: UnicodeEncodeError("ascii", "w\xf6rk", 1, 2, "ordinal not in range(128)"), 2,
+     "error: text that cannot be encoded here: 'ascii' codec can't encode character "
+     "'\\xf6' in position 1: ordinal not in range(128)"),
+], ids=["memory", "nul", "tf-resource-exhausted", "unicode"])
+def test_failures_that_are_not_os_errors_are_one_line_not_internal(
+        capsys, monkeypatch, error, code, line):
+    from lenet_dist import runtime
+
+    exception = error()
+
+    def failing(*args, **kwargs):
+        raise exception
+
+    monkeypatch.setattr(runtime, "configure", failing)
+    monkeypatch.delenv("LENET_DIST_DEBUG", raising=False)
+    assert main(["summary"]) == code
+    assert capsys.readouterr().err.splitlines() == [line]
+
+
+def test_a_nul_byte_in_a_path_option_names_the_option(capsys):
+    assert main(["checkpoints", "--workdir", "runs/a\0b"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: Invalid value for '--workdir': the path contains a NUL byte, which no file "
+        "name can hold"]
+
+
+@pytest.mark.parametrize("name, content", [
+    ("run.yaml", b'workdir: "runs/a\\0b"\nepochs: 1\n'),
+    ("run.json", b'{"data_dir": "data\\u0000x"}'),
+])
+def test_a_nul_byte_in_a_config_file_path_is_one_line_naming_the_key(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    proc = run_cli("train", "--config", name, cwd=tmp_path)
+    key = "workdir" if name.endswith("yaml") else "data_dir"
+    assert (proc.returncode, proc.stderr.splitlines()) == (2, [
+        f"error: --config {name}: {key} contains a NUL byte, which no file name can "
+        "hold"]), proc.stderr
+    assert os.listdir(tmp_path) == [name]
+
+
+def test_an_ascii_only_stdout_prints_a_non_ascii_workdir_escaped(tmp_path, data_dir):
+    """PYTHONIOENCODING=ascii: train's last line names the workdir; printing it was a
+    UnicodeEncodeError (an "internal error" after the run had finished)."""
+    work = tmp_path / "w\xf6rk"
+    proc = run_cli("train", "--recipe", "smoke", "--devices", "1", "--epochs", "1",
+                   "--train-limit", "256", "--data-dir", data_dir, "--workdir", str(work),
+                   "--no-progress", env={"PYTHONIOENCODING": "ascii"})
+    assert proc.returncode == 0, proc.stderr
+    assert "metrics in " + str(tmp_path) + "/w\\xf6rk/metrics.jsonl" in proc.stdout
+    assert "error" not in proc.stderr

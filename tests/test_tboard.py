@@ -1,4 +1,5 @@
 import io
+import shutil
 import subprocess
 import sys
 
@@ -225,3 +226,108 @@ def test_a_trace_already_running_is_a_failure(tmp_path):
             ProfileWindow("1:2", tmp_path).before_step(1)
     finally:
         jax.profiler.stop_trace()
+
+
+# ------------------------------------------------------------------ failing writes
+
+
+def test_a_full_disk_in_the_writer_thread_is_one_failure_and_no_traceback(
+        tmp_path, monkeypatch, capfd):
+    """tensorboardX writes in its own thread: an ENOSPC there printed the thread's
+    traceback (13 lines) before the run's error line. Now the Board raises it at its
+    next call, as one Failure, and nothing is printed."""
+    import errno
+    import time
+
+    from tensorboardX.event_file_writer import EventsWriter
+
+    board = Board(tmp_path / "tb")
+    board.scalars(1, {"loss": 1.0})
+    board.flush()
+
+    def full(self, event):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(EventsWriter, "write_event", full)
+    board.scalars(2, {"loss": 0.5})  # the thread meets the error
+    worker = board._writer.file_writer.event_writer._worker
+    deadline = time.monotonic() + 10  # until the thread has met it (or died of it)
+    while (getattr(getattr(board, "_guard", None), "error", None) is None
+           and worker.is_alive() and time.monotonic() < deadline):
+        time.sleep(0.01)
+    with pytest.raises(Failure, match=r"^cannot write TensorBoard events in .*tb: "
+                                      r"No space left on device$"):
+        board.scalars(3, {"loss": 0.25})
+    board.close()  # the failed writer is dropped: nothing more to say, nothing blocks
+    board.flush()
+    assert capfd.readouterr().err == ""
+
+
+def test_a_full_disk_at_flush_is_one_failure(tmp_path, monkeypatch, capfd):
+    import errno
+
+    from tensorboardX.event_file_writer import EventsWriter
+
+    board = Board(tmp_path / "tb")
+    board.scalars(1, {"loss": 1.0})
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(EventsWriter, "flush", full)
+    with pytest.raises(Failure, match="No space left on device$"):
+        board.flush()
+    board.close()
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_failed_gs_upload_warns_once_and_is_retried_at_the_next_flush(
+        tmp_path, monkeypatch):
+    from lenet_dist import gcs
+
+    copied, failing = tmp_path / "bucket", [True]
+    copied.mkdir()
+    real = gcs.upload_tree
+
+    def upload(local, url, done=None, last=None):
+        if failing[0]:
+            raise OSError(f"cannot write {url}/x: HttpError: 503 Service Unavailable")
+        real(local, copied, done, last)
+
+    monkeypatch.setattr(gcs, "upload_tree", upload)
+    warnings = []
+    board = Board("gs://bucket/run/tb", warn=warnings.append)
+    board.scalars(1, {"loss": 1.0})
+    board.flush()
+    board.scalars(2, {"loss": 0.5})
+    board.flush()
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("warning: cannot copy TensorBoard events to "
+                                  "gs://bucket/run/tb: cannot write gs://bucket/run/tb/x: "
+                                  "HttpError: 503"), warnings
+    assert warnings[0].endswith("trying again at the next flush")
+    failing[0] = False
+    board.scalars(3, {"loss": 0.25})
+    board.close()
+    assert read_events(copied) == {"loss": [(1, 1.0), (2, 0.5), (3, 0.25)]}
+    assert len(warnings) == 1
+
+
+def test_a_gs_upload_still_failing_at_close_keeps_the_events_and_says_where(
+        tmp_path, monkeypatch):
+    from lenet_dist import gcs
+
+    def upload(local, url, done=None, last=None):
+        raise OSError("cannot write: HttpError: 403 Forbidden")
+
+    monkeypatch.setattr(gcs, "upload_tree", upload)
+    warnings = []
+    board = Board("gs://bucket/run/tb", warn=warnings.append)
+    board.scalars(1, {"loss": 1.0})
+    board.close()
+    assert len(warnings) == 1, warnings
+    kept = warnings[0].rpartition("they are left in ")[2]
+    try:
+        assert read_events(kept) == {"loss": [(1, 1.0)]}
+    finally:
+        shutil.rmtree(kept)
