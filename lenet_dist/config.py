@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import os
+import reprlib
 import typing
 from typing import Any
 
@@ -168,7 +169,7 @@ def range_problem(name: str, value: Any) -> str | None:
     if name in INT_RANGES:
         low, high = INT_RANGES[name]
         if value is not None and not low <= value <= high:
-            return f"must be in {low}..{high}, got {value}"
+            return f"must be in {low}..{high}, got {quoted(value)}"
         return None
     low, high, low_open, high_open = FLOAT_RANGES[name]
     inside = ((low < value if low_open else low <= value)
@@ -176,7 +177,27 @@ def range_problem(name: str, value: Any) -> str | None:
     if math.isfinite(value) and inside:
         return None
     span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    return f"must be a finite number in {span}, got {value}"
+    return f"must be a finite number in {span}, got {quoted(value)}"
+
+
+# The most of a value a message quotes. A settings file may hold a megabyte in one
+# value (or, in YAML, far more through aliases), and the line is for a person.
+QUOTE_CHARS = 80
+_QUOTE = reprlib.Repr()
+# reprlib shows a few items per level and a few levels, so quoting a deeply nested or
+# self-sharing value costs the same as quoting a short one. Its cuts of one scalar are
+# in the middle and past the limit, so that `quoted` cuts at the end, where a reader looks.
+_QUOTE.maxlevel = 3
+_QUOTE.maxstring = _QUOTE.maxlong = _QUOTE.maxother = 2 * QUOTE_CHARS
+
+
+def quoted(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """repr(value) for a message, at most `limit` characters (cut with "...")."""
+    try:
+        text = _QUOTE.repr(value)
+    except ValueError:  # an int past Python's 4,300-digit str limit
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # Config's fields by name, each with its declaration (`setting`'s metadata).
@@ -252,10 +273,16 @@ def write_config(workdir: str | os.PathLike, config: Config) -> None:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
+# The longest text a settings file may give a field: Linux's PATH_MAX (the longest
+# path a system call takes). Every text field is a path or a short name.
+MAX_TEXT_CHARS = 4096
+
+
 def read_settings(path: str) -> dict[str, Any]:
     """The Config fields a run.yaml, run.json or a run's config.json sets, each checked,
     so that a mistake is one line naming the file and the key. A .json file is read as
-    JSON, anything else as YAML."""
+    JSON, anything else as YAML; in either, a key given twice is refused (not last-wins),
+    and YAML's aliases are refused (see `_yaml_loader`)."""
     where = f"--config {path}"
     try:
         raw = safefs.read_file(path, MAX_CONFIG_BYTES)
@@ -268,56 +295,133 @@ def read_settings(path: str) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{where} is not UTF-8 text") from None
-    if path.lower().endswith(".json"):
-        try:
-            settings = json.loads(text)
-        except (ValueError, RecursionError) as e:
-            raise UserError(f"{where} is not valid JSON ({first_line(e, 120)})") from None
-    else:
-        # Lazy: only --config reads YAML, and every start of the CLI (--help too) would
-        # pay for the import.
-        import yaml
-
-        try:
-            settings = yaml.safe_load(text)
-        except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: 2001-13-01
-            mark = getattr(e, "problem_mark", None)
-            at = f"line {mark.line + 1}: " if mark is not None else ""
-            raise UserError(f"{where} is not valid YAML ({at}"
-                            f"{getattr(e, 'problem', None) or first_line(e, 120)})") from None
+    try:
+        if path.lower().endswith(".json"):
+            settings = _read_json(where, text)
+        else:
+            settings = _read_yaml(where, text)
+    except DuplicateKey as e:
+        at = f" (lines {e.first} and {e.line})" if e.line else ""
+        raise UserError(f"{where}: key {quoted(e.key)} is given twice{at}; keep one") from None
     if not isinstance(settings, dict):
         raise UserError(f"{where} must hold a mapping of Config field names to values, "
                         f"not {type(settings).__name__ if settings is not None else 'nothing'}")
     return {key: checked_setting(where, key, value) for key, value in settings.items()}
 
 
+class DuplicateKey(Exception):
+    """A mapping of a settings file gives `key` twice (YAML: 1-based lines, else 0)."""
+
+    def __init__(self, key: Any, first: int = 0, line: int = 0):
+        super().__init__(key)
+        self.key, self.first, self.line = key, first, line
+
+
+def _read_json(where: str, text: str) -> Any:
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        mapping: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in mapping:
+                raise DuplicateKey(key)  # the json module has no positions to give
+            mapping[key] = value
+        return mapping
+
+    try:
+        return json.loads(text, object_pairs_hook=unique)
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{where} is not valid JSON ({first_line(e, 120)})") from None
+
+
+def _read_yaml(where: str, text: str) -> Any:
+    # Lazy: only --config reads YAML, and every start of the CLI (--help too) would
+    # pay for the import.
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_yaml_loader())  # a SafeLoader: no Python objects
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: 2001-13-01
+        mark = getattr(e, "problem_mark", None)
+        at = f"line {mark.line + 1}: " if mark is not None else ""
+        raise UserError(f"{where} is not valid YAML ({at}"
+                        f"{getattr(e, 'problem', None) or first_line(e, 120)})") from None
+
+
+@functools.cache
+def _yaml_loader() -> type:
+    """yaml.SafeLoader without aliases, and with each mapping's keys unique.
+
+    Aliases are refused, not counted: nine nested anchors of ten aliases each (a
+    "billion laughs") make a few hundred bytes that stand for 10**9 values, and
+    anything that walks the value (a message quoting it, a type check of its items)
+    runs for minutes. A settings file is a flat mapping of scalars and never needs to
+    repeat a value by reference, and config.json (what `train` writes) has none, so
+    no limit on alias use would let through anything a config needs; without aliases
+    the composed document is at most the file (MAX_CONFIG_BYTES)."""
+    import yaml  # lazy, as in _read_yaml
+    from yaml.composer import ComposerError
+
+    class ConfigLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise ComposerError(
+                    None, None, f"alias *{quoted(event.anchor)[1:-1]}: a config file "
+                    "cannot use aliases; write the value out", event.start_mark)
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # `<<:` may be overridden by design
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        if key in seen:
+                            raise DuplicateKey(key, seen[key], line)
+                    except TypeError:
+                        continue  # unhashable: SafeConstructor refuses it next
+                    seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return ConfigLoader
+
+
 def checked_setting(where: str, key: Any, value: Any) -> Any:
-    """`value` for field `key` as Config holds it, or a UserError naming `where` and key."""
+    """`value` for field `key` as Config holds it, or a UserError naming `where` and key.
+    A message quotes at most QUOTE_CHARS of a value or key (`quoted`)."""
     if not isinstance(key, str) or key not in FIELDS:
-        name = str(key).lstrip("-").replace("-", "_")
-        aliased = [f.name for f in FIELDS.values()
-                   if "--" + name.replace("_", "-") in f.metadata.get("aliases", ())]
-        close = aliased or difflib.get_close_matches(name, FIELDS, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise UserError(f"{where}: unknown key {key!r}{hint}; the keys are Config's fields: "
-                        f"{', '.join(FIELDS)}")
+        hint = ""
+        if isinstance(key, str) and len(key) <= QUOTE_CHARS:
+            name = key.lstrip("-").replace("-", "_")
+            aliased = [f.name for f in FIELDS.values()
+                       if "--" + name.replace("_", "-") in f.metadata.get("aliases", ())]
+            close = aliased or difflib.get_close_matches(name, FIELDS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"{where}: unknown key {quoted(key)}{hint}; the keys are Config's "
+                        f"fields: {', '.join(FIELDS)}")
     kind, optional = field_type(key)
     if value is None:
         if optional:
             return None
         raise UserError(f"{where}: {key} cannot be null")
-    if kind is float and isinstance(value, str):
+    if kind is float and isinstance(value, str) and len(value) <= QUOTE_CHARS:
         try:  # YAML 1.1 reads 1e-3 (no dot) as text
             value = float(value)
         except ValueError:
             pass
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int past 1.8e308: the range check below refuses it
+            value = math.inf
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise UserError(f"{where}: {key} must be {KIND_NAMES[kind]}, got {value!r}")
+        raise UserError(f"{where}: {key} must be {KIND_NAMES[kind]}, got {quoted(value)}")
     choices = tuple(PRESETS) if key == "recipe" else FIELDS[key].metadata["choices"]
     if choices and value not in choices:
-        raise UserError(f"{where}: {key} must be one of {', '.join(choices)}, got {value!r}")
+        raise UserError(f"{where}: {key} must be one of {', '.join(choices)}, "
+                        f"got {quoted(value)}")
     if key in INT_RANGES or key in FLOAT_RANGES:
         problem = range_problem(key, value)
         if problem:
@@ -325,6 +429,11 @@ def checked_setting(where: str, key: Any, value: Any) -> Any:
     if isinstance(value, str):
         if FIELDS[key].metadata["path"] and not value:
             raise UserError(f"{where}: {key} is an empty path")
+        if len(value) > MAX_TEXT_CHARS:
+            raise UserError(f"{where}: {key} is {len(value):,} characters long; the most a "
+                            f"path can be is {MAX_TEXT_CHARS:,}")
+        if "\0" in value:
+            raise UserError(f"{where}: {key} contains a NUL byte, which no file name can hold")
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:

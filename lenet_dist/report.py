@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import posixpath
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -22,6 +24,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from lenet_dist import gcs, safefs
+from lenet_dist.config import CONFIG_FILE
+from lenet_dist.errors import UserError
 
 CURVES_PNG = "curves.png"
 CONFUSION_PNG = "confusion.png"
@@ -29,6 +33,15 @@ MISCLASSIFIED_PNG = "misclassified.png"
 REPORT_MD = "report.md"
 COMPARE_PNG = "compare.png"
 COMPARE_MD = "compare.md"
+
+# What training keeps in a workdir: a report written into or over one of these would
+# mix with (or replace) the run's own files. train.METRICS_FILE, train.TB_DIR,
+# checkpoint.CHECKPOINT_DIR and safefs.LOCK_FILE are named here because report.py sits
+# above train and checkpoint (no JAX); tests/test_report.py keeps the names in step.
+RUN_ENTRIES = ("checkpoints", "metrics.jsonl", CONFIG_FILE, "tb", safefs.LOCK_FILE)
+# What makes a directory a run's workdir, for a run that --out names but the report
+# was not asked about.
+RUN_MARKERS = ("checkpoints", "metrics.jsonl", CONFIG_FILE)
 
 DPI = 110
 # Panels of the learning-curve figure: (metric suffix in metrics.jsonl, axis label).
@@ -228,6 +241,7 @@ def write_report(out_dir: str | epath.Path, name: str, history: Sequence[Mapping
     """curves.png, confusion.png, misclassified.png and report.md in `out_dir`; returns
     report.md's path. `extra` adds rows to the summary (`parameters` is formatted as a
     count); the links are relative, so the directory can be moved or published whole."""
+    check_out_dir(out_dir)
     gcs.check_installed(str(out_dir))
     out = epath.Path(out_dir)
     safefs.make_dir(out)
@@ -267,6 +281,7 @@ def write_comparison(out_dir: str | epath.Path,
     history (the last epoch's accuracy, the sum of the epochs' wall seconds)."""
     if not runs:
         raise ValueError("write_comparison needs at least one run")
+    check_out_dir(out_dir)
     gcs.check_installed(str(out_dir))
     out = epath.Path(out_dir)
     safefs.make_dir(out)
@@ -300,6 +315,56 @@ def write_comparison(out_dir: str | epath.Path,
     path = out / COMPARE_MD
     safefs.write_atomic(path, "\n".join(lines))
     return path
+
+
+def check_out_dir(out_dir: str | os.PathLike, workdirs: Sequence[str | os.PathLike] = (),
+                  option: str = "--out") -> None:
+    """Refuse an output directory that is, or is inside, one of a run's own entries
+    (RUN_ENTRIES): checkpoints/ (Orbax lists and deletes what is in it), metrics.jsonl,
+    config.json, tb/, the lock. The runs are `workdirs` (the ones reported on) and any
+    local directory on the way to `out_dir` that holds a run (RUN_MARKERS). Links are
+    resolved first, so a link to a run's checkpoints is refused too."""
+    out = _resolved(out_dir)
+    runs = {_resolved(w) for w in workdirs}
+    path = out
+    while True:
+        parent = _parent(path)
+        if parent == path:
+            return
+        name = _basename(path)
+        if name in RUN_ENTRIES and (parent in runs or _holds_a_run(parent)):
+            slash = "/" if name in ("checkpoints", "tb") else ""
+            raise UserError(f"{option} {os.fspath(out_dir)} is {'' if path == out else 'inside '}"
+                            f"the run {parent}'s {name}{slash}, which only training writes; "
+                            f"choose another directory, e.g. {parent}/report")
+        path = parent
+
+
+def _resolved(path: str | os.PathLike) -> str:
+    """An absolute local path with links resolved, or a URL (gs://) normalized."""
+    path = os.fspath(path)
+    if safefs.is_local(path):
+        return os.path.realpath(path)
+    scheme, rest = path.split("://", 1)
+    return f"{scheme}://{posixpath.normpath('/' + rest).lstrip('/')}"
+
+
+def _parent(path: str) -> str:
+    if safefs.is_local(path):
+        return os.path.dirname(path)
+    scheme, rest = path.split("://", 1)
+    return f"{scheme}://{posixpath.dirname(rest)}" if "/" in rest else path
+
+
+def _basename(path: str) -> str:
+    return os.path.basename(path) if safefs.is_local(path) else posixpath.basename(path)
+
+
+def _holds_a_run(directory: str) -> bool:
+    """A local directory with a run's markers; a URL is only checked against the runs
+    named (a listing per parent on an object store costs a request each)."""
+    return safefs.is_local(directory) and any(
+        os.path.lexists(os.path.join(directory, marker)) for marker in RUN_MARKERS)
 
 
 def recipe(config: Mapping[str, Any]) -> str:

@@ -3,6 +3,7 @@ config.json, and the fields a resume compares all come from Config's fields."""
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -257,3 +258,151 @@ def test_a_training_run_leaves_its_config_json(trained):
     saved = json.loads(open(path).read())
     assert saved == trained.config.to_dict()
     assert Config(**config_lib.read_settings(path)) == trained.config
+
+
+def billion_laughs(levels: int = 9, fan: int = 10, key: str = "epochs") -> str:
+    """A YAML file of a few hundred bytes whose `key` stands for fan**levels strings."""
+    lines = [f"a0: &a0 [{', '.join(['x'] * fan)}]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * fan)}]" for i in range(1, levels)]
+    return "\n".join([*lines, f"{key}: *a{levels - 1}", ""])
+
+
+BILLION_LAUGHS_CHILD = """
+import json, sys, time, tracemalloc
+from lenet_dist import config
+from lenet_dist.errors import UserError
+import yaml  # imported before measuring: its import is not the read
+tracemalloc.start()
+start = time.perf_counter()
+try:
+    config.read_settings(sys.argv[1])
+    message = None
+except UserError as e:
+    message = str(e)
+print(json.dumps({"seconds": time.perf_counter() - start, "message": message,
+                  "peak": tracemalloc.get_traced_memory()[1]}))
+"""
+
+
+def test_billion_laughs_is_refused_at_once_in_bounded_memory(tmp_path):
+    """9 levels of 10 aliases: 10**9 strings in 300 bytes. It used to be expanded into the
+    error message (minutes, gigabytes); now the first alias is refused. A child with a
+    1 GiB address-space limit and a timeout, so that a regression fails, not hangs."""
+    import resource
+
+    path = tmp_path / "run.yaml"
+    path.write_text(billion_laughs())
+    assert len(path.read_bytes()) < 1000
+
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))
+
+    out = subprocess.run([sys.executable, "-c", BILLION_LAUGHS_CHILD, str(path)],
+                         capture_output=True, text=True, timeout=30,
+                         preexec_fn=limit_memory)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["message"] == (f"--config {path} is not valid YAML (line 2: alias *a0: a "
+                                 "config file cannot use aliases; write the value out)")
+    assert result["seconds"] < 0.5, result
+    assert result["peak"] < 4 * config_lib.MAX_CONFIG_BYTES, result  # the read buffer
+
+
+@pytest.mark.parametrize("text", [
+    "epochs: &n 3\nbatch_size: *n\n",           # a scalar alias
+    "base: &b {epochs: 3}\n<<: *b\n",           # a merge key takes an alias
+    "epochs: &x 3\n",                            # the anchor alone is harmless
+])
+def test_yaml_aliases_are_refused_anchors_alone_are_not(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    if "*" not in text:
+        assert config_lib.read_settings(str(path)) == {"epochs": 3}
+        return
+    with pytest.raises(UserError, match=r"is not valid YAML \(line 2: alias \*[nb]: a config "
+                                        r"file cannot use aliases; write the value out\)$"):
+        config_lib.read_settings(str(path))
+
+
+BIG = "x" * 5000
+
+
+@pytest.mark.parametrize("name, content, message", [
+    # a key given twice: refused, not last-wins
+    ("run.yaml", "epochs: 3\nbatch_size: 64\nepochs: 5\n",
+     "run.yaml: key 'epochs' is given twice (lines 1 and 3); keep one"),
+    ("run.yaml", "epochs: 3\n'epochs': 5\n",
+     "run.yaml: key 'epochs' is given twice (lines 1 and 2); keep one"),
+    ("run.yaml", "{epochs: 3, epochs: 3}\n",
+     "run.yaml: key 'epochs' is given twice (lines 1 and 1); keep one"),
+    ("run.json", '{"epochs": 3, "batch_size": 64, "epochs": 5}',
+     "run.json: key 'epochs' is given twice; keep one"),
+    ("run.json", '{"epochs": 3, "x": {"a": 1, "a": 2}}',
+     "run.json: key 'a' is given twice; keep one"),
+    # text fields: what no file name can hold, and a bound on length
+    ("run.yaml", 'workdir: "runs/a\\0b"\n',
+     "run.yaml: workdir contains a NUL byte, which no file name can hold"),
+    ("run.json", '{"data_dir": "d\\u0000"}',
+     "run.json: data_dir contains a NUL byte, which no file name can hold"),
+    ("run.yaml", f"workdir: {BIG}\n",
+     "run.yaml: workdir is 5,000 characters long; the most a path can be is 4,096"),
+    # a value is quoted in at most 80 characters, whatever its size
+    ("run.yaml", f"dataset: {BIG}\n",
+     f"run.yaml: dataset must be one of fashion_mnist, mnist, got '{'x' * 76}..."),
+    ("run.json", f'{{"epochs": "{BIG}"}}',
+     f"run.json: epochs must be an integer, got '{'x' * 76}..."),
+    ("run.json", f'{{"epochs": [{", ".join(["1"] * 100_000)}]}}',
+     "run.json: epochs must be an integer, got [1, 1, 1, 1, 1, 1, ...]"),
+    ("run.json", f'{{"{BIG}": 1}}', f"run.json: unknown key '{'x' * 76}...; the keys are "),
+    ("run.json", f'{{"batch_size": 1{"0" * 4000}}}',
+     f"batch_size must be in 1..65536, got 1{'0' * 76}..."),
+    # an int too large for a float used to be a traceback (OverflowError)
+    ("run.json", f'{{"learning_rate": 1{"0" * 400}}}',
+     "run.json: learning_rate must be a finite number in (0, 10], got inf"),
+    # the CLI's bounds, from a file
+    ("run.yaml", "epochs: 0\n", "run.yaml: epochs must be in 1..10000, got 0"),
+    ("run.yaml", "devices: -1\n", "run.yaml: devices must be in 1..2147483647, got -1"),
+    ("run.yaml", "learning_rate: .nan\n",
+     "run.yaml: learning_rate must be a finite number in (0, 10], got nan"),
+    ("run.yaml", f"batch_size: {10**12}\n",
+     "run.yaml: batch_size must be in 1..65536, got 1000000000000"),
+])
+def test_settings_files_get_the_clis_bounds_in_one_short_line(tmp_path, name, content,
+                                                               message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(UserError) as caught:
+        config_lib.read_settings(str(path))
+    text = str(caught.value)
+    assert message in text, text
+    assert "\n" not in text and len(text) < len(str(path)) + 400, text
+
+
+def test_every_bound_of_the_cli_is_a_bound_of_the_file():
+    """Each range field: one past either end, nan and inf are refused by the file reader
+    exactly as by the train option, with one line naming the key."""
+    options = train_options()
+    for name, (low, high) in config_lib.INT_RANGES.items():
+        for value in (low - 1, high + 1):
+            with pytest.raises(UserError, match=rf"^f: {name} must be in {low}\.\.{high}, "):
+                config_lib.checked_setting("f", name, value)
+            with pytest.raises(click.BadParameter):
+                options[name].type.convert(str(value), options[name], None)
+    for name, (low, high, _, _) in config_lib.FLOAT_RANGES.items():
+        for value in (math.nan, math.inf, -math.inf, low - 1, high + 1):
+            with pytest.raises(UserError, match=rf"^f: {name} must be a finite number in "):
+                config_lib.checked_setting("f", name, value)
+            with pytest.raises(click.BadParameter):
+                options[name].type.convert(str(value), options[name], None)
+
+
+def test_quoted_is_bounded_and_cheap_for_any_value():
+    shared = ["x"] * 10
+    for _ in range(9):  # 10**9 strings by reference, as YAML aliases build them
+        shared = [shared] * 10
+    loop: list = []
+    loop.append(loop)
+    for value in (shared, loop, "y" * 10**6, b"z" * 10**6, 10**4000, {i: i for i in range(10**5)}):
+        assert len(config_lib.quoted(value)) <= config_lib.QUOTE_CHARS
+    assert config_lib.quoted("epochs") == "'epochs'"
+    assert config_lib.quoted(3.5) == "3.5"

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import gzip
 import importlib.util
+import json
 import math
 import os
 import re
@@ -24,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
+from lenet_dist import config as config_lib
 from lenet_dist import data as data_lib
 from lenet_dist import images
 from lenet_dist import predict as predict_lib
@@ -447,3 +449,68 @@ def test_a_fifo_labels_file_in_a_savedmodel_is_one_line(tmp_path, tf, idx_input)
     err = returns_within(30, predict_lib.predict, [idx_input], str(model))
     assert isinstance(err, UserError) and str(err) == (
         f"{model / 'assets' / 'labels.txt'} is a FIFO, not a regular file"), err
+
+
+# ---------------------------------------------------------------- settings files (YAML)
+
+FIELD_NAMES = sorted(config_lib.FIELDS)
+
+
+@st.composite
+def aliased_yaml(draw) -> str:
+    """A settings file whose values are built from anchors and aliases: up to 9 levels
+    of up to 12 aliases each (10**9 and more items once expanded), used as a field's
+    value, inside a list, as a merge or as a key, in flow or block style."""
+    levels = draw(st.integers(1, 9))
+    fan = draw(st.integers(1, 12))
+    leaf = draw(st.sampled_from(['"x"', "1", "1.5", "{a: 1}", "null", "[]"]))
+    lines = [f"a0: &a0 [{', '.join([leaf] * fan)}]"]
+    for i in range(1, levels):
+        items = [f"*a{i - 1}"] * fan
+        if draw(st.booleans()):
+            lines.append(f"a{i}: &a{i} [{', '.join(items)}]")
+        else:
+            lines += [f"a{i}: &a{i}", *(f"  - {item}" for item in items)]
+    last = f"*a{levels - 1}"
+    use = draw(st.sampled_from([f"{{key}}: {last}", f"{{key}}: [1, {last}]", f"<<: {last}",
+                                f"? {last}\n: 1", f"{{key}}: {{{{x: {last}}}}}"]))
+    lines.append(use.format(key=draw(st.sampled_from(FIELD_NAMES))))
+    if draw(st.booleans()):  # the anchors after valid settings, not first
+        lines.insert(0, "epochs: 2")
+    return "\n".join(lines) + "\n"
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=aliased_yaml())
+def test_yaml_aliases_are_refused_at_once_however_nested(tmp_path, text):
+    """No alias reaches a setting: the first is refused, in one short line, before
+    anything walks the value it stands for."""
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with time_limit(1):
+        with pytest.raises(UserError) as err:
+            config_lib.read_settings(str(path))
+    message = str(err.value)
+    assert "\n" not in message and len(message) < len(str(path)) + 200, message
+    assert "a config file cannot use aliases; write the value out" in message, message
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(keys=st.lists(st.sampled_from(FIELD_NAMES), min_size=2, max_size=8),
+       suffix=st.sampled_from([".json", ".yaml"]))
+def test_a_key_given_twice_is_refused_not_last_wins(tmp_path, keys, suffix):
+    """Settings with any field repeated are refused naming the first repeated key;
+    the values are the preset's own, so only the repetition can be wrong."""
+    defaults = config_lib.Config()
+    pairs = [f"{json.dumps(k)}: {json.dumps(getattr(defaults, k))}" for k in keys]
+    path = tmp_path / f"run{suffix}"
+    path.write_text("{" + ", ".join(pairs) + "}" if suffix == ".json"
+                    else "\n".join(pairs) + "\n")
+    repeated = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+    if repeated is None:
+        assert set(config_lib.read_settings(str(path))) == set(keys)
+        return
+    with pytest.raises(UserError, match=f"key '{repeated}' is given twice"):
+        config_lib.read_settings(str(path))

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from lenet_dist import report, safefs
+from lenet_dist.errors import UserError
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -200,3 +201,87 @@ def test_imports_no_jax_flax_or_tensorflow():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A workdir as training leaves it (only the names matter here)."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "4").mkdir(parents=True)
+    (run / "tb").mkdir()
+    for name in ("metrics.jsonl", "config.json", "lock"):
+        (run / name).write_text("{}\n")
+    return run
+
+
+@pytest.mark.parametrize("out, inside, entry", [
+    ("checkpoints", False, "checkpoints/"),
+    ("checkpoints/4", True, "checkpoints/"),
+    ("checkpoints/new/report", True, "checkpoints/"),
+    ("metrics.jsonl", False, "metrics.jsonl"),
+    ("config.json", False, "config.json"),
+    ("lock", False, "lock"),
+    ("tb", False, "tb/"),
+    ("tb/report", True, "tb/"),
+])
+def test_out_into_a_runs_own_entries_is_refused(run_dir, out, inside, entry):
+    given = run_dir / out
+    message = (f"--out {given} is {'inside ' if inside else ''}the run {run_dir}'s {entry}, "
+               f"which only training writes; choose another directory, e.g. {run_dir}/report")
+    with pytest.raises(UserError) as caught:
+        report.check_out_dir(given, [run_dir])
+    assert str(caught.value) == message
+    # the same without being told the run: its checkpoints/ and config.json mark it
+    with pytest.raises(UserError):
+        report.check_out_dir(given)
+
+
+def test_write_report_into_checkpoints_writes_nothing(run_dir):
+    labels, preds, images = predictions(50)
+    for write in (
+        lambda out: report.write_report(out, "run", history(2), CONFIG, labels, preds,
+                                         images, CLASSES),
+        lambda out: report.write_comparison(out, {"a": {"history": history(2)},
+                                                  "b": {"history": history(3)}}),
+    ):
+        with pytest.raises(UserError, match="checkpoints/, which only training writes"):
+            write(run_dir / "checkpoints")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["4"]
+
+
+def test_out_through_a_link_or_dotdot_is_refused(run_dir, tmp_path):
+    (tmp_path / "link").symlink_to(run_dir / "checkpoints")
+    for out in (tmp_path / "link", tmp_path / "link" / "r",
+                tmp_path / "elsewhere" / ".." / "run" / "checkpoints"):
+        with pytest.raises(UserError, match=f"the run {run_dir}'s checkpoints/"):
+            report.check_out_dir(out, [tmp_path / "other"])
+
+
+@pytest.mark.parametrize("out", ["run/report", "run", "run-report", "run/checkpoints-report"])
+def test_out_beside_a_runs_files_is_fine(run_dir, tmp_path, out):
+    report.check_out_dir(tmp_path / out, [run_dir])
+
+
+def test_out_on_an_object_store_is_checked_against_the_runs_named():
+    with pytest.raises(UserError, match="is inside the run gs://b/w's checkpoints/"):
+        report.check_out_dir("gs://b/w/checkpoints/9", ["gs://b//w/"])
+    report.check_out_dir("gs://b/w/report", ["gs://b/w"])
+    report.check_out_dir("gs://b/w/checkpoints", ["gs://b/other"])  # no listing per level
+
+
+def test_run_entries_are_the_names_training_uses():
+    from lenet_dist import checkpoint, config, train  # JAX: only this test needs them
+
+    assert set(report.RUN_ENTRIES) == {checkpoint.CHECKPOINT_DIR, train.METRICS_FILE,
+                                      config.CONFIG_FILE, train.TB_DIR, safefs.LOCK_FILE}
+
+
+def test_report_out_into_checkpoints_is_one_line_before_any_work(run_dir):
+    """The CLI refuses before restoring a checkpoint (the fake run has none)."""
+    out = subprocess.run([sys.executable, "-m", "lenet_dist", "report", "--workdir",
+                          str(run_dir), "--out", str(run_dir / "checkpoints")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines() == [
+        f"error: --out {run_dir}/checkpoints is the run {run_dir}'s checkpoints/, which only "
+        f"training writes; choose another directory, e.g. {run_dir}/report"]
