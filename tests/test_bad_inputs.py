@@ -191,6 +191,34 @@ CASES: list[Case] = [
                                          "--workdir", "{dir}/w"), 2,
          "LENET_DIST_SIGTERM_AT='abc': expected STEP or STEP:PROCESS",
          env={"LENET_DIST_SIGTERM_AT": "abc"}),
+    Case("train-job-num-processes-huge", ("train", "--coordinator-address", "127.0.0.1:1",
+                                          "--num-processes", "2147483647", "--process-id", "0"),
+         2, "--num-processes 2147483647 must be in 1..1,048,576 (the processes of one job)"),
+    Case("train-job-num-processes-env-huge", ("train", "--coordinator-address", "127.0.0.1:1",
+                                              "--process-id", "0"), 2,
+         "--num-processes 2147483647 must be in 1..1,048,576",
+         env={"LENET_DIST_NUM_PROCESSES": "2147483647"}),
+    Case("train-job-port-out-of-range", ("train", "--coordinator-address", "127.0.0.1:99999",
+                                         "--num-processes", "2", "--process-id", "0"), 2,
+         "--coordinator-address 127.0.0.1:99999: port 99999 is not in 1..65535"),
+    Case("train-job-port-zero", ("train", "--coordinator-address", "127.0.0.1:0",
+                                 "--num-processes", "2", "--process-id", "0"), 2,
+         "--coordinator-address 127.0.0.1:0: port 0 is not in 1..65535"),
+    Case("train-job-process-id-huge", ("train", "--distributed", "auto", "--process-id",
+                                       "1048576"), 2,
+         "--process-id 1048576 must be in 0..1,048,575"),
+    Case("train-config-yaml-alias", ("train", "--config", "run.yaml"), 2,
+         "--config run.yaml is not valid YAML (line 2: alias *a0: a config file cannot use "
+         "aliases; write the value out)",
+         setup=_write("run.yaml", b'a0: &a0 ["x","x","x","x","x","x","x","x","x","x"]\n'
+                      + b"".join(b"a%d: &a%d [%s]\n" % (i, i, b",".join([b"*a%d" % (i - 1)] * 10))
+                                 for i in range(1, 9)) + b"epochs: *a8\n")),
+    Case("train-config-duplicate-key", ("train", "--config", "run.yaml"), 2,
+         "--config run.yaml: key 'epochs' is given twice (lines 1 and 2); keep one",
+         setup=_write("run.yaml", b"epochs: 3\nepochs: 5\n")),
+    Case("train-config-nul-path", ("train", "--config", "run.json"), 2,
+         "--config run.json: workdir contains a NUL byte, which no file name can hold",
+         setup=_write("run.json", b'{"workdir": "runs/a\\u0000b"}')),
     # --- train: the workdir holds something else ---------------------------------------------
     Case("train-other-run", ("train", *TINY, "--batch-size", "32", "--workdir", "{run}"), 2,
          "holds a different run (batch_size: saved 64, now 32); use another --workdir, or "
@@ -227,6 +255,9 @@ CASES: list[Case] = [
          "no checkpoints in {dir}/none"),
     Case("checkpoints-not-utf8", ("checkpoints", "--workdir", FF), 2,
          "Invalid value for '--workdir': '\\xff' is not valid text"),
+    Case("report-out-into-checkpoints", ("report", "--workdir", "{run}", "--out",
+                                         "{run}/checkpoints"), 2,
+         "checkpoints/, which only training writes; choose another directory"),
     # --- export -----------------------------------------------------------------------
     Case("export-no-out", ("export", "--workdir", "{run}"), 2, "Missing option '--out'."),
     Case("export-out-exists", ("export", "--workdir", "{run}", "--out", "{model}"), 2,
@@ -290,6 +321,9 @@ CASES: list[Case] = [
     Case("bench-batch-not-divisible", ("bench", "--devices", "1", "--devices", "8",
                                        "--batch-size", "100"), 2,
          "--batch-size 100 does not divide over 8 devices; use a multiple of 8 (e.g. 96, 104)"),
+    Case("bench-json-device", ("bench", "--json", "/dev/full"), 2,
+         "--json /dev/full is a character device; lenet-dist writes a file only where "
+         "nothing or a regular file is (choose a file path)"),
     Case("bench-json-is-a-directory", ("bench", "--json", "{dir}"), 2,
          "--json {dir} is a directory; give a file name, e.g. {dir}/bench.json"),
     # --- launch ---------------------------------------------------------------------------
