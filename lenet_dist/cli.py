@@ -20,7 +20,7 @@ import traceback
 import click
 
 import lenet_dist
-from lenet_dist import distributed, extras, runtime, safefs
+from lenet_dist import distributed, extras, faults, runtime, safefs
 from lenet_dist import launch as launch_lib
 from lenet_dist.config import (
     DEFAULT_EXPORT_PLATFORMS,
@@ -602,6 +602,7 @@ def main(argv=None) -> int:
     session = Session()
     safe_streams()
     try:
+        faults.check()
         code = cli.main(args=argv, prog_name="lenet-dist", standalone_mode=False, obj=session)
         return code if isinstance(code, int) else 0
     except click.exceptions.Exit as e:

@@ -282,11 +282,7 @@ def verify(tf, model_dir: Path, images: np.ndarray, expected: dict) -> float:
 
 # ------------------------------------------------------------------- publishing
 
-# Where a kill must leave `out` holding a complete model, in the order they are reached
-# (faults.point; "set-aside" only on the two-rename path, between its renames).
-PUBLISH_POINTS = ("publish:staged", "publish:verified", "publish:checked",
-                  "publish:before-move", "publish:set-aside", "publish:moved",
-                  "publish:old-deleted")
+PUBLISH_POINTS = faults.PUBLISH_POINTS  # where a kill must leave `out` a complete model
 AT_FDCWD, RENAME_NOREPLACE, RENAME_EXCHANGE = -100, 1, 2
 # renameat2 missing (not Linux, glibc < 2.28, kernel < 3.15) or its flags refused by
 # the filesystem (EINVAL, e.g. NFS): publish with two renames instead.

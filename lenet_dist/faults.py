@@ -7,8 +7,9 @@ step instead of at a random moment:
 
     LENET_DIST_KILL_AT=publish:moved lenet-dist export --workdir runs/a --out m --overwrite
 
-The names in use are `export.PUBLISH_POINTS`. Stdlib only, so any module may call it;
-an unset variable costs one environment lookup.
+The names are `POINTS`; any other value is refused at start-up (`check`): a typo must
+not turn a drill into a run that is never killed. Stdlib only (and errors), so any
+module may call it; an unset variable costs one environment lookup.
 """
 
 from __future__ import annotations
@@ -16,9 +17,27 @@ from __future__ import annotations
 import os
 import signal
 
+from lenet_dist.errors import UserError
+
 ENV = "LENET_DIST_KILL_AT"
+# Where a kill must leave export's --out holding a complete model, in the order they
+# are reached ("set-aside" only on the two-rename path, between its renames).
+PUBLISH_POINTS = ("publish:staged", "publish:verified", "publish:checked",
+                  "publish:before-move", "publish:set-aside", "publish:moved",
+                  "publish:old-deleted")
+POINTS = PUBLISH_POINTS
+
+
+def check() -> None:
+    """Refuse a set but unknown LENET_DIST_KILL_AT (it would be silently ignored)."""
+    value = os.environ.get(ENV)
+    if value and value not in POINTS:
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise UserError(f"{ENV}={shown!r} is not a fault point (one of "
+                        f"{', '.join(POINTS)}); fix or unset it")
 
 
 def point(name: str) -> None:
+    """SIGKILL this process here if LENET_DIST_KILL_AT names this point."""
     if os.environ.get(ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)

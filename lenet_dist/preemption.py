@@ -55,12 +55,14 @@ def exit_on_sigterm(replace_jax: bool = False) -> None:
 class StopRule:
     """Asked after every step (`at_step`) and at each epoch end (`should_stop`)."""
 
-    def __init__(self, multi_process: bool = False, process_index: int = 0):
+    def __init__(self, multi_process: bool = False, process_index: int = 0,
+                 process_count: int = 1):
         self.multi_process = multi_process
         self.received: list[int] = []  # signals this process got
         self.decided_at: int | None = None  # the step at which the job stops
         self._calls = 0  # sync-point calls made by this process (see the module's doc)
-        self._inject = _parse_injection(os.environ.get(SIGTERM_AT_ENV), process_index)
+        self._inject = _parse_injection(os.environ.get(SIGTERM_AT_ENV), process_index,
+                                        process_count)
         self._previous: dict = {}
         if multi_process:
             from jax.experimental import multihost_utils  # only a multi-process job needs it
@@ -118,13 +120,20 @@ class StopRule:
         return self.received[0] if self.received else signal.SIGTERM
 
 
-def _parse_injection(value: str | None, process_index: int) -> int | None:
+def _parse_injection(value: str | None, process_index: int, process_count: int) -> int | None:
+    """The step at which this process sends itself SIGTERM, or None. A process the job
+    does not have is refused: the drill would silently never fire."""
     if not value:
         return None
     step, _, process = value.partition(":")
-    if not step.isdigit() or not (process.isdigit() or not process):
-        raise UserError(f"{SIGTERM_AT_ENV}={value!r}: expected STEP or STEP:PROCESS "
+    if not (step.isascii() and step.isdigit()) \
+            or not (process.isascii() and process.isdigit() or not process):
+        raise UserError(f"{SIGTERM_AT_ENV}={value[:40]!r}: expected STEP or STEP:PROCESS "
                         "(non-negative integers); fix or unset it")
+    if process and int(process) >= process_count:
+        raise UserError(f"{SIGTERM_AT_ENV}={value[:40]!r}: the job has no process "
+                        f"{int(process)} (it has {process_count}: 0..{process_count - 1}); "
+                        "fix or unset it")
     if process and int(process) != process_index:
         return None
     return int(step)

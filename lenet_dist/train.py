@@ -160,7 +160,8 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
     """The run itself, once the workdir is locked and its checkpoints are open."""
     t0 = time.perf_counter()
     primary = distributed.is_primary()
-    stop = StopRule(multi_process=jax.process_count() > 1, process_index=jax.process_index())
+    stop = StopRule(multi_process=jax.process_count() > 1, process_index=jax.process_index(),
+                    process_count=jax.process_count())
 
     # Input: host uint8 arrays -> device-resident feeds; every process the same data.
     dataset = dataset or data_lib.load(config.dataset, config.data_dir)

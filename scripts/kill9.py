@@ -15,7 +15,11 @@ during steps, evaluations and (with saves every 3 steps) asynchronous saves.
               model after every kill, and one more export must leave no leftovers;
   concurrent  second `train`s on the workdir of a run in progress: each must be refused
               (exit 1, "in use") or be killed, and the first run must still end with
-              the uninterrupted run's parameters.
+              the uninterrupted run's parameters;
+  bench       `lenet-dist bench --json F` (a 2-process `--job 2x1` on odd trials) at a
+              random moment: none of its processes may outlive it, its temporary
+              directories must go (its own TMPDIR is checked), F must still hold the
+              earlier benchmark's JSON, and one more bench must finish and rewrite F.
 
 Exit status 0 when every trial of every kind passes (max |param diff| <= 1e-6), 1 otherwise.
 """
@@ -23,6 +27,7 @@ Exit status 0 when every trial of every kind passes (max |param diff| <= 1e-6), 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -37,11 +42,14 @@ from pathlib import Path
 import numpy as np
 
 from lenet_dist import runtime
+from lenet_dist.checkpoint import step_of
 
 TRAIN = ["train", "--devices", "8", "--epochs", "3", "--train-limit", "2560",
          "--batch-size", "64", "--lr", "0.5", "--save-every-steps", "3",
          "--keep-checkpoints", "3", "--no-progress"]
-KINDS = ("train", "export", "concurrent")
+KINDS = ("train", "export", "concurrent", "bench")
+BENCH = ["bench", "--devices", "2", "--epochs", "2", "--rounds", "1", "--batch-size", "128"]
+REAPER_GRACE_S = 15.0  # the temp-dir reaper's 1 s, and children's exit, on a busy machine
 SECOND_KILL_WINDOW_S = 5.0  # a second train's start-up until the lock refuses it: 2-6 s
 PUBLISH_KILL_WINDOW_S = 0.1  # after metadata.json is written: reference.npz, then publish
 
@@ -59,7 +67,7 @@ def export_cli(workdir: Path, out: Path, data_dir: str | None) -> list[str]:
 
 def has_checkpoint(workdir: Path) -> bool:
     d = workdir / "checkpoints"
-    return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
+    return d.is_dir() and any(step_of(p.name) is not None for p in d.iterdir())
 
 
 def kill_once(cmd: list[str], workdir: Path, rng: random.Random) -> str:
@@ -249,6 +257,97 @@ def concurrent_trial(work: Path, kills: int, rng: random.Random, data_dir: str |
     return not problems, line, outcomes
 
 
+# ------------------------------------------------------------------- bench kills
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid`, from /proc's children lists (all threads)."""
+    found, todo = set(), [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                kids = Path(f"/proc/{parent}/task/{task}/children").read_text().split()
+            except OSError:
+                continue
+            for kid in map(int, kids):
+                if kid not in found:
+                    found.add(kid)
+                    todo.append(kid)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[-1][0] != "Z"
+    except OSError:
+        return False
+
+
+def bench_trial(trial: int, work: Path, kills: int, rng: random.Random,
+                data_dir: str | None) -> tuple[bool, str, list[str]]:
+    """An earlier bench writes F; `kills` benches are SIGKILLed at random moments; then
+    nothing of theirs may remain and F must hold whole JSON; a last bench ends it."""
+    tmp, out = work / "tmp", work / "bench.json"
+    tmp.mkdir(parents=True)
+    job = ["--job", "2x1"] if trial % 2 else []
+    cmd = [sys.executable, "-m", "lenet_dist", *BENCH, *job, "--json", str(out)]
+    cmd += ["--data-dir", data_dir] if data_dir else []
+    env = dict(os.environ, TMPDIR=str(tmp))
+    start = time.time()
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if first.returncode:
+        return False, f"the earlier bench FAILED: {first.stderr.strip()[-300:]}", []
+    duration, before = time.time() - start, out.read_bytes()
+    outcomes, problems = [], []
+    for _ in range(kills):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
+        at, seen = rng.uniform(0.0, duration), set()
+        kill_time = time.time() + at
+        while proc.poll() is None and time.time() < kill_time:
+            seen |= descendants(proc.pid)  # the tree as it grows
+            time.sleep(0.02)
+        seen |= descendants(proc.pid)
+        if proc.poll() is not None:
+            outcomes.append("finished before the kill")
+            continue
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        outcomes.append(f"killed (at {at:.1f} s, {len(seen)} descendant(s))")
+        deadline = time.time() + REAPER_GRACE_S
+        while (any(map(alive, seen)) or any(tmp.iterdir())) and time.time() < deadline:
+            time.sleep(0.1)
+        if any(map(alive, seen)):
+            problems.append(f"processes {sorted(p for p in seen if alive(p))} outlived it")
+        if any(tmp.iterdir()):
+            problems.append(f"left in TMPDIR: {', '.join(p.name for p in tmp.iterdir())}")
+        now = out.read_bytes()
+        if now != before:  # a kill after the atomic rename: then it is the new, whole
+            try:
+                json.loads(now)
+            except ValueError:
+                problems.append(f"{out.name} is no longer JSON after a kill")
+        for pid in seen:  # whatever outlived it, so the next trial starts clean
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    last = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if last.returncode:
+        problems.append(f"the bench after the kills FAILED: {last.stderr.strip()[-300:]}")
+    else:
+        try:
+            json.loads(out.read_text())
+        except ValueError as e:
+            problems.append(f"{out.name} after the last bench is not JSON: {e}")
+    name = "bench --job 2x1" if job else "bench"
+    return not problems, f"{name}: {', '.join(outcomes)}: {'; '.join(problems) or 'OK'}", \
+        outcomes
+
+
 # ------------------------------------------------------------------- main
 
 
@@ -294,6 +393,12 @@ def main() -> int:
                 failures["concurrent"] += not ok
                 outcomes["concurrent"].update(o.split(" (")[0] for o in seen)
                 print(f"trial {trial} concurrent: {line}")
+            if "bench" in args.kinds:
+                ok, line, seen = bench_trial(trial, Path(tmp) / f"bench{trial}", args.kills,
+                                             rng, args.data_dir)
+                failures["bench"] += not ok
+                outcomes["bench"].update(o.split(" (")[0] for o in seen)
+                print(f"trial {trial} {line}")
         if "train" in args.kinds:
             print(f"{args.trials - failures['train']}/{args.trials} trials reached the "
                   f"uninterrupted run's final parameters ({args.kills} kill -9 per trial)")
