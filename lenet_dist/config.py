@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import os
+import re
 import reprlib
 import typing
 from typing import Any
@@ -348,7 +349,10 @@ def _read_yaml(where: str, text: str) -> Any:
 
 @functools.cache
 def _yaml_loader() -> type:
-    """yaml.SafeLoader without aliases, and with each mapping's keys unique.
+    """yaml.SafeLoader without aliases, with each mapping's keys unique, and YAML 1.2's
+    numbers instead of 1.1's: `epochs: 1:30` was 90 (base 60) and `epochs: 010` was 8
+    (octal), silently. Now an int is decimal digits only (anything else is text, which
+    the field's type check refuses in one line) and 1e-3 is a float.
 
     Aliases are refused, not counted: nine nested anchors of ten aliases each (a
     "billion laughs") make a few hundred bytes that stand for 10**9 values, and
@@ -385,6 +389,17 @@ def _yaml_loader() -> type:
                     seen[key] = line
             return super().construct_mapping(node, deep=deep)
 
+    int_tag, float_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+    ConfigLoader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (int_tag, float_tag)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    ConfigLoader.add_implicit_resolver(  # first: "10" is an int, not a float
+        int_tag, re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"), list("-+0123456789"))
+    ConfigLoader.add_implicit_resolver(
+        float_tag, re.compile(r"^[-+]?(?:\.[0-9]+|(?:0|[1-9][0-9]*)(?:\.[0-9]*)?)"
+                              r"(?:[eE][-+]?[0-9]+)?$"
+                              r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+        list("-+0123456789."))
     return ConfigLoader
 
 

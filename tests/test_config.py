@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -321,6 +322,26 @@ def test_yaml_aliases_are_refused_anchors_alone_are_not(tmp_path, text):
         return
     with pytest.raises(UserError, match=r"is not valid YAML \(line 2: alias \*[nb]: a config "
                                         r"file cannot use aliases; write the value out\)$"):
+        config_lib.read_settings(str(path))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("epochs: 1:30\n", "epochs must be an integer, got '1:30'"),  # YAML 1.1: 90 (base 60)
+    ("epochs: 010\n", "epochs must be an integer, got '010'"),    # YAML 1.1: 8 (octal)
+    ("epochs: 0x10\n", "epochs must be an integer, got '0x10'"),
+    ("epochs: 1_0\n", "epochs must be an integer, got '1_0'"),
+    ("learning_rate: 1:30.5\n", "learning_rate must be a number, got '1:30.5'"),
+    ("epochs: 12\n", {"epochs": 12}),
+    ("learning_rate: 1e-3\n", {"learning_rate": 0.001}),              # YAML 1.1: text
+    ("learning_rate: .5\nseed: -0\n", {"learning_rate": 0.5, "seed": 0}),
+])
+def test_yaml_numbers_are_yaml_1_2_decimal_never_base_60_or_octal(tmp_path, text, expected):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    if isinstance(expected, dict):
+        assert config_lib.read_settings(str(path)) == expected
+        return
+    with pytest.raises(UserError, match=re.escape(expected) + "$"):
         config_lib.read_settings(str(path))
 
 
