@@ -311,7 +311,7 @@ def checkpoints(workdir):
         runtime.configure()
         from lenet_dist.evaluate import list_checkpoints
 
-    rows = list_checkpoints(workdir)
+    rows = list_checkpoints(workdir, warn=lambda line: click.echo(line, err=True))
     if not rows:
         raise UserError(f"no checkpoints in {workdir}")
     holder = safefs.lock_holder(workdir)

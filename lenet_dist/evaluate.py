@@ -3,6 +3,8 @@ a saved checkpoint on the full test set, on any device count."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import numpy as np
 
@@ -59,10 +61,11 @@ def test_predictions(workdir: str, step: int | None = None, best: bool = False,
             "parameters": param_count(variables["params"])}
 
 
-def list_checkpoints(workdir: str) -> list[dict]:
+def list_checkpoints(workdir: str, warn: Callable[[str], None] = lambda _: None) -> list[dict]:
     """Every step directory, readable or not: `unreadable` says why one cannot be used,
-    `note` what is wrong with one that still can (a bad metrics file)."""
-    ckpts = Checkpoints(workdir, read_only=True, warn=lambda _: None)
+    `note` what is wrong with one that still can (a bad metrics file). `warn` gets the
+    notes on what is not a step (an entry the project did not write)."""
+    ckpts = Checkpoints(workdir, read_only=True, warn=warn)
     best = ckpts.best_step()
     rows = []
     for step, info in sorted(ckpts.info.items()):

@@ -56,13 +56,15 @@ def test_readers_name_each_odd_directory_once_and_keep_working(odd_run, data_dir
     for step in steps_of(odd_run):
         assert str(step) in listing.stdout
     assert "Traceback" not in listing.stderr
+    expected = [f"note: checkpoints/{name} is not a step this project wrote; left alone"
+                for name in sorted(ODD)]
+    assert [ln for ln in listing.stderr.splitlines() if ln.startswith("note: ")] == expected
 
     ev = run_cli("eval", "--workdir", str(odd_run), "--devices", "1", "--data-dir", data_dir)
     assert ev.returncode == 0, ev.stderr
     assert f"step {steps_of(odd_run)[-1]} " in ev.stdout
     notes = [line for line in ev.stderr.splitlines() if line.startswith("note: ")]
-    assert notes == [f"note: checkpoints/{name} is not a step this project wrote; left alone"
-                     for name in sorted(ODD)], ev.stderr
+    assert notes == expected, ev.stderr
     assert all((odd_run / CHECKPOINT_DIR / name).is_dir() for name in ODD)
 
 
