@@ -515,6 +515,9 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, best: boo
     if "cpu" not in platforms:
         raise UserError(f"--platforms {','.join(platforms)}: include cpu; the export is "
                         "checked by running its CPU lowering before it is published")
+    # Before TensorFlow: processes that would restore different steps fail together now.
+    distributed.check_same_settings({"step": step, "best": best, "platforms": list(platforms),
+                                     "overwrite": overwrite}, "export")
 
     def prepare():  # only the writer needs --out and TensorFlow
         if remote:

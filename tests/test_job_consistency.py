@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -102,6 +103,26 @@ def test_processes_started_with_different_settings_all_fail_at_once(tmp_path):
             assert lines[0].endswith("; start every process with the same settings")
         assert errs[0] == errs[1], name  # the same line on both
         assert took < SOON, (name, took)
+
+
+@needs_data
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_eval_and_export_processes_that_would_restore_different_steps_fail_at_once(
+        command, trained, tmp_path):
+    """Before any restore (and before export imports TensorFlow)."""
+    steps = sorted(int(p.name) for p in (Path(trained.config.workdir) / "checkpoints")
+                   .iterdir() if p.name.isdigit())
+    base = [command, "--workdir", trained.config.workdir, "--data-dir", DATA]
+    if command == "export":
+        base += ["--out", str(tmp_path / "model")]
+    codes, errs, took = run_job([([*base, "--step", str(steps[0])], 0, 2),
+                                 ([*base, "--step", str(steps[-1])], 1, 2)])
+    assert codes == [2, 2], errs
+    expected = (f"error: the job's processes disagree on step (process 0: {steps[0]}, "
+                f"process 1: {steps[-1]}); start every process with the same settings")
+    assert [errors(err) for err in errs] == [[expected], [expected]], errs
+    assert took < SOON, took
+    assert not (tmp_path / "model").exists()
 
 
 def test_the_line_names_every_difference_with_its_values():
