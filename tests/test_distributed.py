@@ -4,6 +4,7 @@ joining: a peer that comes late, one that never comes."""
 # ruff: noqa: E501  (LOST_PEER below is JAX's log text verbatim: its lines stay whole)
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from lenet_dist import preemption
+from lenet_dist import faults, preemption
 from lenet_dist.cli import main
 from lenet_dist.distributed import JobSpec, check_devices, detect_cluster
 from lenet_dist.errors import UserError
@@ -118,8 +119,31 @@ def test_stop_rule_one_process_signal_and_injection(monkeypatch):
 
 def test_stop_rule_injection_targets_one_process(monkeypatch):
     monkeypatch.setenv(preemption.SIGTERM_AT_ENV, "3:1")
-    rule = preemption.StopRule(process_index=0)
+    rule = preemption.StopRule(process_index=0, process_count=2)
     assert not rule.at_step(3)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("3:1", "LENET_DIST_SIGTERM_AT='3:1': the job has no process 1 (it has 1: 0..0)"),
+    ("3:٣", "LENET_DIST_SIGTERM_AT='3:٣': expected STEP or STEP:PROCESS"),
+    ("", None), ("3:0", None)])
+def test_stop_rule_injection_is_refused_where_it_could_never_fire(monkeypatch, value, message):
+    monkeypatch.setenv(preemption.SIGTERM_AT_ENV, value)
+    if message is None:
+        preemption.StopRule(process_index=0, process_count=1)
+        return
+    with pytest.raises(UserError, match=re.escape(message)):
+        preemption.StopRule(process_index=0, process_count=1)
+
+
+def test_a_kill_point_that_does_not_exist_is_refused(monkeypatch):
+    monkeypatch.setenv(faults.ENV, "publish:mvoed")
+    with pytest.raises(UserError, match=r"'publish:mvoed' is not a fault point \(one of "
+                                        r"publish:staged, "):
+        faults.check()
+    for value in ("", *faults.POINTS):
+        monkeypatch.setenv(faults.ENV, value)
+        faults.check()
 
 
 def test_stop_rule_multi_process_leaves_sigterm_to_jax():
