@@ -6,6 +6,7 @@ the signal none of them may remain."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -18,30 +19,16 @@ import pytest
 from lenet_dist import tempdirs
 from tests.conftest import REAL_DIR, real_data_available
 
+# The process-tree readers of scripts/kill9.py's bench kind, which does this at random.
+_spec = importlib.util.spec_from_file_location(
+    "kill9", Path(__file__).resolve().parents[1] / "scripts" / "kill9.py")
+kill9 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kill9)
+descendants, alive = kill9.descendants, kill9.alive
+
 pytestmark = pytest.mark.skipif(not real_data_available(), reason="needs the real data")
 
 TINY = ("--epochs", "2", "--rounds", "1", "--batch-size", "128")
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below `pid`, from /proc's children lists (all threads)."""
-    found, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                kids = Path(f"/proc/{p}/task/{task}/children").read_text().split()
-            except OSError:
-                continue
-            for kid in map(int, kids):
-                if kid not in found:
-                    found.add(kid)
-                    todo.append(kid)
-    return found
 
 
 def cmdline(pid: int) -> str:
@@ -49,13 +36,6 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
-    except OSError:
-        return False
 
 
 def trainers(pid: int) -> list[int]:
