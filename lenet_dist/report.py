@@ -370,8 +370,9 @@ def _holds_a_run(directory: str) -> bool:
 def recipe(config: Mapping[str, Any]) -> str:
     """A config in one short phrase: what differs between the runs of a comparison."""
     parts = []
-    if config.get("preset"):
-        parts.append(f"preset {config['preset']}")
+    name = config.get("recipe") or config.get("preset")  # "preset": older runs' config.json
+    if name:
+        parts.append(f"recipe {name}")
     if config.get("optimizer"):
         text = str(config["optimizer"])
         if config.get("learning_rate") is not None:

@@ -285,3 +285,11 @@ def test_report_out_into_checkpoints_is_one_line_before_any_work(run_dir):
     assert out.stderr.splitlines() == [
         f"error: --out {run_dir}/checkpoints is the run {run_dir}'s checkpoints/, which only "
         f"training writes; choose another directory, e.g. {run_dir}/report"]
+
+
+def test_a_comparison_names_each_runs_recipe():
+    """Config's field is `recipe`; runs written before it was renamed say `preset`."""
+    assert report.recipe({"recipe": "modern", "optimizer": "adamw", "learning_rate": 0.003,
+                          "batch_size": 128}).startswith("recipe modern, adamw lr 0.003")
+    assert report.recipe({"preset": "d2l"}).startswith("recipe d2l")
+    assert "recipe" not in report.recipe({"optimizer": "sgd"})
