@@ -201,7 +201,23 @@ class Session:
     debug: bool = False
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"],
+def _debug_after_command(ctx, _param, value):
+    if value:
+        ctx.ensure_object(Session).debug = True
+
+
+class DebugAnywhere(click.Group):
+    """`--debug` before the command (`lenet-dist --debug train`) or after it
+    (`lenet-dist train --debug`): each command also takes it, hidden from its help."""
+
+    def add_command(self, cmd, name=None):
+        cmd.params.append(click.Option(["--debug"], is_flag=True, hidden=True, is_eager=True,
+                                       expose_value=False, callback=_debug_after_command))
+        super().add_command(cmd, name)
+
+
+@click.group(cls=DebugAnywhere,
+             context_settings={"help_option_names": ["-h", "--help"],
                                "show_default": True})
 # The source's version (an editable install's metadata lags a bump until reinstalled).
 @click.version_option(version=lenet_dist.__version__, prog_name="lenet-dist")

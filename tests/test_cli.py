@@ -83,6 +83,7 @@ def test_debug_prints_the_line_then_the_traceback():
     plain = run_cli("train", "--lr", "nan", env={"LENET_DIST_DEBUG": "0"})
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
     for args, env in ((["--debug", "train", "--lr", "nan"], {}),
+                      (["train", "--lr", "nan", "--debug"], {"LENET_DIST_DEBUG": "0"}),
                       (["train", "--lr", "nan"], {"LENET_DIST_DEBUG": "1"})):
         proc = run_cli(*args, env=env)
         lines = proc.stderr.splitlines()
