@@ -392,13 +392,15 @@ def report_cmd(runs, workdir, compare, out, step, best, data_dir):
 
 
 @cli.command()
-@click.option("--recipe", type=click.Choice(RECIPES), default="d2l")
+@click.option("--recipe", type=click.Choice(sorted(PRESETS)), default="d2l",
+              help="Any recipe train takes (smoke trains d2l's model).")
 def summary(recipe):
     """Layer-by-layer output shapes for one 28x28 image, and the parameter count."""
     with runtime.quick_interrupts():
         runtime.configure()
         from lenet_dist import model
 
+    recipe = PRESETS[recipe].recipe  # the model's layout: d2l or modern
     rows = model.layer_summary(recipe=recipe)
     click.echo(f"{'layer':<10}output shape")
     for name, shape in rows:

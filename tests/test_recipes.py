@@ -44,6 +44,8 @@ def test_modern_model_shapes_and_budget(capsys):
     assert main(["summary", "--recipe", "modern"]) == 0
     out = capsys.readouterr().out
     assert "BatchNorm" in out and "MaxPool" in out and "parameters: 81,514" in out
+    assert main(["summary", "--recipe", "smoke"]) == 0  # every recipe train takes
+    assert capsys.readouterr().out.endswith("parameters: 61,706\n")
 
 
 def test_augmentation_is_a_function_of_the_key_and_varies(dataset, devices):
