@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import sys
@@ -253,9 +254,12 @@ def cli(ctx, debug):
               help="Train loss to TensorBoard every K steps.")
 @click.option("--profile-steps", metavar="A:B", default=None,
               help="Trace steps A..B with jax.profiler into <workdir>/tb.")
+@click.option("--print-config", is_flag=True,
+              help="Print the effective config (recipe, then --config, then the options) "
+                   "as JSON, which --config reads back, and exit without training.")
 @job_options
 def train(recipe, preset, config_file, progress, allow_config_change, tensorboard,
-          log_every_steps, profile_steps, job, **fields):
+          log_every_steps, profile_steps, print_config, job, **fields):
     """Train LeNet-5 (the d2l recipe by default), resuming from --workdir.
 
     SIGTERM/SIGINT finish the step in flight, save a checkpoint and exit with
@@ -268,6 +272,9 @@ def train(recipe, preset, config_file, progress, allow_config_change, tensorboar
         recipe = preset
     settings = read_settings(config_file) if config_file else {}
     config = effective_config(recipe, settings, fields).validate()
+    if print_config:
+        click.echo(json.dumps(config.to_dict(), indent=2))
+        return
     if progress is None:
         progress = sys.stderr.isatty()
     with runtime.quick_interrupts():

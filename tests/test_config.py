@@ -24,7 +24,7 @@ from lenet_dist.errors import UserError
 NOT_FIELDS = {"recipe", "preset", "config_file", "allow_config_change", "progress",
               "tensorboard", "log_every_steps", "profile_steps", "distributed",
               "coordinator_address", "num_processes", "process_id", "heartbeat_timeout",
-              "join_timeout", "help"}
+              "join_timeout", "print_config", "debug", "help"}
 
 
 def train_options() -> dict[str, click.Option]:
@@ -427,3 +427,20 @@ def test_quoted_is_bounded_and_cheap_for_any_value():
         assert len(config_lib.quoted(value)) <= config_lib.QUOTE_CHARS
     assert config_lib.quoted("epochs") == "'epochs'"
     assert config_lib.quoted(3.5) == "3.5"
+
+
+def test_print_config_shows_the_effective_config_and_reads_back(tmp_path, capsys):
+    """Recipe, then --config, then options; printed as JSON that --config takes again;
+    nothing trained, no workdir made."""
+    (tmp_path / "run.yaml").write_text("epochs: 4\nseed: 3\n")
+    workdir = tmp_path / "w"
+    args = ["train", "--recipe", "modern", "--config", str(tmp_path / "run.yaml"),
+            "--seed", "5", "--workdir", str(workdir), "--print-config"]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == {**config_lib.PRESETS["modern"].to_dict(), "epochs": 4, "seed": 5,
+                       "workdir": str(workdir)}
+    (tmp_path / "again.json").write_text(json.dumps(printed))
+    assert main(["train", "--config", str(tmp_path / "again.json"), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out) == printed
+    assert not workdir.exists()
