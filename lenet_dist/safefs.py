@@ -24,7 +24,7 @@ from lenet_dist import gcs  # isort: skip
 
 from etils import epath  # noqa: E402
 
-from lenet_dist.errors import Busy, describe_holder  # noqa: E402, F401 - the lock's API
+from lenet_dist.errors import Busy, Failure, describe_holder  # noqa: E402, F401 - Busy: the lock's API
 
 LOCK_FILE = "lock"
 # The process's umask, read once at import (reading it means setting it): files made
@@ -110,6 +110,29 @@ def refuse_special(path: str) -> None:
     if kind not in (stat.S_IFREG, stat.S_IFLNK):  # links: refuse_symlink's message
         raise UnsafePath(errno.EEXIST, f"is {describe_mode(kind)}; lenet-dist writes a file "
                          "only where nothing or a regular file is (choose a file path)", path)
+
+
+def keep_aside(path: epath.Path) -> epath.Path:
+    """Rename `path` to <stem>-<time>[-N]<suffix> beside it, whole, whatever its size."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    for n in range(100):
+        kept = path.with_name(f"{path.stem}-{stamp}{f'-{n}' if n else ''}{path.suffix}")
+        if is_local(kept):
+            try:  # link + unlink: never over an existing name (rename would replace it)
+                os.link(path, kept)
+            except FileExistsError:
+                continue
+            except OSError as e:
+                if e.errno in (errno.EPERM, errno.ENOTSUP, errno.EXDEV) and not kept.exists():
+                    os.rename(path, kept)  # a filesystem without hard links
+                    return kept
+                raise Failure(f"cannot keep {path} aside as {kept}: {e.strerror}") from None
+            os.unlink(path)
+            return kept
+        if not kept.exists():
+            path.rename(kept)
+            return kept
+    raise Failure(f"cannot keep {path} aside: 100 names {path.stem}-{stamp}-N are taken")
 
 
 def write_atomic(path: epath.Path | str, data: str | bytes) -> None:

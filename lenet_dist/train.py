@@ -12,7 +12,6 @@ import errno
 import functools
 import json
 import math
-import os
 import time
 from typing import Callable
 
@@ -366,32 +365,9 @@ def start_metrics(workdir: epath.Path, history: list[dict], log: Callable[[str],
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
     empty = size <= len(head) and not head.strip()
     if not empty and not (history and head[: len(mine)] == mine):
-        kept = keep_aside(path)
+        kept = safefs.keep_aside(path)
         log(f"note: {path} held another run's metrics; kept as {kept}")
     write_metrics(workdir, history)
-
-
-def keep_aside(path: epath.Path) -> epath.Path:
-    """Rename `path` to <stem>-<time>[-N]<suffix> beside it, whole, whatever its size."""
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    for n in range(100):
-        kept = path.with_name(f"{path.stem}-{stamp}{f'-{n}' if n else ''}{path.suffix}")
-        if safefs.is_local(kept):
-            try:  # link + unlink: never over an existing name (rename would replace it)
-                os.link(path, kept)
-            except FileExistsError:
-                continue
-            except OSError as e:
-                if e.errno in (errno.EPERM, errno.ENOTSUP, errno.EXDEV) and not kept.exists():
-                    os.rename(path, kept)  # a filesystem without hard links
-                    return kept
-                raise Failure(f"cannot keep {path} aside as {kept}: {e.strerror}") from None
-            os.unlink(path)
-            return kept
-        if not kept.exists():
-            path.rename(kept)
-            return kept
-    raise Failure(f"cannot keep {path} aside: 100 names {path.stem}-{stamp}-N are taken")
 
 
 def lock_workdir(workdir: epath.Path, log: Callable[[str], None]) -> safefs.Lock:

@@ -366,11 +366,11 @@ def test_a_previous_metrics_file_past_the_readers_limit_is_kept_whole(dataset, t
 
 
 def test_keeping_aside_never_replaces_an_earlier_kept_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod.time, "strftime", lambda *_: "20261203T000000")
+    monkeypatch.setattr(safefs.time, "strftime", lambda *_: "20261203T000000")
     kept = []
     for text in ("first", "second", "third"):
         (tmp_path / "metrics.jsonl").write_text(text)
-        kept.append(train_mod.keep_aside(epath.Path(tmp_path / "metrics.jsonl")))
+        kept.append(safefs.keep_aside(epath.Path(tmp_path / "metrics.jsonl")))
     assert [Path(k).name for k in kept] == [
         "metrics-20261203T000000.jsonl", "metrics-20261203T000000-1.jsonl",
         "metrics-20261203T000000-2.jsonl"]
