@@ -9,12 +9,11 @@ import json
 import math
 import os
 import re
-import reprlib
 import typing
 from typing import Any
 
 from lenet_dist import safefs
-from lenet_dist.errors import UserError, first_line
+from lenet_dist.errors import QUOTE_CHARS, UserError, first_line, quoted
 
 DATASETS = ("fashion_mnist", "mnist")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
@@ -183,24 +182,6 @@ def range_problem(name: str, value: Any) -> str | None:
 
 # The most of a value a message quotes. A settings file may hold a megabyte in one
 # value (or, in YAML, far more through aliases), and the line is for a person.
-QUOTE_CHARS = 80
-_QUOTE = reprlib.Repr()
-# reprlib shows a few items per level and a few levels, so quoting a deeply nested or
-# self-sharing value costs the same as quoting a short one. Its cuts of one scalar are
-# in the middle and past the limit, so that `quoted` cuts at the end, where a reader looks.
-_QUOTE.maxlevel = 3
-_QUOTE.maxstring = _QUOTE.maxlong = _QUOTE.maxother = 2 * QUOTE_CHARS
-
-
-def quoted(value: Any, limit: int = QUOTE_CHARS) -> str:
-    """repr(value) for a message, at most `limit` characters (cut with "...")."""
-    try:
-        text = _QUOTE.repr(value)
-    except ValueError:  # an int past Python's 4,300-digit str limit
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 # Config's fields by name, each with its declaration (`setting`'s metadata).
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
 

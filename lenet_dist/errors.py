@@ -1,7 +1,9 @@
 """Exceptions the CLI turns into one line and an exit code (no traceback)."""
 
 import re
+import reprlib
 import signal
+from typing import Any
 
 
 class UserError(Exception):
@@ -52,3 +54,23 @@ def describe_holder(holder: dict) -> str:
     since = holder.get("since")
     return (f"`{holder.get('command', 'lenet-dist')}` (PID {holder.get('pid', '?')} on "
             f"{holder.get('host', '?')}, since {since or '?'})")
+
+
+# Values quoted in messages (config files, environment variables): bounded, whatever
+# the value holds.
+QUOTE_CHARS = 80
+_QUOTE = reprlib.Repr()
+# reprlib shows a few items per level and a few levels, so quoting a deeply nested or
+# self-sharing value costs the same as quoting a short one. Its cuts of one scalar are
+# in the middle and past the limit, so that `quoted` cuts at the end, where a reader looks.
+_QUOTE.maxlevel = 3
+_QUOTE.maxstring = _QUOTE.maxlong = _QUOTE.maxother = 2 * QUOTE_CHARS
+
+
+def quoted(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """repr(value) for a message, at most `limit` characters (cut with "...")."""
+    try:
+        text = _QUOTE.repr(value)
+    except ValueError:  # an int past Python's 4,300-digit str limit
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import signal
 
-from lenet_dist.errors import UserError
+from lenet_dist.errors import UserError, quoted
 
 ENV = "LENET_DIST_KILL_AT"
 # Where a kill must leave export's --out holding a complete model, in the order they
@@ -32,8 +32,7 @@ def check() -> None:
     """Refuse a set but unknown LENET_DIST_KILL_AT (it would be silently ignored)."""
     value = os.environ.get(ENV)
     if value and value not in POINTS:
-        shown = value if len(value) <= 40 else value[:40] + "..."
-        raise UserError(f"{ENV}={shown!r} is not a fault point (one of "
+        raise UserError(f"{ENV}={quoted(value, 40)} is not a fault point (one of "
                         f"{', '.join(POINTS)}); fix or unset it")
 
 

@@ -27,7 +27,7 @@ import os
 import signal
 import threading
 
-from lenet_dist.errors import UserError
+from lenet_dist.errors import UserError, quoted
 
 # Fault injection for tests and drills: "STEP" or "STEP:PROCESS" sends a real
 # SIGTERM to this process right after that step is dispatched.
@@ -128,10 +128,10 @@ def _parse_injection(value: str | None, process_index: int, process_count: int) 
     step, _, process = value.partition(":")
     if not (step.isascii() and step.isdigit()) \
             or not (process.isascii() and process.isdigit() or not process):
-        raise UserError(f"{SIGTERM_AT_ENV}={value[:40]!r}: expected STEP or STEP:PROCESS "
+        raise UserError(f"{SIGTERM_AT_ENV}={quoted(value, 40)}: expected STEP or STEP:PROCESS "
                         "(non-negative integers); fix or unset it")
     if process and int(process) >= process_count:
-        raise UserError(f"{SIGTERM_AT_ENV}={value[:40]!r}: the job has no process "
+        raise UserError(f"{SIGTERM_AT_ENV}={quoted(value, 40)}: the job has no process "
                         f"{int(process)} (it has {process_count}: 0..{process_count - 1}); "
                         "fix or unset it")
     if process and int(process) != process_index:
