@@ -38,7 +38,10 @@ from lenet_dist.errors import Failure, UserError, first_line
 
 CHECKPOINT_DIR = "checkpoints"
 QUARANTINE_DIR = "corrupt-checkpoints"
+# Every checkpoint's metrics hold the test accuracy; a run with a validation split holds
+# its accuracy too, and then "best" means best on it: the test set is only reported.
 BEST_METRIC = "test_accuracy"
+VALIDATION_METRIC = "validation_accuracy"
 META_FILE = ("meta", "metadata")  # Orbax's JsonSave item "meta"
 METRICS_FILE = ("metrics", "metrics")
 STATE_INDEX = ("state", "_METADATA")
@@ -46,6 +49,8 @@ MAX_JSON_BYTES = 16 * 2**20  # metadata holds the history: a few KB per epoch
 PROBE_DIR = ".probe"  # under the lock, so no other writer uses it
 
 log = logging.getLogger(__name__)
+# An epoch record's figures that a checkpoint's metrics file holds.
+EPOCH_METRICS = ("test_accuracy", "test_loss", "validation_accuracy", "validation_loss")
 
 
 class CorruptCheckpoint(ValueError):
@@ -94,12 +99,25 @@ def parse_meta(raw: bytes, step: int | None = None) -> dict:
     return meta
 
 
+def selection_metric(metrics: dict) -> float:
+    """What "best" maximises: the validation accuracy when the run held out a validation
+    split, else the test accuracy (and then the choice was made on the test set)."""
+    return metrics.get(VALIDATION_METRIC, metrics[BEST_METRIC])
+
+
+def selected_on(metrics: dict | None) -> str:
+    """"validation" or "test": the split `selection_metric` reads for these metrics."""
+    return "validation" if metrics and VALIDATION_METRIC in metrics else "test"
+
+
 def parse_metrics(raw: bytes) -> dict:
     metrics = parse_json(raw, "metrics")
-    value = metrics.get(BEST_METRIC)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) \
-            or not math.isfinite(value):
-        raise CorruptCheckpoint(f"metrics have no finite {BEST_METRIC}")
+    for name in (BEST_METRIC, VALIDATION_METRIC):
+        value = metrics.get(name)
+        if (name == BEST_METRIC or value is not None) and (
+                not isinstance(value, (int, float)) or isinstance(value, bool)
+                or not math.isfinite(value)):
+            raise CorruptCheckpoint(f"metrics have no finite {name}")
     return metrics
 
 
@@ -149,8 +167,7 @@ def inspect_step(directory: epath.Path, step: int) -> StepInfo:
         if info.meta is not None:  # the epoch record says the same
             record = next((r for r in info.meta["history"] if r["step"] == step), None)
             if record is not None and isinstance(record.get(BEST_METRIC), (int, float)):
-                info.metrics = {BEST_METRIC: record[BEST_METRIC],
-                                "test_loss": record.get("test_loss")}
+                info.metrics = {k: record[k] for k in EPOCH_METRICS if k in record}
     return info
 
 
@@ -219,7 +236,7 @@ class StepNames:
 
 class Checkpoints:
     """One CheckpointManager over the steps that passed inspection: async saves,
-    keep the latest K and the best by test accuracy.
+    keep the latest K and the best (by validation accuracy, else test accuracy).
 
     `read_only` (eval, export, predict, listing): nothing is created, moved or
     cleaned up. Otherwise the caller holds the workdir lock: bad steps are moved
@@ -254,10 +271,10 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy([
                 policies.LatestN(n=keep),
-                policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+                policies.BestN(get_metric_fn=selection_metric, n=1,
                                keep_checkpoints_without_metrics=False),
             ]),
-            best_fn=lambda m: m[BEST_METRIC], best_mode="max",
+            best_fn=selection_metric, best_mode="max",
             enable_async_checkpointing=True,
             read_only=read_only,
             create=not read_only,
@@ -380,9 +397,9 @@ class Checkpoints:
         return {step: found.problem for step, found in self.info.items() if not found.ok}
 
     def best_step(self) -> int | None:
-        scored = [(self.info[s].metrics[BEST_METRIC], s) for s in self.steps()
+        scored = [(selection_metric(self.info[s].metrics), -s) for s in self.steps()
                   if self.info[s].metrics is not None]
-        return max(scored)[1] if scored else None
+        return -max(scored)[1] if scored else None  # of equals, the earliest (history.py)
 
     def metrics(self, step: int) -> dict | None:
         return self.info[step].metrics if step in self.info else None

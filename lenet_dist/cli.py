@@ -131,7 +131,7 @@ def config_option(field: str, **changes):
         param_type = None
     elif meta["choices"]:
         param_type = click.Choice(meta["choices"])
-    elif meta["path"]:
+    elif meta["path"] or field == "dataset":  # a name, or kind:PATH
         param_type = TextPath()
     elif field in INT_RANGES:
         param_type = int_range(field)
@@ -140,6 +140,8 @@ def config_option(field: str, **changes):
     else:
         raise TypeError(f"no option type for the Config field {field}")
     settings = dict(cls=ConfigOption, type=param_type, default=None, help=meta["doc"] or None)
+    if field == "dataset":
+        settings["metavar"] = "NAME|folder:PATH|idx:DIR"
     return click.option(*decls, **{**settings, **changes})
 
 
@@ -300,7 +302,8 @@ def checkpoint_choice(command):
         return command(*args, **kwargs)
 
     checked = click.option("--best", is_flag=True,
-                           help="The checkpoint with the best test accuracy.")(checked)
+                           help="The checkpoint with the best validation accuracy (test "
+                                "accuracy for a run without --validation).")(checked)
     return click.option("--step", type=click.IntRange(0, INT32_MAX), default=None,
                         help="Checkpoint step [default: latest].")(checked)
 
@@ -329,7 +332,8 @@ def eval_cmd(workdir, step, best, devices, data_dir, job):
 @cli.command()
 @WORKDIR
 def checkpoints(workdir):
-    """List saved checkpoints with their test metrics; mark the best."""
+    """List saved checkpoints with their metrics; mark the best (by validation accuracy
+    when the run held out a validation split, else by test accuracy)."""
     with runtime.quick_interrupts():
         runtime.configure()
         from lenet_dist.evaluate import list_checkpoints
@@ -340,14 +344,22 @@ def checkpoints(workdir):
     holder = safefs.lock_holder(workdir)
     if holder is not None:
         click.echo(f"(being written by {safefs.describe_holder(holder)})")
-    click.echo(f"{'step':>8}  {'test acc':>8}  {'test loss':>9}")
+    validation = any(row["validation_accuracy"] is not None for row in rows)
+    click.echo(f"{'step':>8}  " + (f"{'val acc':>8}  " if validation else "")
+               + f"{'test acc':>8}  {'test loss':>9}")
     for row in rows:
-        acc = f"{row['test_accuracy']:.4f}" if row["test_accuracy"] is not None else "-"
-        loss = f"{row['test_loss']:.4f}" if row["test_loss"] is not None else "-"
+        def figure(name):
+            return f"{row[name]:.4f}" if row[name] is not None else "-"
+
         mark = (f"  UNREADABLE: {row['unreadable']}" if row["unreadable"] else
                 "  best" if row["best"] else "")
         note = f"  (note: {row['note']}; figures from its history)" if row["note"] else ""
-        click.echo(f"{row['step']:>8}  {acc:>8}  {loss:>9}{mark}{note}")
+        click.echo(f"{row['step']:>8}  "
+                   + (f"{figure('validation_accuracy'):>8}  " if validation else "")
+                   + f"{figure('test_accuracy'):>8}  {figure('test_loss'):>9}{mark}{note}")
+    click.echo("best: by validation accuracy (the test set is only reported)" if validation
+               else "best: by test accuracy, selected on the test set (train with "
+                    "--validation N to choose on held-out training images)")
 
 
 @cli.command("report")

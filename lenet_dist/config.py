@@ -16,6 +16,9 @@ from lenet_dist import safefs
 from lenet_dist.errors import QUOTE_CHARS, UserError, first_line, quoted
 
 DATASETS = ("fashion_mnist", "mnist")
+# Besides the built-in names, --dataset takes a user's data: labelled images in class
+# folders, or a directory of the four IDX files (data.py, folder.py).
+DATASET_KINDS = ("folder", "idx")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 # The model and its training parts: the seed's 1998 LeNet-5, or its skeleton with
 # ReLU, max pooling, BatchNorm and He init (model.py).
@@ -44,6 +47,9 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "devices": (1, INT32_MAX),
     "save_every_steps": (0, INT32_MAX),
     "keep_checkpoints": (1, INT32_MAX),
+    # Held out of the training split; the data decides the real ceiling (data.hold_out).
+    "validation": (0, INT32_MAX),
+    "early_stop": (0, 10_000),
 }
 # Float fields: (low, high, low is open, high is open). The learning rate's ceiling
 # is 11x the largest rate the d2l recipes use (0.9) and catches exponent typos (1e3
@@ -54,6 +60,7 @@ FLOAT_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "weight_decay": (0.0, 1.0, False, False),
     "label_smoothing": (0.0, 1.0, False, True),
     "warmup_epochs": (0.0, 10_000.0, False, False),
+    "test_fraction": (0.0, 1.0, True, True),
 }
 
 
@@ -84,10 +91,27 @@ class Config:
     computation whatever the device count. The defaults are the d2l preset's.
     """
 
-    dataset: str = setting("fashion_mnist", choices=DATASETS, resume="same",
-                           first_release=True)
+    dataset: str = setting(
+        "fashion_mnist", "fashion_mnist or mnist; folder:PATH, your labelled images in "
+        "PATH/{train,test}/<class>/ (or PATH/<class>/ with --test-fraction); idx:DIR, the "
+        "four IDX files in DIR.", resume="same", first_release=True)
     data_dir: str | None = setting(
-        None, "Directory of IDX files (gz or not); skips the TFDS/system lookup.", path=True)
+        None, "Directory of IDX files (gz or not) for fashion_mnist or mnist; skips the "
+              "TFDS/system lookup.", path=True)
+    test_fraction: float | None = setting(
+        None, "folder: datasets without train/ and test/: this fraction of each class's "
+              "images is the test split (chosen by a hash of each file's path).",
+        unset="none", resume="same")
+    skip_bad_files: bool = setting(
+        False, "folder: datasets: skip files that do not decode (counted) instead of "
+               "stopping at the first.", resume="same")
+    validation: int = setting(
+        0, "Hold out N training images (chosen by --seed) to pick the best checkpoint and "
+           "stop early on; 0: none, and \"best\" is then chosen on the test set.",
+        resume="same")
+    early_stop: int = setting(
+        0, "Stop, as a finished run, after N epochs without a better validation accuracy "
+           "(needs --validation); 0: never.")
     devices: int | None = setting(
         None, "Devices in the data-parallel mesh, over all processes of a job. On CPU, "
               "this many devices are simulated when the host has fewer.", unset="all")
@@ -129,10 +153,9 @@ class Config:
         )
 
     def validate(self) -> "Config":
-        if self.dataset not in DATASETS:
-            raise UserError(
-                f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}"
-            )
+        problem = dataset_problem(self.dataset)
+        if problem:
+            raise UserError(f"--dataset {problem}")
         for name, choices in (("recipe", RECIPES), ("schedule", SCHEDULES)):
             if getattr(self, name) not in choices:
                 raise UserError(f"unknown {name} {getattr(self, name)!r}; choose one of "
@@ -149,6 +172,15 @@ class Config:
             problem = range_problem(name, getattr(self, name))
             if problem:
                 raise UserError(f"{option_name(name)} {problem}")
+        kind, _ = dataset_kind(self.dataset)
+        if self.test_fraction is not None and kind != "folder":
+            raise UserError("--test-fraction splits a folder: dataset; the built-in datasets "
+                            "and idx: ones have their own test split")
+        if self.skip_bad_files and kind != "folder":
+            raise UserError("--skip-bad-files is for folder: datasets (image files)")
+        if self.early_stop and not self.validation:
+            raise UserError("--early-stop watches the validation accuracy: give --validation N "
+                            "too (stopping on the test set would select on it)")
         if self.train_limit is not None and self.train_limit < self.batch_size:
             raise UserError(
                 f"--train-limit {self.train_limit} is smaller than one batch "
@@ -164,12 +196,35 @@ class Config:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
 
+def dataset_kind(spec: str) -> tuple[str, str | None]:
+    """("builtin", None), ("folder", PATH) or ("idx", DIR) for a --dataset value."""
+    kind, sep, where = spec.partition(":")
+    if sep and kind in DATASET_KINDS:
+        return kind, where
+    return "builtin", None
+
+
+def dataset_problem(spec: str) -> str | None:
+    """What is wrong with a --dataset value, or None."""
+    kind, where = dataset_kind(spec)
+    if kind == "builtin" and spec not in DATASETS:
+        return (f"{quoted(spec)} is not a dataset; give {' or '.join(DATASETS)}, "
+                "folder:PATH (class folders of images) or idx:DIR (four IDX files)")
+    if kind != "builtin" and not where:
+        return f"{quoted(spec)} names no path; write {kind}:PATH"
+    if "\0" in spec:
+        return "contains a NUL byte, which no file name can hold"
+    return None
+
+
 def range_problem(name: str, value: Any) -> str | None:
     """What is wrong with a number for an INT_RANGES or FLOAT_RANGES field, or None."""
     if name in INT_RANGES:
         low, high = INT_RANGES[name]
         if value is not None and not low <= value <= high:
             return f"must be in {low}..{high}, got {quoted(value)}"
+        return None
+    if value is None:  # an optional one left unset
         return None
     low, high, low_open, high_open = FLOAT_RANGES[name]
     inside = ((low < value if low_open else low <= value)
@@ -209,7 +264,8 @@ PRESETS: dict[str, Config] = {
     # flips done on the devices.
     "modern": Config(recipe="modern", optimizer="adamw", learning_rate=0.003,
                      schedule="cosine", warmup_epochs=1.0, weight_decay=0.0005,
-                     label_smoothing=0.1, augment=True, workdir="runs/modern"),
+                     label_smoothing=0.1, augment=True, validation=5000,
+                     workdir="runs/modern"),
     # A run that shows learning in seconds on a CPU: a 2,000-image slice and
     # Adam, because the seed's sigmoids sit on a loss plateau for ~4 epochs.
     "smoke": Config(epochs=2, train_limit=2000, optimizer="adam",
@@ -414,6 +470,8 @@ def checked_setting(where: str, key: Any, value: Any) -> Any:
             value = math.inf
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise UserError(f"{where}: {key} must be {KIND_NAMES[kind]}, got {quoted(value)}")
+    if key == "dataset" and isinstance(value, str) and dataset_problem(value):
+        raise UserError(f"{where}: dataset {dataset_problem(value)}")
     choices = tuple(PRESETS) if key == "recipe" else FIELDS[key].metadata["choices"]
     if choices and value not in choices:
         raise UserError(f"{where}: {key} must be one of {', '.join(choices)}, "

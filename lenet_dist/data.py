@@ -61,17 +61,36 @@ class Split:
     def take(self, n: int | None) -> "Split":
         return self if n is None else Split(self.images[:n], self.labels[:n])
 
+    def subset(self, indices: np.ndarray) -> "Split":
+        return Split(self.images[indices], self.labels[indices])
+
+
+def hold_out(split: Split, n: int, seed: int) -> tuple[Split, Split]:
+    """(the rest, n held-out images) of a training split: which ones from the seed alone,
+    on the host, so every device count and every process holds out the same images.
+    Both keep the split's order. n = 0: (split, an empty split)."""
+    if n == 0:
+        return split, split.take(0)
+    if n >= len(split):
+        raise UserError(f"--validation {n} would hold out the whole training split "
+                        f"({len(split):,} images); give fewer (a tenth: --validation "
+                        f"{max(1, len(split) // 10)}) or 0")
+    chosen = np.zeros(len(split), bool)
+    chosen[np.random.default_rng(seed).permutation(len(split))[:n]] = True
+    return split.subset(np.flatnonzero(~chosen)), split.subset(np.flatnonzero(chosen))
+
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    name: str
+    name: str    # the --dataset it was loaded for: fashion_mnist, mnist, folder:PATH, idx:DIR
     source: str  # where it came from, for logs and metadata
     train: Split
     test: Split
+    class_names: tuple[str, ...]  # label i is class_names[i]; the model has one output each
 
     @property
-    def class_names(self) -> tuple[str, ...]:
-        return CLASS_NAMES[self.name]
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
 
 # ---------------------------------------------------------------- IDX files
@@ -162,7 +181,8 @@ def _find_idx(directory: Path, stem: str) -> Path | None:
             or next((p for p in names if os.path.lexists(p)), None))
 
 
-def check_split(images: np.ndarray, labels: np.ndarray, where: str) -> Split:
+def check_split(images: np.ndarray, labels: np.ndarray, where: str,
+                num_classes: int = NUM_CLASSES) -> Split:
     """Validate shapes, counts and label range; return NHWC uint8 + int32 labels."""
     if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE[:2]:
         raise UserError(f"{where}: images have shape {images.shape}, expected [n, 28, 28]")
@@ -174,16 +194,21 @@ def check_split(images: np.ndarray, labels: np.ndarray, where: str) -> Split:
             "the image and label files do not belong together")
     if len(labels) == 0:  # training would do nothing, and accuracy would be 0/0
         raise UserError(f"{where}: no images; both splits need at least one")
-    if len(labels) and int(labels.max()) >= NUM_CLASSES:
+    if len(labels) and int(labels.max()) >= num_classes:
         raise UserError(
-            f"{where}: label {int(labels.max())} is out of range 0..{NUM_CLASSES - 1}")
+            f"{where}: label {int(labels.max())} is out of range 0..{num_classes - 1}")
     return Split(images.reshape(-1, *IMAGE_SHAPE), labels.astype(np.int32))
 
 
-def load_idx_dir(directory: str | os.PathLike, name: str) -> Dataset:
+def load_idx_dir(directory: str | os.PathLike, name: str,
+                 class_names: tuple[str, ...] | None = None,
+                 option: str = "--data-dir ") -> Dataset:
+    """The four IDX files in `directory`; labels are checked against `class_names`
+    (the built-in dataset's, by default)."""
     directory = Path(directory)
+    class_names = class_names or CLASS_NAMES[name]
     if not directory.is_dir():
-        raise UserError(f"--data-dir {directory} does not exist or is not a directory")
+        raise UserError(f"{option}{directory} does not exist or is not a directory")
     splits = {}
     for split, (img_stem, lbl_stem) in IDX_FILES.items():
         img, lbl = _find_idx(directory, img_stem), _find_idx(directory, lbl_stem)
@@ -193,8 +218,9 @@ def load_idx_dir(directory: str | os.PathLike, name: str) -> Dataset:
                 f"{directory} has no {missing}[.gz]; it needs the four IDX files "
                 f"{', '.join(s for pair in IDX_FILES.values() for s in pair)}")
         splits[split] = check_split(read_idx(img, IMAGES_MAGIC),
-                                    read_idx(lbl, LABELS_MAGIC), f"{directory} {split}")
-    return Dataset(name, str(directory), splits["train"], splits["test"])
+                                    read_idx(lbl, LABELS_MAGIC), f"{directory} {split}",
+                                    len(class_names))
+    return Dataset(name, str(directory), splits["train"], splits["test"], class_names)
 
 
 # ---------------------------------------------------------------- TFDS
@@ -222,7 +248,8 @@ def load_tfds(name: str, download: bool) -> Dataset:
         arrays = tfds.as_numpy(ds)
         splits[split] = check_split(arrays["image"][..., 0], arrays["label"],
                                     f"TFDS {name} {split}")
-    return Dataset(name, f"tfds:{tfds_data_dir()}", splits["train"], splits["test"])
+    return Dataset(name, f"tfds:{tfds_data_dir()}", splits["train"], splits["test"],
+                   CLASS_NAMES[name])
 
 
 # ---------------------------------------------------------------- resolution

@@ -8,13 +8,13 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from lenet_dist import data as data_lib
 from lenet_dist import distributed
-from lenet_dist.checkpoint import Checkpoints
+from lenet_dist.checkpoint import Checkpoints, selected_on
 from lenet_dist.feed import EvalFeed, eval_feed
 from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.model import param_count
 from lenet_dist.restore import restore_checkpoint
+from lenet_dist.sources import load_dataset
 from lenet_dist.step import Steps, infer, summarize
 
 
@@ -35,7 +35,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, best: bool = Fals
     shardings = Shardings(make_mesh(devices))
     restored = restore_checkpoint(workdir, shardings, step, best)
     config = restored.config
-    dataset = data_lib.load(config.dataset, data_dir or config.data_dir)
+    dataset = load_dataset(config.replace(data_dir=data_dir), log=lambda _: None)
     distributed.check_same_data((dataset.test.images, dataset.test.labels), dataset.source)
     feed = eval_feed(dataset.test, config.eval_batch_size, shardings)
     metrics = evaluate(restored.step_fns, restored.variables, feed)
@@ -50,7 +50,7 @@ def test_predictions(workdir: str, step: int | None = None, best: bool = False,
     report shows beside it: the run's config and history, and the parameter count."""
     restored = restore_checkpoint(workdir, Shardings(make_mesh(1)), step, best)
     variables, config = restored.variables, restored.config
-    dataset = data_lib.load(config.dataset, data_dir or config.data_dir)
+    dataset = load_dataset(config.replace(data_dir=data_dir), log=lambda _: None)
     forward = jax.jit(infer)
     images = dataset.test.images
     predictions = np.concatenate([np.asarray(forward(variables, images[i:i + batch])["classes"])
@@ -71,6 +71,8 @@ def list_checkpoints(workdir: str, warn: Callable[[str], None] = lambda _: None)
     for step, info in sorted(ckpts.info.items()):
         metrics = info.metrics or {}
         rows.append({"step": step, "test_accuracy": metrics.get("test_accuracy"),
-                     "test_loss": metrics.get("test_loss"), "best": step == best,
+                     "test_loss": metrics.get("test_loss"),
+                     "validation_accuracy": metrics.get("validation_accuracy"),
+                     "best": step == best, "selected_on": selected_on(info.metrics),
                      "unreadable": info.problem, "note": info.metrics_problem})
     return rows

@@ -99,8 +99,24 @@ class ModernLeNet(nn.Module):
 MODELS = {"d2l": LeNet, "modern": ModernLeNet}
 
 
-def build(recipe: str = "d2l") -> nn.Module:
-    return MODELS[recipe]()
+# Class counts a model may be built for: a head of one output is no classifier, and past
+# a thousand classes a 28x28 image carries too little to tell them apart.
+MIN_CLASSES, MAX_CLASSES = 2, 1000
+
+
+def build(recipe: str = "d2l", num_classes: int = NUM_CLASSES) -> nn.Module:
+    return MODELS[recipe](num_classes=num_classes)
+
+
+def for_variables(variables: dict) -> nn.Module:
+    """The module that applies `variables`: BatchNorm statistics mean the modern recipe's,
+    and the head's width is the class count (so export, predict and bench take only the
+    variables)."""
+    params = variables["params"]
+    head = max((k for k in params if k.startswith("layers_")),
+               key=lambda k: int(k.split("_")[1]))
+    return build("modern" if "batch_stats" in variables else "d2l",
+                 int(params[head]["kernel"].shape[-1]))
 
 
 def layer_name(layer) -> str:
@@ -111,9 +127,10 @@ def layer_name(layer) -> str:
         layer, getattr(layer, "__name__", "?"))
 
 
-def init_variables(key: jax.Array, recipe: str = "d2l") -> dict:
+def init_variables(key: jax.Array, recipe: str = "d2l", num_classes: int = NUM_CLASSES
+                   ) -> dict:
     """{"params": ...} and, for BatchNorm recipes, {"batch_stats": ...}."""
-    return dict(build(recipe).init(key, jnp.zeros(INPUT_SHAPE, jnp.float32)))
+    return dict(build(recipe, num_classes).init(key, jnp.zeros(INPUT_SHAPE, jnp.float32)))
 
 
 def init_params(key: jax.Array, model: nn.Module | None = None):

@@ -26,6 +26,7 @@ from matplotlib.lines import Line2D
 from lenet_dist import gcs, safefs
 from lenet_dist.config import CONFIG_FILE
 from lenet_dist.errors import UserError
+from lenet_dist.history import chosen_on
 
 CURVES_PNG = "curves.png"
 CONFUSION_PNG = "confusion.png"
@@ -493,12 +494,19 @@ def _summary_rows(history: Sequence[Mapping[str, Any]],
                  ("Final test loss", _decimal(_number(last.get("test_loss")))),
                  ("Final train loss", _decimal(_number(last.get("train_loss")))),
                  ("Final train accuracy", _percent(_number(last.get("train_accuracy"))))]
-        accs = [(_number(r.get("test_accuracy")), r.get("epoch", i + 1))
+        split = chosen_on(history)
+        accs = [(_number(r.get(f"{split}_accuracy")), r.get("epoch", i + 1), r)
                 for i, r in enumerate(history)]
-        accs = [(a, e) for a, e in accs if a is not None and math.isfinite(a)]
+        accs = [(a, e, r) for a, e, r in accs if a is not None and math.isfinite(a)]
         if len(history) > 1 and accs:
-            best, at = max(accs, key=lambda p: p[0])
-            rows.append(("Best test accuracy", f"{_percent(best)} (epoch {at})"))
+            best, at, record = max(accs, key=lambda p: p[0])
+            if split == "validation":
+                rows.append(("Best validation accuracy", f"{_percent(best)} (epoch {at}; test "
+                             f"accuracy there "
+                             f"{_percent(_number(record.get('test_accuracy')))})"))
+            else:
+                rows.append(("Best test accuracy", f"{_percent(best)} (epoch {at}; selected "
+                             "on the test set)"))
     else:
         rows.append(("Final test accuracy", "n/a (no epochs recorded)"))
     train = _total(history, "train_seconds")
@@ -526,6 +534,8 @@ def _summary_rows(history: Sequence[Mapping[str, Any]],
 EPOCH_COLUMNS = (("epoch", "epoch", "plain"), ("step", "step", "count"),
                  ("train_loss", "train loss", "decimal"),
                  ("train_accuracy", "train acc", "percent"),
+                 ("validation_loss", "val loss", "decimal"),
+                 ("validation_accuracy", "val acc", "percent"),
                  ("test_loss", "test loss", "decimal"), ("test_accuracy", "test acc", "percent"),
                  ("lr", "lr", "plain"), ("images_per_sec", "images/s", "count"),
                  ("train_seconds", "train s", "seconds"), ("epoch_seconds", "epoch s", "seconds"))

@@ -1,7 +1,8 @@
 """A checkpoint of a finished or running run, restored into the current mesh: the one
 way eval, export, predict, bench and the fault-injection script read a run back.
 
-Which step: --step exactly, else --best (highest test accuracy), else the latest; an
+Which step: --step exactly, else --best (highest validation accuracy, or test accuracy
+for a run without a validation split), else the latest; an
 unreadable one is named and passed over for the next candidate unless --step asked for
 it. Read-only: nothing in the workdir is moved or written.
 """
@@ -12,8 +13,9 @@ import dataclasses
 import sys
 from typing import Callable
 
-from lenet_dist.checkpoint import BEST_METRIC, Checkpoints, CorruptCheckpoint
+from lenet_dist.checkpoint import Checkpoints, CorruptCheckpoint, selection_metric
 from lenet_dist.config import FIELDS, Config
+from lenet_dist.data import CLASS_NAMES
 from lenet_dist.errors import Failure, UserError
 from lenet_dist.mesh import Shardings
 from lenet_dist.state import make_optimizer
@@ -30,6 +32,12 @@ class Restored:
     meta: dict       # the checkpoint's metadata: epoch, history, versions, ...
     step_fns: Steps  # the run's steps jitted for this mesh (evaluate runs its eval step)
 
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Label i's name: what the run's dataset named it (folder datasets record theirs in
+        the metadata; the built-in ones have fixed names)."""
+        return class_names_of(self.meta, self.config)
+
 
 def warn_stderr(message: str) -> None:
     print(message, file=sys.stderr)
@@ -37,7 +45,7 @@ def warn_stderr(message: str) -> None:
 
 def candidate_steps(ckpts: Checkpoints, step: int | None, best: bool) -> list[int]:
     """The checkpoint asked for, then (when it was not named by --step) the ones to fall
-    back to if it proves unreadable: older steps, or the next best by test accuracy."""
+    back to if it proves unreadable: older steps, or the next best."""
     steps = ckpts.steps()
     bad = ckpts.bad_steps()
     if step is not None:
@@ -52,12 +60,12 @@ def candidate_steps(ckpts: Checkpoints, step: int | None, best: bool) -> list[in
                       + (f" ({len(bad)} unreadable: steps {', '.join(map(str, bad))})"
                          if bad else ""))
     if best:
-        scored = sorted(((ckpts.metrics(s)[BEST_METRIC], s) for s in steps
+        scored = sorted(((selection_metric(ckpts.metrics(s)), -s) for s in steps
                          if ckpts.metrics(s) is not None), reverse=True)
         if not scored:
             raise UserError(f"no checkpoint in {ckpts.directory} has test metrics yet "
                             "(only mid-epoch saves); use --step or train to an epoch end")
-        return [s for _, s in scored]
+        return [-s for _, s in scored]  # of equals, the earliest first
     return steps[::-1]
 
 
@@ -81,7 +89,8 @@ def restore_checkpoint(workdir: str, shardings: Shardings, step: int | None = No
                 warn(f"warning: checkpoint step {s} is unreadable ({problem}); skipped")
     for chosen in candidates:
         config = config_from(ckpts.meta(chosen))
-        step_fns = build_steps(make_optimizer(config), shardings, config)
+        step_fns = build_steps(make_optimizer(config), shardings, config,
+                               len(class_names_of(ckpts.meta(chosen), config)))
         try:
             tree, meta = ckpts.restore(chosen, step_fns.abstract())
         except CorruptCheckpoint as e:
@@ -95,6 +104,12 @@ def restore_checkpoint(workdir: str, shardings: Shardings, step: int | None = No
                         meta=meta, step_fns=step_fns)
     raise Failure(f"no checkpoint in {ckpts.directory} restores (tried steps "
                   f"{', '.join(map(str, candidates))})")
+
+
+def class_names_of(meta: dict, config: Config) -> tuple[str, ...]:
+    """The class names a checkpoint's run trained on (one model output each)."""
+    names = meta.get("class_names")
+    return tuple(names) if names else CLASS_NAMES[config.dataset]
 
 
 def config_from(meta: dict) -> Config:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -70,7 +69,7 @@ def train_step(state: TrainState, images, labels, tx, config: Config = Config()
     """One optimizer step on the mean softmax cross-entropy of the global batch
     (label-smoothed if asked), after on-device augmentation if asked. BatchNorm
     recipes normalise with the global batch's statistics and update running ones."""
-    model = model_lib.build(config.recipe)
+    model = model_lib.for_variables(state.variables)
     if config.augment:
         key = jax.random.fold_in(jax.random.key(config.seed), state.step)
         images = augment(images, key)
@@ -100,14 +99,8 @@ def train_step(state: TrainState, images, labels, tx, config: Config = Config()
     return new_state, _metrics(logits, labels)
 
 
-def _model_for(variables: dict) -> nn.Module:
-    """The variables say which model they belong to: BatchNorm statistics mean the
-    modern recipe's (so export, predict and bench need no recipe argument)."""
-    return model_lib.build("modern" if "batch_stats" in variables else "d2l")
-
-
 def eval_step(variables, images, labels, mask) -> dict:
-    logits = _model_for(variables).apply(variables, preprocess(images))
+    logits = model_lib.for_variables(variables).apply(variables, preprocess(images))
     return _metrics(logits, labels, mask)
 
 
@@ -116,7 +109,7 @@ def infer(variables, images) -> dict[str, jax.Array]:
     `variables` is {"params": ...} (plus "batch_stats"), or a bare d2l params tree."""
     if "params" not in variables:
         variables = {"params": variables}
-    logits = _model_for(variables).apply(variables, preprocess(images))
+    logits = model_lib.for_variables(variables).apply(variables, preprocess(images))
     return {"logits": logits, "probabilities": jax.nn.softmax(logits),
             "classes": jnp.argmax(logits, axis=-1)}
 
@@ -145,10 +138,11 @@ class Steps:
 
 
 def build_steps(tx: optax.GradientTransformation, shardings: Shardings,
-                config: Config = Config()) -> Steps:
+                config: Config = Config(), num_classes: int = model_lib.NUM_CLASSES) -> Steps:
     """Every sharding decision for the steps, in one place; `config` gives the recipe
-    (model, augmentation, label smoothing, seed of the augmentation)."""
-    state_shapes = abstract_state(tx, config.recipe)
+    (model, augmentation, label smoothing, seed of the augmentation), `num_classes` the
+    width of the model's head (the dataset's class count)."""
+    state_shapes = abstract_state(tx, config.recipe, num_classes)
     state_sh = state_shardings(shardings, state_shapes)
     rep = shardings.replicated
     stacked = shardings.stacked_batches

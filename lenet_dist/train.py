@@ -28,7 +28,10 @@ from lenet_dist.errors import Failure, Preempted, UserError
 from lenet_dist.evaluate import evaluate
 from lenet_dist.feed import eval_feed, train_feed
 from lenet_dist.mesh import Shardings, check_batch, make_mesh
+from lenet_dist.history import describe_best, stopped_early
 from lenet_dist.preemption import StopRule
+from lenet_dist.restore import class_names_of, config_from
+from lenet_dist.sources import load_dataset, shown_names
 from lenet_dist.state import TrainState, create_state, learning_rate, make_optimizer
 from lenet_dist.step import Steps, all_finite, build_steps, infer, summarize
 from lenet_dist.tboard import Board, ProfileWindow, parse_profile_steps
@@ -95,8 +98,12 @@ def run_steps(steps: Steps, state: TrainState, sums: dict, xs, ys, first: int, l
 
 
 def format_epoch(record: dict, epochs: int) -> str:
+    validation = (f"val loss {record['validation_loss']:.4f} acc "
+                  f"{record['validation_accuracy']:.4f}  " if "validation_accuracy" in record
+                  else "")
     return (f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  "
             f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}  "
+            f"{validation}"
             f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}  "
             f"{record['images_per_sec']:,.0f} img/s  {record['epoch_seconds']:.1f} s")
 
@@ -163,30 +170,43 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
                     process_count=jax.process_count())
 
     # Input: host uint8 arrays -> device-resident feeds; every process the same data.
-    dataset = dataset or data_lib.load(config.dataset, config.data_dir)
-    train_split = dataset.train.take(config.train_limit)
+    # The validation images come out of the training split (the seed says which) before
+    # --train-limit takes its first N.
+    dataset = dataset or load_dataset(config, progress=progress, log=log)
+    train_split, validation_split = data_lib.hold_out(dataset.train, config.validation,
+                                                      config.seed)
+    train_split = train_split.take(config.train_limit)
     distributed.check_same_data((train_split.images, train_split.labels, dataset.test.images,
-                                 dataset.test.labels), dataset.source)
+                                 dataset.test.labels, validation_split.labels), dataset.source)
     train_data = train_feed(train_split, config.batch_size, shardings)
     test_data = eval_feed(dataset.test, config.eval_batch_size, shardings)
+    validation_data = eval_feed(validation_split, config.eval_batch_size, shardings) \
+        if config.validation else None
     steps_per_epoch = train_data.steps_per_epoch
     total_steps = steps_per_epoch * config.epochs
 
     # Model, optimizer and state, born replicated; steps jitted once.
     tx = make_optimizer(config, steps_per_epoch)
-    steps = build_steps(tx, shardings, config)
+    steps = build_steps(tx, shardings, config, dataset.num_classes)
 
     # The latest readable checkpoint of this run, else scratch. The saved config is
     # compared before anything is restored.
     def compatible(meta: dict) -> None:
         ckpt_lib.check_compatible(meta["config"], config.to_dict(), config.workdir,
                                   allow_change=allow_config_change, step=meta["step"])
+        saved = class_names_of(meta, config_from(meta))
+        if tuple(saved) != dataset.class_names:
+            raise UserError(
+                f"--workdir {config.workdir} holds a run on {len(saved)} classes "
+                f"({shown_names(saved)}), the data has {dataset.num_classes} "
+                f"({shown_names(dataset.class_names)}); use another --workdir")
 
     restored = ckpt.restore_latest(lambda meta: steps.abstract(), check=compatible) \
         if ckpt else None
     history: list[dict] = []
     if restored is None:
-        state, sums = create_state(config.seed, tx, shardings, config.recipe), steps.zeros()
+        state, sums = (create_state(config.seed, tx, shardings, config.recipe,
+                                    dataset.num_classes), steps.zeros())
     else:
         tree, meta = restored
         state, sums, history = tree["state"], tree["acc"], meta["history"]
@@ -195,6 +215,13 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
         write_config(workdir, config)  # what this run computes, for `train --config`
     start = int(state.step)
     if restored is not None:
+        early = stopped_early(history, config.early_stop)
+        if early is not None:
+            log(f"run in {workdir} is finished: it stopped early at epoch {early}, "
+                f"{config.early_stop} epochs without a better validation accuracy; "
+                f"{describe_best(history)}; to train on, raise --early-stop (or give 0) "
+                "and --epochs")
+            return TrainResult(state=state, history=history, config=config)
         if start >= total_steps:
             log(f"run in {workdir} is finished: {start} steps = {config.epochs} epochs"
                 + (f", test accuracy {history[-1]['test_accuracy']:.4f}" if history else "")
@@ -205,8 +232,10 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
     if ckpt:
         ckpt.check_writable({"state": state, "acc": sums})  # before an epoch is spent
 
-    log(f"training LeNet-5 on {dataset.name} ({len(train_split):,} train / "
-        f"{test_data.size:,} test images from {dataset.source}) over {shardings.size} "
+    held = f" / {len(validation_split):,} validation" if config.validation else ""
+    log(f"training LeNet-5 on {dataset.name} ({len(train_split):,} train{held} / "
+        f"{test_data.size:,} test images, {dataset.num_classes} classes, from "
+        f"{dataset.source}) over {shardings.size} "
         f"{mesh.devices.flat[0].platform} device(s), global batch {config.batch_size}, "
         f"{config.optimizer} lr {config.learning_rate}, {config.epochs} epochs")
 
@@ -233,7 +262,8 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
         return {"config": config.to_dict(), "step": step, "epoch": step / steps_per_epoch,
                 "steps_per_epoch": steps_per_epoch, "history": list(history),
                 "mesh": dict(mesh.shape),
-                "versions": installed, "dataset_source": dataset.source}
+                "versions": installed, "dataset_source": dataset.source,
+                "class_names": list(dataset.class_names)}
 
     def save(step: int, state, sums, wait: bool, metrics: dict | None = None) -> None:
         """Save, unless the state is not finite: then the run has diverged at `step`."""
@@ -278,6 +308,11 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
                     raise Diverged(steps_per_epoch * (epoch + 1))
                 t_eval = time.perf_counter()
                 test_metrics = evaluate(steps, state.variables, test_data)
+                held_out = {}
+                if validation_data is not None:
+                    scores = evaluate(steps, state.variables, validation_data)
+                    held_out = {"validation_loss": scores["loss"],
+                                "validation_accuracy": scores["accuracy"]}
                 eval_secs = time.perf_counter() - t_eval
                 record = {
                     "epoch": epoch + 1,
@@ -285,6 +320,7 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
                     "train_loss": train_metrics["loss"],
                     "train_accuracy": train_metrics["accuracy"],
                     "test_loss": test_metrics["loss"], "test_accuracy": test_metrics["accuracy"],
+                    **held_out,
                     "images_per_sec":
                         (steps_per_epoch - first) * config.batch_size / train_secs,
                     "train_seconds": train_secs,
@@ -308,6 +344,7 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
                         "train/accuracy": record["train_accuracy"],
                         "test/loss": record["test_loss"],
                         "test/accuracy": record["test_accuracy"],
+                        **{f"validation/{k.split('_')[1]}": v for k, v in held_out.items()},
                         "lr": lr_at(record["step"]),
                         "images_per_sec": record["images_per_sec"]})
                     predicted = np.asarray(forward(state.variables, grid.images)["classes"])
@@ -316,8 +353,11 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
                     board.flush()
                 if ckpt:
                     save(record["step"], state, sums, wait=stop.should_stop(),
-                         metrics={"test_accuracy": record["test_accuracy"],
-                                  "test_loss": record["test_loss"]})
+                         metrics={k: record[k] for k in ckpt_lib.EPOCH_METRICS if k in record})
+                if stopped_early(history, config.early_stop) is not None:
+                    log(f"stopping early: {config.early_stop} epochs without a better "
+                        "validation accuracy; the run is finished")
+                    break
                 if stop.should_stop() and epoch + 1 < config.epochs:
                     raise Preempted(stop.signum, record["step"], saved=bool(ckpt))
     except Diverged as e:
@@ -339,7 +379,8 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
     rate = sum(r["images_per_sec"] * r["train_seconds"] for r in trained) / max(
         sum(r["train_seconds"] for r in trained), 1e-9)
     log(f"done in {total:.1f} s wall ({rate:,.0f} img/s while training); final test "
-        f"accuracy {history[-1]['test_accuracy']:.4f}; metrics in {workdir / METRICS_FILE}")
+        f"accuracy {history[-1]['test_accuracy']:.4f}; {describe_best(history)}; "
+        f"metrics in {workdir / METRICS_FILE}")
     return TrainResult(state=state, history=history, config=config)
 
 

@@ -68,7 +68,8 @@ def synthetic_dataset(n_train=2048, n_test=512, seed=0) -> data_lib.Dataset:
             images[labels == c, 2 + 2 * c: 4 + 2 * c, :, 0] = 255
         return data_lib.Split(images, labels)
 
-    return data_lib.Dataset("fashion_mnist", "synthetic", split(n_train), split(n_test))
+    return data_lib.Dataset("fashion_mnist", "synthetic", split(n_train), split(n_test),
+                            data_lib.CLASS_NAMES["fashion_mnist"])
 
 
 @pytest.fixture(scope="session")

@@ -63,7 +63,7 @@ def test_resume_fields_come_from_the_declarations():
     assert set(config_lib.COMPATIBLE_FIELDS) == {
         "dataset", "batch_size", "optimizer", "learning_rate", "momentum", "seed",
         "train_limit", "recipe", "schedule", "warmup_epochs", "weight_decay",
-        "label_smoothing", "augment"}
+        "label_smoothing", "augment", "test_fraction", "skip_bad_files", "validation"}
     assert set(config_lib.REQUIRED_FIELDS) == {
         "dataset", "batch_size", "optimizer", "learning_rate", "momentum", "seed",
         "train_limit"}
@@ -369,7 +369,7 @@ BIG = "x" * 5000
      "run.yaml: workdir is 5,000 characters long; the most a path can be is 4,096"),
     # a value is quoted in at most 80 characters, whatever its size
     ("run.yaml", f"dataset: {BIG}\n",
-     f"run.yaml: dataset must be one of fashion_mnist, mnist, got '{'x' * 76}..."),
+     f"run.yaml: dataset '{'x' * 76}... is not a dataset; give fashion_mnist or mnist"),
     ("run.json", f'{{"epochs": "{BIG}"}}',
      f"run.json: epochs must be an integer, got '{'x' * 76}..."),
     ("run.json", f'{{"epochs": [{", ".join(["1"] * 100_000)}]}}',
@@ -396,7 +396,7 @@ def test_settings_files_get_the_clis_bounds_in_one_short_line(tmp_path, name, co
         config_lib.read_settings(str(path))
     text = str(caught.value)
     assert message in text, text
-    assert "\n" not in text and len(text) < len(str(path)) + 400, text
+    assert "\n" not in text and len(text) < len(str(path)) + 500, text
 
 
 def test_every_bound_of_the_cli_is_a_bound_of_the_file():

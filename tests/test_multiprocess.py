@@ -247,9 +247,10 @@ def test_modern_recipe_as_2x4_trains_like_1x8(data_dir, dataset, tmp_path):
     job, codes = run_job(["train", "--recipe", "modern", "--devices", "8", "--epochs", "1",
                           "--train-limit", "640", "--batch-size", "64", "--no-progress",
                           "--heartbeat-timeout", str(HEARTBEAT), "--data-dir", data_dir,
-                          "--workdir", str(work)])
+                          "--workdir", str(work), "--validation", "256"])
     assert codes == [0, 0], job.output(0) + job.output(1)
     one = train(PRESETS["modern"].replace(devices=8, epochs=1, train_limit=640, batch_size=64,
+                                          validation=256,
                                           workdir=str(tmp_path / "one"), checkpoint=False),
                 dataset=dataset, log=lambda _: None)
     variables = restore_checkpoint(str(work), Shardings(make_mesh(8))).variables

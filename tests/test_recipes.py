@@ -121,7 +121,7 @@ def test_mnist_with_both_recipes(recipe, tmp_path, capsys):
     work = tmp_path / "run"
     assert main(["train", "--recipe", recipe, "--dataset", "mnist", "--data-dir", str(data),
                  "--devices", "8", "--epochs", "1", "--batch-size", "64", "--workdir",
-                 str(work), "--no-progress", "--no-tensorboard"]) == 0
+                 str(work), "--no-progress", "--no-tensorboard", "--validation", "64"]) == 0
     assert "training LeNet-5 on mnist" in capsys.readouterr().out
     config = restore_checkpoint(str(work), Shardings(make_mesh(1))).config
     assert (config.dataset, config.recipe) == ("mnist", recipe)

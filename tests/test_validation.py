@@ -1,0 +1,122 @@
+"""Model selection on a held-out validation split, never on the test set; early stopping."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from lenet_dist import data as data_lib
+from lenet_dist.checkpoint import Checkpoints
+from lenet_dist.cli import main
+from lenet_dist.config import PRESETS
+from lenet_dist.errors import UserError
+from lenet_dist.history import best_epoch, describe_best, stopped_early
+from lenet_dist.train import train
+from tests.conftest import assert_same_params, small
+
+QUIET = dict(log=lambda _: None)
+
+
+def test_hold_out_is_the_seeds_and_disjoint(dataset):
+    rest, held = data_lib.hold_out(dataset.train, 300, seed=7)
+    again_rest, again_held = data_lib.hold_out(dataset.train, 300, seed=7)
+    assert len(held) == 300 and len(rest) == len(dataset.train) - 300
+    np.testing.assert_array_equal(held.images, again_held.images)
+    np.testing.assert_array_equal(rest.labels, again_rest.labels)
+    other, _ = data_lib.hold_out(dataset.train, 300, seed=8)
+    assert not np.array_equal(other.labels, rest.labels)  # another seed, other images
+    # together they are the training split, each image once
+    both = np.concatenate([rest.images, held.images]).reshape(len(dataset.train), -1)
+    assert sorted(map(bytes, both)) == sorted(map(bytes, dataset.train.images.reshape(
+        len(dataset.train), -1)))
+    same, empty = data_lib.hold_out(dataset.train, 0, seed=7)
+    assert same is dataset.train and len(empty) == 0
+    with pytest.raises(UserError, match="would hold out the whole training split"):
+        data_lib.hold_out(dataset.train, len(dataset.train), seed=7)
+
+
+def test_recipes_hold_out_what_they_say():
+    assert PRESETS["d2l"].validation == 0  # the seed's 60,000 training images
+    assert PRESETS["modern"].validation == 5000
+
+
+def records(*pairs):
+    return [{"epoch": i + 1, "validation_accuracy": v, "test_accuracy": t}
+            for i, (v, t) in enumerate(pairs)]
+
+
+def test_best_and_early_stop_read_validation_only():
+    history = records((0.5, 0.9), (0.7, 0.1), (0.7, 0.95), (0.6, 0.99))
+    assert best_epoch(history)["epoch"] == 2  # the first of equal validation accuracies
+    assert stopped_early(history, 2) == 4 and stopped_early(history, 3) is None
+    assert stopped_early(history, 0) is None
+    assert "validation accuracy 0.7000" in describe_best(history)
+    no_validation = [{"epoch": 1, "test_accuracy": 0.3}, {"epoch": 2, "test_accuracy": 0.4}]
+    assert best_epoch(no_validation)["epoch"] == 2
+    assert stopped_early(no_validation, 1) is None
+    assert "selected on the test set" in describe_best(no_validation)
+
+
+def shuffled_test_labels(dataset):
+    labels = np.random.default_rng(1).permutation(dataset.test.labels)
+    return dataclasses.replace(dataset, test=data_lib.Split(dataset.test.images, labels))
+
+
+def test_the_best_checkpoint_never_consults_the_test_set(dataset, tmp_path, capsys):
+    """Shuffling the test labels changes every test figure and nothing else: the same
+    parameters, validation history, best step, and what --best restores."""
+    config = small(tmp_path / "a", epochs=4, validation=256, optimizer="adam",
+                   learning_rate=0.003,
+                   keep_checkpoints=1)
+    a = train(config, dataset=dataset, **QUIET)
+    b = train(config.replace(workdir=str(tmp_path / "b")),
+              dataset=shuffled_test_labels(dataset), **QUIET)
+    assert_same_params(a.state.params, b.state.params)
+    assert [r["validation_accuracy"] for r in a.history] == \
+        [r["validation_accuracy"] for r in b.history]
+    assert [r["test_accuracy"] for r in a.history] != [r["test_accuracy"] for r in b.history]
+    steps = [Checkpoints(str(tmp_path / w), read_only=True).best_step() for w in "ab"]
+    best = best_epoch(a.history)
+    assert steps[0] == steps[1] == best["step"]
+    # keep 1 + the best: the best survives the keep-K policy when it is not the latest
+    kept = Checkpoints(str(tmp_path / "a"), read_only=True).steps()
+    assert best["step"] in kept and a.history[-1]["step"] in kept
+    assert main(["checkpoints", "--workdir", str(tmp_path / "a")]) == 0
+    listing = capsys.readouterr().out
+    assert "val acc" in listing and "best: by validation accuracy" in listing
+    metrics = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").open()]
+    assert all("validation_loss" in r for r in metrics)
+
+
+def test_a_run_without_validation_says_its_best_was_chosen_on_the_test_set(
+        trained, capsys):
+    work = trained.config.workdir
+    assert main(["checkpoints", "--workdir", work]) == 0
+    assert "selected on the test set" in capsys.readouterr().out
+    assert "selected on the test set" in describe_best(trained.history)
+
+
+def test_early_stop_ends_a_finished_run_that_resumes_when_asked(dataset, tmp_path):
+    """At a learning rate too small to change a prediction, the validation accuracy never
+    improves after epoch 1: --early-stop 2 ends the run at epoch 3, as finished; a rerun
+    says so and trains nothing; --early-stop 0 trains on from there."""
+    lines = []
+    config = small(tmp_path, epochs=6, validation=256, learning_rate=1e-9, early_stop=2)
+    first = train(config, dataset=dataset, log=lines.append)
+    assert [r["epoch"] for r in first.history] == [1, 2, 3]
+    assert any("stopping early" in line for line in lines)
+    lines.clear()
+    again = train(config, dataset=dataset, log=lines.append)
+    assert len(again.history) == 3
+    assert any("stopped early at epoch 3" in line for line in lines), lines
+    more = train(config.replace(early_stop=0), dataset=dataset, **QUIET)
+    assert [r["epoch"] for r in more.history] == [1, 2, 3, 4, 5, 6]
+
+
+def test_early_stop_needs_a_validation_split(capsys):
+    assert main(["train", "--early-stop", "3", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--early-stop watches the validation accuracy" in err
