@@ -781,7 +781,8 @@ def check_same_data(arrays, source: str) -> None:
         parts = "; ".join(f"processes {', '.join(g)}: {p & 0xFFFFFFFF:08x}"
                           for p, g in groups.items())
         raise UserError(f"processes loaded different data ({parts}; this process read "
-                        f"{source}); give every process the same --data-dir")
+                        f"{source}); give every process the same data (--data-dir, the "
+                        "same files under folder: and idx: paths)")
 
 
 # ------------------------------------------------ fatal errors as one line

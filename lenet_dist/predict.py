@@ -104,7 +104,7 @@ def checkpoint_predictor(workdir: str, step: int | None, best: bool):
         out = forward(restored.variables, images)
         return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
 
-    return predict, list(data_lib.CLASS_NAMES[restored.config.dataset])
+    return predict, list(restored.class_names)
 
 
 def predict(inputs, model: str | None = None, workdir: str | None = None,

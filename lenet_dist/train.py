@@ -176,8 +176,10 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
     train_split, validation_split = data_lib.hold_out(dataset.train, config.validation,
                                                       config.seed)
     train_split = train_split.take(config.train_limit)
+    names = np.frombuffer("\n".join(dataset.class_names).encode(), np.uint8)
     distributed.check_same_data((train_split.images, train_split.labels, dataset.test.images,
-                                 dataset.test.labels, validation_split.labels), dataset.source)
+                                 dataset.test.labels, validation_split.labels, names),
+                                dataset.source)
     train_data = train_feed(train_split, config.batch_size, shardings)
     test_data = eval_feed(dataset.test, config.eval_batch_size, shardings)
     validation_data = eval_feed(validation_split, config.eval_batch_size, shardings) \
