@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 
 from lenet_dist import safefs
@@ -52,6 +53,16 @@ class Case:
     setup: Callable[[Path], None] | None = None
     xfail: str | None = None  # the reason, for a known failure in a file owned elsewhere
     hold_lock: bool = False  # the test holds {run}'s lock meanwhile, as a running train does
+
+
+def _image_folder(root: Path, counts: dict[str, int]) -> None:
+    """Class folders holding counts[class] small PNGs."""
+    from tests.folders import write_image
+
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            write_image(root / name / str(i), np.full((28, 28), 30 * i, np.uint8), "png")
 
 
 def _write(name: str, content: bytes) -> Callable[[Path], None]:
@@ -136,7 +147,8 @@ CASES: list[Case] = [
          "'--keep-checkpoints': 0 is not in the range 1<=x<=2147483647."),
     # --- train: choices, paths, job options -------------------------------------------
     Case("train-dataset-unknown", ("train", "--dataset", "cifar"), 2,
-         "'--dataset': 'cifar' is not one of 'fashion_mnist', 'mnist'."),
+         "--dataset 'cifar' is not a dataset; give fashion_mnist or mnist, folder:PATH (class "
+         "folders of images) or idx:DIR (four IDX files)"),
     Case("train-recipe-unknown", ("train", "--recipe", "huge"), 2,
          "Invalid value for '--recipe': 'huge' is not one of 'd2l', 'modern', 'smoke'."),
     Case("train-weight-decay-without-adamw", ("train", "--weight-decay", "0.1"), 2,
@@ -338,6 +350,52 @@ CASES: list[Case] = [
          "nothing or a regular file is (choose a file path)"),
     Case("bench-json-is-a-directory", ("bench", "--json", "{dir}"), 2,
          "--json {dir} is a directory; give a file name, e.g. {dir}/bench.json"),
+    # --- train: which data, and what is held out of it -------------------------------------
+    Case("train-dataset-kind-without-path", ("train", "--dataset", "folder:"), 2,
+         "--dataset 'folder:' names no path; write folder:PATH"),
+    Case("train-dataset-idx-missing", ("train", "--dataset", "idx:{dir}/nothing", "--devices",
+                                       "1", "--workdir", "{dir}/w"), 2,
+         "--dataset idx:{dir}/nothing does not exist or is not a directory"),
+    Case("train-dataset-idx-one-class", ("train", "--dataset", "idx:{dir}/idx", "--devices",
+                                         "1", "--workdir", "{dir}/w"), 2,
+         "{dir}/idx/classes.txt names 1 classes; give 2 to 1000, one per line",
+         setup=lambda d: ((d / "idx").mkdir(), (d / "idx" / "classes.txt").write_text("a\n"))),
+    Case("train-folder-missing", ("train", "--dataset", "folder:{dir}/nope", "--devices", "1",
+                                  "--workdir", "{dir}/w"), 2,
+         "--dataset folder:{dir}/nope does not exist or is not a directory"),
+    Case("train-folder-without-splits", ("train", "--dataset", "folder:{dir}/imgs",
+                                         "--devices", "1", "--workdir", "{dir}/w"), 2,
+         "{dir}/imgs has no train/ and test/ folders; give --test-fraction F",
+         setup=lambda d: _image_folder(d / "imgs", {"a": 2, "b": 2})),
+    Case("train-folder-one-class", ("train", "--dataset", "folder:{dir}/imgs",
+                                    "--test-fraction", "0.5", "--devices", "1", "--workdir",
+                                    "{dir}/w"), 2,
+         "{dir}/imgs holds 1 class folders; a model needs 2 to 1,000",
+         setup=lambda d: _image_folder(d / "imgs", {"a": 2})),
+    Case("train-folder-empty-class", ("train", "--dataset", "folder:{dir}/imgs",
+                                      "--test-fraction", "0.5", "--devices", "1",
+                                      "--workdir", "{dir}/w"), 2,
+         "{dir}/imgs/b holds no images (.png, .jpg, .jpeg, .gif, .bmp)",
+         setup=lambda d: _image_folder(d / "imgs", {"a": 2, "b": 0})),
+    Case("train-folder-bad-image", ("train", "--dataset", "folder:{dir}/imgs",
+                                    "--test-fraction", "0.5", "--devices", "1", "--workdir",
+                                    "{dir}/w"), 2,
+         "{dir}/imgs/b/1.png is not a PNG, JPEG, GIF or BMP image",
+         setup=lambda d: (_image_folder(d / "imgs", {"a": 2, "b": 1}),
+                          (d / "imgs" / "b" / "1.png").write_bytes(b"text, not an image"))),
+    Case("train-test-fraction-builtin", ("train", "--test-fraction", "0.2"), 2,
+         "--test-fraction splits a folder: dataset"),
+    Case("train-test-fraction-one", ("train", "--test-fraction", "1"), 2,
+         "Invalid value for '--test-fraction': 1.0 is not in the range 0.0<x<1.0."),
+    Case("train-validation-negative", ("train", "--validation", "-5"), 2,
+         "Invalid value for '--validation': -5 is not in the range 0<=x<=2147483647."),
+    Case("train-validation-whole-split", ("train", "--validation", "2000000", "--data-dir",
+                                          "{data}", "--devices", "1", "--workdir", "{dir}/w"),
+         2, "--validation 2000000 would hold out the whole training split ("),
+    Case("train-early-stop-without-validation", ("train", "--early-stop", "3"), 2,
+         "--early-stop watches the validation accuracy: give --validation N too"),
+    Case("train-early-stop-huge", ("train", "--validation", "10", "--early-stop", "10001"), 2,
+         "Invalid value for '--early-stop': 10001 is not in the range 0<=x<=10000."),
     # --- launch ---------------------------------------------------------------------------
     Case("launch-no-command", ("launch",), 2, "Missing argument 'COMMAND...'."),
     Case("launch-max-restarts-huge", ("launch", "--max-restarts", "101", "--", "devices"), 2,
@@ -412,6 +470,11 @@ def render_readme() -> str:
         message = message.replace("|", "\\|")
         lines.append(f"| `{command}` | {message} | {case.code} |")
     return "\n".join(lines)
+
+
+def test_case_ids_are_unique():
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
 
 
 def test_readme_shows_the_table():
@@ -521,12 +584,16 @@ def run_case(case: Case, pristine: Pristine, root: Path) -> Outcome:
 
 
 @pytest.fixture(scope="module")
-def outcomes(pristine, tmp_path_factory) -> dict[str, Outcome]:
-    """Every case, WORKERS at a time; a case's test then only checks its outcome."""
+def outcomes(pristine, tmp_path_factory, request) -> dict[str, Outcome]:
+    """The selected cases (all, or those `-k` picks), WORKERS at a time; a case's test
+    then only checks its outcome."""
+    selected = {item.callspec.params["case"].id for item in request.session.items
+                if getattr(item, "originalname", None) == "test_bad_input"}
     root = tmp_path_factory.mktemp("cases")
     reference = pristine.watched(pristine.run, pristine.model)
     with ThreadPoolExecutor(WORKERS) as pool:
-        futures = {c.id: pool.submit(run_case, c, pristine, root) for c in CASES}
+        futures = {c.id: pool.submit(run_case, c, pristine, root) for c in CASES
+                   if c.id in selected}
         results = {k: f.result() for k, f in futures.items()}
     assert pristine.watched(pristine.run, pristine.model) == reference
     return results
