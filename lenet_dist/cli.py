@@ -281,8 +281,8 @@ def train(recipe, preset, config_file, progress, allow_config_change, tensorboar
         progress = sys.stderr.isatty()
     with runtime.quick_interrupts():
         runtime.configure(cpu_devices=config.devices, job=job, sync_preemption=True)
-        from lenet_dist.train import Outputs
-        from lenet_dist.train import train as run
+        from lenet_dist.training import Outputs
+        from lenet_dist.training import train as run
 
     run(config, progress=progress, allow_config_change=allow_config_change,
         outputs=Outputs(tensorboard, log_every_steps, profile_steps))
@@ -318,7 +318,7 @@ def eval_cmd(workdir, step, best, devices, data_dir, job):
     """Evaluate a checkpoint on the full test set (all 10,000 images)."""
     with runtime.quick_interrupts():
         runtime.configure(cpu_devices=devices, job=job)
-        from lenet_dist.evaluate import evaluate_checkpoint
+        from lenet_dist.evaluation import evaluate_checkpoint
 
     result = evaluate_checkpoint(workdir, step=step, best=best, devices=devices,
                                  data_dir=data_dir)
@@ -336,7 +336,7 @@ def checkpoints(workdir):
     when the run held out a validation split, else by test accuracy)."""
     with runtime.quick_interrupts():
         runtime.configure()
-        from lenet_dist.evaluate import list_checkpoints
+        from lenet_dist.evaluation import list_checkpoints
 
     rows = list_checkpoints(workdir, warn=lambda line: click.echo(line, err=True))
     if not rows:
@@ -379,7 +379,7 @@ def report_cmd(runs, workdir, compare, out, step, best, data_dir):
     with runtime.quick_interrupts():
         runtime.configure(cpu_devices=1)
         from lenet_dist import report as report_lib
-        from lenet_dist.evaluate import test_predictions
+        from lenet_dist.evaluation import test_predictions
 
     if compare:
         if len(runs) < 2 or workdir is not None:
@@ -524,13 +524,21 @@ def bench(device_counts, jobs, batch_sizes, recipes, epochs, rounds, data_dir, j
                    "version folder: models/lenet/1.")
 @click.option("--platforms", default=",".join(DEFAULT_EXPORT_PLATFORMS),
               help="Comma-separated platforms to serialize for: cpu, cuda, rocm, tpu.")
+@click.option("--format", "formats", default="savedmodel",
+              help="Comma-separated formats: savedmodel (always built: the others are "
+                   "made from it), tflite, onnx; each lands in --out.")
+@click.option("--quantize", default=None, metavar="int8",
+              help="With tflite: also model_int8.tflite, full-integer int8, calibrated on "
+                   "300 training images.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @config_option("data_dir", help="Where the test images for the export-time check are.")
 @job_options
-def export_cmd(workdir, step, best, out, platforms, overwrite, data_dir, job):
-    """Export a checkpoint as a TensorFlow SavedModel (jax2tf) for TF Serving.
+def export_cmd(workdir, step, best, out, platforms, formats, quantize, overwrite, data_dir,
+               job):
+    """Export a checkpoint as a TensorFlow SavedModel (jax2tf) for TF Serving, and
+    optionally as TFLite and ONNX models for the edge.
 
-    The model is loaded back and compared with JAX before it is moved to --out.
+    Each model is loaded back and compared with JAX before they are moved to --out.
     In a multi-process job every process restores and process 0 exports.
     """
     with runtime.quick_interrupts():
@@ -538,7 +546,8 @@ def export_cmd(workdir, step, best, out, platforms, overwrite, data_dir, job):
         from lenet_dist.export import export_checkpoint
 
     info = export_checkpoint(workdir, out, step=step, best=best, platforms=platforms,
-                             overwrite=overwrite, data_dir=data_dir)
+                             overwrite=overwrite, data_dir=data_dir, formats=formats,
+                             quantize=quantize)
     if info is None:  # not process 0
         return
     ck, ser, ref = info["checkpoint"], info["serialization"], info["reference"]
@@ -551,6 +560,16 @@ def export_cmd(workdir, step, best, out, platforms, overwrite, data_dir, job):
                f"v{ser['calling_convention_version']}")
     click.echo(f"  checked: SavedModel vs JAX on {ref['images']} {ref['source']} images, "
                f"max |logit diff| {ref['max_abs_logit_diff']:.1e}")
+    for name, model in info["formats"].items():
+        if name == "savedmodel":
+            continue
+        checked = model["verified"]
+        how = (f"max |logit diff| {checked['max_abs_logit_diff']:.1e}"
+               if "max_abs_logit_diff" in checked else
+               f"classes agree on {checked['class_agreement']:.1%} of {checked['images']:,}"
+               + (f", accuracy {checked['accuracy']:.4f} (JAX {checked['jax_accuracy']:.4f})"
+                  if "accuracy" in checked else ""))
+        click.echo(f"  {model['file']} ({model['bytes']:,} bytes, {model['dtype']}): {how}")
 
 
 @cli.command()
@@ -582,8 +601,8 @@ def predict(inputs, model, workdir, step, best, top, invert, labels, as_json, qu
     with runtime.quick_interrupts():
         if workdir is not None:
             runtime.configure(cpu_devices=1)
-        from lenet_dist.predict import format_rows
-        from lenet_dist.predict import predict as run
+        from lenet_dist.prediction import format_rows
+        from lenet_dist.prediction import predict as run
 
     result = run(inputs, model=model, workdir=workdir, step=step, best=best, invert=invert,
                  top=top, labels=labels)

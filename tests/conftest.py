@@ -86,7 +86,7 @@ def trained(dataset, tmp_path_factory):
     2,000 real training images, 2 epochs, Adam lr 3e-3, batch 16 (the seed's SGD
     needs ~4 full epochs to leave its sigmoid loss plateau; measured here, Adam
     with larger batches or rates also stays on it for 2 short epochs)."""
-    from lenet_dist.train import train
+    from lenet_dist.training import train
 
     config = Config(devices=8, epochs=2, train_limit=2000, batch_size=16, optimizer="adam",
                     learning_rate=0.003, workdir=str(tmp_path_factory.mktemp("trained")))
@@ -125,7 +125,7 @@ def assert_same_params(a, b, atol=0.0):
 @pytest.fixture(scope="session")
 def reference(dataset, tmp_path_factory):
     """An uninterrupted `small` run on 8 devices in this process, saving every 3 steps."""
-    from lenet_dist.train import train
+    from lenet_dist.training import train
 
     work = tmp_path_factory.mktemp("ref")
     result = train(small(work, save_every_steps=3, keep_checkpoints=20), dataset=dataset,

@@ -85,7 +85,7 @@ def test_train_writes_what_bench_reads(trained):
 
 
 def test_a_resumed_run_times_its_own_first_step(reference, dataset, tmp_path):
-    from lenet_dist.train import train
+    from lenet_dist.training import train
     from tests.conftest import copy_run_until, small
 
     work = copy_run_until(reference[0], tmp_path / "run", 12)  # mid-epoch 2

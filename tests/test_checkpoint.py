@@ -11,10 +11,10 @@ import pytest
 from lenet_dist.checkpoint import Checkpoints
 from lenet_dist.cli import main
 from lenet_dist.errors import UserError
-from lenet_dist.evaluate import evaluate_checkpoint
+from lenet_dist.evaluation import evaluate_checkpoint
 from lenet_dist.restore import restore_checkpoint
 from lenet_dist.mesh import Shardings, make_mesh
-from lenet_dist.train import train
+from lenet_dist.training import train
 from tests.conftest import assert_same_params, copy_run_until, run_cli, small
 
 QUIET = dict(log=lambda _: None)

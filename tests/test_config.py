@@ -112,7 +112,7 @@ def test_help_imports_neither_jax_nor_yaml():
 @pytest.fixture
 def captured(monkeypatch, devices):
     """main(["train", ...]) records the Config it would train instead of training."""
-    from lenet_dist import train as train_lib
+    from lenet_dist import training as train_lib
 
     seen = []
     monkeypatch.setattr(train_lib, "train", lambda config, **kwargs: seen.append(config))

@@ -16,7 +16,7 @@ from lenet_dist.cli import main
 from lenet_dist.config import Config
 from lenet_dist.errors import UserError
 from lenet_dist.sources import load_dataset
-from lenet_dist.train import train
+from lenet_dist.training import train
 from tests.conftest import assert_same_params, real_data_available, small
 from tests.folders import LOSSLESS, write_folder, write_image
 

@@ -183,7 +183,7 @@ def emulator(tmp_path_factory):
 @pytest.fixture(scope="module")
 def local_run(dataset, tmp_path_factory):
     """The same config trained on local disk, uninterrupted, in this process."""
-    from lenet_dist.train import train
+    from lenet_dist.training import train
 
     config = Config(**RUN, workdir=str(tmp_path_factory.mktemp("local-run")))
     return train(config, dataset=dataset, log=lambda _: None)

@@ -19,7 +19,7 @@ from lenet_dist.launch import LocalJob, free_port
 from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.state import make_optimizer
 from lenet_dist.step import build_steps
-from lenet_dist.train import train
+from lenet_dist.training import train
 from tests.conftest import assert_same_params, small, write_dataset
 
 pytestmark = pytest.mark.slow

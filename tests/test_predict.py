@@ -89,7 +89,7 @@ WITHOUT_JAX = """
 import json, sys
 for name in ("jax", "jaxlib", "flax", "optax", "orbax"):
     sys.modules[name] = None  # any import of these now fails
-from lenet_dist.predict import predict
+from lenet_dist.prediction import predict
 result = predict([sys.argv[2]], model=sys.argv[1], labels=sys.argv[3])
 print(json.dumps({"accuracy": result["accuracy"]}))
 """

@@ -28,7 +28,7 @@ from hypothesis.control import currently_in_test_context
 from lenet_dist import config as config_lib
 from lenet_dist import data as data_lib
 from lenet_dist import images
-from lenet_dist import predict as predict_lib
+from lenet_dist import prediction as predict_lib
 from lenet_dist.errors import UserError
 from tests.conftest import make_special, returns_within, write_idx
 

@@ -11,12 +11,12 @@ import pytest
 from lenet_dist import model as model_lib
 from lenet_dist.cli import main
 from lenet_dist.config import PRESETS, Config
-from lenet_dist.evaluate import evaluate_checkpoint
+from lenet_dist.evaluation import evaluate_checkpoint
 from lenet_dist.restore import restore_checkpoint
 from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.state import BNTrainState
 from lenet_dist.step import augment
-from lenet_dist.train import train
+from lenet_dist.training import train
 from tests.conftest import assert_same_params, copy_run_until, small, write_dataset
 
 QUIET = dict(log=lambda _: None)
@@ -134,7 +134,7 @@ def test_tensorboard_events_of_a_run_read_back(dataset, tmp_path):
     """Per-epoch scalars, the every-K-steps train loss and the learning rate, the image
     grid, hparams and a profiler trace of steps 2..3, from the run's own event files."""
     from lenet_dist.tboard import read_board
-    from lenet_dist.train import Outputs
+    from lenet_dist.training import Outputs
 
     result = train(modern(tmp_path, epochs=2, checkpoint=False), dataset=dataset,
                    outputs=Outputs(tensorboard=True, log_every_steps=5, profile_steps="2:3"),

@@ -21,13 +21,13 @@ from hypothesis import strategies as st
 
 from lenet_dist import checkpoint as ckpt_lib
 from lenet_dist import safefs
-from lenet_dist import train as train_mod
+from lenet_dist import training as train_mod
 from lenet_dist.cli import main
 from lenet_dist.errors import Failure, UserError
-from lenet_dist.evaluate import evaluate_checkpoint, list_checkpoints
+from lenet_dist.evaluation import evaluate_checkpoint, list_checkpoints
 from lenet_dist.restore import restore_checkpoint
 from lenet_dist.mesh import Shardings, make_mesh
-from lenet_dist.train import train
+from lenet_dist.training import train
 from tests.conftest import assert_same_params, small
 
 QUIET = dict(log=lambda _: None)

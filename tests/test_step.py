@@ -8,7 +8,7 @@ from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.model import build
 from lenet_dist.state import create_state, make_optimizer
 from lenet_dist.step import build_steps, summarize
-from lenet_dist.train import train
+from lenet_dist.training import train
 
 # One SGD step (seed 0 init, lr 0.1) on a fixed random batch; recorded 2026-11-27
 # with jax 0.12.0.1 on XLA:CPU, identical on 1 and 8 devices.

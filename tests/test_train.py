@@ -8,7 +8,7 @@ from lenet_dist.config import Config
 from lenet_dist.errors import UserError
 from lenet_dist.feed import train_feed
 from lenet_dist.mesh import Shardings, make_mesh
-from lenet_dist.train import train
+from lenet_dist.training import train
 
 
 def test_short_training_clearly_beats_chance(trained):

@@ -25,7 +25,7 @@ from lenet_dist import data as data_lib
 from lenet_dist import distributed, safefs, versions
 from lenet_dist.config import Config, write_config
 from lenet_dist.errors import Failure, Preempted, UserError
-from lenet_dist.evaluate import evaluate
+from lenet_dist.evaluation import evaluate
 from lenet_dist.feed import eval_feed, train_feed
 from lenet_dist.mesh import Shardings, check_batch, make_mesh
 from lenet_dist.history import describe_best, stopped_early
