@@ -60,7 +60,7 @@ def test_bad_input_in_a_subprocess_is_one_line():
                                   "use a multiple of 3 (e.g. 126, 129)"),
     (["train", "--devices", "8", "--batch-size", "100"], "e.g. 96, 104"),
     (["train", "--data-dir", "/no/such/dir"], "--data-dir /no/such/dir does not exist"),
-    (["train", "--dataset", "cifar"], "'cifar' is not one of 'fashion_mnist', 'mnist'"),
+    (["train", "--dataset", "cifar"], "--dataset 'cifar' is not a dataset"),
     (["train", "--learning-rate", "-1"], "-1.0 is not in the range 0.0<x<=10.0"),
     (["train", "--train-limit", "10"], "--train-limit 10 is smaller than one batch"),
     (["frobnicate"], "No such command 'frobnicate'"),
