@@ -115,13 +115,13 @@ def export(workdir: PathLike, out: PathLike, *, step: int | None = None, best: b
     SavedModel at `out`, checked against JAX before it is published; returns its metadata
     (as in <out>/assets.extra/metadata.json: checkpoint, platforms, serialization, ...).
 
-    options: lenet_dist.export.export_checkpoint's other keyword arguments, e.g.
+    options: lenet_dist.exporting.export_checkpoint's other keyword arguments, e.g.
     `platforms=("cpu",)`, `overwrite=True`, `data_dir=...`; an unknown one is a UserError
     listing them. Needs TensorFlow (`pip install 'lenet-dist[export]'`): without it, a
     UserError that says so."""
     check_choice(step, best)
     start_jax(1)
-    from lenet_dist.export import export_checkpoint  # JAX: after start_jax
+    from lenet_dist.exporting import export_checkpoint  # JAX: after start_jax
 
     taken = [name for name in inspect.signature(export_checkpoint).parameters
              if name not in ("workdir", "out", "step", "best")]

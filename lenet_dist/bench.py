@@ -447,7 +447,7 @@ def bench_serving(workdir: str | None, batch_size: int = 256, rounds: int = 3,
     # (each run's device count is fixed when JAX starts in its own child process).
     import jax
 
-    from lenet_dist import export as export_lib
+    from lenet_dist import exporting as export_lib
     from lenet_dist import serialization
     from lenet_dist.mesh import Shardings, make_mesh
     from lenet_dist.model import init_params

@@ -543,7 +543,7 @@ def export_cmd(workdir, step, best, out, platforms, formats, quantize, overwrite
     """
     with runtime.quick_interrupts():
         runtime.configure(cpu_devices=None if job.enabled else 1, job=job)
-        from lenet_dist.export import export_checkpoint
+        from lenet_dist.exporting import export_checkpoint
 
     info = export_checkpoint(workdir, out, step=step, best=best, platforms=platforms,
                              overwrite=overwrite, data_dir=data_dir, formats=formats,

@@ -19,6 +19,10 @@ EXTRAS: dict[str, tuple[str, str, str]] = {
                             "reading or downloading the data with TFDS"),
     "matplotlib": ("matplotlib", "report", "report"),
     "gcsfs": ("gcsfs", "gcs", "gs:// workdirs and exports"),
+    "ai_edge_litert": ("LiteRT (ai-edge-litert)", "edge", "export --format tflite/onnx"),
+    "onnxruntime": ("onnxruntime", "edge", "export --format onnx"),
+    "tf2onnx": ("tf2onnx", "edge", "export --format onnx"),
+    "onnx": ("onnx", "edge", "export --format onnx"),
 }
 
 

@@ -15,18 +15,28 @@ import numpy as np
 
 SIGNATURE = "serving_default"
 INPUT = "images"
-# Classes of every lenet-dist model (model.NUM_CLASSES, tested equal: not imported,
-# since that module stands on JAX).
+# Classes of the built-in datasets' models (model.NUM_CLASSES, tested equal: not
+# imported, since that module stands on JAX). A model's own width is its number of
+# class names (`signature_spec`); these constants describe the default.
 NUM_CLASSES = 10
 INPUT_SPEC = {"dtype": "uint8", "shape": [-1, 28, 28, 1], "range": "raw pixels 0-255"}
-OUTPUTS = {"logits": {"dtype": "float32", "shape": [-1, NUM_CLASSES]},
-           "probabilities": {"dtype": "float32", "shape": [-1, NUM_CLASSES]},
-           "classes": {"dtype": "int64", "shape": [-1]}}
-SIGNATURE_SPEC = {  # what metadata.json promises; tests hold the graph to it
-    "name": SIGNATURE,
-    "inputs": {INPUT: INPUT_SPEC},
-    "outputs": OUTPUTS,
-}
+
+
+def outputs_spec(num_classes: int) -> dict:
+    """The signature's outputs for a model of `num_classes` classes."""
+    return {"logits": {"dtype": "float32", "shape": [-1, num_classes]},
+            "probabilities": {"dtype": "float32", "shape": [-1, num_classes]},
+            "classes": {"dtype": "int64", "shape": [-1]}}
+
+
+def signature_spec(num_classes: int) -> dict:
+    """What metadata.json promises; tests hold the graph to it."""
+    return {"name": SIGNATURE, "inputs": {INPUT: INPUT_SPEC},
+            "outputs": outputs_spec(num_classes)}
+
+
+OUTPUTS = outputs_spec(NUM_CLASSES)
+SIGNATURE_SPEC = signature_spec(NUM_CLASSES)
 # One class name per line, in class order; the export's tf.saved_model.Asset lands here.
 LABELS_ASSET = Path("assets") / "labels.txt"
 
@@ -52,6 +62,15 @@ def named_outputs(tf, outputs: dict) -> dict:
         named[name] = tf.identity(x, name=name) if x.dtype == dtype \
             else tf.cast(x, dtype, name=name)
     return named
+
+
+def outputs_from_logits(tf, logits) -> dict:
+    """The signature's outputs from the model's logits: the softmax and argmax are
+    TensorFlow ops (first index on ties, as jnp.argmax), which the TFLite converter maps
+    to SOFTMAX and ARG_MAX; JAX's argmax, serialized, is a reduce it cannot convert."""
+    return named_outputs(tf, {"logits": logits, "probabilities": tf.nn.softmax(logits),
+                              "classes": tf.math.argmax(logits, axis=-1,
+                                                        output_type=tf.int64)})
 
 
 def labels_path(model_dir: Path) -> Path:

@@ -104,12 +104,18 @@ def eval_step(variables, images, labels, mask) -> dict:
     return _metrics(logits, labels, mask)
 
 
+def infer_logits(variables, images) -> jax.Array:
+    """`infer`'s logits alone: what export serializes (TensorFlow adds the softmax and
+    argmax, which the TFLite converter can read; a JAX argmax it cannot)."""
+    if "params" not in variables:
+        variables = {"params": variables}
+    return model_lib.for_variables(variables).apply(variables, preprocess(images))
+
+
 def infer(variables, images) -> dict[str, jax.Array]:
     """What a served model answers for uint8 images: the export's and predict's forward.
     `variables` is {"params": ...} (plus "batch_stats"), or a bare d2l params tree."""
-    if "params" not in variables:
-        variables = {"params": variables}
-    logits = model_lib.for_variables(variables).apply(variables, preprocess(images))
+    logits = infer_logits(variables, images)
     return {"logits": logits, "probabilities": jax.nn.softmax(logits),
             "classes": jnp.argmax(logits, axis=-1)}
 

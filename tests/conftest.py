@@ -24,7 +24,7 @@ from lenet_dist import data as data_lib  # noqa: E402
 from lenet_dist.cli import main  # noqa: E402
 from lenet_dist.config import Config  # noqa: E402
 from lenet_dist.restore import restore_checkpoint  # noqa: E402
-from lenet_dist.export import export_checkpoint  # noqa: E402
+from lenet_dist.exporting import export_checkpoint  # noqa: E402
 from lenet_dist.mesh import Shardings, make_mesh  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

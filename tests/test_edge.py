@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from lenet_dist import edge
-from lenet_dist import export as export_lib
+from lenet_dist import exporting as export_lib
 from lenet_dist import serving_contract as contract
 from lenet_dist.errors import UserError
-from lenet_dist.export import export_checkpoint
-from tests.conftest import ROOT, load_kit_module, one_line_error
+from lenet_dist.exporting import export_checkpoint
+from tests.conftest import ROOT, load_kit_module, one_line_error, write_dataset
 
 MODELS = ("model.tflite", "model_int8.tflite", "model.onnx")
 
@@ -197,6 +197,30 @@ def test_overwrite_knows_the_new_files_and_nothing_more(edge_exported, tmp_path)
     (out / "assets.extra" / "model.onnx").write_bytes(b"x")
     assert export_lib.foreign_entries(out) == ["assets.extra/model.onnx", "model.tflite.orig"]
 
+
+
+def test_a_three_class_model_exports_three_wide_in_every_format(tmp_path):
+    """The width comes from the run's class names (idx:DIR with classes.txt), not 10."""
+    from lenet_dist.config import Config
+    from lenet_dist.training import train
+
+    (tmp_path / "idx").mkdir()
+    data = write_dataset(tmp_path / "idx", n_train=64, n_test=32, label_max=2)
+    (data / "classes.txt").write_text("cat\ndog\nbird\n")
+    config = Config(dataset=f"idx:{data}", devices=1, epochs=1, batch_size=32,
+                    workdir=str(tmp_path / "run"))
+    train(config, log=lambda _: None)
+    out = tmp_path / "m"
+    info = export_checkpoint(config.workdir, str(out), platforms=("cpu",),
+                             formats="tflite,onnx")
+    assert info["class_names"] == ["cat", "dog", "bird"]
+    assert info["signature"]["outputs"]["logits"]["shape"] == [-1, 3]
+    assert info["reference"]["source"].endswith("test set")
+    images = np.load(out / "assets.extra" / "reference.npz")["images"][:5]
+    for name, runner in (("model.tflite", edge.tflite_runner),
+                         ("model.onnx", edge.onnx_runner)):
+        got = runner(out / name)(images)
+        assert got["logits"].shape == got["probabilities"].shape == (5, 3), name
 
 # Runs in a fresh interpreter that cannot import JAX or lenet_dist at all.
 KIT_ONLY = """

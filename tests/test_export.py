@@ -11,11 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from lenet_dist import export as export_lib
+from lenet_dist import exporting as export_lib
 from lenet_dist import serialization
 from lenet_dist.cli import main
 from lenet_dist.errors import UserError
-from lenet_dist.export import export_checkpoint
+from lenet_dist.exporting import export_checkpoint
 from lenet_dist.step import infer
 from tests.conftest import ROOT, load_kit_module, one_line_error
 
@@ -165,7 +165,7 @@ def test_check_saved_model_rejects_a_naive_save(tmp_path):
     reads the file and refuses it for a TensorFlow that reads less."""
     import tensorflow as tf
 
-    from lenet_dist.export import build_module
+    from lenet_dist.exporting import build_module
     from lenet_dist.model import init_params
 
     (tmp_path / "labels.txt").write_text("x\n")
@@ -251,7 +251,7 @@ def test_export_never_replaces_what_is_not_a_model(trained, capsys, tmp_path, mo
 def test_a_diverged_checkpoint_is_not_exported(trained, monkeypatch, tmp_path):
     import dataclasses
 
-    from lenet_dist import export as export_lib
+    from lenet_dist import exporting as export_lib
 
     real = export_lib.restore_checkpoint
 

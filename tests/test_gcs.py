@@ -384,7 +384,7 @@ def test_export_destination_checks_need_no_bucket(tmp_path):
     """The checks that need no request: a gs:// --out inside the run or its checkpoints,
     and a local --out beside a gs:// workdir (never compared as paths)."""
     from lenet_dist.errors import UserError
-    from lenet_dist.export import check_destination, check_remote_destination, destination
+    from lenet_dist.exporting import check_destination, check_remote_destination, destination
 
     with pytest.raises(UserError, match="would replace the training run"):
         check_remote_destination("gs://b/run", False, "gs://b/run/")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lenet_dist import export as export_lib
+from lenet_dist import exporting as export_lib
 from lenet_dist import faults
 from lenet_dist.errors import UserError
 
@@ -243,7 +243,7 @@ def dead_pid() -> int:
 FORKS = """
 import errno, json, os, sys
 from pathlib import Path
-from lenet_dist import export, faults
+from lenet_dist import exporting as export, faults
 def write_model(path, tag):
     (path / "assets.extra").mkdir(parents=True)
     (path / "variables").mkdir()

@@ -3,7 +3,9 @@
 The SavedModel is built in a staging directory next to `out`, loaded back and
 compared with JAX on reference images, and only then moved into place, so a
 failed export never leaves a half-written model or touches an existing one.
-A gs:// `out` is built and checked in a local temporary directory, then uploaded
+With --format tflite/onnx (and --quantize int8) the TFLite and ONNX models are made
+from that SavedModel, checked against JAX too, and published inside the same directory
+(edge.py). A gs:// `out` is built and checked in a local temporary directory, then uploaded
 with saved_model.pb last (`publish_remote`: object stores have no rename).
 Publishing is one atomic rename where the system allows it (`publish` says which
 guarantee holds where), and the next export to the same `out` cleans up, or puts
@@ -31,15 +33,15 @@ import numpy as np
 from etils import epath
 
 from lenet_dist import data as data_lib
-from lenet_dist import distributed, faults, gcs, serialization, tempdirs, versions
+from lenet_dist import distributed, edge, faults, gcs, serialization, tempdirs, versions
 from lenet_dist import serving_contract as contract
-from lenet_dist.config import DEFAULT_EXPORT_PLATFORMS, EXPORT_PLATFORMS
+from lenet_dist.config import DEFAULT_EXPORT_PLATFORMS, EXPORT_PLATFORMS, dataset_kind
 from lenet_dist.errors import Failure, UserError, first_line
 from lenet_dist.mesh import Shardings, make_mesh
-from lenet_dist.model import NUM_CLASSES
 from lenet_dist.restore import restore_checkpoint
 from lenet_dist.runtime import import_tensorflow
-from lenet_dist.step import infer
+from lenet_dist.sources import load_dataset
+from lenet_dist.step import infer, infer_logits
 
 REFERENCE_IMAGES = 256
 # Export-time agreement bound between the SavedModel and JAX (measured: 5e-7 to 2e-6).
@@ -92,10 +94,12 @@ def check_destination(out: Path, overwrite: bool, workdir: Path | str) -> None:
 
 # What an export publishes, and nothing else: --overwrite replaces a directory only when
 # every entry in it is one of these (a run's checkpoints kept inside an old export, a
-# notes file or a second model in D/2 were deleted with it).
+# notes file or a second model in D/2 were deleted with it). The TFLite and ONNX models
+# are edge.FILES.
 PUBLISHED = re.compile(r"saved_model\.pb|fingerprint\.pb|variables|assets|assets\.extra"
                        r"|variables/variables\.(index|data-\d{5}-of-\d{5})"
-                       r"|assets/labels\.txt|assets\.extra/(metadata\.json|reference\.npz)")
+                       r"|assets/labels\.txt|assets\.extra/(metadata\.json|reference\.npz)"
+                       r"|" + "|".join(re.escape(f) for f in edge.FILES.values()))
 PUBLISHED_DIRS = {"variables", "assets", "assets.extra"}
 
 
@@ -194,22 +198,33 @@ def publish_remote(model_dir: Path, out: str, overwrite: bool, workdir: Path | s
     faults.point("publish:moved")
 
 
-def reference_batch(dataset: str, data_dir: str | None, n: int = REFERENCE_IMAGES):
+def local_dataset(config, data_dir: str | None) -> data_lib.Dataset | None:
+    """The run's dataset when it is on this machine (never downloaded), else None."""
+    config = config.replace(data_dir=data_dir)
+    if dataset_kind(config.dataset)[0] == "builtin" and \
+            data_lib.resolve_source(config.dataset, config.data_dir)[0] == "download":
+        return None
+    try:
+        return load_dataset(config, log=lambda _: None)
+    except UserError:
+        return None
+
+
+def reference_batch(dataset: data_lib.Dataset | None, n: int = REFERENCE_IMAGES):
     """The first `n` test images (and labels), or fixed random pixels when the
     dataset is not on this machine."""
-    if data_lib.resolve_source(dataset, data_dir)[0] != "download":
-        try:
-            split = data_lib.load(dataset, data_dir).test.take(n)
-            return np.asarray(split.images), np.asarray(split.labels), f"{dataset} test set"
-        except UserError:
-            pass
+    if dataset is not None:
+        split = dataset.test.take(n)
+        return (np.asarray(split.images), np.asarray(split.labels),
+                f"{dataset.name} test set")
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
     return images, np.full((n,), -1, np.int32), "random pixels"
 
 
 def build_module(tf, variables, platforms: Sequence[str], labels_file: Path):
-    """A tf.Module whose `serve` is the jax2tf-converted `infer`; the model's variables
+    """A tf.Module whose `serve` is the jax2tf-converted `infer` (its logits; the softmax
+    and argmax are TensorFlow ops, which TFLite converts too); the model's variables
     (parameters, and BatchNorm statistics for the modern recipe) are tf.Variables, kept
     under the attribute `params` that exported models have always had."""
     from jax.experimental import jax2tf  # imports TensorFlow: only once a model is built
@@ -220,13 +235,13 @@ def build_module(tf, variables, platforms: Sequence[str], labels_file: Path):
                                     name="/".join(str(getattr(k, "key", k)) for k in path)),
         variables)
     module.labels = tf.saved_model.Asset(str(labels_file))
-    converted = jax2tf.convert(infer, polymorphic_shapes=[None, "(b, 28, 28, 1)"],
+    converted = jax2tf.convert(infer_logits, polymorphic_shapes=[None, "(b, 28, 28, 1)"],
                                with_gradient=False,
                                native_serialization_platforms=tuple(platforms))
 
     @tf.function(autograph=False, input_signature=contract.input_signature(tf))
     def serve(images):
-        return contract.named_outputs(tf, converted(module.params, images))
+        return contract.outputs_from_logits(tf, converted(module.params, images))
 
     module.serve = serve
     return module
@@ -278,6 +293,12 @@ def verify(tf, model_dir: Path, images: np.ndarray, expected: dict) -> float:
         raise UserError(f"the exported SavedModel's logits differ from JAX by {worst:.2e} "
                         f"(> {VERIFY_TOLERANCE:g})")
     return worst
+
+
+def savedmodel_bytes(model_dir: Path) -> int:
+    """What TensorFlow loads: saved_model.pb and variables/ (as the kit's checker counts)."""
+    files = [model_dir / "saved_model.pb", *(model_dir / "variables").glob("*")]
+    return sum(f.stat().st_size for f in files if f.is_file())
 
 
 # ------------------------------------------------------------------- publishing
@@ -505,10 +526,15 @@ def restore(previous: Path, out: Path) -> bool:
 def export_checkpoint(workdir: str, out: str, step: int | None = None, best: bool = False,
                       platforms: Sequence[str] = DEFAULT_EXPORT_PLATFORMS, overwrite: bool = False,
                       data_dir: str | None = None,
+                      formats: str | Sequence[str] = ("savedmodel",),
+                      quantize: str | None = None,
                       warn: Callable[[str], None] = print) -> dict | None:
-    """Export one checkpoint of `workdir` as a SavedModel at `out`; returns its metadata
-    (None on the other processes of a multi-process job: process 0 writes). What earlier,
-    killed exports to `out` left behind is recovered first and reported through `warn`."""
+    """Export one checkpoint of `workdir` as a SavedModel at `out`, with the TFLite and
+    ONNX models of `formats` (and `quantize`) beside it; returns its metadata (None on
+    the other processes of a multi-process job: process 0 writes). What earlier, killed
+    exports to `out` left behind is recovered first and reported through `warn`."""
+    formats = edge.parse_formats(formats)
+    quantize = edge.parse_quantize(quantize, formats)
     out_path, work_path = destination(out), destination(workdir)
     remote = is_remote(out_path)
     platforms = parse_platforms(platforms)
@@ -517,9 +543,11 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, best: boo
                         "checked by running its CPU lowering before it is published")
     # Before TensorFlow: processes that would restore different steps fail together now.
     distributed.check_same_settings({"step": step, "best": best, "platforms": list(platforms),
-                                     "overwrite": overwrite}, "export")
+                                     "overwrite": overwrite, "formats": list(formats),
+                                     "quantize": quantize}, "export")
 
-    def prepare():  # only the writer needs --out and TensorFlow
+    def prepare():  # only the writer needs --out, TensorFlow and the edge runtimes
+        edge.check_installed(formats)
         if remote:
             check_remote_destination(out_path, overwrite, work_path)
             return import_tensorflow(), serialization.installed_plan()
@@ -542,11 +570,23 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, best: boo
     if not all(np.all(np.isfinite(v)) for v in jax.tree.leaves(variables)):
         raise UserError(f"checkpoint step {chosen} has NaN or infinite parameters "
                         "(a diverged run); export another with --step")
-    class_names = data_lib.CLASS_NAMES[config.dataset]
-    assert len(class_names) == NUM_CLASSES
+    class_names = restored.class_names  # one per output of the model
 
-    images, labels, ref_source = reference_batch(config.dataset, data_dir or config.data_dir)
+    dataset = local_dataset(config, data_dir)
+    images, labels, ref_source = reference_batch(dataset)
     expected = jax_reference(variables, images)
+    wanted = edge.models(formats, quantize)
+    calibration = check = None
+    if quantize:
+        if dataset is None:
+            raise UserError(f"--quantize {quantize} calibrates on the training images of "
+                            f"{config.dataset}, which are not on this machine; give "
+                            "--data-dir DIR (its IDX files)")
+        calibration = edge.calibration_images(dataset.train.images)
+        test = dataset.test
+        check = edge.CheckSet(np.asarray(test.images), np.asarray(test.labels),
+                              jax_reference(variables, np.asarray(test.images))["classes"],
+                              f"{dataset.name} test set")
 
     try:
         if remote:  # built and checked here, then uploaded (publish_remote)
@@ -561,6 +601,8 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, best: boo
         model_dir = save_savedmodel(tf, variables, staging, platforms, class_names, plan)
         faults.point("publish:staged")
         max_diff = verify(tf, model_dir, images, expected)
+        edge_models = edge.build(tf, model_dir, staging, wanted, images, expected,
+                                 calibration, check)
         evaluated = next((r for r in meta.get("history", []) if r.get("step") == chosen), {})
         info = {
             "format": FORMAT_VERSION,
@@ -572,13 +614,22 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, best: boo
                            "test_accuracy": evaluated.get("test_accuracy"),
                            "test_loss": evaluated.get("test_loss")},
             "config": config.to_dict(),
-            "signature": contract.SIGNATURE_SPEC,
+            "signature": contract.signature_spec(len(class_names)),
             "class_names": list(class_names),
             "platforms": list(platforms),
             "serialization": plan.to_dict(),
-            "versions": {**versions.installed(), "tensorflow": tf.__version__},
+            "versions": {**versions.installed(), "tensorflow": tf.__version__,
+                         **(versions.installed(edge.PACKAGES) if wanted else {})},
             "reference": {"file": "assets.extra/reference.npz", "images": len(images),
                           "source": ref_source, "max_abs_logit_diff": max_diff},
+            # Each model the directory holds, its size and how it was checked before
+            # it was published (edge.py): the SavedModel always, then --format's.
+            "formats": {"savedmodel": {"file": "saved_model.pb", "dtype": "float32",
+                                       "bytes": savedmodel_bytes(model_dir),
+                                       "verified": {"images": len(images),
+                                                    "max_abs_logit_diff": max_diff,
+                                                    "tolerance": VERIFY_TOLERANCE}},
+                        **edge_models},
         }
         extra = model_dir / "assets.extra"
         extra.mkdir()
