@@ -423,8 +423,8 @@ cmd_setup() {
   local whl=$wheel version
   if [[ -z "$whl" ]]; then
     # The version's one home (pyproject reads it from there too).
-    version=$(sed -n 's/^__version__ *= *"\([^"]*\)".*/\1/p' "$repo/lenet_dist/__init__.py" | head -n 1)
-    [[ -n "$version" ]] || die "no __version__ in $repo/lenet_dist/__init__.py: build a wheel and pass --wheel"
+    version=$(sed -n 's/^__version__ *= *"\([^"]*\)".*/\1/p' "$repo/lenet_dist/versions.py" | head -n 1)
+    [[ -n "$version" ]] || die "no __version__ in $repo/lenet_dist/versions.py: build a wheel and pass --wheel"
     # The wheel is pure Python; the workers' Python 3.12 checks requires-python.
     run "${PYTHON:-python3}" -m pip wheel --no-deps --ignore-requires-python -w "$(in_repo dist)" "$repo"
     whl="$(in_repo dist)/lenet_dist-$version-py3-none-any.whl"

@@ -15,7 +15,7 @@ that needs it runs, after it has set up the devices (`api.start_jax`).
 
 import importlib as _importlib
 
-__version__ = "0.1.0"
+from lenet_dist.versions import __version__ as __version__  # the one home: versions.py
 
 __all__ = ["Config", "Failure", "Model", "Predictions", "Preempted", "UserError", "dataset",
            "evaluate", "export", "load", "predict", "recipe", "train"]

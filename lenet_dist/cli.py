@@ -20,8 +20,7 @@ import traceback
 
 import click
 
-import lenet_dist
-from lenet_dist import distributed, extras, faults, runtime, safefs
+from lenet_dist import distributed, extras, faults, runtime, safefs, versions
 from lenet_dist import launch as launch_lib
 from lenet_dist.config import (
     DEFAULT_EXPORT_PLATFORMS,
@@ -223,7 +222,7 @@ class DebugAnywhere(click.Group):
              context_settings={"help_option_names": ["-h", "--help"],
                                "show_default": True})
 # The source's version (an editable install's metadata lags a bump until reinstalled).
-@click.version_option(version=lenet_dist.__version__, prog_name="lenet-dist")
+@click.version_option(version=versions.__version__, prog_name="lenet-dist")
 @click.option("--debug", is_flag=True, envvar=DEBUG_ENV, show_envvar=True,
               help="After an error's one line, also print its traceback.")
 @click.pass_context

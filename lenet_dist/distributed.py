@@ -44,7 +44,6 @@ import time
 
 import numpy as np
 
-import lenet_dist
 from lenet_dist import safefs, versions
 from lenet_dist.errors import Failure, UserError, first_line
 
@@ -382,7 +381,7 @@ def job_settings(spec: JobSpec, devices: int | None, count: int) -> dict:
     stack = versions.installed(("jax", "jaxlib"))
     return {"num_processes": count, "devices": devices,
             "heartbeat_timeout": spec.heartbeat_timeout,
-            "lenet_dist_version": lenet_dist.__version__,
+            "lenet_dist_version": versions.__version__,
             "jax_version": stack["jax"], "jaxlib_version": stack["jaxlib"]}
 
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 
+# The version's one home: `lenet-dist --version`, the package metadata (pyproject
+# reads this line) and launch/tpu-vm.sh's wheel name. lenet_dist.__version__ is this.
+__version__ = "0.1.0"
+
 STACK = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "lenet-dist")
 
 

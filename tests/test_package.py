@@ -40,7 +40,7 @@ def test_the_version_has_one_source():
     assert "version" not in PYPROJECT["project"]
     assert PYPROJECT["project"]["dynamic"] == ["version"]
     assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {
-        "attr": "lenet_dist.__version__"}
+        "attr": "lenet_dist.versions.__version__"}
 
 
 @pytest.mark.parametrize("module, argv, extra", [
