@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import sys
@@ -29,14 +28,14 @@ from lenet_dist.config import (
     INT32_MAX,
     INT_RANGES,
     PRESETS,
-    RECIPES,
     FIELDS,
-    Config,
     effective_config,
     field_type,
     option_name,
     preset,
     read_settings,
+    RUNS_DIR,
+    workdir_to_read,
 )
 from lenet_dist.distributed import (
     DEFAULT_HEARTBEAT_TIMEOUT,
@@ -92,22 +91,50 @@ def float_range(field: str) -> FiniteFloatRange:
     return FiniteFloatRange(low, high, min_open=low_open, max_open=high_open)
 
 
-class ConfigOption(click.Option):
-    """An option that sets a Config field. Its help shows the default of the recipe
-    given before --help (`train --recipe modern --help`), else d2l's with the other
-    recipes' values where they differ."""
+class CliOption(click.Option):
+    """Every option of lenet-dist. The help convention (tests/test_cli_convention.py
+    checks it on every option of every command): a default is shown only in click's
+    suffix, `[default: X]`, never written in the help text; an on/off flag's default
+    reads `on` or `off`; a plain flag (off unless given) and an option whose absence
+    needs no words show none; a default that is not a value (`latest`, `the run
+    trained last`) is that suffix's text (show_default="...")."""
 
     def get_help_extra(self, ctx):
         extra = super().get_help_extra(ctx)
-        chosen = ctx.params.get("preset") or ctx.params.get("recipe")  # eager: parsed
-        names = [chosen] if chosen else list(PRESETS)
-        shown = [(name, show_value(self.name, getattr(preset(name), self.name)))
-                 for name in names]
-        first = shown[0][1]
-        others = [f"{name}: {value or 'none'}" for name, value in shown[1:] if value != first]
-        if first or others:
-            extra["default"] = (first or "none") + (f" ({', '.join(others)})" if others else "")
+        if isinstance(self.show_default, str):  # as a value is shown (click adds brackets)
+            extra["default"] = self.show_default
+        elif self.is_bool_flag and self.secondary_opts and extra.get("default") \
+                and isinstance(self.default, bool):
+            extra["default"] = "on" if self.default else "off"
         return extra
+
+
+option = functools.partial(click.option, cls=CliOption)
+
+
+class ConfigOption(CliOption):
+    """An option that sets a Config field. Its default comes from the recipe: one value
+    when every recipe has the same, else each recipe's, `d2l: 10, modern: 10, smoke:
+    2`; only the recipe given before --help when there is one (`train --recipe modern
+    --help`: `modern: adamw`)."""
+
+    def get_help_extra(self, ctx):
+        extra = super().get_help_extra(ctx)
+        extra.pop("default", None)
+        chosen = ctx.params.get("preset") or ctx.params.get("recipe")  # eager: parsed
+        names = [DEPRECATED_PRESETS.get(chosen, (chosen,))[0]] if chosen else list(PRESETS)
+        values = {name: show_value(self.name, getattr(preset(name), self.name))
+                  for name in names}
+        if len(set(values.values())) == 1 and (not chosen or self.same_in_every_recipe()):
+            if values[names[0]]:
+                extra["default"] = values[names[0]]
+        else:
+            extra["default"] = ", ".join(f"{name}: {value or 'none'}"
+                                         for name, value in values.items())
+        return extra
+
+    def same_in_every_recipe(self) -> bool:
+        return len({getattr(config, self.name) for config in PRESETS.values()}) == 1
 
 
 def show_value(field: str, value) -> str:
@@ -141,7 +168,7 @@ def config_option(field: str, **changes):
     settings = dict(cls=ConfigOption, type=param_type, default=None, help=meta["doc"] or None)
     if field == "dataset":
         settings["metavar"] = "NAME|folder:PATH|idx:DIR"
-    return click.option(*decls, **{**settings, **changes})
+    return option(*decls, **{**settings, **changes})
 
 
 def config_options(command):
@@ -152,7 +179,25 @@ def config_options(command):
     return command
 
 
+# Options that more than one command takes: each is defined once, here (or by
+# `config_option`), so a name means the same type and range in every command
+# (tests/test_cli_convention.py checks it).
 DEVICES = config_option("devices")
+RECIPE_TYPE = click.Choice(sorted(PRESETS))  # every recipe train takes, everywhere
+# The run a reading command reads: the one rule is config.workdir_to_read.
+READ_WORKDIR_DEFAULT = (f"the run under ./{RUNS_DIR}/ trained last (the newest "
+                        f"{RUNS_DIR}/*/config.json), else {PRESETS['d2l'].workdir}")
+
+
+def read_workdir(help_text: str = "The run to read."):
+    """--workdir of a command that reads a run; None when not given (`run_to_read`)."""
+    return option("--workdir", type=TextPath(), default=None, help=help_text,
+                  show_default=READ_WORKDIR_DEFAULT)
+
+
+def run_to_read(workdir: str | None) -> str:
+    """--workdir, or the rule's choice, said on stderr when it chose among runs."""
+    return workdir_to_read(workdir, note=lambda line: click.echo(line, err=True))
 
 
 def job_options(command):
@@ -166,31 +211,31 @@ def job_options(command):
         return command(*args, job=job.validate(), **kwargs)
 
     for job_option in reversed([
-        click.option("--distributed", type=click.Choice(MODES), default="off",
-                     envvar="LENET_DIST_DISTRIBUTED", show_envvar=True,
-                     help="auto: join the multi-process job JAX detects (Cloud TPU VM, "
-                          "SLURM, Open MPI, Kubernetes) and run the same command on every "
-                          "host; where none is detected, one process (with a note)."),
-        click.option("--coordinator-address", metavar="HOST:PORT", default=None,
-                     envvar=["LENET_DIST_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS"],
-                     show_envvar=True, help="Or join explicitly: process 0's address..."),
-        click.option("--num-processes", type=click.IntRange(1, INT32_MAX), default=None,
-                     envvar="LENET_DIST_NUM_PROCESSES", show_envvar=True,
-                     help="...the number of processes..."),
-        click.option("--process-id", type=click.IntRange(0, INT32_MAX - 1), default=None,
-                     envvar="LENET_DIST_PROCESS_ID", show_envvar=True,
-                     help="...and this process's id (0 writes logs, metrics, exports)."),
-        click.option("--join-timeout", type=click.IntRange(1, MAX_TIMEOUT),
-                     default=DEFAULT_JOIN_TIMEOUT, envvar="LENET_DIST_JOIN_TIMEOUT",
-                     show_envvar=True,
-                     help="Seconds to wait for every process of the job to join (on GKE, "
-                          "this includes waiting for the coordinator's DNS name); a wait "
-                          "past 5 s says so once, a wait past this fails with one line."),
-        click.option("--heartbeat-timeout", type=click.IntRange(1, MAX_TIMEOUT),
-                     default=DEFAULT_HEARTBEAT_TIMEOUT, envvar="LENET_DIST_HEARTBEAT_TIMEOUT",
-                     show_envvar=True,
-                     help="Seconds after which the others stop, with one line, when a "
-                          "process of the job dies."),
+        option("--distributed", type=click.Choice(MODES), default="off",
+               envvar="LENET_DIST_DISTRIBUTED", show_envvar=True,
+               help="auto: join the multi-process job JAX detects (Cloud TPU VM, "
+                    "SLURM, Open MPI, Kubernetes) and run the same command on every "
+                    "host; where none is detected, one process (with a note)."),
+        option("--coordinator-address", metavar="HOST:PORT", default=None,
+               envvar=["LENET_DIST_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS"],
+               show_envvar=True, help="Or join explicitly: process 0's address..."),
+        option("--num-processes", type=click.IntRange(1, INT32_MAX), default=None,
+               envvar="LENET_DIST_NUM_PROCESSES", show_envvar=True,
+               help="...the number of processes..."),
+        option("--process-id", type=click.IntRange(0, INT32_MAX - 1), default=None,
+               envvar="LENET_DIST_PROCESS_ID", show_envvar=True,
+               help="...and this process's id (0 writes logs, metrics, exports)."),
+        option("--join-timeout", type=click.IntRange(1, MAX_TIMEOUT),
+               default=DEFAULT_JOIN_TIMEOUT, envvar="LENET_DIST_JOIN_TIMEOUT",
+               show_envvar=True,
+               help="Seconds to wait for every process of the job to join (on GKE, "
+                    "this includes waiting for the coordinator's DNS name); a wait "
+                    "past 5 s says so once, a wait past this fails with one line."),
+        option("--heartbeat-timeout", type=click.IntRange(1, MAX_TIMEOUT),
+               default=DEFAULT_HEARTBEAT_TIMEOUT, envvar="LENET_DIST_HEARTBEAT_TIMEOUT",
+               show_envvar=True,
+               help="Seconds after which the others stop, with one line, when a "
+                    "process of the job dies."),
     ]):
         with_job = job_option(with_job)
     return with_job
@@ -208,23 +253,48 @@ def _debug_after_command(ctx, _param, value):
         ctx.ensure_object(Session).debug = True
 
 
-class DebugAnywhere(click.Group):
-    """`--debug` before the command (`lenet-dist --debug train`) or after it
-    (`lenet-dist train --debug`): each command also takes it, hidden from its help."""
+# The exit statuses of every command, shown at the end of each --help. Each is what
+# `main` (and __main__, runtime, preemption, fatal_filter, launch) returns.
+EXIT_STATUSES = """\b
+Exit status:
+  0    done
+  1    a runtime failure: a busy workdir, a full disk, an unreadable
+       checkpoint, a lost process of a job, an internal error
+  2    bad input or usage (the one error line says what)
+  124  launch: its --timeout ran out; every process was killed
+  130  interrupted (Ctrl-C); train saves a checkpoint first
+  134  in a multi-process job: a process of the job was lost (JAX's abort)
+  143  stopped by SIGTERM; train saves a checkpoint first, and the same
+       command resumes
+launch exits with its job's status."""
+
+# The group's own epilog: the statuses, then how to turn on shell completion.
+COMPLETION = """\b
+Shell completion (bash 4.4+, zsh, fish), e.g. in ~/.bashrc:
+  eval "$(_LENET_DIST_COMPLETE=bash_source lenet-dist)"
+(zsh: zsh_source in ~/.zshrc; fish: fish_source)"""
+
+
+class Commands(click.Group):
+    """Every command gets the exit statuses as its epilog, and takes `--debug` after
+    its name (`lenet-dist train --debug`) as well as before (`lenet-dist --debug
+    train`), hidden from its help (the group's help shows it)."""
 
     def add_command(self, cmd, name=None):
         cmd.params.append(click.Option(["--debug"], is_flag=True, hidden=True, is_eager=True,
                                        expose_value=False, callback=_debug_after_command))
+        cmd.epilog = EXIT_STATUSES
         super().add_command(cmd, name)
 
 
-@click.group(cls=DebugAnywhere,
+@click.group(cls=Commands, epilog=EXIT_STATUSES + "\n\n" + COMPLETION,
              context_settings={"help_option_names": ["-h", "--help"],
                                "show_default": True})
 # The source's version (an editable install's metadata lags a bump until reinstalled).
 @click.version_option(version=versions.__version__, prog_name="lenet-dist")
-@click.option("--debug", is_flag=True, envvar=DEBUG_ENV, show_envvar=True,
-              help="After an error's one line, also print its traceback.")
+@option("--debug", is_flag=True, envvar=DEBUG_ENV, show_envvar=True,
+        help="After an error's one line, also print its traceback (also after the "
+             "command: `lenet-dist train --debug`).")
 @click.pass_context
 def cli(ctx, debug):
     """Train LeNet-5 data-parallel with jax.sharding, from a laptop to a TPU pod."""
@@ -232,32 +302,33 @@ def cli(ctx, debug):
 
 
 @cli.command()
-@click.option("--recipe", type=click.Choice(sorted(PRESETS)), default=None, is_eager=True,
-              help="d2l: the seed's 1998 LeNet-5 and SGD; modern: the same skeleton with "
-                   "ReLU, max pooling, BatchNorm, He init, AdamW + cosine, label smoothing "
-                   "and augmentation; smoke: d2l's model in seconds. It sets the defaults "
-                   "below, shown for d2l and where the others differ (`--recipe modern "
-                   "--help`: modern's); --config and the options override them.  "
-                   "[default: d2l, or the --config file's recipe]")
-@click.option("--preset", type=click.Choice(sorted({*PRESETS, *DEPRECATED_PRESETS})),
-              default=None, hidden=True, is_eager=True, help="The old name of --recipe.")
-@click.option("--config", "config_file", type=TextPath(), default=None, metavar="FILE",
-              help="A run.yaml or run.json of Config field names and values (or a run's "
-                   "config.json, to run it again): over the recipe, under the options.")
+@option("--recipe", type=RECIPE_TYPE, default=None, is_eager=True,
+        show_default="d2l, or the --config file's recipe",
+        help="d2l: the seed's 1998 LeNet-5 and SGD; modern: the same skeleton with "
+             "ReLU, max pooling, BatchNorm, He init, AdamW + cosine, label smoothing "
+             "and augmentation; smoke: d2l's model in seconds. It sets the defaults "
+             "below, each recipe's where they differ (`--recipe modern --help`: "
+             "modern's alone); --config and the options override them.")
+@option("--preset", type=click.Choice(sorted({*PRESETS, *DEPRECATED_PRESETS})),
+        default=None, hidden=True, is_eager=True, help="The old name of --recipe.")
+@option("--config", "config_file", type=TextPath(), default=None, metavar="FILE",
+        help="A run.yaml or run.json of Config field names and values (or a run's "
+             "config.json, to run it again): over the recipe, under the options.")
 @config_options
-@click.option("--allow-config-change", is_flag=True,
-              help="Resume even if the workdir's saved run had other hyper-parameters.")
-@click.option("--progress/--no-progress", default=None,
-              help="Per-step progress bar [default: on when stderr is a terminal].")
-@click.option("--tensorboard/--no-tensorboard", default=True,
-              help="Event files in <workdir>/tb (process 0).")
-@click.option("--log-every-steps", type=click.IntRange(1, 1_000_000), default=50,
-              help="Train loss to TensorBoard every K steps.")
-@click.option("--profile-steps", metavar="A:B", default=None,
-              help="Trace steps A..B with jax.profiler into <workdir>/tb.")
-@click.option("--print-config", is_flag=True,
-              help="Print the effective config (recipe, then --config, then the options) "
-                   "as JSON, which --config reads back, and exit without training.")
+@option("--allow-config-change", is_flag=True,
+        help="Resume even if the workdir's saved run had other hyper-parameters.")
+@option("--progress/--no-progress", default=None, help="Per-step progress bar.",
+        show_default="on when stderr is a terminal")
+@option("--tensorboard/--no-tensorboard", default=True,
+        help="Event files in <workdir>/tb (process 0).")
+@option("--log-every-steps", type=click.IntRange(1, 1_000_000), default=50,
+        help="Train loss to TensorBoard every K steps.")
+@option("--profile-steps", metavar="A:B", default=None,
+        help="Trace steps A..B with jax.profiler into <workdir>/tb.")
+@option("--print-config", is_flag=True,
+        help="Print the effective config (recipe, then --config, then the options) "
+             "as YAML, which --config reads back, and exit without training or "
+             "touching the workdir.")
 @job_options
 def train(recipe, preset, config_file, progress, allow_config_change, tensorboard,
           log_every_steps, profile_steps, print_config, job, **fields):
@@ -274,7 +345,7 @@ def train(recipe, preset, config_file, progress, allow_config_change, tensorboar
     settings = read_settings(config_file) if config_file else {}
     config = effective_config(recipe, settings, fields).validate()
     if print_config:
-        click.echo(json.dumps(config.to_dict(), indent=2))
+        click.echo(config.to_yaml(), nl=False)
         return
     if progress is None:
         progress = sys.stderr.isatty()
@@ -287,10 +358,6 @@ def train(recipe, preset, config_file, progress, allow_config_change, tensorboar
         outputs=Outputs(tensorboard, log_every_steps, profile_steps))
 
 
-WORKDIR = click.option("--workdir", type=TextPath(), default=Config().workdir,
-                       help="Run directory holding checkpoints/.")
-
-
 def checkpoint_choice(command):
     """--step S | --best, declared and checked in one place for every command."""
 
@@ -300,21 +367,22 @@ def checkpoint_choice(command):
             raise click.UsageError("--step and --best are exclusive; give one")
         return command(*args, **kwargs)
 
-    checked = click.option("--best", is_flag=True,
-                           help="The checkpoint with the best validation accuracy (test "
-                                "accuracy for a run without --validation).")(checked)
-    return click.option("--step", type=click.IntRange(0, INT32_MAX), default=None,
-                        help="Checkpoint step [default: latest].")(checked)
+    checked = option("--best", is_flag=True,
+                     help="The checkpoint with the best validation accuracy (test "
+                          "accuracy for a run without --validation).")(checked)
+    return option("--step", type=click.IntRange(0, INT32_MAX), default=None,
+                  help="The checkpoint of this step.", show_default="latest")(checked)
 
 
 @cli.command("eval")
-@WORKDIR
+@read_workdir()
 @checkpoint_choice
 @DEVICES
 @config_option("data_dir")
 @job_options
 def eval_cmd(workdir, step, best, devices, data_dir, job):
     """Evaluate a checkpoint on the full test set (all 10,000 images)."""
+    workdir = run_to_read(workdir)
     with runtime.quick_interrupts():
         runtime.configure(cpu_devices=devices, job=job)
         from lenet_dist.evaluation import evaluate_checkpoint
@@ -329,10 +397,11 @@ def eval_cmd(workdir, step, best, devices, data_dir, job):
 
 
 @cli.command()
-@WORKDIR
+@read_workdir()
 def checkpoints(workdir):
     """List saved checkpoints with their metrics; mark the best (by validation accuracy
     when the run held out a validation split, else by test accuracy)."""
+    workdir = run_to_read(workdir)
     with runtime.quick_interrupts():
         runtime.configure()
         from lenet_dist.evaluation import list_checkpoints
@@ -362,27 +431,28 @@ def checkpoints(workdir):
 
 
 @cli.command("report")
-@click.argument("runs", nargs=-1, type=TextPath())
-@click.option("--workdir", type=TextPath(), default=None,
-              help=f"The run to report on [default: {Config().workdir}].")
-@click.option("--compare", is_flag=True,
-              help="Overlay the runs given as arguments (e.g. a d2l and a modern run).")
-@click.option("--out", type=TextPath(), default=None,
-              help="Where the PNGs and report.md go [default: <workdir>/report, or "
-                   "./report-compare].")
+@click.argument("runs", nargs=-1, type=TextPath(), metavar="[RUN]...")
+@read_workdir("The run to report on (or give it as RUN).")
+@option("--compare", is_flag=True,
+        help="Compare the RUNs (as two or more RUNs do without it).")
+@option("--out", type=TextPath(), default=None, help="Where the PNGs and the .md go.",
+        show_default="<run>/report, or ./report-compare for a comparison")
 @checkpoint_choice
 @config_option("data_dir")
 def report_cmd(runs, workdir, compare, out, step, best, data_dir):
     """PNGs (learning curves, confusion matrix, misclassified test images) and a
-    report.md of a run; with --compare W1 W2 ..., the runs' curves overlaid."""
+    report.md of a run (`report RUN`); with two or more, `report RUN1 RUN2 ...`, the
+    runs' curves overlaid and compared in compare.md."""
+    if runs and workdir is not None:
+        raise click.UsageError("give the run as RUN or with --workdir, not both")
+    if compare and len(runs) < 2:
+        raise click.UsageError("--compare takes two or more run directories as arguments")
     with runtime.quick_interrupts():
         runtime.configure(cpu_devices=1)
         from lenet_dist import report as report_lib
         from lenet_dist.evaluation import test_predictions
 
-    if compare:
-        if len(runs) < 2 or workdir is not None:
-            raise click.UsageError("--compare takes two or more run directories as arguments")
+    if len(runs) >= 2:
         out = out or "report-compare"
         report_lib.check_out_dir(out, runs)  # before restoring and predicting
         table = {}
@@ -395,9 +465,7 @@ def report_cmd(runs, workdir, compare, out, step, best, data_dir):
                                      "parameters": tested["parameters"]}}
         path = report_lib.write_comparison(out, table)
     else:
-        if runs:
-            raise click.UsageError("give the run with --workdir (arguments are for --compare)")
-        workdir = workdir or Config().workdir
+        workdir = runs[0] if runs else run_to_read(workdir)
         out = out or os.path.join(workdir, "report")
         report_lib.check_out_dir(out, [workdir])  # before restoring and predicting
         tested = test_predictions(workdir, step, best, data_dir)
@@ -410,8 +478,8 @@ def report_cmd(runs, workdir, compare, out, step, best, data_dir):
 
 
 @cli.command()
-@click.option("--recipe", type=click.Choice(sorted(PRESETS)), default="d2l",
-              help="Any recipe train takes (smoke trains d2l's model).")
+@option("--recipe", type=RECIPE_TYPE, default="d2l",
+        help="Any recipe train takes (smoke trains d2l's model).")
 def summary(recipe):
     """Layer-by-layer output shapes for one 28x28 image, and the parameter count."""
     with runtime.quick_interrupts():
@@ -464,30 +532,31 @@ class JobShape(click.ParamType):
 
 
 @cli.command()
-@click.option("--devices", "device_counts", multiple=True, default=(1, 8),
-              # One host: no more accelerators than CPU devices can be simulated.
-              type=click.IntRange(1, runtime.MAX_SIMULATED_CPU_DEVICES),
-              help="Device counts, one process each (repeat the option).")
-@click.option("--job", "jobs", multiple=True, type=JobShape(), metavar="PxD",
-              help="Also P local processes x D devices each as one jax.distributed job, "
-                   "e.g. 2x4 (repeat the option).")
-@click.option("--batch-size", "batch_sizes", multiple=True, type=int_range("batch_size"),
-              help="Global batch sizes (repeat) [default: 128; 256 with --serving]")
-@click.option("--recipe", "recipes", multiple=True, type=click.Choice(RECIPES),
-              default=("d2l",), help="Recipes to measure (repeat the option).")
-@click.option("--epochs", type=click.IntRange(2, INT_RANGES["epochs"][1]), default=3,
-              help="Epochs per run; the first (compilation) is not counted.")
-@click.option("--rounds", type=click.IntRange(1, MAX_BENCH_ROUNDS), default=2,
-              help="Interleaved repetitions, to see the machine's noise.")
+@option("--devices", "device_counts", multiple=True, default=(1, 8),
+        type=int_range("devices"),  # one host: bench.plan caps the simulated count
+        help="Device counts, one process each (repeat the option).")
+@option("--job", "jobs", multiple=True, type=JobShape(), metavar="PxD",
+        help="Also P local processes x D devices each as one jax.distributed job, "
+             "e.g. 2x4 (repeat the option).")
+@option("--batch-size", "batch_sizes", multiple=True, type=int_range("batch_size"),
+        help="Global batch sizes (repeat the option).",
+        show_default="128, or 256 with --serving")
+@option("--recipe", "recipes", multiple=True, type=RECIPE_TYPE, default=("d2l",),
+        help="Recipes to measure (repeat the option).")
+@option("--epochs", type=int_range("epochs"), default=3,
+        help="Epochs per run, 2 or more: the first (compilation) is not counted.")
+@option("--rounds", type=click.IntRange(1, MAX_BENCH_ROUNDS), default=2,
+        help="Interleaved repetitions, to see the machine's noise.")
 @config_option("data_dir")
-@click.option("--json", "json_path", type=TextPath(), default=None, metavar="FILE",
-              help="Also write the result (machine, versions, every round) as JSON.")
-@click.option("--checkpoint-cost", is_flag=True,
-              help="Compare checkpointing on vs off on the first configuration instead.")
-@click.option("--serving", is_flag=True,
-              help="Instead: inference, exported SavedModel vs jitted JAX, in one process.")
-@click.option("--workdir", type=TextPath(), default=None,
-              help="With --serving: export this run's latest checkpoint [default: fresh init].")
+@option("--json", "json_path", type=TextPath(), default=None, metavar="FILE",
+        help="Also write the result (machine, versions, every round) as JSON.")
+@option("--checkpoint-cost", is_flag=True,
+        help="Compare checkpointing on vs off on the first configuration instead.")
+@option("--serving", is_flag=True,
+        help="Instead: inference, exported SavedModel vs jitted JAX, in one process.")
+@option("--workdir", type=TextPath(), default=None,
+        help="With --serving: export this run's latest checkpoint.",
+        show_default="a fresh init")
 def bench(device_counts, jobs, batch_sizes, recipes, epochs, rounds, data_dir, json_path,
           checkpoint_cost, serving, workdir):
     """Training images/s per recipe x batch size x devices (or job), each run in fresh
@@ -495,6 +564,9 @@ def bench(device_counts, jobs, batch_sizes, recipes, epochs, rounds, data_dir, j
     time to it) apart, peak memory; a table, and JSON with --json."""
     from lenet_dist import bench as bench_lib
 
+    if epochs < 2:
+        raise click.BadParameter("a benchmark needs 2 or more epochs (the first compiles "
+                                 "and is not counted)", param_hint="'--epochs'")
     if json_path:
         bench_lib.check_json_path(json_path)  # before an hour is spent
     if serving:
@@ -516,20 +588,20 @@ def bench(device_counts, jobs, batch_sizes, recipes, epochs, rounds, data_dir, j
 
 
 @cli.command("export")
-@WORKDIR
+@read_workdir()
 @checkpoint_choice
-@click.option("--out", type=TextPath(), required=True,
-              help="SavedModel directory to create; for TF Serving, end it with a "
-                   "version folder: models/lenet/1.")
-@click.option("--platforms", default=",".join(DEFAULT_EXPORT_PLATFORMS),
-              help="Comma-separated platforms to serialize for: cpu, cuda, rocm, tpu.")
-@click.option("--format", "formats", default="savedmodel",
-              help="Comma-separated formats: savedmodel (always built: the others are "
-                   "made from it), tflite, onnx; each lands in --out.")
-@click.option("--quantize", default=None, metavar="int8",
-              help="With tflite: also model_int8.tflite, full-integer int8, calibrated on "
-                   "300 training images.")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@option("--out", type=TextPath(), required=True,
+        help="SavedModel directory to create; for TF Serving, end it with a "
+             "version folder: models/lenet/1.")
+@option("--platforms", default=",".join(DEFAULT_EXPORT_PLATFORMS),
+        help="Comma-separated platforms to serialize for: cpu, cuda, rocm, tpu.")
+@option("--format", "formats", default="savedmodel",
+        help="Comma-separated formats: savedmodel (always built: the others are "
+             "made from it), tflite, onnx; each lands in --out.")
+@option("--quantize", default=None, metavar="int8",
+        help="With tflite: also model_int8.tflite, full-integer int8, calibrated on "
+             "300 training images.")
+@option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @config_option("data_dir", help="Where the test images for the export-time check are.")
 @job_options
 def export_cmd(workdir, step, best, out, platforms, formats, quantize, overwrite, data_dir,
@@ -540,6 +612,7 @@ def export_cmd(workdir, step, best, out, platforms, formats, quantize, overwrite
     Each model is loaded back and compared with JAX before they are moved to --out.
     In a multi-process job every process restores and process 0 exports.
     """
+    workdir = run_to_read(workdir)
     with runtime.quick_interrupts():
         runtime.configure(cpu_devices=None if job.enabled else 1, job=job)
         from lenet_dist.exporting import export_checkpoint
@@ -573,30 +646,33 @@ def export_cmd(workdir, step, best, out, platforms, formats, quantize, overwrite
 
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True, type=TextPath())
-@click.option("--model", type=TextPath(), default=None,
-              help="An exported SavedModel directory (TensorFlow only, no JAX).")
-@click.option("--workdir", type=TextPath(), default=None,
-              help="Or a run directory: predict from its checkpoint in JAX.")
+@option("--model", type=TextPath(), default=None,
+        help="An exported SavedModel directory (TensorFlow only, no JAX).")
+@read_workdir("Or a run: predict from its checkpoint in JAX (as predict does without "
+              "--model).")
 @checkpoint_choice  # with --workdir
-@click.option("--top", type=click.IntRange(min=1, max=10), default=1,
-              help="Classes to show per image.")
-@click.option("--invert", is_flag=True,
-              help="Invert pixels: for dark objects on a light background "
-                   "(Fashion-MNIST is light on dark).")
-@click.option("--labels", type=TextPath(), default=None,
-              help="IDX labels file for IDX inputs: also print the accuracy.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-@click.option("--quiet", "-q", is_flag=True, help="Only the accuracy (with --labels).")
+@option("--top", type=click.IntRange(min=1, max=10), default=1,
+        help="Classes to show per image.")
+@option("--invert", is_flag=True,
+        help="Invert pixels: for dark objects on a light background "
+             "(Fashion-MNIST is light on dark).")
+@option("--labels", type=TextPath(), default=None,
+        help="IDX labels file for IDX inputs: also print the accuracy.")
+@option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@option("--quiet", "-q", is_flag=True, help="Only the accuracy (with --labels).")
 def predict(inputs, model, workdir, step, best, top, invert, labels, as_json, quiet):
     """Classify PNG/JPEG/GIF/BMP files or IDX image files.
 
     Images are converted to 28x28 grayscale; one line per image with the class
-    name and its probability.
+    name and its probability. The model is --model's export, or a run's checkpoint:
+    --workdir's, or without either, the run trained last.
     """
-    if (model is None) == (workdir is None):
+    if model is not None and workdir is not None:
         raise click.UsageError("give exactly one of --model (SavedModel) or --workdir")
     if model is not None and (step is not None or best):
         raise click.UsageError("--step/--best choose a checkpoint; use them with --workdir")
+    if model is None:
+        workdir = run_to_read(workdir)
     with runtime.quick_interrupts():
         if workdir is not None:
             runtime.configure(cpu_devices=1)
@@ -622,30 +698,33 @@ MAX_RESTARTS = 100
 
 @cli.command(context_settings={"ignore_unknown_options": True,
                                "allow_interspersed_args": False})
-@click.option("--processes", "-n", type=click.IntRange(1, MAX_LOCAL_PROCESSES), default=2,
-              help="Local processes, each one process of the job.")
-@click.option("--timeout", type=FiniteFloatRange(1, MAX_LAUNCH_SECONDS), default=3600,
-              help="Seconds for the whole launch, restarts included; then every "
-                   "process is killed (exit 124).")
-@click.option("--grace", type=FiniteFloatRange(0, MAX_LAUNCH_SECONDS), default=30,
-              help="Seconds the others get to exit after one process fails, "
-                   "before they are killed.")
-@click.option("--port", type=click.IntRange(1, 65535), default=None,
-              help="Coordinator port on 127.0.0.1 [default: a free one, fresh for each "
-                   "restart].")
-@click.option("--max-restarts", type=click.IntRange(0, MAX_RESTARTS), default=0,
-              help="Times a failed job is started again (all its processes; train "
-                   "resumes from its workdir). Not restarted: a usage error (exit 2), "
-                   "or a job the launcher's own SIGTERM or Ctrl-C stopped.")
+@option("--processes", "-n", type=click.IntRange(1, MAX_LOCAL_PROCESSES), default=2,
+        help="Local processes, each one process of the job.")
+@option("--timeout", type=FiniteFloatRange(1, MAX_LAUNCH_SECONDS), default=None,
+        metavar="SECONDS", show_default="none: the job runs until it ends",
+        help="Seconds for the whole launch, restarts included; then every process is "
+             "killed, the launcher says so in one line, and exits 124.")
+@option("--grace", type=FiniteFloatRange(0, MAX_LAUNCH_SECONDS), default=30,
+        help="Seconds the others get to exit after one process fails, "
+             "before they are killed.")
+@option("--port", type=click.IntRange(1, 65535), default=None,
+        help="Coordinator port on 127.0.0.1.",
+        show_default="a free one, fresh for each restart")
+@option("--max-restarts", type=click.IntRange(0, MAX_RESTARTS), default=0,
+        help="Times a failed job is started again (all its processes; train "
+             "resumes from its workdir). Not restarted: a usage error (exit 2), "
+             "or a job the launcher's own SIGTERM or Ctrl-C stopped.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def launch(processes, timeout, grace, port, max_restarts, command):
-    """Run COMMAND as a job of N local processes on loopback (CPU devices simulated).
+    """Run a lenet-dist COMMAND (train, eval, ...: lenet-dist's own commands, not any
+    program) as a job of N local processes on loopback, CPU devices simulated.
 
     \b
     lenet-dist launch -n 2 -- train --devices 8 --workdir runs/mp
-    gives 2 processes x 4 simulated CPU devices: the same program, sharding and
-    checkpoints as N hosts of a TPU slice. Output lines carry the process id.
-    The processes die with the launcher, even by kill -9.
+    runs `lenet-dist train --devices 8 --workdir runs/mp` as 2 processes x 4
+    simulated CPU devices: the same program, sharding and checkpoints as 2 hosts
+    of a TPU slice. Output lines carry the process id. The processes die with
+    the launcher, even by kill -9. There is no time limit unless --timeout.
     """
     return launch_lib.run(list(command), processes, timeout=timeout, grace=grace, port=port,
                           max_restarts=max_restarts)

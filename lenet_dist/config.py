@@ -195,6 +195,16 @@ class Config:
         """The fields as a JSON object, in declaration order; `--config` reads it back."""
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
+    def to_yaml(self) -> str:
+        """The fields as YAML, in declaration order (`train --print-config`); `--config`
+        reads it back to this Config. Written with the reader's own rules for numbers
+        (`_yaml_dumper`), so a text that reads as a number there (a workdir `1e3`) is
+        quoted here."""
+        import yaml  # lazy, as in _read_yaml
+
+        return yaml.dump(self.to_dict(), Dumper=_yaml_dumper(), sort_keys=False,
+                         allow_unicode=True, default_flow_style=False)
+
 
 def dataset_kind(spec: str) -> tuple[str, str | None]:
     """("builtin", None), ("folder", PATH) or ("idx", DIR) for a --dataset value."""
@@ -297,6 +307,44 @@ def preset(name: str) -> Config:
 
 CONFIG_FILE = "config.json"  # in the workdir: the run's effective Config
 MAX_CONFIG_BYTES = 2**20  # a settings file is a few hundred bytes
+
+
+# Where `train` puts a recipe's run by default (PRESETS' workdirs), and so where the
+# commands that read a run look for one when given no --workdir.
+RUNS_DIR = "runs"
+
+
+def trained_runs(root: str = RUNS_DIR) -> list[str]:
+    """The runs under `root` (its directories holding a config.json, which `train`
+    writes when it starts), the one trained last at the end; [] when there are none."""
+    found = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:  # no ./runs/, or not readable: no runs to choose from
+        return []
+    for entry in entries:
+        try:
+            stamp = os.stat(os.path.join(entry.path, CONFIG_FILE)).st_mtime_ns
+        except (OSError, ValueError):
+            continue
+        found.append((stamp, entry.name))
+    return [os.path.join(root, name) for _, name in sorted(found)]
+
+
+def workdir_to_read(workdir: str | None, note=None) -> str:
+    """The run a command that reads one (eval, export, checkpoints, report, predict)
+    uses: `workdir` when given; else the run under ./runs/ trained last (the newest
+    runs/*/config.json), else runs/lenet (the d2l recipe's). When it takes a run
+    under ./runs/, `note` gets one line saying which."""
+    if workdir is not None:
+        return workdir
+    runs = trained_runs()
+    if not runs:
+        return PRESETS["d2l"].workdir
+    if note is not None:
+        note(f"note: --workdir {runs[-1]} (the run under {RUNS_DIR}/ trained last; "
+             "--workdir chooses another)")
+    return runs[-1]
 
 
 def write_config(workdir: str | os.PathLike, config: Config) -> None:
@@ -438,6 +486,21 @@ def _yaml_loader() -> type:
                               r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
         list("-+0123456789."))
     return ConfigLoader
+
+
+@functools.cache
+def _yaml_dumper() -> type:
+    """yaml.SafeDumper that decides what to quote by `_yaml_loader`'s rules for numbers
+    (YAML 1.2's), so that what it writes reads back as the same values."""
+    import yaml  # lazy, as in _read_yaml
+
+    class ConfigDumper(yaml.SafeDumper):
+        pass
+
+    ConfigDumper.yaml_implicit_resolvers = {
+        first: list(resolvers)
+        for first, resolvers in _yaml_loader().yaml_implicit_resolvers.items()}
+    return ConfigDumper
 
 
 def checked_setting(where: str, key: Any, value: Any) -> Any:

@@ -3,8 +3,8 @@
 The same multi-controller setup as a TPU pod or a SLURM allocation, on one
 machine: process i gets the coordinator address, the process count and its id
 through the environment the CLI reads (LENET_DIST_COORDINATOR_ADDRESS, ...).
-Output is prefixed with the process id; a hard timeout bounds the whole job;
-when one process fails the others get `grace` seconds to notice, then are
+Output is prefixed with the process id; a timeout, when given, bounds the whole
+job; when one process fails the others get `grace` seconds to notice, then are
 killed by process group (each process leads its own, with its output filters).
 Every process dies with the launcher, however the launcher dies (Linux's
 parent-death signal). With restarts, a failed job is started again, torchrun's
@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import math
 import os
 import signal
 import socket
@@ -157,11 +158,12 @@ class LocalJob:
                 self.out.write(line + "\n")
                 self.out.flush()
 
-    def wait(self, timeout: float, grace: float | Callable[[int], float] = 30.0) -> list[int]:
+    def wait(self, timeout: float | None,
+             grace: float | Callable[[int], float] = 30.0) -> list[int]:
         """Exit statuses of all processes. After the first failure the others have
         `grace` seconds to exit (or `grace(returncode)`, of the failed process);
-        past `timeout` every process is killed."""
-        deadline = time.monotonic() + timeout
+        past `timeout` (None: no limit) every process is killed."""
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
         kill_at = None
         while any(p.poll() is None for p in self.procs):
             now = time.monotonic()
@@ -197,8 +199,9 @@ class LocalJob:
         self.kill_all()
 
 
-def run(args: Sequence[str], processes: int, timeout: float, grace: float,
-        port: int | None = None, out: TextIO = sys.stdout, max_restarts: int = 0) -> int:
+def run(args: Sequence[str], processes: int, timeout: float | None = None,
+        grace: float = 30.0, port: int | None = None, out: TextIO = sys.stdout,
+        max_restarts: int = 0) -> int:
     """The `lenet-dist launch` command: run the job, relay output; the job's exit status.
 
     SIGINT/SIGTERM to the launcher are forwarded as SIGTERM to every process (they
@@ -206,9 +209,10 @@ def run(args: Sequence[str], processes: int, timeout: float, grace: float,
     fails otherwise is started again, up to `max_restarts` times (see `restart_refusal`),
     on a fresh port unless `port` is given; the survivors of a failure that will be
     restarted are killed at once, since they cannot go on without the lost process.
-    `timeout` bounds the whole launch, restarts included.
+    `timeout` (None: no limit) bounds the whole launch, restarts included; when it runs
+    out, every process is killed and the status is TIMED_OUT (124), said in one line.
     """
-    deadline = time.monotonic() + timeout
+    deadline = None if timeout is None else time.monotonic() + timeout
     stopping: list[int] = []  # the signals the launcher received
     jobs: list[LocalJob] = []
 
@@ -239,13 +243,13 @@ def run(args: Sequence[str], processes: int, timeout: float, grace: float,
             if stopping:  # a signal came while the processes were being started
                 for i in range(processes):
                     job.signal(i, signal.SIGTERM)
-            codes = job.wait(max(0.0, deadline - time.monotonic()),
-                             grace_for(max_restarts - restarts))
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            codes = job.wait(left, grace_for(max_restarts - restarts))
             job.kill_all()
             summary = ", ".join(f"{i}: {c}" for i, c in enumerate(codes))
             if job.timed_out:
                 job.say(f"launch: timed out after {timeout:g} s; killed all processes "
-                        f"({summary})")
+                        f"({summary}); exit {TIMED_OUT} (--timeout)")
                 return TIMED_OUT
             job.say(f"launch: exit statuses {summary}")
             if job.failed_first is None:

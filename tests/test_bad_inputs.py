@@ -3,8 +3,9 @@ subprocess and must end with one line on stderr, `error: ...`, the right exit co
 (2: usage, 1: runtime failure), no traceback, and the trained run's checkpoints and
 metrics and an exported model byte-for-byte as they were.
 
-The README's bad-input section is `render_readme()` of this table; a test checks it.
-`python tests/test_bad_inputs.py` prints that section for pasting.
+docs/errors.md's bad-input section is `render_readme()` of this table; a test checks it.
+`python tests/test_bad_inputs.py` prints that section for pasting; with `--write` it
+replaces the section in docs/errors.md.
 
 To add a case, append a `Case` to CASES (a `setup` may plant files in the case's own
 directory, which holds private copies of the trained run and the export).
@@ -32,7 +33,7 @@ import pytest
 from lenet_dist import safefs
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+ERRORS_DOC = ROOT / "docs" / "errors.md"  # the page that shows the table
 BEGIN, END = "<!-- bad-inputs:begin -->", "<!-- bad-inputs:end -->"
 TIMEOUT = 120  # seconds per case; the slowest start JAX or TensorFlow (~5 s alone)
 WORKERS = 3    # concurrent cases: the CI machine has 2 cores, and most cases just wait
@@ -279,6 +280,10 @@ CASES: list[Case] = [
          "no checkpoints in {dir}/none"),
     Case("checkpoints-not-utf8", ("checkpoints", "--workdir", FF), 2,
          "Invalid value for '--workdir': '\\xff' is not valid text"),
+    Case("report-run-and-workdir", ("report", "--workdir", "{run}", "{run}"), 2,
+         "give the run as RUN or with --workdir, not both"),
+    Case("report-compare-one-run", ("report", "--compare", "{run}"), 2,
+         "--compare takes two or more run directories as arguments"),
     Case("report-out-into-checkpoints", ("report", "--workdir", "{run}", "--out",
                                          "{run}/checkpoints"), 2,
          "checkpoints/, which only training writes; choose another directory"),
@@ -331,11 +336,12 @@ CASES: list[Case] = [
          "can be; lower or unset it", env={"JAX_NUM_CPU_DEVICES": "100000"}),
     # --- bench ----------------------------------------------------------------------------
     Case("bench-one-epoch", ("bench", "--epochs", "1"), 2,
-         "Invalid value for '--epochs': 1 is not in the range 2<=x<=10000."),
+         "Invalid value for '--epochs': a benchmark needs 2 or more epochs (the first "
+         "compiles and is not counted)"),
     Case("bench-rounds-huge", ("bench", "--rounds", "1000"), 2,
          "Invalid value for '--rounds': 1000 is not in the range 1<=x<=100."),
     Case("bench-devices-beyond-one-host", ("bench", "--devices", "1", "--devices", "1000"), 2,
-         "Invalid value for '--devices': 1000 is not in the range 1<=x<=512."),
+         "1000 devices per process: at most 512 CPU devices can be simulated"),
     Case("bench-job-without-devices", ("bench", "--job", "2x"), 2,
          "Invalid value for '--job': '2x' is not PROCESSESxDEVICES, e.g. 2x4 (2 processes of "
          "4 devices each)"),
@@ -430,7 +436,7 @@ CASES: list[Case] = [
          "boolean.", env={"LENET_DIST_DEBUG": "maybe"}),
 ]
 
-# --------------------------------------------------------------------- the README table
+# ------------------------------------------------------------ the docs/errors.md table
 
 PLACEHOLDERS = {"{run}": "RUN", "{model}": "MODEL", "{data}": "DATA", "{dir}": "DIR"}
 
@@ -447,7 +453,7 @@ def shell_word(arg: str | bytes) -> str:
 
 
 def render_readme() -> str:
-    """The README section between the markers: every case, as a user would type it."""
+    """The docs/errors.md section between the markers: every case, as a user types it."""
     intro = textwrap.fill(
         "Each row is a case of `tests/test_bad_inputs.py`, run as a subprocess: stderr is "
         "exactly one line, `error: ` then (a part of) the message shown, with no traceback, "
@@ -486,11 +492,11 @@ def test_case_ids_are_unique():
     assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
 
 
-def test_readme_shows_the_table():
-    text = README.read_text()
-    assert BEGIN in text and END in text, f"README.md needs the markers {BEGIN} ... {END}"
+def test_errors_doc_shows_the_table():
+    text = ERRORS_DOC.read_text()
+    assert BEGIN in text and END in text, f"docs/errors.md needs the markers {BEGIN} ... {END}"
     section = text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
-    assert section == render_readme(), "run `python tests/test_bad_inputs.py`, paste it"
+    assert section == render_readme(), "run `python tests/test_bad_inputs.py --write`"
 
 
 def test_the_table_is_large_and_covers_every_command():
@@ -625,7 +631,17 @@ def test_bad_input(case, outcomes):
     assert outcome.after == outcome.before, "the trained run or the export changed"
 
 
+def rendered_doc(text: str) -> str:
+    """`text` (docs/errors.md) with the section between the markers rendered anew."""
+    head, rest = text.split(BEGIN, 1)
+    return head + BEGIN + "\n" + render_readme() + "\n" + END + rest.split(END, 1)[1]
+
+
 if __name__ == "__main__":
-    print(BEGIN)
-    print(render_readme())
-    print(END)
+    if sys.argv[1:] == ["--write"]:
+        ERRORS_DOC.write_text(rendered_doc(ERRORS_DOC.read_text()))
+        print(f"wrote the table into {ERRORS_DOC.relative_to(ROOT)}")
+    else:
+        print(BEGIN)
+        print(render_readme())
+        print(END)

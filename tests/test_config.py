@@ -81,21 +81,27 @@ def help_text(capsys, *args) -> str:
 
 
 def test_help_shows_every_recipes_defaults(capsys):
+    """A default that depends on the recipe names each recipe's; one that does not is
+    one value."""
     text = help_text(capsys, "--help")
-    assert "[default: 128 (smoke: 16); 1<=x<=65536]" in text
-    assert "[default: 0.1 (modern: 0.003, smoke: 0.003); 0.0<x<=10.0]" in text
-    assert "[default: runs/lenet (modern: runs/modern, smoke: runs/smoke)]" in text
-    assert "[default: off (modern: on)]" in text  # --augment
+    assert "[default: d2l: 128, modern: 128, smoke: 16; 1<=x<=65536]" in text
+    assert "[default: d2l: 0.1, modern: 0.003, smoke: 0.003; 0.0<x<=10.0]" in text
+    assert "[default: d2l: runs/lenet, modern: runs/modern, smoke: runs/smoke]" in text
+    assert "[default: d2l: off, modern: on, smoke: off]" in text  # --augment
     assert "[default: all; 1<=x<=2147483647]" in text  # --devices
-    assert "[default: all (smoke: 2000); 1<=x<=2147483647]" in text  # --train-limit
+    assert "[default: d2l: all, modern: all, smoke: 2000; 1<=x<=2147483647]" in text
+    assert "[default: on]" in text  # --checkpoint: the same in every recipe
 
 
 @pytest.mark.parametrize("args", [("--recipe", "modern"), ("--preset", "modern")])
 def test_recipe_before_help_shows_its_defaults(capsys, args):
     text = help_text(capsys, *args, "--help")
-    assert "--lr FLOAT RANGE [default: 0.003; 0.0<x<=10.0]" in text
-    assert "[default: runs/modern]" in text and "smoke" not in text.split("--config")[1]
-    assert "[default: on]" in text  # --augment
+    assert "--lr FLOAT RANGE [default: modern: 0.003; 0.0<x<=10.0]" in text
+    assert "[default: modern: runs/modern]" in text
+    options = text.split("--config FILE")[1]  # after --recipe's own help
+    assert "smoke" not in options and "d2l:" not in options
+    assert "[default: modern: on]" in text  # --augment
+    assert "[default: 0.9; 0.0<=x<1.0]" in text  # --momentum: the same in every recipe
 
 
 def test_help_imports_neither_jax_nor_yaml():
@@ -430,17 +436,34 @@ def test_quoted_is_bounded_and_cheap_for_any_value():
 
 
 def test_print_config_shows_the_effective_config_and_reads_back(tmp_path, capsys):
-    """Recipe, then --config, then options; printed as JSON that --config takes again;
-    nothing trained, no workdir made."""
+    """Recipe, then --config, then options; printed as YAML that --config reads back to
+    the same config (printed again: the same text); nothing trained, no workdir made."""
+    import yaml
+
     (tmp_path / "run.yaml").write_text("epochs: 4\nseed: 3\n")
     workdir = tmp_path / "w"
     args = ["train", "--recipe", "modern", "--config", str(tmp_path / "run.yaml"),
             "--seed", "5", "--workdir", str(workdir), "--print-config"]
     assert main(args) == 0
-    printed = json.loads(capsys.readouterr().out)
+    text = capsys.readouterr().out
+    printed = yaml.safe_load(text)
     assert printed == {**config_lib.PRESETS["modern"].to_dict(), "epochs": 4, "seed": 5,
                        "workdir": str(workdir)}
-    (tmp_path / "again.json").write_text(json.dumps(printed))
-    assert main(["train", "--config", str(tmp_path / "again.json"), "--print-config"]) == 0
-    assert json.loads(capsys.readouterr().out) == printed
+    assert list(printed) == list(config_lib.FIELDS)  # declaration order
+    (tmp_path / "again.yaml").write_text(text)
+    assert main(["train", "--config", str(tmp_path / "again.yaml"), "--print-config"]) == 0
+    assert capsys.readouterr().out == text
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize("changes", [
+    {"workdir": "1e3", "data_dir": "010", "dataset": "idx:yes"},  # texts that look like others
+    {"weight_decay": 1e-05, "learning_rate": 10.0, "seed": 2**32 - 1, "devices": 8},
+    {"workdir": "runs/w\xf6rk: a # b", "test_fraction": 0.25, "dataset": "folder:x",
+     "augment": True, "train_limit": 512},
+])
+def test_to_yaml_reads_back_to_the_same_config(tmp_path, changes):
+    config = dataclasses.replace(PRESETS["smoke"], **changes)
+    (tmp_path / "run.yaml").write_text(config.to_yaml(), encoding="utf-8")
+    settings = config_lib.read_settings(str(tmp_path / "run.yaml"))
+    assert config_lib.effective_config(None, settings, {}) == config
