@@ -133,6 +133,32 @@ def reference(dataset, tmp_path_factory):
     return work, result
 
 
+def modern(workdir, **kw) -> Config:
+    """`small` (10 steps an epoch) with every part of the modern recipe on."""
+    from lenet_dist.config import PRESETS
+
+    fields = {k: getattr(PRESETS["modern"], k) for k in (
+        "recipe", "optimizer", "schedule", "warmup_epochs", "weight_decay",
+        "label_smoothing", "augment")}
+    return small(workdir, **{**fields, "learning_rate": 0.003, **kw})
+
+
+# The uninterrupted run of each recipe, by name: the resume tests hold theirs against it.
+RECIPE_RUNS = {"d2l": small, "modern": modern}
+
+
+@pytest.fixture(scope="session")
+def modern_reference(dataset, tmp_path_factory):
+    """`reference` with the modern recipe: an uninterrupted `modern` run, saving every
+    3 steps (shared by the recipe and checkpoint tests)."""
+    from lenet_dist.training import train
+
+    work = tmp_path_factory.mktemp("modern")
+    result = train(modern(work, save_every_steps=3, keep_checkpoints=20), dataset=dataset,
+                   log=lambda _: None)
+    return work, result
+
+
 @pytest.fixture(scope="session")
 def data_dir(dataset, tmp_path_factory) -> str:
     """`dataset` as a directory of IDX files, for commands run in subprocesses."""

@@ -26,8 +26,6 @@ kill9 = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(kill9)
 descendants, alive = kill9.descendants, kill9.alive
 
-pytestmark = pytest.mark.skipif(not real_data_available(), reason="needs the real data")
-
 TINY = ("--epochs", "2", "--rounds", "1", "--batch-size", "128")
 
 
@@ -43,6 +41,7 @@ def trainers(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not real_data_available(), reason="needs the real data")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
 @pytest.mark.parametrize("argv, trainers_expected", [
     (("bench", "--devices", "1", *TINY), 1),
@@ -75,8 +74,13 @@ def test_a_stopped_command_leaves_no_process_and_no_temporary_directory(
         made = sorted(p.name for p in tmp.iterdir())
         if argv[0] == "bench":
             assert any(name.startswith("lenet-dist-bench-") for name in made), made
+        # Signalled while it runs (a command that had ended would pass the rest
+        # without having been stopped): its exit status must be the signal's.
+        assert proc.poll() is None, "the command ended before the signal"
         proc.send_signal(signum)
         proc.wait(timeout=60)
+        assert proc.returncode == (143 if signum == signal.SIGTERM else -signal.SIGKILL), \
+            proc.returncode
         deadline = time.monotonic() + 15  # the reaper's grace, on a busy machine
         while (any(alive(p) for p in seen) or any(tmp.iterdir())) \
                 and time.monotonic() < deadline:

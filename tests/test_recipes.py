@@ -1,5 +1,7 @@
-"""The modern recipe: its model, BatchNorm under data parallelism, augmentation that a
-resume reproduces, its checkpoints read by every command; MNIST with both recipes."""
+"""The modern recipe: its model, BatchNorm under data parallelism, augmentation as a
+function of the key, its checkpoints read by every command; MNIST with both recipes.
+That a resumed modern run equals the uninterrupted one is tests/test_checkpoint.py's
+exact-resume test, run for each recipe."""
 
 import json
 
@@ -10,31 +12,15 @@ import pytest
 
 from lenet_dist import model as model_lib
 from lenet_dist.cli import main
-from lenet_dist.config import PRESETS, Config
 from lenet_dist.evaluation import evaluate_checkpoint
 from lenet_dist.restore import restore_checkpoint
 from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.state import BNTrainState
 from lenet_dist.step import augment
 from lenet_dist.training import train
-from tests.conftest import assert_same_params, copy_run_until, small, write_dataset
+from tests.conftest import assert_same_params, modern, small, write_dataset
 
 QUIET = dict(log=lambda _: None)
-
-
-def modern(workdir, **kw) -> Config:
-    """`small` (10 steps an epoch) with every modern part on."""
-    fields = {k: getattr(PRESETS["modern"], k) for k in (
-        "recipe", "optimizer", "schedule", "warmup_epochs", "weight_decay",
-        "label_smoothing", "augment")}
-    return small(workdir, **{**fields, "learning_rate": 0.003, **kw})
-
-
-@pytest.fixture(scope="module")
-def modern_reference(dataset, tmp_path_factory):
-    work = tmp_path_factory.mktemp("modern")
-    return work, train(modern(work, save_every_steps=3, keep_checkpoints=20),
-                       dataset=dataset, **QUIET)
 
 
 def test_modern_model_shapes_and_budget(capsys):
@@ -69,22 +55,6 @@ def test_batchnorm_trains_identically_on_1_and_8_devices(dataset, tmp_path):
     assert_same_params(runs[1].state.variables, runs[8].state.variables, atol=2e-5)
     assert runs[1].final["test_accuracy"] == pytest.approx(runs[8].final["test_accuracy"],
                                                            abs=1e-3)
-
-
-@pytest.mark.parametrize("resume_from", [10, 12])  # an epoch end, and mid-epoch
-def test_resumed_modern_run_equals_the_uninterrupted_one(modern_reference, dataset,
-                                                         tmp_path, resume_from):
-    """Augmentation keyed by (seed, step), the schedule's position, AdamW's moments and
-    the BatchNorm statistics all come back from the checkpoint."""
-    ref_work, ref = modern_reference
-    work = copy_run_until(ref_work, tmp_path / "run", resume_from)
-    logs = []
-    resumed = train(modern(work, save_every_steps=3, keep_checkpoints=20), dataset=dataset,
-                    log=logs.append)
-    assert any(f"resuming from checkpoint at step {resume_from}" in line for line in logs)
-    assert_same_params(resumed.state.variables, ref.state.variables, atol=1e-6)
-    for a, b in zip(resumed.history, ref.history):
-        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
 
 
 def test_modern_checkpoint_evaluates_on_other_device_counts(modern_reference, dataset):

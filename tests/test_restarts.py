@@ -159,7 +159,10 @@ def test_a_killed_process_restarts_the_job_which_ends_like_an_uninterrupted_run(
     with Launcher(args) as launcher:
         launcher.until(lambda: launcher.pids() and saved_steps(work), "a first checkpoint")
         victim = launcher.pids()[0][1]
-        os.kill(victim, signal.SIGKILL)  # mid-epoch 1: 16 steps and 6 saves remain
+        # Killed mid-run, not after: the job has not saved its last step (16) and the
+        # victim still runs (else the restart below would be missing, not untested).
+        assert alive(victim) and 16 not in saved_steps(work), (saved_steps(work), launcher.text())
+        os.kill(victim, signal.SIGKILL)  # mid-epoch 1: ~13 of 16 steps and 6 saves remain
         code = launcher.wait()
     out = launcher.text()
     print(out)

@@ -4,7 +4,10 @@ several times), and in the last epoch. Every signal stops the job: at once with 
 line before anything is saved, or at one step, the same on both processes, with a
 checkpoint of that step; and the resumed job ends where an uninterrupted run ends.
 
-The signal is sent when a process prints the line that marks the phase, so the phase
+The signal is sent when a process reaches the state that marks the phase: a line it
+prints, or, at start-up where it prints nothing, a state read from /proc (its SIGTERM
+handler installed, JAX's library loaded, the coordinator listening); in the last
+epoch the processes signal themselves at a step (LENET_DIST_SIGTERM_AT). So the phase
 is the same on a fast machine and a slow one (no sleeps, no skips).
 """
 
@@ -13,12 +16,14 @@ import re
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from lenet_dist.checkpoint import Checkpoints
 from lenet_dist.launch import LocalJob
 from lenet_dist.mesh import Shardings, make_mesh
+from lenet_dist.preemption import SIGTERM_AT_ENV
 from lenet_dist.state import make_optimizer
 from lenet_dist.step import build_steps
 from tests.conftest import assert_same_params, small
@@ -39,21 +44,68 @@ def train_args(workdir, data_dir):
             str(HEARTBEAT), "--data-dir", data_dir, "--workdir", str(workdir)]
 
 
-def run_job(args, *, when=None, delay=None):
+def proc_file(pid: int, name: str) -> str:
+    """/proc/PID/NAME, or "" once the process is gone (`run_job` then says so)."""
+    try:
+        return Path(f"/proc/{pid}/{name}").read_text()
+    except OSError:
+        return ""
+
+
+def started(pid: int) -> bool:
+    """The process runs `python -m lenet_dist`: until its exec, a forked child shows
+    the test's own handlers and libraries (this process has JAX loaded)."""
+    return proc_file(pid, "cmdline").split("\0")[1:3] == ["-m", "lenet_dist"]
+
+
+def handles_sigterm(pid: int) -> bool:
+    """The process catches SIGTERM: `exit_on_sigterm` has run (SigCgt, bit 15)."""
+    if not started(pid):  # first: the exec resets the handlers
+        return False
+    caught = [ln.split()[1] for ln in proc_file(pid, "status").splitlines()
+              if ln.startswith("SigCgt:")]
+    return bool(caught) and bool(int(caught[0], 16) >> (signal.SIGTERM - 1) & 1)
+
+
+def jax_loaded(pid: int) -> bool:
+    """JAX's compiled library is mapped: the process is importing or has imported JAX."""
+    return started(pid) and "/jaxlib/" in proc_file(pid, "maps")
+
+
+def listening(port: int) -> bool:
+    """A socket listens on `port` (the job's coordinator, which process 0 starts when
+    it joins): /proc/net/tcp{,6}, state 0A."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, _, state = line.split()[1:4]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
+
+START_UP = {  # phase -> has the job reached it? (both processes, read from outside)
+    "SIGTERM handler installed": lambda job: all(handles_sigterm(p.pid) for p in job.procs),
+    "JAX loaded": lambda job: all(jax_loaded(p.pid) for p in job.procs),
+    "coordinator listening": lambda job: listening(job.port) and all(
+        jax_loaded(p.pid) for p in job.procs),
+}
+
+
+def run_job(args, *, when=None, env=None):
     """Run the 2-process job; SIGTERM both processes by PID once process 0 prints a
-    line containing `when`, or `delay` seconds after they start. Exit codes, outputs."""
-    job = LocalJob(args, 2, env={"PYTHONPATH": os.pathsep.join(sys.path)})
+    line containing `when` (a string), or once `when(job)` is true. Exit codes, outputs."""
+    job = LocalJob(args, 2, env={"PYTHONPATH": os.pathsep.join(sys.path), **(env or {})})
     job.start()
     try:
         deadline = time.monotonic() + TIMEOUT
-        if when is not None or delay is not None:
-            start = time.monotonic()
-            while not (when is not None and when in job.output(0)
-                       or delay is not None and time.monotonic() - start >= delay):
+        if when is not None:
+            reached = when if callable(when) else lambda job: when in job.output(0)
+            while not reached(job):
                 assert time.monotonic() < deadline, job.output(0)
                 assert all(p.poll() is None for p in job.procs), \
-                    f"the job ended before {when or delay!r}: {job.output(0)[-2000:]}"
+                    f"the job ended before {when!r}: {job.output(0)[-2000:]}"
                 time.sleep(0.01)
+            assert all(p.poll() is None for p in job.procs), job.output(0)  # signalled alive
             for i in range(2):
                 job.signal(i, signal.SIGTERM)
         codes = job.wait(max(1.0, deadline - time.monotonic()), grace=60)
@@ -80,12 +132,12 @@ def params(workdir, step=None):
     return tree["state"].params
 
 
-@pytest.mark.parametrize("delay", [0.2, 1.0, 2.5])
-def test_sigterm_at_start_up_exits_143_with_one_line(delay, data_dir, tmp_path):
+@pytest.mark.parametrize("phase", list(START_UP))
+def test_sigterm_at_start_up_exits_143_with_one_line(phase, data_dir, tmp_path):
     """Before the job has anything to save: 143 at once, one line, nothing written
     that a resume would trip on; or, if the signal lands after the join, one step
     and its checkpoint."""
-    codes, out = run_job(train_args(tmp_path / "run", data_dir), delay=delay)
+    codes, out = run_job(train_args(tmp_path / "run", data_dir), when=START_UP[phase])
     assert codes == [143, 143], out
     for o in out:
         lines = [ln for ln in o.splitlines() if ln.startswith(EARLY) or STOPPED.search(ln)]
@@ -112,8 +164,8 @@ def test_sigterm_on_resumed_runs_and_in_the_last_epoch(reference, data_dir, tmp_
     step = stop_step(codes, out)
     resumed = [step]
     while step < 13:  # resumes at 1, 2: epoch 1 (steps 1-10), then in epoch 2
-        if step == 3:  # skip ahead into the last epoch
-            codes, out = run_job(args, when="epoch 1/2")
+        if step == 3:  # skip ahead into the last epoch: both signal themselves at 11
+            codes, out = run_job(args, env={SIGTERM_AT_ENV: "11"})
             step = stop_step(codes, out)
             assert 10 < step < 20, out  # a stop in the last epoch
         else:
