@@ -178,16 +178,12 @@ class Model:
     `config`: the run's Config; `workdir`: where it was loaded from."""
 
     def __init__(self, restored: Restored, workdir: str):
-        import jax  # JAX: a Model is only made after start_jax (by load)
-
-        from lenet_dist.step import infer
-
         self.class_names: tuple[str, ...] = tuple(restored.class_names)
         self.step: int = restored.step
         self.config: Config = restored.config
         self.workdir = workdir
         self._variables = restored.variables
-        self._forward = jax.jit(infer)  # what `lenet-dist predict --workdir` runs
+        self._forward = restored.forward  # what `lenet-dist predict --workdir` runs
 
     def __repr__(self) -> str:
         return (f"Model(workdir={self.workdir!r}, step={self.step}, "
@@ -293,9 +289,9 @@ def start_jax(devices: int | None) -> None:
 
 def jax_started() -> bool:
     """Whether JAX's backends are up (then the device count is fixed)."""
+    from lenet_dist import jax_compat
+
     try:
-        from jax._src import xla_bridge
-    except ImportError:  # a JAX without this private module: assume not yet
+        return jax_compat.backends_are_initialized()
+    except jax_compat.JaxMoved:  # a JAX without this private function: assume not yet
         return False
-    started = getattr(xla_bridge, "backends_are_initialized", None)
-    return bool(started and started())

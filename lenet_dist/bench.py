@@ -1,7 +1,10 @@
 """Benchmarks. Training: each configuration (recipe, batch size, processes x devices)
 trains in fresh processes, since the CPU device count is fixed when JAX starts, and
 its figures come from the run's own metrics.jsonl; rounds are interleaved so that the
-host's noise hits every configuration alike. Serving: SavedModel vs JAX, one process."""
+host's noise hits every configuration alike. Serving: SavedModel vs JAX, one process.
+
+A run's figures are read as `EpochRecord`s, the class train writes them with; nothing
+is parsed out of train's log lines."""
 
 from __future__ import annotations
 
@@ -24,13 +27,14 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from lenet_dist import safefs, tempdirs, versions
+from lenet_dist import rundir, safefs, tempdirs, versions
 from lenet_dist import serving_contract as contract
-from lenet_dist.config import INT_RANGES, RECIPES
+from lenet_dist.config import INT_RANGES, PRESETS
 from lenet_dist.data import CLASS_NAMES
 from lenet_dist.distributed import check_devices
 from lenet_dist.errors import Failure, UserError
 from lenet_dist.launch import LocalJob
+from lenet_dist.records import EpochRecord
 from lenet_dist.runtime import MAX_SIMULATED_CPU_DEVICES, import_tensorflow
 
 # What run_config returns for one run, in this order (the table's and the JSON's).
@@ -40,8 +44,6 @@ FIGURES = ("train_images_per_sec", "eval_images_per_sec", "first_step_seconds",
 MAX_JOB_PROCESSES = 64
 # ru_maxrss is in KiB on Linux, in bytes on macOS.
 RSS_PER_MIB = 1024**2 if sys.platform == "darwin" else 1024
-# train's opening line: "... (60,000 train / 10,000 test images from ...)".
-EVAL_IMAGES = re.compile(r"/ ([\d,]+) test images")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +65,9 @@ class Run:
 
     def validate(self) -> "Run":
         """One clear line before anything runs, rather than a failed run later."""
-        if self.recipe not in RECIPES:
+        if self.recipe not in PRESETS:
             raise UserError(f"unknown recipe {self.recipe!r}; choose one of "
-                            f"{', '.join(RECIPES)}")
+                            f"{', '.join(PRESETS)}")
         if not 1 <= self.processes <= MAX_JOB_PROCESSES:
             raise UserError(f"a benchmark job has 1..{MAX_JOB_PROCESSES} processes, "
                             f"got {self.processes}")
@@ -138,11 +140,10 @@ def run_config(run: Run, epochs: int, data_dir: str | None, workdir: str | os.Pa
     args = run.train_args(epochs, data_dir, workdir, checkpoint)
     launched = time.time()
     if run.processes == 1:
-        log, peak = _train_alone(run, args, timeout)
+        peak = _train_alone(run, args, timeout)
     else:
-        log, peak = _train_as_job(run, args, timeout)
-    figures = steady_figures(read_metrics(Path(workdir) / "metrics.jsonl"), launched,
-                             eval_images(log))
+        peak = _train_as_job(run, args, timeout)
+    figures = steady_figures(read_metrics(Path(workdir) / rundir.METRICS_FILE), launched)
     return {**figures, "peak_rss_mib": peak}
 
 
@@ -152,7 +153,7 @@ def default_timeout(epochs: int) -> float:
     return 300.0 * (epochs + 1)
 
 
-def _train_alone(run: Run, args: list[str], timeout: float) -> tuple[str, float]:
+def _train_alone(run: Run, args: list[str], timeout: float) -> float:
     """One process, its output into files rather than pipes: os.wait4 (the only way to
     a child's peak memory) then waits with no reader thread to keep a pipe drained."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -165,15 +166,14 @@ def _train_alone(run: Run, args: list[str], timeout: float) -> tuple[str, float]
             if proc.returncode is None:
                 proc.kill()
                 proc.wait()
-        out.seek(0)
         err.seek(0)
-        log, errors = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+        errors = err.read().decode(errors="replace")
     if failed is not None:
         raise _failure(run, proc.returncode, errors)
-    return log, peaks[0]
+    return peaks[0]
 
 
-def _train_as_job(run: Run, args: list[str], timeout: float) -> tuple[str, float]:
+def _train_as_job(run: Run, args: list[str], timeout: float) -> float:
     """A local job on loopback (launch.LocalJob, whose threads read the output); the
     first process to fail or the timeout ends it, every process killed by PID."""
     job = LocalJob(args, run.processes)
@@ -186,7 +186,7 @@ def _train_as_job(run: Run, args: list[str], timeout: float) -> tuple[str, float
     if failed is not None:
         raise _failure(run, job.procs[failed].returncode, job.output(failed),
                        f" (process {failed})")
-    return job.output(0), max(peaks)
+    return max(peaks)
 
 
 def reap(procs: Sequence[subprocess.Popen], deadline: float,
@@ -231,38 +231,34 @@ def die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path) -> list[EpochRecord]:
+    """The run's metrics.jsonl, one record an epoch; a Failure when it cannot be read."""
     try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return rundir.read_metrics(path)
     except (OSError, ValueError) as e:
         raise Failure(f"cannot read the benchmark run's {path}: {e}") from None
 
 
-def eval_images(log: str) -> int:
-    """How many test images the run evaluates, from train's opening line."""
-    match = EVAL_IMAGES.search(log)
-    if not match:
-        raise Failure("the benchmark run's log does not say how many test images it "
-                      "evaluates (train's opening line changed?)")
-    return int(match[1].replace(",", ""))
-
-
-def steady_figures(rows: list[dict], launched: float, test_images: int) -> dict:
+def steady_figures(rows: Sequence[EpochRecord], launched: float) -> dict:
     """A run's figures from its metrics.jsonl records (but the peak memory). The steady
     state is the median over the epochs after the first, which compiles; the first
-    step and the time from `launched` (time.time()) to its end are the warm-up."""
-    if len(rows) < 2 or "first_step_seconds" not in rows[0]:
+    step and the time from `launched` (time.time()) to its end are the warm-up. The
+    evaluation rate is the images each record says it evaluated over its seconds."""
+    if len(rows) < 2 or rows[0].first_step_seconds is None:
         raise Failure(f"the benchmark run's metrics hold {len(rows)} epoch(s)"
                       + ("" if len(rows) < 2 else " and no first step") +
                       "; a benchmark needs 2 or more from one fresh run")
     later = rows[1:]
+    if any(r.eval_images is None or r.eval_seconds is None for r in later):
+        raise Failure("the benchmark run's metrics do not say how many images each "
+                      "evaluation read (written by an older lenet-dist?)")
     return {
-        "train_images_per_sec": statistics.median(r["images_per_sec"] for r in later),
-        "eval_images_per_sec": statistics.median(test_images / r["eval_seconds"]
+        "train_images_per_sec": statistics.median(r.images_per_sec for r in later),
+        "eval_images_per_sec": statistics.median(r.eval_images / r.eval_seconds
                                                  for r in later),
-        "first_step_seconds": rows[0]["first_step_seconds"],
-        "ready_seconds": rows[0]["first_step_time"] - launched,
-        "epoch_seconds": statistics.median(b["time"] - a["time"] for a, b in zip(rows, later)),
+        "first_step_seconds": rows[0].first_step_seconds,
+        "ready_seconds": rows[0].first_step_time - launched,
+        "epoch_seconds": statistics.median(b.time - a.time for a, b in zip(rows, later)),
     }
 
 
@@ -450,25 +446,28 @@ def bench_serving(workdir: str | None, batch_size: int = 256, rounds: int = 3,
     from lenet_dist import exporting as export_lib
     from lenet_dist import serialization
     from lenet_dist.mesh import Shardings, make_mesh
-    from lenet_dist.model import init_params
+    from lenet_dist.model import build, init_params
     from lenet_dist.restore import restore_checkpoint
-    from lenet_dist.step import infer
+    from lenet_dist.step import forward_for
 
     tf = import_tensorflow()
     if workdir:
-        variables = restore_checkpoint(workdir, Shardings(make_mesh(1))).variables
+        restored = restore_checkpoint(workdir, Shardings(make_mesh(1)))
+        variables, forward = restored.variables, restored.forward
+        model, class_names = restored.model, restored.class_names
     else:
         variables = init_params(jax.random.key(0))  # speed does not depend on the weights
+        forward = forward_for("d2l")  # init_params' model
+        model, class_names = build("d2l"), CLASS_NAMES["fashion_mnist"]
     variables = jax.device_get(variables)
-    forward = jax.jit(infer)
 
     def run_jax(x):
         return jax.device_get(forward(variables, x))
 
     with tempdirs.temporary_directory("lenet-dist-bench-serving-") as tmp:
         model_dir = export_lib.save_savedmodel(
-            tf, variables, Path(tmp), ("cpu",), CLASS_NAMES["fashion_mnist"],
-            serialization.installed_plan())
+            tf, variables, Path(tmp), ("cpu",), class_names, serialization.installed_plan(),
+            model)
         served = contract.load_signature(tf, model_dir)
 
         def run_tf(x):

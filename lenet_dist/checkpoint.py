@@ -31,12 +31,14 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from lenet_dist import distributed, gcs, safefs
+from lenet_dist import distributed, safefs
 # Which fields a resume compares are declared with them, in Config's field metadata.
 from lenet_dist.config import COMPATIBLE_FIELDS, REQUIRED_FIELDS, STRUCTURAL_FIELDS, Config
 from lenet_dist.errors import Failure, UserError, first_line
+from lenet_dist.records import EPOCH_METRICS
+# The run directory's names and path live in rundir; kept here for their importers.
+from lenet_dist.rundir import CHECKPOINT_DIR, workdir_path
 
-CHECKPOINT_DIR = "checkpoints"
 QUARANTINE_DIR = "corrupt-checkpoints"
 # Every checkpoint's metrics hold the test accuracy; a run with a validation split holds
 # its accuracy too, and then "best" means best on it: the test set is only reported.
@@ -49,8 +51,6 @@ MAX_JSON_BYTES = 16 * 2**20  # metadata holds the history: a few KB per epoch
 PROBE_DIR = ".probe"  # under the lock, so no other writer uses it
 
 log = logging.getLogger(__name__)
-# An epoch record's figures that a checkpoint's metrics file holds.
-EPOCH_METRICS = ("test_accuracy", "test_loss", "validation_accuracy", "validation_loss")
 
 
 class CorruptCheckpoint(ValueError):
@@ -479,15 +479,6 @@ def save_error(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     return first_line(e, 160)
-
-
-def workdir_path(workdir: str | os.PathLike) -> epath.Path:
-    """A local path made absolute, or a URL such as gs://bucket/run kept as it is."""
-    text = os.fspath(workdir)
-    if "://" not in text:
-        return epath.Path(os.path.abspath(text))
-    gcs.check_installed(text)
-    return epath.Path(text)
 
 
 def check_compatible(saved: dict, current: dict, workdir: str, allow_change: bool = False,

@@ -35,6 +35,7 @@ from lenet_dist.config import (
     preset,
     read_settings,
     RUNS_DIR,
+    trained_runs,
     workdir_to_read,
 )
 from lenet_dist.distributed import (
@@ -671,6 +672,9 @@ def predict(inputs, model, workdir, step, best, top, invert, labels, as_json, qu
         raise click.UsageError("give exactly one of --model (SavedModel) or --workdir")
     if model is not None and (step is not None or best):
         raise click.UsageError("--step/--best choose a checkpoint; use them with --workdir")
+    if model is None and workdir is None and not trained_runs():
+        raise click.UsageError("give --model (SavedModel) or --workdir: there is no run "
+                               f"under {RUNS_DIR}/ to read")
     if model is None:
         workdir = run_to_read(workdir)
     with runtime.quick_interrupts():

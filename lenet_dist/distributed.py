@@ -44,7 +44,7 @@ import time
 
 import numpy as np
 
-from lenet_dist import safefs, versions
+from lenet_dist import jax_compat, safefs, versions
 from lenet_dist.errors import Failure, UserError, first_line
 
 MODES = ("off", "auto")
@@ -165,9 +165,8 @@ def join(spec: JobSpec, devices: int | None) -> int | None:
             raise  # no rendezvous to tell the others of it
         early = e  # told to the others at the rendezvous, then raised
     import jax  # JAX late
-    from jax._src import xla_bridge  # JAX late
 
-    if xla_bridge.backends_are_initialized():
+    if jax_compat.backends_are_initialized():
         raise early or UserError("JAX's backend started before the job was joined; "
                                  "jax.distributed.initialize must come first")
     nothing_given = (spec.coordinator_address, spec.num_processes, spec.process_id,
@@ -218,8 +217,7 @@ def join(spec: JobSpec, devices: int | None) -> int | None:
         watch.stop()
     global JOINED
     JOINED = spec
-    state = jax._src.distributed.global_state
-    return check_devices(devices, state.num_processes)
+    return check_devices(devices, jax_compat.distributed_state().num_processes)
 
 
 def _check_share(devices: int | None, count: int | None) -> None:
@@ -231,9 +229,7 @@ def detect_cluster() -> str | None:
     """The name of the cluster JAX's `initialize()` would detect (its ClusterEnv
     classes' own `is_env_present`, in JAX's order, opt-in ones skipped as JAX skips
     them), or None where it would find none and fail."""
-    from jax._src import clusters  # JAX late
-
-    for env in clusters.ClusterEnv._cluster_types:
+    for env in jax_compat.cluster_types():
         if not env.opt_in_only_method and env.is_env_present():
             return env.name or env.__name__
     return None
@@ -247,10 +243,8 @@ def resolve(spec: JobSpec) -> tuple[str | None, int | None, int | None]:
     address = spec.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     count, index = spec.num_processes, spec.process_id
     if spec.mode == "auto" and None in (address, count, index):
-        from jax._src import clusters  # JAX late
-
-        address, count, index, _ = clusters.ClusterEnv.auto_detect_unset_distributed_params(
-            address, count, index, None, None, spec.join_timeout)
+        address, count, index, _ = jax_compat.auto_detect_unset_distributed_params(
+            address, count, index, spec.join_timeout)
     return address, count, index
 
 
@@ -722,9 +716,7 @@ def check_same_settings(settings: dict, name: str) -> None:
     devices, so it works before any mesh; it costs a few RPCs to the coordinator."""
     if process_count() == 1 or JOINED is None:
         return
-    from jax._src import distributed as jax_distributed  # JAX late
-
-    client = jax_distributed.global_state.client
+    client = jax_compat.distributed_state().client
     if client is None:
         return
     me, timeout_ms = process_index(), JOINED.join_timeout * 1000

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import jax
 import numpy as np
 
 from lenet_dist import distributed
@@ -15,7 +14,7 @@ from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.model import param_count
 from lenet_dist.restore import restore_checkpoint
 from lenet_dist.sources import load_dataset
-from lenet_dist.step import Steps, infer, summarize
+from lenet_dist.step import Steps, summarize
 
 
 def evaluate(steps: Steps, variables, feed: EvalFeed) -> dict[str, float]:
@@ -51,7 +50,7 @@ def test_predictions(workdir: str, step: int | None = None, best: bool = False,
     restored = restore_checkpoint(workdir, Shardings(make_mesh(1)), step, best)
     variables, config = restored.variables, restored.config
     dataset = load_dataset(config.replace(data_dir=data_dir), log=lambda _: None)
-    forward = jax.jit(infer)
+    forward = restored.forward
     images = dataset.test.images
     predictions = np.concatenate([np.asarray(forward(variables, images[i:i + batch])["classes"])
                                   for i in range(0, len(images), batch)])

@@ -1,38 +1,51 @@
 """A run's history (its epoch records, as metrics.jsonl and checkpoint metadata hold them):
-which epoch is the best, on which split it was chosen, and where early stopping ends it."""
+which epoch is the best, on which split it was chosen, and where early stopping ends it.
+
+Each function takes `EpochRecord`s or their JSON objects (checkpoint metadata, a
+hand-written history) alike, and `best_epoch` hands back the item it was given."""
 
 from __future__ import annotations
 
+from typing import Any, Mapping, Sequence, TypeVar
 
-def chosen_on(history: list[dict]) -> str:
+from lenet_dist.records import EpochRecord, field
+
+Row = TypeVar("Row", EpochRecord, Mapping[str, Any])
+
+
+def chosen_on(history: Sequence[EpochRecord | Mapping[str, Any]]) -> str:
     """"validation" when the run held out a validation split, else "test"."""
-    return "validation" if history and "validation_accuracy" in history[0] else "test"
+    return ("validation" if history and field(history[0], "validation_accuracy") is not None
+            else "test")
 
 
-def best_epoch(history: list[dict]) -> dict | None:
+def best_epoch(history: Sequence[Row]) -> Row | None:
     """The epoch record "best" means: the highest validation accuracy when the run has a
     validation split, else the highest test accuracy (the first of equals)."""
     key = f"{chosen_on(history)}_accuracy"
-    return max(history, key=lambda r: r[key], default=None)
+    return max(history, key=lambda r: field(r, key), default=None)
 
 
-def describe_best(history: list[dict]) -> str:
+def describe_best(history: Sequence[EpochRecord | Mapping[str, Any]]) -> str:
     """One line on the best epoch and the split it was chosen on."""
     best = best_epoch(history)
     if best is None:
         return "no epoch evaluated yet"
-    if "validation_accuracy" in best:
-        return (f"best: epoch {best['epoch']}, validation accuracy "
-                f"{best['validation_accuracy']:.4f} (test accuracy there "
-                f"{best['test_accuracy']:.4f}, not used to choose)")
-    return (f"best: epoch {best['epoch']}, test accuracy {best['test_accuracy']:.4f}, "
+    epoch, test = field(best, "epoch"), field(best, "test_accuracy")
+    validation = field(best, "validation_accuracy")
+    if validation is not None:
+        return (f"best: epoch {epoch}, validation accuracy {validation:.4f} (test accuracy "
+                f"there {test:.4f}, not used to choose)")
+    return (f"best: epoch {epoch}, test accuracy {test:.4f}, "
             "selected on the test set (hold out --validation N to choose honestly)")
 
 
-def stopped_early(history: list[dict], patience: int) -> int | None:
+def stopped_early(history: Sequence[EpochRecord | Mapping[str, Any]],
+                  patience: int) -> int | None:
     """The epoch at which `--early-stop patience` ends the run: `patience` epochs after the
     best validation accuracy without a better one; None while it goes on."""
     best = best_epoch(history)
-    if not patience or best is None or "validation_accuracy" not in best:
+    if not patience or best is None or field(best, "validation_accuracy") is None:
         return None
-    return history[-1]["epoch"] if history[-1]["epoch"] - best["epoch"] >= patience else None
+    last = field(history[-1], "epoch")
+    return last if last - field(best, "epoch") >= patience else None

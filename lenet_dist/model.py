@@ -3,11 +3,15 @@ and the same skeleton with the thirty years of changes the seed's table lists.""
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from lenet_dist.errors import UserError
 
 NUM_CLASSES = 10
 INPUT_SHAPE = (1, 28, 28, 1)
@@ -108,15 +112,44 @@ def build(recipe: str = "d2l", num_classes: int = NUM_CLASSES) -> nn.Module:
     return MODELS[recipe](num_classes=num_classes)
 
 
-def for_variables(variables: dict) -> nn.Module:
-    """The module that applies `variables`: BatchNorm statistics mean the modern recipe's,
-    and the head's width is the class count (so export, predict and bench take only the
-    variables)."""
-    params = variables["params"]
-    head = max((k for k in params if k.startswith("layers_")),
-               key=lambda k: int(k.split("_")[1]))
-    return build("modern" if "batch_stats" in variables else "d2l",
-                 int(params[head]["kernel"].shape[-1]))
+def recipe_of(model: nn.Module) -> str:
+    return next(name for name, cls in MODELS.items() if isinstance(model, cls))
+
+
+@functools.cache
+def _expected_shapes(recipe: str, num_classes: int) -> dict[str, tuple[int, ...]]:
+    shapes = jax.eval_shape(lambda k: init_variables(k, recipe, num_classes),
+                            jax.random.key(0))
+    return _shapes(shapes)
+
+
+def _shapes(tree, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """{"params/layers_0/kernel": shape, ...}; walks any mapping (dicts, FrozenDicts, the
+    dict wrappers of a tf.Module that jax2tf passes in), so no pytree key paths needed."""
+    if not hasattr(tree, "keys"):
+        return {prefix: tuple(np.shape(tree))}
+    return {path: shape for key in tree.keys()
+            for path, shape in _shapes(tree[key], f"{prefix}/{key}" if prefix else
+                                       str(key)).items()}
+
+
+def check_variables(model: nn.Module, variables: dict) -> None:
+    """A one-line UserError when `variables` are not `model`'s (another recipe's, or a
+    head of another width), instead of Flax's scope error from deep inside `apply`.
+    Reads shapes only, so under jit it costs nothing after the trace."""
+    recipe = recipe_of(model)
+    want, got = _expected_shapes(recipe, model.num_classes), _shapes(variables)
+    if want == got:
+        return
+    missing = sorted(want.keys() - got.keys())
+    extra = sorted(got.keys() - want.keys())
+    resized = [f"{k} is {list(got[k])}, not {list(want[k])}" for k in sorted(want.keys()
+               & got.keys()) if want[k] != got[k]]
+    problems = ([f"missing {', '.join(missing[:3])}"] if missing else []) \
+        + ([f"unexpected {', '.join(extra[:3])}"] if extra else []) + resized[:2]
+    raise UserError(f"the variables do not fit the {recipe} recipe's model with "
+                    f"{model.num_classes} classes ({'; '.join(problems)}); the recipe and "
+                    "class count come from the run's config and class names")
 
 
 def layer_name(layer) -> str:

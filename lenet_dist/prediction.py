@@ -95,10 +95,9 @@ def checkpoint_predictor(workdir: str, step: int | None, best: bool):
 
     from lenet_dist.mesh import Shardings, make_mesh
     from lenet_dist.restore import restore_checkpoint
-    from lenet_dist.step import infer
 
     restored = restore_checkpoint(workdir, Shardings(make_mesh(1)), step, best)
-    forward = jax.jit(infer)
+    forward = restored.forward  # the model of the checkpoint's config and class names
 
     def predict(images):
         out = forward(restored.variables, images)

@@ -27,6 +27,8 @@ from lenet_dist import gcs, safefs
 from lenet_dist.config import CONFIG_FILE
 from lenet_dist.errors import UserError
 from lenet_dist.history import chosen_on
+from lenet_dist.records import EpochRecord
+from lenet_dist.rundir import CHECKPOINT_DIR, METRICS_FILE, TB_DIR
 
 CURVES_PNG = "curves.png"
 CONFUSION_PNG = "confusion.png"
@@ -35,14 +37,15 @@ REPORT_MD = "report.md"
 COMPARE_PNG = "compare.png"
 COMPARE_MD = "compare.md"
 
-# What training keeps in a workdir: a report written into or over one of these would
-# mix with (or replace) the run's own files. train.METRICS_FILE, train.TB_DIR,
-# checkpoint.CHECKPOINT_DIR and safefs.LOCK_FILE are named here because report.py sits
-# above train and checkpoint (no JAX); tests/test_report.py keeps the names in step.
-RUN_ENTRIES = ("checkpoints", "metrics.jsonl", CONFIG_FILE, "tb", safefs.LOCK_FILE)
+# What training keeps in a workdir (rundir's names): a report written into or over one
+# of these would mix with (or replace) the run's own files.
+RUN_ENTRIES = (CHECKPOINT_DIR, METRICS_FILE, CONFIG_FILE, TB_DIR, safefs.LOCK_FILE)
 # What makes a directory a run's workdir, for a run that --out names but the report
 # was not asked about.
-RUN_MARKERS = ("checkpoints", "metrics.jsonl", CONFIG_FILE)
+RUN_MARKERS = (CHECKPOINT_DIR, METRICS_FILE, CONFIG_FILE)
+# A history is EpochRecords (train's, metrics.jsonl's) or their JSON objects (checkpoint
+# metadata; hand-written or older ones may lack figures, or carry others).
+History = Sequence[EpochRecord | Mapping[str, Any]]
 
 DPI = 110
 # Panels of the learning-curve figure: (metric suffix in metrics.jsonl, axis label).
@@ -61,7 +64,7 @@ LOG_SCALE_RATIO = 20.0
 # ------------------------------------------------------------------- figures
 
 
-def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | epath.Path,
+def plot_curves(runs: Mapping[str, History], path: str | epath.Path,
                 title: str | None = None) -> epath.Path:
     """Loss and accuracy per epoch, train solid and test dashed, as in d2l's LeNet plot
     but on two panels, since a loss of 2.3 next to an accuracy of 0.9 on one axis hides
@@ -70,6 +73,7 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | epa
     names = list(runs)
     if not names:
         raise ValueError("plot_curves needs at least one run")
+    runs = {name: json_rows(history) for name, history in runs.items()}
     fig = _figure((11.0, 4.6 if len(names) <= 1 else 5.0))
     axes = fig.subplots(1, 2)
     epochs = {float(e) for name in names for e in _series(runs[name], "epoch")[0]}
@@ -235,7 +239,7 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, k: int) -> np.
 # ------------------------------------------------------------------- pages
 
 
-def write_report(out_dir: str | epath.Path, name: str, history: Sequence[Mapping[str, Any]],
+def write_report(out_dir: str | epath.Path, name: str, history: History,
                  config: Mapping[str, Any], labels: np.ndarray, predictions: np.ndarray,
                  images: np.ndarray, class_names: Sequence[str],
                  extra: Mapping[str, Any] | None = None) -> epath.Path:
@@ -246,6 +250,7 @@ def write_report(out_dir: str | epath.Path, name: str, history: Sequence[Mapping
     gcs.check_installed(str(out_dir))
     out = epath.Path(out_dir)
     safefs.make_dir(out)
+    history = json_rows(history)
     plot_curves({name: history}, out / CURVES_PNG)
     plot_confusion(labels, predictions, class_names, out / CONFUSION_PNG)
     plot_misclassified(images, labels, predictions, class_names, out / MISCLASSIFIED_PNG)
@@ -286,7 +291,7 @@ def write_comparison(out_dir: str | epath.Path,
     gcs.check_installed(str(out_dir))
     out = epath.Path(out_dir)
     safefs.make_dir(out)
-    histories = {name: run.get("history") or [] for name, run in runs.items()}
+    histories = {name: json_rows(run.get("history") or []) for name, run in runs.items()}
     plot_curves(histories, out / COMPARE_PNG, title=f"Comparison of {len(runs)} runs")
 
     rows = []
@@ -390,6 +395,12 @@ def recipe(config: Mapping[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------- helpers
+
+
+def json_rows(history: History) -> list[Mapping[str, Any]]:
+    """Each epoch as its JSON object, the keys EpochRecord writes: the form every
+    reader below takes, whole records or partial ones alike."""
+    return [r.to_json() if isinstance(r, EpochRecord) else r for r in history]
 
 
 def _figure(size: tuple[float, float]) -> Figure:

@@ -33,6 +33,16 @@ class Restored:
     step_fns: Steps  # the run's steps jitted for this mesh (evaluate runs its eval step)
 
     @property
+    def model(self):
+        """The run's model: its config's recipe, one output per class name."""
+        return self.step_fns.model
+
+    @property
+    def forward(self):
+        """The jitted forward of `model` (`step.forward_for`): predict's and export's."""
+        return self.step_fns.forward
+
+    @property
     def class_names(self) -> tuple[str, ...]:
         """Label i's name: what the run's dataset named it (folder datasets record theirs in
         the metadata; the built-in ones have fixed names)."""
@@ -88,6 +98,7 @@ def restore_checkpoint(workdir: str, shardings: Shardings, step: int | None = No
             if best or s > candidates[0]:
                 warn(f"warning: checkpoint step {s} is unreadable ({problem}); skipped")
     for chosen in candidates:
+        # The model from the metadata: the config's recipe, one output per class name.
         config = config_from(ckpts.meta(chosen))
         step_fns = build_steps(make_optimizer(config), shardings, config,
                                len(class_names_of(ckpts.meta(chosen), config)))

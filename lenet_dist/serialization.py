@@ -19,9 +19,9 @@ from typing import Iterator
 
 import jax
 from jax import export as jax_export
-from jax._src.export import _export
 from jaxlib.mlir.dialects import stablehlo
 
+from lenet_dist import jax_compat
 from lenet_dist.errors import UserError
 
 _ARTIFACT_VERSION = re.compile(rb"StableHLO_v(\d+\.\d+\.\d+)")
@@ -129,22 +129,18 @@ def serialize_for(plan: Plan) -> Iterator[None]:
     jax has no public knob for the StableHLO target, so this wraps its one
     serialization function; `check_graph` then proves it took effect.
     """
-    original = getattr(_export, "_module_to_bytecode", None)
-    if original is None:
-        raise UserError(f"jax {jax.__version__} moved its StableHLO serializer; "
-                        "lenet_dist.serialization needs updating for it")
-
-    def to_bytecode(module):
-        return downgrade(original(module), plan.stablehlo)
+    def wrap(original):
+        def to_bytecode(module):
+            return downgrade(original(module), plan.stablehlo)
+        return to_bytecode
 
     previous_cc = jax.config.jax_export_calling_convention_version
-    _export._module_to_bytecode = to_bytecode
-    jax.config.update("jax_export_calling_convention_version", plan.calling_convention)
-    try:
-        yield
-    finally:
-        _export._module_to_bytecode = original
-        jax.config.update("jax_export_calling_convention_version", previous_cc)
+    with jax_compat.stablehlo_serializer_wrapped(wrap):
+        jax.config.update("jax_export_calling_convention_version", plan.calling_convention)
+        try:
+            yield
+        finally:
+            jax.config.update("jax_export_calling_convention_version", previous_cc)
 
 
 def artifact_version(artifact: bytes) -> str | None:

@@ -7,8 +7,10 @@ Steps take uint8 images and convert them on the device. Metrics are sums
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -64,12 +66,14 @@ def _metrics(logits, labels, mask=None) -> dict[str, jax.Array]:
             "count": jnp.sum(mask, dtype=jnp.float32).astype(jnp.int32)}
 
 
-def train_step(state: TrainState, images, labels, tx, config: Config = Config()
-               ) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, images, labels, tx, config: Config = Config(),
+               model: nn.Module | None = None) -> tuple[TrainState, dict]:
     """One optimizer step on the mean softmax cross-entropy of the global batch
     (label-smoothed if asked), after on-device augmentation if asked. BatchNorm
-    recipes normalise with the global batch's statistics and update running ones."""
-    model = model_lib.for_variables(state.variables)
+    recipes normalise with the global batch's statistics and update running ones.
+    `model` defaults to the config's recipe with the default class count."""
+    model = model or model_lib.build(config.recipe)
+    model_lib.check_variables(model, state.variables)  # at trace time: shapes only
     if config.augment:
         key = jax.random.fold_in(jax.random.key(config.seed), state.step)
         images = augment(images, key)
@@ -99,25 +103,36 @@ def train_step(state: TrainState, images, labels, tx, config: Config = Config()
     return new_state, _metrics(logits, labels)
 
 
-def eval_step(variables, images, labels, mask) -> dict:
-    logits = model_lib.for_variables(variables).apply(variables, preprocess(images))
+def eval_step(model: nn.Module, variables, images, labels, mask) -> dict:
+    model_lib.check_variables(model, variables)
+    logits = model.apply(variables, preprocess(images))
     return _metrics(logits, labels, mask)
 
 
-def infer_logits(variables, images) -> jax.Array:
-    """`infer`'s logits alone: what export serializes (TensorFlow adds the softmax and
-    argmax, which the TFLite converter can read; a JAX argmax it cannot)."""
+def logits_of(model: nn.Module, variables, images) -> jax.Array:
+    """`forward`'s logits alone: what export serializes (TensorFlow adds the softmax and
+    argmax, which the TFLite converter can read; a JAX argmax it cannot). `variables` is
+    {"params": ...} (plus "batch_stats"), or a bare params tree."""
     if "params" not in variables:
         variables = {"params": variables}
-    return model_lib.for_variables(variables).apply(variables, preprocess(images))
+    model_lib.check_variables(model, variables)  # at trace time: shapes only
+    return model.apply(variables, preprocess(images))
 
 
-def infer(variables, images) -> dict[str, jax.Array]:
-    """What a served model answers for uint8 images: the export's and predict's forward.
-    `variables` is {"params": ...} (plus "batch_stats"), or a bare d2l params tree."""
-    logits = infer_logits(variables, images)
+def outputs_of(model: nn.Module, variables, images) -> dict[str, jax.Array]:
+    """What a served model answers for uint8 images: logits, softmax, argmax."""
+    logits = logits_of(model, variables, images)
     return {"logits": logits, "probabilities": jax.nn.softmax(logits),
             "classes": jnp.argmax(logits, axis=-1)}
+
+
+@functools.cache
+def forward_for(recipe: str, num_classes: int = model_lib.NUM_CLASSES) -> Callable:
+    """`forward(variables, uint8 images) -> {"logits", "probabilities", "classes"}`,
+    jitted once per (recipe, class count) for the whole process: evaluation, predict,
+    the API, export's reference and training's image grid share one compiled forward.
+    No shardings: it runs where its inputs are."""
+    return jax.jit(functools.partial(outputs_of, model_lib.build(recipe, num_classes)))
 
 
 def _add(sums, new):
@@ -141,13 +156,19 @@ class Steps:
     # () -> {"state", "acc"} ShapeDtypeStructs with this mesh's shardings: the checkpoint's
     # tree, whose key "acc" (the metric sums) stays as every saved checkpoint spells it
     abstract: Callable
+    # (variables, uint8 images) -> {"logits", "probabilities", "classes"}: `forward_for`'s
+    # jitted forward of this run's model, unsharded (predict, export, the image grid)
+    forward: Callable
+    model: nn.Module  # the run's model: the config's recipe, the dataset's class count
 
 
 def build_steps(tx: optax.GradientTransformation, shardings: Shardings,
                 config: Config = Config(), num_classes: int = model_lib.NUM_CLASSES) -> Steps:
     """Every sharding decision for the steps, in one place; `config` gives the recipe
     (model, augmentation, label smoothing, seed of the augmentation), `num_classes` the
-    width of the model's head (the dataset's class count)."""
+    width of the model's head (the dataset's class count). The model is built from these
+    two, never guessed from a checkpoint's variables."""
+    model = model_lib.build(config.recipe, num_classes)
     state_shapes = abstract_state(tx, config.recipe, num_classes)
     state_sh = state_shardings(shardings, state_shapes)
     rep = shardings.replicated
@@ -157,11 +178,11 @@ def build_steps(tx: optax.GradientTransformation, shardings: Shardings,
     def train_at(state, sums, xs, ys, i):
         images = jax.lax.with_sharding_constraint(xs[i], shardings.batch)
         labels = jax.lax.with_sharding_constraint(ys[i], shardings.batch)
-        state, metrics = train_step(state, images, labels, tx, config)
+        state, metrics = train_step(state, images, labels, tx, config, model)
         return state, _add(sums, metrics)
 
     def eval_at(variables, sums, xs, ys, mask, i):
-        return _add(sums, eval_step(variables, xs[i], ys[i], mask[i]))
+        return _add(sums, eval_step(model, variables, xs[i], ys[i], mask[i]))
 
     train = jax.jit(
         train_at,
@@ -181,7 +202,8 @@ def build_steps(tx: optax.GradientTransformation, shardings: Shardings,
         return {"state": jax.tree.map(attach, state_shapes, state_sh),
                 "acc": jax.tree.map(attach, jax.eval_shape(zero_metrics), metrics_sh)}
 
-    return Steps(train=train, evaluate=evaluate, zeros=zeros, abstract=abstract)
+    return Steps(train=train, evaluate=evaluate, zeros=zeros, abstract=abstract,
+                 forward=forward_for(config.recipe, num_classes), model=model)
 
 
 @jax.jit

@@ -21,6 +21,7 @@ from typing import BinaryIO, Callable, Iterator, Mapping, Sequence
 
 from lenet_dist import tempdirs
 from lenet_dist.errors import Failure, UserError, first_line
+from lenet_dist.records import EpochRecord
 
 SCALE = 3  # 28 px -> 84 px: big enough to tell a shirt from a pullover
 COLUMNS = 8
@@ -36,6 +37,16 @@ def is_remote(logdir: str | os.PathLike) -> bool:
 
 def warn_stderr(message: str) -> None:
     print(message, file=sys.stderr)
+
+
+def epoch_scalars(record: EpochRecord, lr: float) -> dict[str, float]:
+    """An epoch record's TensorBoard scalars, logged at its step: tag -> value."""
+    validation = {"validation/loss": record.validation_loss,
+                  "validation/accuracy": record.validation_accuracy} \
+        if record.has_validation else {}
+    return {"train/loss": record.train_loss, "train/accuracy": record.train_accuracy,
+            "test/loss": record.test_loss, "test/accuracy": record.test_accuracy,
+            **validation, "lr": lr, "images_per_sec": record.images_per_sec}
 
 
 class Board:

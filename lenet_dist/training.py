@@ -1,16 +1,16 @@
 """The training loop: mesh, input, state, steps, then a flat loop over epochs.
 
-The host dispatches step i and only then waits for step i-1, so the device
-always has work queued and the progress bar stays honest.
+`Trainer.run` is the table of contents: restore or init, then per epoch train, evaluate,
+record, save, and decide whether to stop. Each phase is one method below it. The host
+dispatches step i and only then waits for step i-1, so the device always has work
+queued and the progress bar stays honest.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import functools
-import json
 import math
 import time
 from typing import Callable
@@ -22,29 +22,40 @@ from tqdm.auto import tqdm
 
 from lenet_dist import checkpoint as ckpt_lib
 from lenet_dist import data as data_lib
-from lenet_dist import distributed, safefs, versions
+from lenet_dist import distributed, versions
 from lenet_dist.config import Config, write_config
 from lenet_dist.errors import Failure, Preempted, UserError
 from lenet_dist.evaluation import evaluate
-from lenet_dist.feed import eval_feed, train_feed
-from lenet_dist.mesh import Shardings, check_batch, make_mesh
+from lenet_dist.feed import EvalFeed, TrainFeed, eval_feed, train_feed
 from lenet_dist.history import describe_best, stopped_early
+from lenet_dist.mesh import Shardings, check_batch, make_mesh
 from lenet_dist.preemption import StopRule
+from lenet_dist.records import EpochRecord, format_epoch
 from lenet_dist.restore import class_names_of, config_from
 from lenet_dist.sources import load_dataset, shown_names
 from lenet_dist.state import TrainState, create_state, learning_rate, make_optimizer
-from lenet_dist.step import Steps, all_finite, build_steps, infer, summarize
-from lenet_dist.tboard import Board, ProfileWindow, parse_profile_steps
+from lenet_dist.step import Steps, all_finite, build_steps, summarize
+from lenet_dist.tboard import Board, ProfileWindow, epoch_scalars, parse_profile_steps
 
-METRICS_FILE = "metrics.jsonl"
-TB_DIR = "tb"
+# The run directory moved to rundir; these names stay importable from here.
+from lenet_dist.rundir import (  # noqa: F401  # isort: skip
+    METRICS_FILE, TB_DIR, lock_workdir, prepare_workdir, start_metrics, write_metrics)
+
+__all__ = ["Diverged", "EpochRecord", "Outputs", "TrainResult", "Trainer", "format_epoch",
+           "lock_workdir", "prepare_workdir", "run_steps", "start_metrics", "train",
+           "write_metrics", "METRICS_FILE", "TB_DIR"]
 
 
 @dataclasses.dataclass
 class TrainResult:
     state: TrainState
-    history: list[dict]
+    records: list[EpochRecord]
     config: Config
+
+    @property
+    def history(self) -> list[dict]:
+        """One JSON object per epoch, as metrics.jsonl holds them."""
+        return [r.to_json() for r in self.records]
 
     @property
     def final(self) -> dict:
@@ -57,55 +68,6 @@ class Diverged(Exception):
     def __init__(self, step: int):
         self.step = step
         super().__init__(f"diverged at step {step}")
-
-
-def run_steps(steps: Steps, state: TrainState, sums: dict, xs, ys, first: int, last: int,
-              offset: int, bar: tqdm, after_step: Callable[[int, TrainState, dict], None],
-              on_loss: Callable[[int, float], None], profile: ProfileWindow,
-              on_first_step: Callable[[float], None] | None = None):
-    """Steps first..last-1 of an epoch whose first step is number `offset` + 1.
-
-    The host dispatches step i and only then waits for step i-1, so the device always
-    has work queued. That step's loss (its sum minus the one before) is read then, at
-    no extra stall: checked, so a divergence stops the run at its step, and handed to
-    `on_loss(step, loss)` for the progress bar and TensorBoard. With `on_first_step`,
-    the host waits once for step `first` and hands it its wall seconds (dispatch,
-    compile and run: what a benchmark reports apart from the steady state)."""
-    before = float(sums["loss_sum"]) if first > 0 else 0.0
-    for i in range(first, last):
-        previous = sums
-        profile.before_step(offset + i + 1)
-        t_step = time.perf_counter()
-        state, sums = steps.train(state, sums, xs, ys, i)
-        if i == first and on_first_step is not None:
-            jax.block_until_ready(sums)  # once a run: the first step's time, compile included
-            on_first_step(time.perf_counter() - t_step)
-        profile.after_step(offset + i + 1, sums)
-        jax.block_until_ready(previous)  # wait one step behind: the device stays busy
-        if i > first:
-            total = float(previous["loss_sum"])
-            if not math.isfinite(total):
-                raise Diverged(offset + i)  # the step whose sums are `previous`
-            on_loss(offset + i, (total - before) / xs.shape[1])
-            before = total
-        bar.update()
-        after_step(i, state, sums)
-    if last > first:  # the epoch's last step: the epoch's summary waits for it anyway
-        total = float(sums["loss_sum"])
-        if math.isfinite(total):  # (a divergence there is the epoch check's to name)
-            on_loss(offset + last, (total - before) / xs.shape[1])
-    return state, sums
-
-
-def format_epoch(record: dict, epochs: int) -> str:
-    validation = (f"val loss {record['validation_loss']:.4f} acc "
-                  f"{record['validation_accuracy']:.4f}  " if "validation_accuracy" in record
-                  else "")
-    return (f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  "
-            f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}  "
-            f"{validation}"
-            f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}  "
-            f"{record['images_per_sec']:,.0f} img/s  {record['epoch_seconds']:.1f} s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +100,7 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
         log = tqdm.write  # lines above the progress bar, not through it
 
     # Mesh and shardings; every process must see the same workdir, locked by process 0.
-    mesh = make_mesh(config.devices)
-    shardings = Shardings(mesh)
+    shardings = Shardings(make_mesh(config.devices))
     check_batch(config.batch_size, shardings.size)
     workdir = prepare_workdir(config.workdir, create=primary)
     distributed.check_same_config(config.to_dict(), allow_config_change=allow_config_change)
@@ -156,23 +117,33 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
             if config.checkpoint else None
         if ckpt:
             cleanup.callback(ckpt.close)  # let an in-flight async save finish
-        return _run(config, dataset, mesh, shardings, workdir, ckpt, log, progress,
-                    allow_config_change, outputs)
+        run = Trainer.create(config, dataset, shardings, workdir, ckpt, log, progress,
+                             outputs)
+        return run.run(allow_config_change)
 
 
-def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shardings,
-         workdir: epath.Path, ckpt: ckpt_lib.Checkpoints | None, log: Callable[[str], None],
-         progress: bool, allow_config_change: bool, outputs: Outputs) -> TrainResult:
-    """The run itself, once the workdir is locked and its checkpoints are open."""
-    t0 = time.perf_counter()
-    primary = distributed.is_primary()
-    stop = StopRule(multi_process=jax.process_count() > 1, process_index=jax.process_index(),
-                    process_count=jax.process_count())
+# ------------------------------------------------------------------ input
 
-    # Input: host uint8 arrays -> device-resident feeds; every process the same data.
-    # The validation images come out of the training split (the seed says which) before
-    # --train-limit takes its first N.
-    dataset = dataset or load_dataset(config, progress=progress, log=log)
+
+@dataclasses.dataclass(frozen=True)
+class Feeds:
+    """The run's data on the devices: every process holds the same."""
+
+    train: TrainFeed
+    test: EvalFeed
+    validation: EvalFeed | None
+    train_images: int
+    validation_images: int
+
+    @property
+    def eval_images(self) -> int:
+        """What one evaluation reads: the test set and the validation split."""
+        return self.test.size + (self.validation.size if self.validation else 0)
+
+
+def make_feeds(config: Config, dataset: data_lib.Dataset, shardings: Shardings) -> Feeds:
+    """Host uint8 arrays -> device-resident feeds. The validation images come out of the
+    training split (the seed says which) before --train-limit takes its first N."""
     train_split, validation_split = data_lib.hold_out(dataset.train, config.validation,
                                                       config.seed)
     train_split = train_split.take(config.train_limit)
@@ -180,20 +151,160 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
     distributed.check_same_data((train_split.images, train_split.labels, dataset.test.images,
                                  dataset.test.labels, validation_split.labels, names),
                                 dataset.source)
-    train_data = train_feed(train_split, config.batch_size, shardings)
-    test_data = eval_feed(dataset.test, config.eval_batch_size, shardings)
-    validation_data = eval_feed(validation_split, config.eval_batch_size, shardings) \
+    validation = eval_feed(validation_split, config.eval_batch_size, shardings) \
         if config.validation else None
-    steps_per_epoch = train_data.steps_per_epoch
-    total_steps = steps_per_epoch * config.epochs
+    return Feeds(train=train_feed(train_split, config.batch_size, shardings),
+                 test=eval_feed(dataset.test, config.eval_batch_size, shardings),
+                 validation=validation, train_images=len(train_split),
+                 validation_images=len(validation_split))
 
-    # Model, optimizer and state, born replicated; steps jitted once.
-    tx = make_optimizer(config, steps_per_epoch)
-    steps = build_steps(tx, shardings, config, dataset.num_classes)
 
-    # The latest readable checkpoint of this run, else scratch. The saved config is
-    # compared before anything is restored.
-    def compatible(meta: dict) -> None:
+# ------------------------------------------------------------------ the steps of an epoch
+
+
+def run_steps(run: Trainer, epoch: int, first: int, xs, ys, timed: bool) -> None:
+    """Steps first.. of `epoch`, on `run.state` and `run.sums`.
+
+    The host dispatches step i and only then waits for step i-1, so the device always
+    has work queued. That step's loss (its sum minus the one before) is read then, at
+    no extra stall: checked, so a divergence stops the run at its step, and shown on
+    the progress bar and TensorBoard. `timed`: the host waits once for step `first`
+    and keeps its wall seconds (dispatch, compile and run: what a benchmark reports
+    apart from the steady state)."""
+    offset, last, size = epoch * run.steps_per_epoch, run.steps_per_epoch, xs.shape[1]
+    before = float(run.sums["loss_sum"]) if first > 0 else 0.0
+    for i in range(first, last):
+        previous = run.sums
+        run.profile.before_step(offset + i + 1)
+        t_step = time.perf_counter()
+        run.state, run.sums = run.steps.train(run.state, run.sums, xs, ys, i)
+        if i == first and timed:
+            jax.block_until_ready(run.sums)  # once a run: the first step's time, compile included
+            run.first_step = {"first_step_seconds": time.perf_counter() - t_step,
+                              "first_step_time": time.time()}
+        run.profile.after_step(offset + i + 1, run.sums)
+        jax.block_until_ready(previous)  # wait one step behind: the device stays busy
+        if i > first:
+            total = float(previous["loss_sum"])
+            if not math.isfinite(total):
+                raise Diverged(offset + i)  # the step whose sums are `previous`
+            run.show_loss(offset + i, (total - before) / size)
+            before = total
+        run.bar.update()
+        run.after_step(epoch, i)
+    if last > first:  # the epoch's last step: the epoch's summary waits for it anyway
+        total = float(run.sums["loss_sum"])
+        if math.isfinite(total):  # (a divergence there is the epoch check's to name)
+            run.show_loss(offset + last, (total - before) / size)
+
+
+# ------------------------------------------------------------------ the run
+
+
+@dataclasses.dataclass
+class Trainer:
+    """One run, once the workdir is locked and its checkpoints are open: what every
+    phase reads (config, mesh, feeds, steps, checkpoints, outputs) and the state it
+    carries from one phase to the next (state, metric sums, records)."""
+
+    config: Config
+    dataset: data_lib.Dataset
+    shardings: Shardings
+    workdir: epath.Path
+    ckpt: ckpt_lib.Checkpoints | None
+    log: Callable[[str], None]
+    outputs: Outputs
+    progress: bool
+    feeds: Feeds
+    tx: object  # the optax transformation
+    steps: Steps
+    stop: StopRule
+    primary: bool
+    started: float  # time.perf_counter() before the data loaded: the run's wall time
+    installed: dict  # package versions, for checkpoint metadata
+    resumed: bool = False  # restored from a checkpoint
+    state: TrainState | None = None
+    sums: dict | None = None
+    records: list[EpochRecord] = dataclasses.field(default_factory=list)
+    first_step: dict = dataclasses.field(default_factory=dict)  # for benchmarks
+    board: Board | None = None
+    profile: ProfileWindow | None = None
+    bar: tqdm | None = None
+
+    @classmethod
+    def create(cls, config: Config, dataset: data_lib.Dataset | None, shardings: Shardings,
+               workdir: epath.Path, ckpt: ckpt_lib.Checkpoints | None,
+               log: Callable[[str], None], progress: bool, outputs: Outputs) -> Trainer:
+        """Input, optimizer and steps (jitted once); nothing trained or restored yet."""
+        started = time.perf_counter()
+        dataset = dataset or load_dataset(config, progress=progress, log=log)
+        feeds = make_feeds(config, dataset, shardings)
+        tx = make_optimizer(config, feeds.train.steps_per_epoch)
+        steps = build_steps(tx, shardings, config, dataset.num_classes)
+        stop = StopRule(multi_process=jax.process_count() > 1,
+                        process_index=jax.process_index(), process_count=jax.process_count())
+        return cls(config=config, dataset=dataset, shardings=shardings, workdir=workdir,
+                   ckpt=ckpt, log=log, outputs=outputs, progress=progress, feeds=feeds,
+                   tx=tx, steps=steps, stop=stop, primary=distributed.is_primary(),
+                   started=started, installed=versions.installed())
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.feeds.train.steps_per_epoch
+
+    def run(self, allow_config_change: bool = False) -> TrainResult:
+        """The loop: restore or init, then train, evaluate, record, save, stop."""
+        start = self.restore_or_init(allow_config_change)
+        if self.finished(start):
+            return self.result()
+        self.log_header()
+        outputs = self.open_outputs(start)
+        try:
+            with self.stop, outputs:
+                for epoch in range(start // self.steps_per_epoch, self.config.epochs):
+                    t_epoch = time.perf_counter()
+                    trained = self.train_epoch(epoch, start)
+                    evaluated = self.evaluate()
+                    record = self.record(epoch, t_epoch, **trained, **evaluated)
+                    self.save(record.step, wait=self.stop.should_stop(),
+                              metrics=record.metrics())
+                    if self.should_stop(record):
+                        break
+        except Diverged as e:
+            raise self.diverged(e.step) from None
+        self.log_done(start)
+        return self.result()
+
+    def result(self) -> TrainResult:
+        return TrainResult(state=self.state, records=self.records, config=self.config)
+
+    # -- restore or init ----------------------------------------------------
+
+    def restore_or_init(self, allow_config_change: bool) -> int:
+        """The latest readable checkpoint of this run, else scratch; returns the step
+        to start from. The saved config is compared before anything is restored."""
+        def compatible(meta: dict) -> None:
+            self.check_compatible(meta, allow_config_change)
+
+        restored = self.ckpt.restore_latest(lambda meta: self.steps.abstract(),
+                                            check=compatible) if self.ckpt else None
+        if restored is None:
+            self.state = create_state(self.config.seed, self.tx, self.shardings,
+                                      self.config.recipe, self.dataset.num_classes)
+            self.sums = self.steps.zeros()
+        else:
+            tree, meta = restored
+            self.state, self.sums = tree["state"], tree["acc"]
+            self.records = [EpochRecord.from_json(r) for r in meta["history"]]
+        self.resumed = restored is not None
+        if self.primary:  # epochs after the checkpoint dropped, another run's lines kept aside
+            start_metrics(self.workdir, self.records, self.log)
+            write_config(self.workdir, self.config)  # what this run computes, for `--config`
+        return int(self.state.step)
+
+    def check_compatible(self, meta: dict, allow_config_change: bool) -> None:
+        """A checkpoint of another run (config or classes) is refused, not continued."""
+        config, dataset = self.config, self.dataset
         ckpt_lib.check_compatible(meta["config"], config.to_dict(), config.workdir,
                                   allow_change=allow_config_change, step=meta["step"])
         saved = class_names_of(meta, config_from(meta))
@@ -203,248 +314,207 @@ def _run(config: Config, dataset: data_lib.Dataset | None, mesh, shardings: Shar
                 f"({shown_names(saved)}), the data has {dataset.num_classes} "
                 f"({shown_names(dataset.class_names)}); use another --workdir")
 
-    restored = ckpt.restore_latest(lambda meta: steps.abstract(), check=compatible) \
-        if ckpt else None
-    history: list[dict] = []
-    if restored is None:
-        state, sums = (create_state(config.seed, tx, shardings, config.recipe,
-                                    dataset.num_classes), steps.zeros())
-    else:
-        tree, meta = restored
-        state, sums, history = tree["state"], tree["acc"], meta["history"]
-    if primary:  # epochs after the checkpoint dropped, another run's lines kept aside
-        start_metrics(workdir, history, log)
-        write_config(workdir, config)  # what this run computes, for `train --config`
-    start = int(state.step)
-    if restored is not None:
-        early = stopped_early(history, config.early_stop)
+    def finished(self, start: int) -> bool:
+        """A restored run that has nothing left to do says so; one that goes on says
+        where it resumes, and its checkpoints are probed before an epoch is spent."""
+        config, records, spe = self.config, self.records, self.steps_per_epoch
+        if not self.resumed:
+            return self.check_writable()
+        early = stopped_early(records, config.early_stop)
         if early is not None:
-            log(f"run in {workdir} is finished: it stopped early at epoch {early}, "
-                f"{config.early_stop} epochs without a better validation accuracy; "
-                f"{describe_best(history)}; to train on, raise --early-stop (or give 0) "
-                "and --epochs")
-            return TrainResult(state=state, history=history, config=config)
-        if start >= total_steps:
-            log(f"run in {workdir} is finished: {start} steps = {config.epochs} epochs"
-                + (f", test accuracy {history[-1]['test_accuracy']:.4f}" if history else "")
-                + "; use --epochs to train longer or a new --workdir")
-            return TrainResult(state=state, history=history, config=config)
-        log(f"resuming from checkpoint at step {start} (epoch {start // steps_per_epoch + 1}, "
-            f"step {start % steps_per_epoch} of {steps_per_epoch}) in {ckpt.directory}")
-    if ckpt:
-        ckpt.check_writable({"state": state, "acc": sums})  # before an epoch is spent
+            self.log(f"run in {self.workdir} is finished: it stopped early at epoch {early}, "
+                     f"{config.early_stop} epochs without a better validation accuracy; "
+                     f"{describe_best(records)}; to train on, raise --early-stop (or give 0) "
+                     "and --epochs")
+            return True
+        if start >= spe * config.epochs:
+            self.log(f"run in {self.workdir} is finished: {start} steps = {config.epochs} "
+                     "epochs" + (f", test accuracy {records[-1].test_accuracy:.4f}"
+                                 if records else "")
+                     + "; use --epochs to train longer or a new --workdir")
+            return True
+        self.log(f"resuming from checkpoint at step {start} (epoch {start // spe + 1}, "
+                 f"step {start % spe} of {spe}) in {self.ckpt.directory}")
+        return self.check_writable()
 
-    held = f" / {len(validation_split):,} validation" if config.validation else ""
-    log(f"training LeNet-5 on {dataset.name} ({len(train_split):,} train{held} / "
-        f"{test_data.size:,} test images, {dataset.num_classes} classes, from "
-        f"{dataset.source}) over {shardings.size} "
-        f"{mesh.devices.flat[0].platform} device(s), global batch {config.batch_size}, "
-        f"{config.optimizer} lr {config.learning_rate}, {config.epochs} epochs")
+    def check_writable(self) -> bool:
+        """False, once a probe save worked: a full disk fails here, not an epoch later."""
+        if self.ckpt:
+            self.ckpt.check_writable({"state": self.state, "acc": self.sums})
+        return False
 
-    installed = versions.installed()
-    lr = learning_rate(config, steps_per_epoch)
-    lr_at = (lambda step: float(lr(step))) if callable(lr) else (lambda step: lr)
-    cleanup = contextlib.ExitStack()
-    board = cleanup.enter_context(Board(workdir / TB_DIR, enabled=outputs.tensorboard
-                                        and primary, purge_step=start + 1))
-    profile = cleanup.enter_context(ProfileWindow(
-        outputs.profile_steps if primary else None, workdir / TB_DIR))
-    bar = cleanup.enter_context(tqdm(
-        total=total_steps, initial=start, unit="step", disable=not progress,
-        dynamic_ncols=True, leave=False))  # one bar for the run: its ETA is the run's
-    grid = dataset.test.take(32)
-    forward = jax.jit(infer)
+    def log_header(self) -> None:
+        config, dataset, feeds = self.config, self.dataset, self.feeds
+        held = f" / {feeds.validation_images:,} validation" if config.validation else ""
+        self.log(f"training LeNet-5 on {dataset.name} ({feeds.train_images:,} train{held} / "
+                 f"{feeds.test.size:,} test images, {dataset.num_classes} classes, from "
+                 f"{dataset.source}) over {self.shardings.size} "
+                 f"{self.shardings.mesh.devices.flat[0].platform} device(s), global batch "
+                 f"{config.batch_size}, {config.optimizer} lr {config.learning_rate}, "
+                 f"{config.epochs} epochs")
 
-    def on_loss(step: int, loss: float) -> None:
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        if step % outputs.log_every_steps == 0:
-            board.scalars(step, {"train/step_loss": loss, "lr": lr_at(step)})
+    def open_outputs(self, start: int) -> contextlib.ExitStack:
+        """TensorBoard, the profiler window and the progress bar, closed together."""
+        outputs = contextlib.ExitStack()
+        logdir = self.workdir / TB_DIR
+        self.board = outputs.enter_context(Board(
+            logdir, enabled=self.outputs.tensorboard and self.primary, purge_step=start + 1))
+        self.profile = outputs.enter_context(ProfileWindow(
+            self.outputs.profile_steps if self.primary else None, logdir))
+        self.bar = outputs.enter_context(tqdm(
+            total=self.steps_per_epoch * self.config.epochs, initial=start, unit="step",
+            disable=not self.progress, dynamic_ncols=True,
+            leave=False))  # one bar for the run: its ETA is the run's
+        return outputs
 
-    def meta_for(step: int) -> dict:
-        return {"config": config.to_dict(), "step": step, "epoch": step / steps_per_epoch,
-                "steps_per_epoch": steps_per_epoch, "history": list(history),
-                "mesh": dict(mesh.shape),
-                "versions": installed, "dataset_source": dataset.source,
-                "class_names": list(dataset.class_names)}
+    # -- train an epoch -----------------------------------------------------
 
-    def save(step: int, state, sums, wait: bool, metrics: dict | None = None) -> None:
-        """Save, unless the state is not finite: then the run has diverged at `step`."""
-        if not (math.isfinite(float(sums["loss_sum"])) and bool(all_finite(state.params))):
-            raise Diverged(step)
-        ckpt.save(step, {"state": state, "acc": sums}, meta_for(step), metrics=metrics,
-                  wait=wait)
+    def train_epoch(self, epoch: int, start: int) -> dict:
+        """The epoch's steps (from `start` in the run's first epoch): its training
+        figures, and the first step's time on the first epoch this process runs."""
+        spe = self.steps_per_epoch
+        self.bar.set_description(f"epoch {epoch + 1}/{self.config.epochs}")
+        t_train = time.perf_counter()
+        first_of_run = epoch == start // spe
+        first = start - epoch * spe if first_of_run else 0
+        if first == 0:
+            self.sums = self.steps.zeros()
+        xs, ys = self.feeds.train.epoch(self.config.seed, epoch)
+        run_steps(self, epoch, first, xs, ys, timed=first_of_run)
+        metrics = summarize(self.sums)
+        seconds = time.perf_counter() - t_train
+        if not math.isfinite(metrics["loss"]):
+            raise Diverged(spe * (epoch + 1))
+        return {"train_loss": metrics["loss"], "train_accuracy": metrics["accuracy"],
+                "images_per_sec": (spe - first) * self.config.batch_size / seconds,
+                "train_seconds": seconds, **(self.first_step if first_of_run else {})}
 
-    def after_step(epoch: int, i: int, state, sums) -> None:
+    def show_loss(self, step: int, loss: float) -> None:
+        """One step's loss: on the progress bar, and every K steps on TensorBoard."""
+        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if step % self.outputs.log_every_steps == 0:
+            self.board.scalars(step, {"train/step_loss": loss, "lr": self.lr_at(step)})
+
+    @functools.cached_property
+    def schedule(self):
+        """The learning rate: a number, or optax's schedule of the step."""
+        return learning_rate(self.config, self.steps_per_epoch)
+
+    def lr_at(self, step: int) -> float:
+        return float(self.schedule(step)) if callable(self.schedule) else self.schedule
+
+    def after_step(self, epoch: int, i: int) -> None:
         """Mid-epoch saves and the stop rule, after step i of `epoch` is queued."""
-        step = epoch * steps_per_epoch + i + 1
-        stopping = stop.at_step(step)
-        mid_epoch = i + 1 < steps_per_epoch
-        if ckpt and mid_epoch and (stopping or (config.save_every_steps
-                                                and step % config.save_every_steps == 0)):
-            save(step, state, sums, wait=stopping)
+        step = epoch * self.steps_per_epoch + i + 1
+        stopping = self.stop.at_step(step)
+        mid_epoch = i + 1 < self.steps_per_epoch
+        if mid_epoch and (stopping or (self.config.save_every_steps
+                                       and step % self.config.save_every_steps == 0)):
+            self.save(step, wait=stopping)
         if stopping and mid_epoch:
-            raise Preempted(stop.signum, step, saved=bool(ckpt))
+            raise Preempted(self.stop.signum, step, saved=bool(self.ckpt))
 
-    first_step: dict[str, float] = {}  # this (re)started run's first step, for benchmarks
+    # -- evaluate -----------------------------------------------------------
 
-    def on_first_step(seconds: float) -> None:
-        first_step.update(first_step_seconds=seconds, first_step_time=time.time())
+    def evaluate(self) -> dict:
+        """Test (and validation) loss and accuracy of the current state, timed."""
+        t_eval = time.perf_counter()
+        test = evaluate(self.steps, self.state.variables, self.feeds.test)
+        figures = {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
+        if self.feeds.validation is not None:
+            held_out = evaluate(self.steps, self.state.variables, self.feeds.validation)
+            figures.update(validation_loss=held_out["loss"],
+                           validation_accuracy=held_out["accuracy"])
+        return {**figures, "eval_seconds": time.perf_counter() - t_eval,
+                "eval_images": self.feeds.eval_images}
 
-    try:
-        with stop, cleanup:
-            for epoch in range(start // steps_per_epoch, config.epochs):
-                bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
-                t_epoch = time.perf_counter()
-                first_of_run = epoch == start // steps_per_epoch
-                first = start - epoch * steps_per_epoch if first_of_run else 0
-                if first == 0:
-                    sums = steps.zeros()
-                xs, ys = train_data.epoch(config.seed, epoch)
-                state, sums = run_steps(steps, state, sums, xs, ys, first, steps_per_epoch,
-                                        epoch * steps_per_epoch, bar,
-                                        functools.partial(after_step, epoch), on_loss, profile,
-                                        on_first_step if first_of_run else None)
-                train_metrics = summarize(sums)
-                train_secs = time.perf_counter() - t_epoch
-                if not math.isfinite(train_metrics["loss"]):
-                    raise Diverged(steps_per_epoch * (epoch + 1))
-                t_eval = time.perf_counter()
-                test_metrics = evaluate(steps, state.variables, test_data)
-                held_out = {}
-                if validation_data is not None:
-                    scores = evaluate(steps, state.variables, validation_data)
-                    held_out = {"validation_loss": scores["loss"],
-                                "validation_accuracy": scores["accuracy"]}
-                eval_secs = time.perf_counter() - t_eval
-                record = {
-                    "epoch": epoch + 1,
-                    "step": steps_per_epoch * (epoch + 1),
-                    "train_loss": train_metrics["loss"],
-                    "train_accuracy": train_metrics["accuracy"],
-                    "test_loss": test_metrics["loss"], "test_accuracy": test_metrics["accuracy"],
-                    **held_out,
-                    "images_per_sec":
-                        (steps_per_epoch - first) * config.batch_size / train_secs,
-                    "train_seconds": train_secs,
-                    "eval_seconds": eval_secs,
-                    "epoch_seconds": time.perf_counter() - t_epoch,
-                    "devices": shardings.size,
-                    "processes": jax.process_count(),
-                    "batch_size": config.batch_size,
-                    "time": time.time(),
-                    **(first_step if first_of_run else {}),
-                }
-                if not math.isfinite(record["test_loss"]):
-                    raise Diverged(record["step"])
-                history.append(record)
-                if primary:
-                    write_metrics(workdir, history)
-                log(format_epoch(record, config.epochs))
-                if board.enabled:
-                    board.scalars(record["step"], {
-                        "train/loss": record["train_loss"],
-                        "train/accuracy": record["train_accuracy"],
-                        "test/loss": record["test_loss"],
-                        "test/accuracy": record["test_accuracy"],
-                        **{f"validation/{k.split('_')[1]}": v for k, v in held_out.items()},
-                        "lr": lr_at(record["step"]),
-                        "images_per_sec": record["images_per_sec"]})
-                    predicted = np.asarray(forward(state.variables, grid.images)["classes"])
-                    board.image_grid("test/predictions", record["step"], grid.images,
-                                     grid.labels, predicted, dataset.class_names)
-                    board.flush()
-                if ckpt:
-                    save(record["step"], state, sums, wait=stop.should_stop(),
-                         metrics={k: record[k] for k in ckpt_lib.EPOCH_METRICS if k in record})
-                if stopped_early(history, config.early_stop) is not None:
-                    log(f"stopping early: {config.early_stop} epochs without a better "
-                        "validation accuracy; the run is finished")
-                    break
-                if stop.should_stop() and epoch + 1 < config.epochs:
-                    raise Preempted(stop.signum, record["step"], saved=bool(ckpt))
-    except Diverged as e:
-        saved = ckpt.steps() if ckpt else []
+    # -- record -------------------------------------------------------------
+
+    def record(self, epoch: int, t_epoch: float, **figures) -> EpochRecord:
+        """The epoch's record: checked, kept, written to metrics.jsonl, logged, shown."""
+        record = EpochRecord(
+            epoch=epoch + 1, step=self.steps_per_epoch * (epoch + 1), **figures,
+            epoch_seconds=time.perf_counter() - t_epoch, devices=self.shardings.size,
+            processes=jax.process_count(), batch_size=self.config.batch_size,
+            time=time.time())
+        if not math.isfinite(record.test_loss):
+            raise Diverged(record.step)
+        self.records.append(record)
+        if self.primary:
+            write_metrics(self.workdir, self.records)
+        self.log(format_epoch(record, self.config.epochs))
+        self.show_epoch(record)
+        return record
+
+    def show_epoch(self, record: EpochRecord) -> None:
+        """TensorBoard: the epoch's scalars and the first test images' predictions."""
+        if not self.board.enabled:
+            return
+        self.board.scalars(record.step, epoch_scalars(record, self.lr_at(record.step)))
+        grid = self.dataset.test.take(32)
+        predicted = np.asarray(self.steps.forward(self.state.variables, grid.images)["classes"])
+        self.board.image_grid("test/predictions", record.step, grid.images, grid.labels,
+                              predicted, self.dataset.class_names)
+        self.board.flush()
+
+    # -- save ---------------------------------------------------------------
+
+    def save(self, step: int, wait: bool, metrics: dict | None = None) -> None:
+        """Save, unless the state is not finite: then the run has diverged at `step`."""
+        if self.ckpt is None:
+            return
+        if not (math.isfinite(float(self.sums["loss_sum"]))
+                and bool(all_finite(self.state.params))):
+            raise Diverged(step)
+        self.ckpt.save(step, {"state": self.state, "acc": self.sums}, self.meta_for(step),
+                       metrics=metrics, wait=wait)
+
+    def meta_for(self, step: int) -> dict:
+        """A checkpoint's metadata: what resuming, eval, export and listing read."""
+        return {"config": self.config.to_dict(), "step": step,
+                "epoch": step / self.steps_per_epoch,
+                "steps_per_epoch": self.steps_per_epoch,
+                "history": [r.to_json() for r in self.records],
+                "mesh": dict(self.shardings.mesh.shape),
+                "versions": self.installed, "dataset_source": self.dataset.source,
+                "class_names": list(self.dataset.class_names)}
+
+    # -- stop ---------------------------------------------------------------
+
+    def should_stop(self, record: EpochRecord) -> bool:
+        """True when early stopping ends the run here; `Preempted` (after the save)
+        when a signal or LENET_DIST_SIGTERM_AT asked it to stop before its last epoch."""
+        if stopped_early(self.records, self.config.early_stop) is not None:
+            self.log(f"stopping early: {self.config.early_stop} epochs without a better "
+                     "validation accuracy; the run is finished")
+            return True
+        if self.stop.should_stop() and record.epoch < self.config.epochs:
+            raise Preempted(self.stop.signum, record.step, saved=bool(self.ckpt))
+        return False
+
+    def diverged(self, step: int) -> Failure:
+        saved = self.ckpt.steps() if self.ckpt else []
         last = (f"the last good checkpoint, step {saved[-1]}, stays the latest (a rerun "
                 "resumes there)" if saved else "no checkpoint was saved")
-        raise Failure(f"training diverged at step {e.step} (epoch "
-                      f"{(e.step - 1) // steps_per_epoch + 1}): the loss or parameters are "
-                      f"not finite; {last}; lower --learning-rate (with "
-                      "--allow-config-change, or in a new --workdir)") from None
+        return Failure(f"training diverged at step {step} (epoch "
+                       f"{(step - 1) // self.steps_per_epoch + 1}): the loss or parameters "
+                       f"are not finite; {last}; lower --learning-rate (with "
+                       "--allow-config-change, or in a new --workdir)")
 
-    if outputs.tensorboard and primary and history:
-        with Board(workdir / TB_DIR) as final:
-            final.hparams(config.to_dict(), {"final/test_accuracy": history[-1]["test_accuracy"],
-                                             "final/test_loss": history[-1]["test_loss"]},
-                          step=history[-1]["step"])
-    total = time.perf_counter() - t0
-    trained = [r for r in history if r["epoch"] > start // steps_per_epoch]
-    rate = sum(r["images_per_sec"] * r["train_seconds"] for r in trained) / max(
-        sum(r["train_seconds"] for r in trained), 1e-9)
-    log(f"done in {total:.1f} s wall ({rate:,.0f} img/s while training); final test "
-        f"accuracy {history[-1]['test_accuracy']:.4f}; {describe_best(history)}; "
-        f"metrics in {workdir / METRICS_FILE}")
-    return TrainResult(state=state, history=history, config=config)
+    def log_done(self, start: int) -> None:
+        """The run's hparams on TensorBoard, and the closing line."""
+        records = self.records
+        if self.outputs.tensorboard and self.primary and records:
+            with Board(self.workdir / TB_DIR) as final:
+                final.hparams(self.config.to_dict(),
+                              {"final/test_accuracy": records[-1].test_accuracy,
+                               "final/test_loss": records[-1].test_loss},
+                              step=records[-1].step)
+        total = time.perf_counter() - self.started
+        trained = [r for r in records if r.epoch > start // self.steps_per_epoch]
+        rate = sum(r.images_per_sec * r.train_seconds for r in trained) / max(
+            sum(r.train_seconds for r in trained), 1e-9)
+        self.log(f"done in {total:.1f} s wall ({rate:,.0f} img/s while training); final "
+                 f"test accuracy {records[-1].test_accuracy:.4f}; {describe_best(records)}; "
+                 f"metrics in {self.workdir / METRICS_FILE}")
 
-
-def write_metrics(workdir: epath.Path, history: list[dict]) -> None:
-    """Rewrite metrics.jsonl from the history in one rename (object stores cannot
-    append; a planted link is never written through)."""
-    safefs.write_atomic(workdir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
-
-
-def start_metrics(workdir: epath.Path, history: list[dict], log: Callable[[str], None]) -> None:
-    """metrics.jsonl for the run that starts now: the restored history. A file that is
-    not this run's (a previous run's, after its checkpoints proved bad or with
-    --no-checkpoint) is renamed to metrics-<time>.jsonl, never copied: a copy through
-    a bounded reader lost everything past its limit."""
-    path = workdir / METRICS_FILE
-    mine = "".join(json.dumps(r) + "\n" for r in history).encode()
-    try:
-        if not path.exists():
-            return write_metrics(workdir, history)
-        size = path.stat().length
-        head = safefs.read_file(path, max(len(mine), 4096), follow=False)
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    empty = size <= len(head) and not head.strip()
-    if not empty and not (history and head[: len(mine)] == mine):
-        kept = safefs.keep_aside(path)
-        log(f"note: {path} held another run's metrics; kept as {kept}")
-    write_metrics(workdir, history)
-
-
-def lock_workdir(workdir: epath.Path, log: Callable[[str], None]) -> safefs.Lock:
-    """Take the workdir's lock before anything touches its checkpoints (a second train
-    would delete the first one's in-flight save), or say who holds it (on gs://, a
-    lease object: safefs.workdir_lock)."""
-    try:
-        lock = safefs.workdir_lock(workdir, "lenet-dist train").acquire()
-    except safefs.Busy as e:
-        raise Failure(f"--workdir {workdir} is in use by {e}; wait for it to finish, stop "
-                      "it, or use another --workdir") from None
-    except OSError as e:  # a permission is the user's to fix (2); storage may recover (1)
-        kind = UserError if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else Failure
-        raise kind(f"cannot lock --workdir {workdir}: {e.strerror or e}") from None
-    if lock.stale:
-        log(f"note: took over the lock of a run that is no longer running "
-            f"({safefs.describe_holder(lock.stale)})")
-    return lock
-
-
-def prepare_workdir(path: str, create: bool = True) -> epath.Path:
-    """The workdir, created; the names we write there must not be planted links."""
-    workdir = ckpt_lib.workdir_path(path)
-    try:
-        if workdir.exists() and not workdir.is_dir():
-            raise UserError(f"--workdir {path} is a file, not a directory; choose another path")
-        if create:
-            workdir.mkdir(parents=True, exist_ok=True)
-        for name in (METRICS_FILE, ckpt_lib.CHECKPOINT_DIR, safefs.LOCK_FILE):
-            safefs.refuse_symlink(workdir / name)
-        if (workdir / METRICS_FILE).exists() and not (workdir / METRICS_FILE).is_file():
-            raise UserError(f"{workdir / METRICS_FILE} is not a regular file; move it away")
-    except safefs.UnsafePath as e:
-        raise UserError(f"{e.filename} {e.strerror}") from None
-    except OSError as e:
-        raise UserError(f"cannot write to --workdir {path}: {e.strerror or e}") from None
-    return workdir

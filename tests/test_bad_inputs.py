@@ -306,6 +306,8 @@ CASES: list[Case] = [
     Case("predict-model-and-workdir", ("predict", "--model", "{model}", "--workdir", "{run}",
                                        "x.png"), 2,
          "give exactly one of --model (SavedModel) or --workdir"),
+    Case("predict-nothing-to-read", ("predict", "x.png"), 2,
+         "give --model (SavedModel) or --workdir: there is no run under runs/ to read"),
     Case("predict-step-with-model", ("predict", "--model", "{model}", "--step", "4", "x.png"),
          2, "--step/--best choose a checkpoint; use them with --workdir"),
     Case("predict-top-zero", ("predict", "--model", "{model}", "--top", "0", "x.png"), 2,

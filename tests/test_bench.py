@@ -2,6 +2,7 @@
 the table and the JSON (run_config stubbed: no training), peak memory from os.wait4,
 and one real end-to-end benchmark (slow)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,21 +19,22 @@ from lenet_dist import bench
 from lenet_dist.bench import FIGURES, Run
 from lenet_dist.cli import main
 from lenet_dist.errors import Failure, UserError
-
-LOG = ("training LeNet-5 on fashion_mnist (60,000 train / 10,000 test images from /data) "
-       "over 8 cpu device(s), global batch 128, sgd lr 0.1, 3 epochs\n")
+from lenet_dist.records import EpochRecord
 
 
-def records(n=3, launched=1000.0):
+def records(n=3, launched=1000.0, eval_images=10_000):
     """metrics.jsonl records as train writes them: epoch 1 compiles (slow) and carries
     the first step; epochs 2.. are the steady state."""
     rows, t = [], launched + 5.0
     for e in range(1, n + 1):
         t += 20.0 if e == 1 else 10.0 + e
-        rows.append({"epoch": e, "images_per_sec": 1000.0 if e == 1 else 5000.0 + 100 * e,
-                     "train_seconds": 9.0, "eval_seconds": 2.0 if e == 1 else 0.5 * e,
-                     "epoch_seconds": 10.0, "time": t})
-    rows[0].update(first_step_seconds=1.5, first_step_time=launched + 3.25)
+        first = dict(first_step_seconds=1.5, first_step_time=launched + 3.25) if e == 1 else {}
+        rows.append(EpochRecord(
+            epoch=e, step=10 * e, train_loss=1.0, train_accuracy=0.5, test_loss=1.0,
+            test_accuracy=0.5, images_per_sec=1000.0 if e == 1 else 5000.0 + 100 * e,
+            train_seconds=9.0, eval_seconds=2.0 if e == 1 else 0.5 * e, epoch_seconds=10.0,
+            devices=8, processes=1, batch_size=128, time=t, eval_images=eval_images,
+            **first))
     return rows
 
 
@@ -39,8 +42,8 @@ def records(n=3, launched=1000.0):
 
 def test_steady_figures_skip_the_first_epoch_and_report_the_warm_up_apart(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records(4)))
-    fig = bench.steady_figures(bench.read_metrics(path), 1000.0, bench.eval_images(LOG))
+    path.write_text("".join(json.dumps(r.to_json()) + "\n" for r in records(4)))
+    fig = bench.steady_figures(bench.read_metrics(path), 1000.0)
     assert list(fig) == list(FIGURES[:-1])  # peak memory comes from the kernel
     assert fig["train_images_per_sec"] == 5300.0  # median of 5200, 5300, 5400
     assert fig["eval_images_per_sec"] == 10_000 / 1.5  # median of 1.0, 1.5, 2.0 s
@@ -50,21 +53,24 @@ def test_steady_figures_skip_the_first_epoch_and_report_the_warm_up_apart(tmp_pa
 
 
 def test_two_epochs_are_enough_one_is_not():
-    fig = bench.steady_figures(records(2), 1000.0, 500)
+    fig = bench.steady_figures(records(2), 1000.0)
     assert fig["train_images_per_sec"] == 5200.0 and fig["epoch_seconds"] == 12.0
     with pytest.raises(Failure, match="hold 1 epoch"):
-        bench.steady_figures(records(1), 1000.0, 500)
+        bench.steady_figures(records(1), 1000.0)
     rows = records(3)
-    del rows[0]["first_step_seconds"]  # a resumed run: its first epoch is not epoch 1
+    rows[0] = dataclasses.replace(rows[0], first_step_seconds=None)  # a resumed run
     with pytest.raises(Failure, match="no first step"):
-        bench.steady_figures(rows, 1000.0, 500)
+        bench.steady_figures(rows, 1000.0)
 
 
-def test_eval_images_come_from_trains_opening_line():
-    assert bench.eval_images(LOG) == 10_000
-    assert bench.eval_images("... (2,048 train / 512 test images from synthetic) ...") == 512
-    with pytest.raises(Failure, match="does not say how many test images"):
-        bench.eval_images("nothing here")
+def test_eval_images_come_from_the_records_not_the_log():
+    """Each record says how many images its evaluation read (test + validation)."""
+    assert bench.steady_figures(records(3, eval_images=512), 1000.0)[
+        "eval_images_per_sec"] == (512 / 1.0 + 512 / 1.5) / 2  # epochs 2 and 3
+    assert not hasattr(bench, "EVAL_IMAGES") and not hasattr(bench, "eval_images")
+    older = [dataclasses.replace(r, eval_images=None) for r in records(3)]
+    with pytest.raises(Failure, match="how many images each evaluation read"):
+        bench.steady_figures(older, 1000.0)
 
 
 def test_unreadable_metrics_are_one_failure(tmp_path):
@@ -75,13 +81,16 @@ def test_unreadable_metrics_are_one_failure(tmp_path):
         bench.read_metrics(tmp_path / "m.jsonl")
 
 
-def test_train_writes_what_bench_reads(trained):
+def test_train_writes_what_bench_reads(trained, dataset):
     """Every epoch's evaluation time; the first step (compile included) on the first."""
     first, second = trained.history
     assert 0 < first["first_step_seconds"] < first["train_seconds"]
     assert first["first_step_time"] < second["time"]
     assert all(0 < r["eval_seconds"] < r["epoch_seconds"] for r in trained.history)
     assert "first_step_seconds" not in second and "first_step_time" not in second
+    assert all(r.eval_images == len(dataset.test) for r in trained.records)  # the test set
+    rows = bench.read_metrics(Path(trained.config.workdir) / "metrics.jsonl")
+    assert rows == trained.records
 
 
 def test_a_resumed_run_times_its_own_first_step(reference, dataset, tmp_path):
@@ -133,7 +142,7 @@ def test_plan_is_recipe_x_batch_x_devices_then_jobs_without_repeats():
                          "of 8 (e.g. 96, 104)"),
     (Run(8, 100, "d2l", 2), "--batch-size 100 does not divide over 8 devices"),
     (Run(6, 128, "d2l", 4), "--devices 6 does not split over 4 processes"),
-    (Run(1, 128, "smoke"), "unknown recipe 'smoke'"),
+    (Run(1, 128, "tiny"), "unknown recipe 'tiny'; choose one of d2l, modern, smoke"),
     (Run(0, 128, "d2l"), "--devices must be >= 1"),
     (Run(1, 0, "d2l"), "--batch-size must be in 1..65536"),
     (Run(1026, 1026, "d2l", 2), "513 devices per process"),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lenet_dist import edge
-from lenet_dist import exporting as export_lib
+from lenet_dist import publishing
 from lenet_dist import serving_contract as contract
 from lenet_dist.errors import UserError
 from lenet_dist.exporting import export_checkpoint
@@ -56,7 +56,7 @@ def test_every_format_is_published_verified_and_recorded(edge_exported, trained)
     assert int8["bytes"] < formats["tflite"]["bytes"] / 2  # int8 weights
     names = (out / "assets" / "labels.txt").read_text().splitlines()
     assert meta["signature"]["outputs"]["logits"]["shape"] == [-1, len(names)]
-    assert export_lib.foreign_entries(out) == []
+    assert publishing.foreign_entries(out) == []
 
 
 def test_each_runtime_answers_as_jax_on_the_reference_images(edge_exported):
@@ -192,10 +192,10 @@ def test_a_missing_runtime_is_one_line_naming_the_extra(trained, capsys, tmp_pat
 def test_overwrite_knows_the_new_files_and_nothing_more(edge_exported, tmp_path):
     out = tmp_path / "1"
     shutil.copytree(edge_exported[0], out)
-    assert export_lib.foreign_entries(out) == []
+    assert publishing.foreign_entries(out) == []
     (out / "model.tflite.orig").write_bytes(b"x")
     (out / "assets.extra" / "model.onnx").write_bytes(b"x")
-    assert export_lib.foreign_entries(out) == ["assets.extra/model.onnx", "model.tflite.orig"]
+    assert publishing.foreign_entries(out) == ["assets.extra/model.onnx", "model.tflite.orig"]
 
 
 

@@ -11,12 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from lenet_dist import exporting as export_lib
-from lenet_dist import serialization
+from lenet_dist import publishing, serialization
 from lenet_dist.cli import main
 from lenet_dist.errors import UserError
 from lenet_dist.exporting import export_checkpoint
-from lenet_dist.step import infer
+from lenet_dist.step import forward_for
 from tests.conftest import ROOT, load_kit_module, one_line_error
 
 
@@ -65,7 +64,7 @@ def test_tensorflow_alone_matches_jax_and_the_checkpoint(exported, jax_params, d
     report = json.loads("\n".join(lines[:-1]))
     assert summary == {"rc": 0, "loaded": []}
 
-    expected = np.asarray(jax.jit(infer)(jax_params, dataset.test.images[:256])["logits"])
+    expected = np.asarray(forward_for("d2l")(jax_params, dataset.test.images[:256])["logits"])
     tf_logits = np.load(str(out) + ".npz")
     for n in (1, 7, 256):
         assert np.max(np.abs(tf_logits[str(n)] - expected[:n])) <= 1e-5, n
@@ -165,12 +164,13 @@ def test_check_saved_model_rejects_a_naive_save(tmp_path):
     reads the file and refuses it for a TensorFlow that reads less."""
     import tensorflow as tf
 
-    from lenet_dist.exporting import build_module
+    from lenet_dist.conversion import build_module
+    from lenet_dist.model import build
     from lenet_dist.model import init_params
 
     (tmp_path / "labels.txt").write_text("x\n")
     module = build_module(tf, jax.device_get(init_params(jax.random.key(0))), ("cpu",),
-                          tmp_path / "labels.txt")
+                          tmp_path / "labels.txt", build("d2l"))
     tf.saved_model.save(module, str(tmp_path / "m"),
                         signatures={"serving_default": module.serve.get_concrete_function()})
     prod = serialization.producer()
@@ -288,7 +288,7 @@ def test_overwrite_replaces_only_what_an_export_published(exported, capsys, tmp_
     write is named, and the directory is left as it was."""
     out = tmp_path / "1"
     shutil.copytree(exported[0], out)
-    assert export_lib.foreign_entries(out) == []
+    assert publishing.foreign_entries(out) == []
     (out / plant).parent.mkdir(parents=True, exist_ok=True)
     (out / plant).write_text("someone's")
     before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))

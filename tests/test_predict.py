@@ -5,14 +5,12 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 from lenet_dist.cli import main
 from lenet_dist.restore import restore_checkpoint
 from lenet_dist.mesh import Shardings, make_mesh
-from lenet_dist.step import infer
 from tests.conftest import (one_line_error, png_bytes,
                             write_idx)
 
@@ -47,9 +45,8 @@ def test_predict_savedmodel_and_checkpoint_agree(exported, trained, dataset, cap
     assert all(len(r["predictions"]) == 3 for r in rows)
     # A PNG of a test image is the same pixels after the 28x28 "resize": same answer.
     names = (model / "assets" / "labels.txt").read_text().splitlines()
-    expected = np.asarray(jax.jit(infer)(restore_checkpoint(
-        trained.config.workdir, Shardings(make_mesh(1))).variables,
-        dataset.test.images[:3])["classes"])
+    restored = restore_checkpoint(trained.config.workdir, Shardings(make_mesh(1)))
+    expected = np.asarray(restored.forward(restored.variables, dataset.test.images[:3])["classes"])
     assert [r["predictions"][0]["class"] for r in rows] == [names[c] for c in expected]
 
 
@@ -77,8 +74,12 @@ def test_predict_bad_inputs(exported, capsys, tmp_path, make, message):
     assert message in one_line_error(capsys, ["predict", "--model", str(model), str(bad)])
 
 
-def test_predict_needs_one_model(capsys, tmp_path):
+def test_predict_needs_one_model(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/ here: nothing to read by default
     msg = one_line_error(capsys, ["predict", str(tmp_path / "x.png")])
+    assert "give --model (SavedModel) or --workdir: there is no run under runs/ to read" in msg
+    msg = one_line_error(capsys, ["predict", "--model", str(tmp_path), "--workdir",
+                                  str(tmp_path), str(tmp_path / "x.png")])
     assert "give exactly one of --model (SavedModel) or --workdir" in msg
     msg = one_line_error(capsys, ["predict", "--model", str(tmp_path), str(tmp_path / "x.png")])
     assert "is not a SavedModel directory" in msg

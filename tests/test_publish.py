@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from lenet_dist import exporting as export_lib
-from lenet_dist import faults
+from lenet_dist import exporting, faults
+from lenet_dist import publishing
 from lenet_dist.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("renameat2", "two renames")
-POINTS = export_lib.PUBLISH_POINTS[2:]  # the steps inside publish()
-NEW_FROM = export_lib.PUBLISH_POINTS.index("publish:moved")
+POINTS = publishing.PUBLISH_POINTS[2:]  # the steps inside publish()
+NEW_FROM = publishing.PUBLISH_POINTS.index("publish:moved")
 
 
 def write_model(path: Path, tag: str) -> Path:
@@ -55,7 +55,7 @@ def no_renameat2(src, dst, flags):
 
 
 def expected_after(at: str, had_old: bool) -> str | None:
-    if export_lib.PUBLISH_POINTS.index(at) >= NEW_FROM:
+    if publishing.PUBLISH_POINTS.index(at) >= NEW_FROM:
         return "new"
     return "old" if had_old else None
 
@@ -73,25 +73,25 @@ def setup(tmp_path, monkeypatch):
     (probe / "a").mkdir(parents=True)
     (probe / "b").mkdir()
     try:
-        export_lib.renameat2(probe / "a", probe / "b", export_lib.RENAME_EXCHANGE)
+        publishing.renameat2(probe / "a", probe / "b", publishing.RENAME_EXCHANGE)
         supported = True
     except OSError as e:
-        supported = e.errno not in export_lib.NO_RENAMEAT2
+        supported = e.errno not in publishing.NO_RENAMEAT2
 
     def use(mode):
         if mode == "two renames":
-            monkeypatch.setattr(export_lib, "renameat2", no_renameat2)
+            monkeypatch.setattr(publishing, "renameat2", no_renameat2)
         elif not supported:
             pytest.skip("this filesystem has no renameat2(RENAME_EXCHANGE)")
         else:  # the atomic path must not fall back without our noticing
-            monkeypatch.setattr(export_lib, "publish_by_two_renames", None)
+            monkeypatch.setattr(publishing, "publish_by_two_renames", None)
 
     def stage(had_old=True, name="1"):
         out = tmp_path / "serving" / name
         out.parent.mkdir(exist_ok=True)
         if had_old:
             write_model(out, "old")
-        staging = export_lib.make_staging(out)
+        staging = publishing.make_staging(out)
         return out, write_model(staging / "model", "new"), tmp_path / "work"
 
     return stage, use
@@ -121,17 +121,17 @@ def test_an_interruption_at_any_step_leaves_a_complete_model(setup, monkeypatch,
     out, model, work = stage(had_old)
     hit = interrupt_at(monkeypatch, at, exc)
     with pytest.raises(exc, match="injected"):
-        export_lib.publish(model, out, True, work)
+        publishing.publish(model, out, True, work)
     assert hit[-1] == at
     assert model_tag(out) == expected_after(at, had_old)
     # The next export's recovery (this PID counts as gone: it has no export running)
     # leaves the same model and nothing else.
-    export_lib.recover_leftovers(out)
+    publishing.recover_leftovers(out)
     assert model_tag(out) == expected_after(at, had_old)
     assert leftovers(out.parent) == []
 
 
-@pytest.mark.parametrize("at", export_lib.PUBLISH_POINTS[:2])
+@pytest.mark.parametrize("at", publishing.PUBLISH_POINTS[:2])
 def test_an_interruption_before_publish_leaves_the_old_model(trained, tmp_path, monkeypatch,
                                                               at):
     """The steps before publish() (staging written, verified) in a real export_checkpoint;
@@ -141,12 +141,12 @@ def test_an_interruption_before_publish_leaves_the_old_model(trained, tmp_path, 
         (staging / "model" / "saved_model.pb").write_text("graph new")
         return staging / "model"
 
-    monkeypatch.setattr(export_lib, "save_savedmodel", save)
-    monkeypatch.setattr(export_lib, "verify", lambda *args: 0.0)
+    monkeypatch.setattr(exporting, "save_savedmodel", save)
+    monkeypatch.setattr(exporting, "verify", lambda *args: 0.0)
     out = write_model(tmp_path / "1", "old")
     hit = interrupt_at(monkeypatch, at)
     with pytest.raises(KeyboardInterrupt):
-        export_lib.export_checkpoint(trained.config.workdir, str(out), overwrite=True)
+        exporting.export_checkpoint(trained.config.workdir, str(out), overwrite=True)
     assert hit[-1] == at and model_tag(out) == "old" and leftovers(tmp_path) == []
 
 
@@ -156,7 +156,7 @@ def test_publish_replaces_or_creates(setup, mode):
     use(mode)
     for had_old, name in ((True, "1"), (False, "2")):
         out, model, work = stage(had_old, name)
-        export_lib.publish(model, out, True, work)
+        publishing.publish(model, out, True, work)
         assert model_tag(out) == "new"
         assert sorted(p.name for p in model.parent.iterdir()) == []  # old model deleted
 
@@ -173,12 +173,12 @@ def test_a_model_appearing_during_publish_is_exchanged_not_clobbered(setup, monk
             write_model(out, "rival")
 
     monkeypatch.setattr(faults, "point", appear)
-    export_lib.publish(model, out, True, work)
+    publishing.publish(model, out, True, work)
     assert model_tag(out) == "new" and not model.exists()
 
     out, model, work = stage(had_old=False, name="3")
     with pytest.raises(UserError, match="already exists; pass --overwrite"):
-        export_lib.publish(model, out, False, work)
+        publishing.publish(model, out, False, work)
     assert model_tag(out) == "rival" and model_tag(model) == "new"
 
 
@@ -187,13 +187,13 @@ def test_a_model_appearing_during_publish_is_exchanged_not_clobbered(setup, monk
 
 def test_recovery_touches_only_leftovers_whose_owner_is_gone(tmp_path):
     out = write_model(tmp_path / "1", "current")
-    host = export_lib.this_host()
+    host = publishing.this_host()
     live = write_model(tmp_path / f".1.staging-{host}-{os.getppid()}-abcd1234", "x")
     other = write_model(tmp_path / f".1.staging-elsewhere-a-1-{os.getpid()}-abcd1234", "x")
     dead = tmp_path / f".1.staging-{host}-{dead_pid()}-zz_9yy8x"
     write_model(dead / "model", "x")
     unrelated = write_model(tmp_path / ".2.staging-xyz", "x")
-    note = export_lib.recover_leftovers(out)
+    note = publishing.recover_leftovers(out)
     assert note.startswith("warning: ") and "\n" not in note
     assert f"removed 1 leftover(s) of killed exports: {dead.name}" in note
     assert f"left {other.name} (from elsewhere-a-1; remove it if no export runs there)" in note
@@ -204,11 +204,11 @@ def test_recovery_touches_only_leftovers_whose_owner_is_gone(tmp_path):
 
 def test_recovery_restores_a_model_set_aside_by_a_killed_export(tmp_path):
     out = tmp_path / "1"
-    host = export_lib.this_host()
+    host = publishing.this_host()
     staging = tmp_path / f".1.staging-{host}-{dead_pid()}-abcd1234"
     write_model(staging / "old", "before")
     write_model(staging / "model", "new")
-    note = export_lib.recover_leftovers(out)
+    note = publishing.recover_leftovers(out)
     assert f"restored the model that was at {out} before an interrupted export" in note
     assert model_tag(out) == "before" and leftovers(tmp_path) == []
 
@@ -219,13 +219,13 @@ def test_recovery_of_what_older_versions_left(tmp_path):
     young = write_model(tmp_path / ".1.staging-k2j4h5g6", "x")  # no owner in the name
     aged = write_model(tmp_path / ".1.staging-a1b2c3d4", "x")
     os.utime(aged, (0, 0))
-    note = export_lib.recover_leftovers(out)
+    note = publishing.recover_leftovers(out)
     assert model_tag(out) == "before" and "restored" in note
     assert leftovers(tmp_path) == [young.name]
     assert f"left {young.name} (no owner recorded, under an hour old)" in note
 
     write_model(tmp_path / f".1.old-{dead_pid()}", "older")  # out is back: just remove it
-    export_lib.recover_leftovers(out)
+    publishing.recover_leftovers(out)
     assert model_tag(out) == "before" and leftovers(tmp_path) == [young.name]
 
 
@@ -243,7 +243,7 @@ def dead_pid() -> int:
 FORKS = """
 import errno, json, os, sys
 from pathlib import Path
-from lenet_dist import exporting as export, faults
+from lenet_dist import publishing as export, faults
 def write_model(path, tag):
     (path / "assets.extra").mkdir(parents=True)
     (path / "variables").mkdir()
@@ -295,7 +295,7 @@ def test_kill9_at_every_step_of_publish(setup, tmp_path, mode):
         window = at == "publish:set-aside"
         assert model_tag(out) == (None if window else expected_after(at, True)), at
         assert leftovers(out.parent), at  # the kill left its staging directory
-        note = export_lib.recover_leftovers(out)
+        note = publishing.recover_leftovers(out)
         assert "removed 1 leftover(s)" in note, (at, note)
         assert ("restored" in note) == window, (at, note)
         assert model_tag(out) == expected_after(at, True), at

@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+from etils import epath
 from PIL import Image
 
 from lenet_dist import report, safefs
@@ -293,3 +294,38 @@ def test_a_comparison_names_each_runs_recipe():
                           "batch_size": 128}).startswith("recipe modern, adamw lr 0.003")
     assert report.recipe({"preset": "d2l"}).startswith("recipe d2l")
     assert "recipe" not in report.recipe({"optimizer": "sgd"})
+
+
+def tiny_run(directory, config, accuracies):
+    """A run directory as train leaves it, but the checkpoints: config.json, and
+    metrics.jsonl written through EpochRecord."""
+    from lenet_dist import rundir
+    from lenet_dist.config import write_config
+    from lenet_dist.records import EpochRecord
+
+    directory.mkdir()
+    write_config(directory, config.replace(workdir=str(directory)))
+    rundir.write_metrics(epath.Path(directory), [EpochRecord(
+        epoch=e, step=10 * e, train_loss=1.0 / e, train_accuracy=a, test_loss=1.1 / e,
+        test_accuracy=a, images_per_sec=1000.0, train_seconds=2.0, eval_seconds=0.5,
+        epoch_seconds=2.5, devices=1, processes=1, batch_size=config.batch_size,
+        time=1.7e9 + e) for e, a in enumerate(accuracies, 1)])
+    return directory
+
+
+def test_a_comparison_of_a_d2l_and_a_modern_run_names_both_recipes(tmp_path):
+    """Each run read back as `report --compare` reads it: its config as Config writes
+    it, its history as EpochRecords (metrics.jsonl)."""
+    import json
+
+    from lenet_dist import rundir
+    from lenet_dist.config import CONFIG_FILE, PRESETS
+
+    runs = {}
+    for name, accuracies in (("d2l", [0.5, 0.72]), ("modern", [0.8, 0.9])):
+        work = tiny_run(tmp_path / name, PRESETS[name], accuracies)
+        runs[name] = {"config": json.loads((work / CONFIG_FILE).read_text()),
+                      "history": rundir.read_metrics(work / rundir.METRICS_FILE)}
+    md = report.write_comparison(tmp_path / "compare", runs).read_text()
+    assert "| d2l | recipe d2l, sgd lr 0.1, batch 128, 10 epochs | 72.00% |" in md
+    assert "| modern | recipe modern, adamw lr 0.003, batch 128, 10 epochs | **90.00%** |" in md

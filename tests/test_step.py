@@ -102,3 +102,65 @@ def test_metric_sums_exact_and_one_all_reduce_per_step():
     state, sums = steps.train(state, steps.zeros(), xs, ys, 1)
     assert int(jax.device_get(sums)["correct"]) == int(hits.sum())
     assert int(jax.device_get(sums)["count"]) == 64
+
+
+# ------------------------------------------------------- the model, from config and metadata
+
+
+def test_steps_forward_is_the_one_jitted_forward_and_answers_as_infer_did():
+    from lenet_dist.step import forward_for
+
+    steps = build_steps(make_optimizer(Config()), Shardings(make_mesh(1)))
+    assert steps.forward is forward_for("d2l", 10)  # shared by every caller, compiled once
+    variables = jax.device_get(create_state(0, make_optimizer(Config()),
+                                            Shardings(make_mesh(1))).variables)
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 1)).astype(np.uint8)
+    got = steps.forward(variables, images)
+
+    @jax.jit
+    def infer(variables, images):  # the forward it replaces, as it was
+        logits = build("d2l").apply(variables, images.astype(np.float32) / 255.0)
+        return {"logits": logits, "probabilities": jax.nn.softmax(logits),
+                "classes": logits.argmax(-1)}
+
+    want = infer(variables, images)
+    for key in ("logits", "probabilities", "classes"):
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
+
+
+def test_a_checkpoint_whose_config_says_modern_restores_the_modern_model(tmp_path):
+    from lenet_dist.checkpoint import Checkpoints
+    from lenet_dist.model import ModernLeNet
+    from lenet_dist.restore import restore_checkpoint
+
+    config = Config(recipe="modern", optimizer="adamw", workdir=str(tmp_path))
+    names = ["a", "b", "c", "d", "e"]
+    sh = Shardings(make_mesh(1))
+    tx = make_optimizer(config)
+    steps = build_steps(tx, sh, config, len(names))
+    state = create_state(0, tx, sh, "modern", len(names))
+    ckpts = Checkpoints(tmp_path)
+    ckpts.save(0, {"state": state, "acc": steps.zeros()},
+               {"config": config.to_dict(), "class_names": names, "step": 0, "epoch": 0,
+                "steps_per_epoch": 1, "history": []},
+               wait=True)
+    ckpts.close()
+    restored = restore_checkpoint(str(tmp_path), sh)
+    assert isinstance(restored.model, ModernLeNet) and restored.model.num_classes == 5
+    images = np.zeros((3, 28, 28, 1), np.uint8)
+    assert restored.forward(restored.variables, images)["probabilities"].shape == (3, 5)
+
+
+@pytest.mark.parametrize("recipe, classes, says", [
+    ("d2l", 10, "do not fit the d2l recipe's model with 10 classes (missing params/layers_0/"),
+    ("modern", 7, "params/layers_12/kernel is [84, 10], not [84, 7]"),
+])
+def test_variables_of_another_model_are_a_one_line_error(recipe, classes, says):
+    from lenet_dist.errors import UserError
+    from lenet_dist.model import init_variables
+    from lenet_dist.step import forward_for
+
+    modern = init_variables(jax.random.key(0), "modern", 10)
+    with pytest.raises(UserError) as caught:
+        forward_for(recipe, classes)(modern, np.zeros((2, 28, 28, 1), np.uint8))
+    assert says in str(caught.value) and "\n" not in str(caught.value)

@@ -1,0 +1,102 @@
+"""The run directory (the workdir): its names, its lock, and its metrics.jsonl.
+
+What lives there: checkpoints/ (checkpoint.py's, through Orbax), metrics.jsonl (one
+EpochRecord a line), config.json (config.py's), tb/ (TensorBoard events and profiles)
+and the lock. Below training, checkpoint, report and bench; no JAX, no Orbax.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Callable, Sequence
+
+from etils import epath
+
+from lenet_dist import gcs, safefs
+from lenet_dist.errors import Failure, UserError
+from lenet_dist.records import EpochRecord, from_lines, to_lines
+
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+
+
+def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+    """A local path made absolute, or a URL such as gs://bucket/run kept as it is."""
+    text = os.fspath(workdir)
+    if "://" not in text:
+        return epath.Path(os.path.abspath(text))
+    gcs.check_installed(text)
+    return epath.Path(text)
+
+
+def prepare_workdir(path: str, create: bool = True) -> epath.Path:
+    """The workdir, created; the names we write there must not be planted links."""
+    workdir = workdir_path(path)
+    try:
+        if workdir.exists() and not workdir.is_dir():
+            raise UserError(f"--workdir {path} is a file, not a directory; choose another path")
+        if create:
+            workdir.mkdir(parents=True, exist_ok=True)
+        for name in (METRICS_FILE, CHECKPOINT_DIR, safefs.LOCK_FILE):
+            safefs.refuse_symlink(workdir / name)
+        if (workdir / METRICS_FILE).exists() and not (workdir / METRICS_FILE).is_file():
+            raise UserError(f"{workdir / METRICS_FILE} is not a regular file; move it away")
+    except safefs.UnsafePath as e:
+        raise UserError(f"{e.filename} {e.strerror}") from None
+    except OSError as e:
+        raise UserError(f"cannot write to --workdir {path}: {e.strerror or e}") from None
+    return workdir
+
+
+def lock_workdir(workdir: epath.Path, log: Callable[[str], None]) -> safefs.Lock:
+    """Take the workdir's lock before anything touches its checkpoints (a second train
+    would delete the first one's in-flight save), or say who holds it (on gs://, a
+    lease object: safefs.workdir_lock)."""
+    try:
+        lock = safefs.workdir_lock(workdir, "lenet-dist train").acquire()
+    except safefs.Busy as e:
+        raise Failure(f"--workdir {workdir} is in use by {e}; wait for it to finish, stop "
+                      "it, or use another --workdir") from None
+    except OSError as e:  # a permission is the user's to fix (2); storage may recover (1)
+        kind = UserError if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else Failure
+        raise kind(f"cannot lock --workdir {workdir}: {e.strerror or e}") from None
+    if lock.stale:
+        log(f"note: took over the lock of a run that is no longer running "
+            f"({safefs.describe_holder(lock.stale)})")
+    return lock
+
+
+def write_metrics(workdir: epath.Path, history: Sequence[EpochRecord]) -> None:
+    """Rewrite metrics.jsonl from the history in one rename (object stores cannot
+    append; a planted link is never written through)."""
+    safefs.write_atomic(workdir / METRICS_FILE, to_lines(history))
+
+
+def start_metrics(workdir: epath.Path, history: Sequence[EpochRecord],
+                  log: Callable[[str], None]) -> None:
+    """metrics.jsonl for the run that starts now: the restored history. A file that is
+    not this run's (a previous run's, after its checkpoints proved bad or with
+    --no-checkpoint) is renamed to metrics-<time>.jsonl, never copied: a copy through
+    a bounded reader lost everything past its limit."""
+    path = workdir / METRICS_FILE
+    mine = to_lines(history).encode()
+    try:
+        if not path.exists():
+            return write_metrics(workdir, history)
+        size = path.stat().length
+        head = safefs.read_file(path, max(len(mine), 4096), follow=False)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    empty = size <= len(head) and not head.strip()
+    if not empty and not (history and head[: len(mine)] == mine):
+        kept = safefs.keep_aside(path)
+        log(f"note: {path} held another run's metrics; kept as {kept}")
+    write_metrics(workdir, history)
+
+
+def read_metrics(path: str | os.PathLike) -> list[EpochRecord]:
+    """The records of a metrics.jsonl file (a workdir's METRICS_FILE). OSError when it
+    cannot be read, ValueError (naming the line) when a line is not a record."""
+    return from_lines(epath.Path(path).read_text())
