@@ -36,7 +36,6 @@ from lenet_dist import distributed, safefs
 from lenet_dist.config import COMPATIBLE_FIELDS, REQUIRED_FIELDS, STRUCTURAL_FIELDS, Config
 from lenet_dist.errors import Failure, UserError, first_line
 from lenet_dist.records import EPOCH_METRICS
-# The run directory's names and path live in rundir; kept here for their importers.
 from lenet_dist.rundir import CHECKPOINT_DIR, workdir_path
 
 QUARANTINE_DIR = "corrupt-checkpoints"

@@ -35,15 +35,9 @@ from lenet_dist.restore import class_names_of, config_from
 from lenet_dist.sources import load_dataset, shown_names
 from lenet_dist.state import TrainState, create_state, learning_rate, make_optimizer
 from lenet_dist.step import Steps, all_finite, build_steps, summarize
+from lenet_dist.rundir import (CHECKPOINT_DIR, METRICS_FILE, TB_DIR, lock_workdir,
+                               prepare_workdir, start_metrics, write_metrics)
 from lenet_dist.tboard import Board, ProfileWindow, epoch_scalars, parse_profile_steps
-
-# The run directory moved to rundir; these names stay importable from here.
-from lenet_dist.rundir import (  # noqa: F401  # isort: skip
-    METRICS_FILE, TB_DIR, lock_workdir, prepare_workdir, start_metrics, write_metrics)
-
-__all__ = ["Diverged", "EpochRecord", "Outputs", "TrainResult", "Trainer", "format_epoch",
-           "lock_workdir", "prepare_workdir", "run_steps", "start_metrics", "train",
-           "write_metrics", "METRICS_FILE", "TB_DIR"]
 
 
 @dataclasses.dataclass
@@ -109,7 +103,7 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
         lock = distributed.on_primary(lambda: lock_workdir(workdir, log))
         if lock is not None:
             cleanup.callback(lock.release)
-        if not config.checkpoint and (workdir / ckpt_lib.CHECKPOINT_DIR).exists():
+        if not config.checkpoint and (workdir / CHECKPOINT_DIR).exists():
             raise UserError(f"--workdir {config.workdir} holds checkpoints of a run; "
                             "--no-checkpoint would start another one over its "
                             "metrics.jsonl; use another --workdir")
@@ -319,7 +313,8 @@ class Trainer:
         where it resumes, and its checkpoints are probed before an epoch is spent."""
         config, records, spe = self.config, self.records, self.steps_per_epoch
         if not self.resumed:
-            return self.check_writable()
+            self.check_writable()
+            return False
         early = stopped_early(records, config.early_stop)
         if early is not None:
             self.log(f"run in {self.workdir} is finished: it stopped early at epoch {early}, "
@@ -335,13 +330,13 @@ class Trainer:
             return True
         self.log(f"resuming from checkpoint at step {start} (epoch {start // spe + 1}, "
                  f"step {start % spe} of {spe}) in {self.ckpt.directory}")
-        return self.check_writable()
+        self.check_writable()
+        return False
 
-    def check_writable(self) -> bool:
-        """False, once a probe save worked: a full disk fails here, not an epoch later."""
+    def check_writable(self) -> None:
+        """A probe save: a full disk fails here, not an epoch later."""
         if self.ckpt:
             self.ckpt.check_writable({"state": self.state, "acc": self.sums})
-        return False
 
     def log_header(self) -> None:
         config, dataset, feeds = self.config, self.dataset, self.feeds

@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from lenet_dist.checkpoint import CHECKPOINT_DIR, Checkpoints, scan, step_of
+from lenet_dist.checkpoint import Checkpoints, scan, step_of
+from lenet_dist.rundir import CHECKPOINT_DIR
 from lenet_dist.errors import Failure
 from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.restore import config_from

@@ -271,10 +271,10 @@ def test_out_on_an_object_store_is_checked_against_the_runs_named():
 
 
 def test_run_entries_are_the_names_training_uses():
-    from lenet_dist import checkpoint, config, training  # JAX: only this test needs them
+    from lenet_dist import config, rundir
 
-    assert set(report.RUN_ENTRIES) == {checkpoint.CHECKPOINT_DIR, training.METRICS_FILE,
-                                      config.CONFIG_FILE, training.TB_DIR, safefs.LOCK_FILE}
+    assert set(report.RUN_ENTRIES) == {rundir.CHECKPOINT_DIR, rundir.METRICS_FILE,
+                                      config.CONFIG_FILE, rundir.TB_DIR, safefs.LOCK_FILE}
 
 
 def test_report_out_into_checkpoints_is_one_line_before_any_work(run_dir):
