@@ -1,0 +1,111 @@
+"""Keras 3 on JAX on one GPU: the seed's LeNet-5 (benchmarks/peers/keras_lenet.py's
+Sequential model: glorot-uniform weights, zero biases, SGD lr 0.1), trained with
+`model.fit` as a Keras user would, one `fit` call per epoch on arrays already on the
+device (uint8 images, rescaled inside the model). Per batch: a warm-up epoch (compiles),
+then `--epochs` timed epochs; prints one `RESULT {json}` line each. `--dtypes bf16`
+uses Keras's "mixed_bfloat16" policy (not run by default). Runs in the jax environment
+that benchmarks/gpu_check.sh makes (Keras installed next to jax).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "peers"))
+import common  # noqa: E402  (benchmarks/peers: the CPU peers' data loading)
+from keras_lenet import lenet  # noqa: E402  (the same model the CPU peers train)
+
+
+def images(n: int) -> tuple[np.ndarray, np.ndarray, str]:
+    try:
+        x, y = common.load_train(os.environ.get("LENET_DIST_DATA_DIR", common.DATA_DIR))
+        source = "fashion_mnist train"
+    except Exception:  # no data on the device machine: speed does not depend on pixels
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, (60000, 28, 28, 1), dtype=np.uint8)
+        y = rng.integers(0, 10, 60000).astype(np.int64)
+        source = "random pixels"
+    reps = -(-n // len(y))
+    return np.tile(x, (reps, 1, 1, 1))[:n], np.tile(y, reps)[:n], source
+
+
+def emit(record: dict) -> None:
+    print("RESULT " + json.dumps(record), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="256,1024,4096,16384,65536")
+    ap.add_argument("--dtypes", default="fp32")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--images", type=int, default=60000)
+    ap.add_argument("--deadline", type=float, default=0.0)
+    args = ap.parse_args()
+    device = jax.devices()[0]
+    name = f"Keras {keras.__version__} on JAX, model.fit"
+    print(f"{name}, jax {jax.__version__}, {device.device_kind} ({device.platform})",
+          flush=True)
+    last_cost = 0.0
+    for batch in map(int, args.batches.split(",")):
+        for dtype in args.dtypes.split(","):
+            if args.deadline and time.time() + max(10.0, 1.5 * last_cost) > args.deadline:
+                emit({"kind": "skipped", "label": "model.fit", "batch": batch, "dtype": dtype,
+                      "why": "time budget"})
+                print(f"batch {batch:>6} {dtype}: skipped, the time budget is near", flush=True)
+                continue
+            t_config = time.perf_counter()
+            keras.mixed_precision.set_global_policy(
+                "mixed_bfloat16" if dtype == "bf16" else "float32")
+            keras.utils.set_random_seed(0)
+            x_np, y_np, source = images(max(args.images, 4 * batch))
+            x_all, y_all = jax.device_put(x_np), jax.device_put(y_np.astype(np.int32))
+            spe = len(y_np) // batch
+            model = lenet()
+            model.compile(optimizer=keras.optimizers.SGD(0.1),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            shuffle = jax.jit(lambda x, y, key: (
+                lambda take: (x[take], y[take]))(
+                    jax.random.permutation(key, y.shape[0])[: spe * batch]))
+            final = {}
+
+            def epoch(e):
+                xe, ye = shuffle(x_all, y_all, jax.random.key(e))
+                hist = model.fit(xe, ye, batch_size=batch, epochs=1, shuffle=False, verbose=0)
+                final["loss"] = float(hist.history["loss"][-1])  # waits for the epoch
+
+            t = time.perf_counter()
+            epoch(0)
+            first = time.perf_counter() - t
+            rates = []
+            for e in range(1, args.epochs + 1):
+                t = time.perf_counter()
+                epoch(e)
+                rates.append(spe * batch / (time.perf_counter() - t))
+            last_cost = time.perf_counter() - t_config
+            rec = {"kind": "peer", "label": "model.fit", "name": name,
+                   "keras": keras.__version__, "jax": jax.__version__,
+                   "device": device.device_kind, "batch": batch, "dtype": dtype,
+                   "data": source, "steps_per_epoch": spe, "first_epoch_s": first,
+                   "epoch_images_per_sec": rates, "images_per_sec": statistics.median(rates),
+                   "final_loss": final["loss"], "config_s": last_cost,
+                   "parameters": int(model.count_params())}
+            emit(rec)
+            print(f"batch {batch:>6} {dtype}: {rec['images_per_sec']:>12,.0f} img/s "
+                  f"(warm-up epoch {first:.1f} s)", flush=True)
+            model = x_all = y_all = None  # free the device memory before the next
+
+
+if __name__ == "__main__":
+    main()

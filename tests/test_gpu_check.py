@@ -1,0 +1,100 @@
+"""benchmarks/gpu_check.sh: its dry run names every configuration it would measure on a
+GPU (each contender x batch x dtype) and every install step, and installs nothing; the
+script passes `bash -n` and shellcheck (where installed). The GPU timings themselves are
+benchmark output, never asserted; nothing here needs a GPU."""
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+BATCHES = (256, 1024, 4096, 16384, 65536)
+
+
+@pytest.fixture(scope="module")
+def dry_run() -> str:
+    envs = ROOT / ".peers" / "gpu"
+    existed = envs.exists()
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    if not existed:
+        assert not envs.exists(), "a dry run must create no environment"
+    return proc.stdout
+
+
+def configs(out: str) -> set[tuple[str, str, str, int, str]]:
+    found = set()
+    for line in out.splitlines():
+        m = re.match(r"\s+config: (.+?) \| recipe (\w+) \| (.+?) \| batch (\d+) \| (\w+)$",
+                     line)
+        if m:
+            found.add((m[1], m[2], m[3], int(m[4]), m[5]))
+    return found
+
+
+def test_dry_run_lists_every_contender_batch_and_dtype(dry_run):
+    found = configs(dry_run)
+    for batch in BATCHES:
+        for dtype in ("fp32", "bf16"):
+            assert ("lenet-dist", "d2l", "scan", batch, dtype) in found
+            assert ("torch-eager", "d2l", "eager", batch, dtype) in found
+            assert ("torch-compile", "d2l", "compile reduce-overhead", batch, dtype) in found
+        assert ("lenet-dist", "d2l", "loop", batch, "fp32") in found
+        assert ("keras", "d2l", "model.fit", batch, "fp32") in found
+    for batch in (256, 4096, 65536):  # the modern recipe, once
+        assert ("lenet-dist", "modern", "scan", batch, "bf16") in found
+    diagnosed = {(b, d) for c, _, _, b, d in found if c == "lenet-dist diagnose"}
+    assert diagnosed == {(b, d) for b in (16384, 65536) for d in ("fp32", "bf16")}
+    n = int(re.search(r"(\d+) configurations in all", dry_run)[1])
+    assert n >= len(found) and "round 2" in dry_run  # alternating rounds
+
+
+def test_dry_run_prints_the_install_steps(dry_run):
+    steps = [line for line in dry_run.splitlines() if "would run:" in line]
+    joined = "\n".join(steps)
+    for wanted in ("-m venv", "jax[cuda12]==", "flax==", "optax==", "keras==3", "torch=="):
+        assert wanted in joined, wanted
+    assert not re.search(r"^\+ ", dry_run, re.M), "a dry run executes no step"
+
+
+def test_rounds_alternate_the_order(dry_run):
+    order = re.findall(r"\[round (\d)\] (\S+) \(", dry_run)
+    first = [c for r, c in order if r == "1"]
+    second = [c for r, c in order if r == "2"]
+    assert sorted(first) == sorted(second) and first != second
+
+
+def test_script_parses_and_passes_shellcheck():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True, timeout=30)
+    if not shutil.which("shellcheck"):
+        pytest.skip("shellcheck is not installed")
+    proc = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_hlo_summary_counts_what_tells_the_bf16_hypotheses_apart():
+    spec = importlib.util.spec_from_file_location(
+        "gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT))
+    spec.loader.exec_module(gpu_check)
+    text = """
+  %p = bf16[8,28,28,1]{3,2,1,0} parameter(0)
+  %t = bf16[8,1,28,28]{3,2,1,0} transpose(%p), dimensions={0,3,1,2}
+  %c = f32[8,1,28,28]{3,2,1,0} convert(%t)
+  %cc = (bf16[8,6,28,28]{3,2,1,0}, u8[0]{0}) custom-call(%t, %w), \
+custom_call_target="__cudnn$convForward", backend_config={"algorithm":{"algo_id":"1"}}
+  ROOT %f = f32[] fusion(%c), kind=kLoop, calls=%fused
+"""
+    s = gpu_check.hlo_summary(text)
+    assert s["ops"] == {"custom-call": 1, "transpose": 1, "convert": 1, "fusion": 1}
+    assert s["custom_call_targets"] == {"__cudnn$convForward": 1}
+    assert len(s["convolutions"]) == 1 and "algo_id" in s["convolutions"][0]
