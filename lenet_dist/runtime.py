@@ -29,6 +29,30 @@ CPU_XLA_FLAGS = (
 )
 
 
+# Options for one program's compilation (jax.jit's compiler_options), per recipe: unlike
+# XLA_FLAGS they leave every other program of the process alone. Measured on the 2-core
+# dev machine (in-process A/B of the same step compiled both ways, alternating rounds,
+# paired medians, 2026-12-04): for the d2l recipe's train step, YNNPACK fusions off
+# (its Dense matmuls and the weight gradients of both convolutions then go to XLA's
+# own dot and to oneDNN) made it 1.05-1.14x faster on 1 and 8 devices at batch 128
+# and 256, with the same numbers (tests/test_fast_paths.py); for the modern recipe
+# it was 0.87x at batch 128, so that recipe keeps the defaults.
+CPU_TRAIN_OPTIONS: dict[str, dict[str, str | bool]] = {
+    "d2l": {"xla_cpu_experimental_ynn_fusion_type": ""},
+}
+
+
+def train_compiler_options(recipe: str, platform: str) -> dict | None:
+    """`CPU_TRAIN_OPTIONS[recipe]` on the CPU backend, less any option the user set in
+    XLA_FLAGS (theirs wins, as with `add_xla_flags`); None when none apply, and with
+    LENET_DIST_ONEDNN=0 (which turns lenet-dist's CPU tuning off, to compare)."""
+    if platform != "cpu" or os.environ.get("LENET_DIST_ONEDNN", "1") == "0":
+        return None
+    names = {f.split("=")[0].lstrip("-") for f in os.environ.get("XLA_FLAGS", "").split()}
+    options = {k: v for k, v in CPU_TRAIN_OPTIONS.get(recipe, {}).items() if k not in names}
+    return options or None
+
+
 def add_xla_flags(flags: tuple[str, ...] = CPU_XLA_FLAGS) -> None:
     """Append flags to XLA_FLAGS unless the user already set them."""
     current = os.environ.get("XLA_FLAGS", "")

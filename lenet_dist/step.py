@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from lenet_dist import model as model_lib
+from lenet_dist import runtime
 from lenet_dist.config import Config
 from lenet_dist.mesh import Shardings
 from lenet_dist.state import BNTrainState, TrainState, abstract_state, state_shardings
@@ -184,11 +185,14 @@ def build_steps(tx: optax.GradientTransformation, shardings: Shardings,
     def eval_at(variables, sums, xs, ys, mask, i):
         return _add(sums, eval_step(model, variables, xs[i], ys[i], mask[i]))
 
+    platform = shardings.mesh.devices.flat[0].platform
     train = jax.jit(
         train_at,
         in_shardings=(state_sh, metrics_sh, stacked, stacked, rep),
         out_shardings=(state_sh, metrics_sh),
         donate_argnums=(0,),
+        # per-recipe XLA:CPU options, measured (runtime.CPU_TRAIN_OPTIONS)
+        compiler_options=runtime.train_compiler_options(config.recipe, platform),
     )
     evaluate = jax.jit(
         eval_at,
