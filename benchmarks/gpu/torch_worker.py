@@ -15,37 +15,17 @@ benchmarks/gpu_check.sh makes.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "peers"))
-import common  # noqa: E402  (benchmarks/peers: the CPU peers' data loading)
 from torch_lenet import lenet  # noqa: E402  (the same model the CPU peers train)
-
-
-def images(n: int) -> tuple[np.ndarray, np.ndarray, str]:
-    try:
-        x, y = common.load_train(os.environ.get("LENET_DIST_DATA_DIR", common.DATA_DIR))
-        source = "fashion_mnist train"
-    except Exception:  # no data on the device machine: speed does not depend on pixels
-        rng = np.random.default_rng(0)
-        x = rng.integers(0, 256, (60000, 28, 28, 1), dtype=np.uint8)
-        y = rng.integers(0, 10, 60000).astype(np.int64)
-        source = "random pixels"
-    reps = -(-n // len(y))
-    return np.tile(x, (reps, 1, 1, 1))[:n], np.tile(y, reps)[:n], source
-
-
-def emit(record: dict) -> None:
-    print("RESULT " + json.dumps(record), flush=True)
+from worker_io import emit, images  # noqa: E402
 
 
 def main() -> None:
