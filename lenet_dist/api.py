@@ -282,8 +282,7 @@ def start_jax(devices: int | None) -> None:
         return
     from lenet_dist import runtime
 
-    if os.environ.get("LENET_DIST_ONEDNN", "1") != "0":  # as runtime.configure does
-        runtime.add_xla_flags()
+    runtime.tune_cpu()  # as runtime.configure does
     runtime._configure(devices, None)  # configure's body, without quick_interrupts
 
 

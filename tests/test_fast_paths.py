@@ -3,6 +3,10 @@
 Each kept speed-up is checked against the reference (XLA:CPU's defaults): the same
 forward, the same gradients (within 1e-6), the same train step."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,3 +96,47 @@ def test_train_compiler_options(monkeypatch):
 def test_d2l_options_are_valid_xla_options():
     """A misspelt option would fail every d2l run at its first step."""
     jax.jit(lambda v: jnp.dot(v, v), compiler_options=D2L_OPTIONS)(jnp.ones((4, 4)))
+
+
+# Page faults of a 48 MiB block (over glibc's largest mmap threshold, under the size of
+# a thread arena's heap) malloc'd, written and freed four times in a thread, as XLA:CPU's
+# workers allocate a step's temporaries; counted after the first time.
+FAULT_PROBE = """
+import ctypes, resource, sys, threading
+from lenet_dist import runtime
+runtime.tune_cpu()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+size, faults = 48 << 20, []
+def steps():
+    for _ in range(4):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = libc.malloc(size)
+        ctypes.memset(block, 1, size)
+        libc.free(block)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+worker = threading.Thread(target=steps)
+worker.start()
+worker.join()
+print(max(faults[1:]))
+"""
+
+
+def refaults(**env) -> int:
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LENET_DIST_ONEDNN"))}
+    out = subprocess.run([sys.executable, "-c", FAULT_PROBE], env={**environ, **env},
+                         capture_output=True, text=True, timeout=60, check=True)
+    return int(out.stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_large_freed_blocks_stay_in_the_process():
+    """A step's temporaries over glibc's mmap threshold are not faulted in afresh at
+    every step (runtime.keep_freed_memory), unless the tuning is off or the user set
+    malloc up themselves."""
+    pages = (48 << 20) // 4096
+    assert refaults() < pages // 20
+    assert refaults(LENET_DIST_ONEDNN="0") > pages // 2
+    assert refaults(MALLOC_MMAP_THRESHOLD_="131072") > pages // 2
