@@ -7,7 +7,9 @@
 #   Keras 3      on JAX, model.fit, fp32
 # alternating rounds (benchmarks/gpu/run.py); once, after the first round, the bf16
 # diagnosis (compile time, single-step times, compiled HLO, a profile, at batch 16,384
-# and 65,536); last, lenet-dist's modern recipe. Results and JSON go to $OUT (default: the current directory).
+# and 65,536); last, lenet-dist's modern recipe. Results and JSON go to $OUT (default: the
+# repository root; with --cpu-smoke, a new temporary directory, so a smoke run leaves the
+# tree clean).
 #
 #   benchmarks/gpu_check.sh               install what is missing, then measure
 #   benchmarks/gpu_check.sh --dry-run     print the install steps and every configuration
@@ -146,7 +148,11 @@ fi
 
 MODE=()
 [ "$DRY" = 1 ] && MODE+=(--dry-run)
-[ "$SMOKE" = 1 ] && MODE+=(--cpu-smoke)
+if [ "$SMOKE" = 1 ]; then
+  MODE+=(--cpu-smoke)
+  export OUT="${OUT:-$(mktemp -d -t gpu-check-smoke.XXXXXX)}"
+  say "results in $OUT"
+fi
 DRIVER="$(command -v python3 || echo "$PY_JAX")"
 "$DRIVER" benchmarks/gpu/run.py "${MODE[@]}" --started "$START" \
   --python-jax "$PY_JAX" --python-keras "$PY_KERAS" --python-torch "$PY_TORCH" \
