@@ -9,6 +9,7 @@ one line at once; Ctrl-C while JAX (or TensorFlow) loads exits with one line.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import sys
@@ -31,26 +32,38 @@ CPU_XLA_FLAGS = (
 
 # Options for one program's compilation (jax.jit's compiler_options), per recipe: unlike
 # XLA_FLAGS they leave every other program of the process alone. Measured on the 2-core
-# dev machine (in-process A/B of the same step compiled both ways, alternating rounds,
+# dev machines (in-process A/B of the same step compiled both ways, alternating rounds,
 # paired medians, 2026-12-04): for the d2l recipe's train step, YNNPACK fusions off
 # (its Dense matmuls and the weight gradients of both convolutions then go to XLA's
 # own dot and to oneDNN) made it 1.05-1.14x faster on 1 and 8 devices at batch 128
-# and 256, with the same numbers (tests/test_fast_paths.py); for the modern recipe
-# it was 0.87x at batch 128, so that recipe keeps the defaults.
+# and 256 on an AVX2 CPU (Zen 3), with the same numbers (tests/test_fast_paths.py); on
+# an AVX-512 CPU (Zen 4) XLA's defaults were as fast or faster (1.00-1.07x, four runs),
+# so these apply only where the CPU has no AVX-512. The modern recipe keeps the
+# defaults everywhere (0.87x at batch 128).
 CPU_TRAIN_OPTIONS: dict[str, dict[str, str | bool]] = {
     "d2l": {"xla_cpu_experimental_ynn_fusion_type": ""},
 }
 
 
 def train_compiler_options(recipe: str, platform: str) -> dict | None:
-    """`CPU_TRAIN_OPTIONS[recipe]` on the CPU backend, less any option the user set in
-    XLA_FLAGS (theirs wins, as with `add_xla_flags`); None when none apply, and with
-    LENET_DIST_ONEDNN=0 (which turns lenet-dist's CPU tuning off, to compare)."""
-    if platform != "cpu" or not tuning_on():
+    """`CPU_TRAIN_OPTIONS[recipe]` on the CPU backend of a CPU without AVX-512, less any
+    option the user set in XLA_FLAGS (theirs wins, as with `add_xla_flags`); None when
+    none apply, and with LENET_DIST_ONEDNN=0 (lenet-dist's CPU tuning off, to compare)."""
+    if platform != "cpu" or not tuning_on() or cpu_has_avx512():
         return None
     names = {f.split("=")[0].lstrip("-") for f in os.environ.get("XLA_FLAGS", "").split()}
     options = {k: v for k, v in CPU_TRAIN_OPTIONS.get(recipe, {}).items() if k not in names}
     return options or None
+
+
+@functools.cache
+def cpu_has_avx512() -> bool:
+    """Whether this host's CPU has AVX-512 (Linux's /proc/cpuinfo; False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
 
 
 # glibc's mallopt parameters (<malloc.h>) and the size under which freed memory stays in

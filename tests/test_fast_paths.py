@@ -24,6 +24,12 @@ from lenet_dist.step import build_steps, preprocess
 D2L_OPTIONS = runtime.CPU_TRAIN_OPTIONS["d2l"]
 
 
+@pytest.fixture
+def options_apply(monkeypatch):
+    """The d2l options apply on a CPU without AVX-512: pretend this is one."""
+    monkeypatch.setattr(runtime, "cpu_has_avx512", lambda: False)
+
+
 def batch(n=128, seed=0):
     rng = np.random.default_rng(seed)
     return (rng.integers(0, 256, (n, 28, 28, 1)).astype(np.uint8),
@@ -54,7 +60,7 @@ def test_d2l_options_give_the_same_forward_and_gradients():
 
 
 @pytest.mark.parametrize("n", [1, 8])
-def test_d2l_train_step_with_options_matches_the_default_step(n, monkeypatch):
+def test_d2l_train_step_with_options_matches_the_default_step(n, monkeypatch, options_apply):
     images, labels = batch(seed=1)
     sh = Shardings(make_mesh(n))
     tx = make_optimizer(Config())
@@ -70,7 +76,7 @@ def test_d2l_train_step_with_options_matches_the_default_step(n, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
-def test_d2l_train_step_is_compiled_with_its_options():
+def test_d2l_train_step_is_compiled_with_its_options(options_apply):
     sh = Shardings(make_mesh(1))
     tx = make_optimizer(Config())
     steps = build_steps(tx, sh)
@@ -80,7 +86,7 @@ def test_d2l_train_step_is_compiled_with_its_options():
     assert "__ynn_fusion" not in text
 
 
-def test_train_compiler_options(monkeypatch):
+def test_train_compiler_options(monkeypatch, options_apply):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     monkeypatch.delenv("LENET_DIST_ONEDNN", raising=False)
     assert runtime.train_compiler_options("d2l", "cpu") == D2L_OPTIONS
@@ -91,6 +97,9 @@ def test_train_compiler_options(monkeypatch):
     monkeypatch.delenv("LENET_DIST_ONEDNN")
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
     assert runtime.train_compiler_options("d2l", "cpu") is None  # the user's flag wins
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setattr(runtime, "cpu_has_avx512", lambda: True)
+    assert runtime.train_compiler_options("d2l", "cpu") is None  # XLA's defaults there
 
 
 def test_d2l_options_are_valid_xla_options():
