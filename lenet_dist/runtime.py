@@ -38,8 +38,8 @@ CPU_XLA_FLAGS = (
 # own dot and to oneDNN) made it 1.05-1.14x faster on 1 and 8 devices at batch 128
 # and 256 on an AVX2 CPU (Zen 3), with the same numbers (tests/test_fast_paths.py); on
 # an AVX-512 CPU (Zen 4) XLA's defaults were as fast or faster (1.00-1.07x, four runs,
-# within that host's noise), so these apply only where the CPU has no AVX-512. The modern recipe keeps the
-# defaults everywhere (0.87x at batch 128).
+# within that host's noise), so these apply only where the CPU has no AVX-512. The
+# modern recipe keeps the defaults everywhere (0.87x at batch 128).
 CPU_TRAIN_OPTIONS: dict[str, dict[str, str | bool]] = {
     "d2l": {"xla_cpu_experimental_ynn_fusion_type": ""},
 }
