@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "peers"))
 from keras_lenet import lenet  # noqa: E402  (the same model the CPU peers train)
-from worker_io import emit, images  # noqa: E402
+from worker_io import emit, images, timed_epochs  # noqa: E402
 
 
 def main() -> None:
@@ -60,28 +60,20 @@ def main() -> None:
             shuffle = jax.jit(lambda x, y, key: (
                 lambda take: (x[take], y[take]))(
                     jax.random.permutation(key, y.shape[0])[: spe * batch]))
-            final = {}
 
             def epoch(e):
                 xe, ye = shuffle(x_all, y_all, jax.random.key(e))
                 hist = model.fit(xe, ye, batch_size=batch, epochs=1, shuffle=False, verbose=0)
-                final["loss"] = float(hist.history["loss"][-1])  # waits for the epoch
+                return float(hist.history["loss"][-1])  # waits for the epoch
 
-            t = time.perf_counter()
-            epoch(0)
-            first = time.perf_counter() - t
-            rates = []
-            for e in range(1, args.epochs + 1):
-                t = time.perf_counter()
-                epoch(e)
-                rates.append(spe * batch / (time.perf_counter() - t))
+            first, rates, final_loss = timed_epochs(epoch, args.epochs, spe * batch)
             last_cost = time.perf_counter() - t_config
             rec = {"kind": "peer", "label": "model.fit", "name": name,
                    "keras": keras.__version__, "jax": jax.__version__,
                    "device": device.device_kind, "batch": batch, "dtype": dtype,
                    "data": source, "steps_per_epoch": spe, "first_epoch_s": first,
                    "epoch_images_per_sec": rates, "images_per_sec": statistics.median(rates),
-                   "final_loss": final["loss"], "config_s": last_cost,
+                   "final_loss": final_loss, "config_s": last_cost,
                    "parameters": int(model.count_params())}
             emit(rec)
             print(f"batch {batch:>6} {dtype}: {rec['images_per_sec']:>12,.0f} img/s "

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "peers"))
 from torch_lenet import lenet  # noqa: E402  (the same model the CPU peers train)
-from worker_io import emit, images  # noqa: E402
+from worker_io import emit, images, timed_epochs  # noqa: E402
 
 
 def main() -> None:
@@ -107,14 +107,7 @@ def main() -> None:
                         firsts[i] = time.perf_counter() - t
                 return float(loss.detach())  # waits for the epoch's work
 
-            t = time.perf_counter()
-            epoch(0)
-            first = time.perf_counter() - t
-            rates = []
-            for e in range(1, args.epochs + 1):
-                t = time.perf_counter()
-                final_loss = epoch(e)
-                rates.append(spe * batch / (time.perf_counter() - t))
+            first, rates, final_loss = timed_epochs(epoch, args.epochs, spe * batch)
             last_cost = time.perf_counter() - t_config
             rec = {"kind": "peer", "label": label, "name": name, "torch": torch.__version__,
                    "device": gpu, "batch": batch, "dtype": dtype, "data": source,

@@ -1,9 +1,12 @@
-"""What the GPU workers share: the images they train on and the RESULT line run.py reads."""
+"""What the GPU workers share: the images they train on, the epoch timing, and the
+RESULT line run.py reads."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
+from typing import Callable
 
 import numpy as np
 
@@ -27,3 +30,19 @@ def images(n: int) -> tuple[np.ndarray, np.ndarray, str]:
 
 def emit(record: dict) -> None:
     print("RESULT " + json.dumps(record), flush=True)
+
+
+def timed_epochs(epoch: Callable[[int], object], epochs: int, images_per_epoch: int
+                 ) -> tuple[float, list[float], object]:
+    """Epoch 0 (the warm-up: compilation, caches) timed alone, then epochs 1..`epochs`:
+    the warm-up's seconds, each timed epoch's images/s, and what the last epoch returned.
+    `epoch(e)` must wait for its own work before it returns."""
+    t = time.perf_counter()
+    epoch(0)
+    first = time.perf_counter() - t
+    rates, last = [], None
+    for e in range(1, epochs + 1):
+        t = time.perf_counter()
+        last = epoch(e)
+        rates.append(images_per_epoch / (time.perf_counter() - t))
+    return first, rates, last
