@@ -1,7 +1,7 @@
 """Train-step variants timed against each other in one process: the A/B behind every
 "What was tried" row of docs/benchmarks.md.
 
-Each variant is lenet-dist's own jitted train step (step.train_step, the run's shardings,
+Each variant is lenet-dist's own jitted train step (step.build_steps: the run's shardings,
 donated state), compiled with its own XLA compiler options and, if asked, its own batch
 size; synthetic uint8 batches already on the devices. Round r times a chunk of steps of
 every variant in turn (reversed on odd rounds), so the host's drift hits all alike. The
@@ -83,15 +83,18 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def make_chunk(variant: dict, args) -> tuple[int, object]:
-    """(images per chunk, a function that runs one chunk and waits for it)."""
+    """(images per chunk, a function that runs one chunk and waits for it): the run's own
+    `step.build_steps`, its train step compiled with the variant's options."""
+    from unittest import mock
+
     import jax
     import numpy as np
 
-    from lenet_dist import step as step_lib
     from lenet_dist.config import PRESETS
+    from lenet_dist.feed import put
     from lenet_dist.mesh import Shardings, check_batch, make_mesh
-    from lenet_dist.model import build
-    from lenet_dist.state import abstract_state, create_state, make_optimizer, state_shardings
+    from lenet_dist.state import create_state, make_optimizer
+    from lenet_dist.step import build_steps
 
     config = PRESETS[args.recipe]
     batch = variant["batch"] or args.batch_size
@@ -99,32 +102,18 @@ def make_chunk(variant: dict, args) -> tuple[int, object]:
     steps = max(1, args.steps * args.batch_size // batch)
     sh = Shardings(make_mesh(args.devices))
     tx = make_optimizer(config, 469)
-    model = build(config.recipe)
-    state_sh = state_shardings(sh, abstract_state(tx, config.recipe))
-    metrics_sh = jax.tree.map(lambda _: sh.replicated, step_lib.zero_metrics())
-
-    def train_at(state, sums, xs, ys, i):
-        images = jax.lax.with_sharding_constraint(xs[i], sh.batch)
-        labels = jax.lax.with_sharding_constraint(ys[i], sh.batch)
-        state, metrics = step_lib.train_step(state, images, labels, tx, config, model)
-        return state, jax.tree.map(jax.numpy.add, sums, metrics)
-
-    train = jax.jit(train_at, donate_argnums=(0,), compiler_options=variant["options"],
-                    in_shardings=(state_sh, metrics_sh, sh.stacked_batches,
-                                  sh.stacked_batches, sh.replicated),
-                    out_shardings=(state_sh, metrics_sh))
-    zeros = jax.jit(step_lib.zero_metrics, out_shardings=metrics_sh)
+    # build_steps reads the options once, when it jits the step
+    with mock.patch.object(runtime, "train_compiler_options", lambda *_: variant["options"]):
+        jitted = build_steps(tx, sh, config)
     rng = np.random.default_rng(0)
-    xs = jax.device_put(rng.integers(0, 256, (steps, batch, 28, 28, 1), np.uint8),
-                        sh.stacked_batches)
-    ys = jax.device_put(rng.integers(0, 10, (steps, batch), np.int32), sh.stacked_batches)
-    index = [jax.device_put(np.int32(i), sh.replicated) for i in range(steps)]
+    xs = put(rng.integers(0, 256, (steps, batch, 28, 28, 1), np.uint8), sh.stacked_batches)
+    ys = put(rng.integers(0, 10, (steps, batch), np.int32), sh.stacked_batches)
     box = {"state": create_state(0, tx, sh, config.recipe)}
 
     def run():
-        state, sums = box["state"], zeros()
-        for i in index:
-            state, sums = train(state, sums, xs, ys, i)
+        state, sums = box["state"], jitted.zeros()
+        for i in range(steps):
+            state, sums = jitted.train(state, sums, xs, ys, i)
         jax.block_until_ready(sums)
         box["state"] = state
 
