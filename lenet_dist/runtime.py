@@ -100,7 +100,7 @@ def tune_cpu() -> None:
 
 def keep_freed_memory() -> bool:
     """Keep freed blocks under KEEP_FREED_BYTES in the process (glibc only; a user's own
-    MALLOC_* or GLIBC_TUNABLES malloc settings win). True when set."""
+    _USER_MALLOC_SETTINGS or GLIBC_TUNABLES malloc settings win). True when set."""
     if (not sys.platform.startswith("linux") or any(k in os.environ for k in _USER_MALLOC_SETTINGS)
             or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
         return False
