@@ -113,7 +113,9 @@ def scan_epoch_fn(step_fn):
     def epoch_fn(state, xs, ys):
         def body(state, xy):
             state, out = step_fn(state, *xy)
-            return state, (out["loss_sum"] if isinstance(out, dict) else out)
+            # train_step sums the batch's losses (for exact sharded means); report the mean
+            # as bf16_step does, so the two final losses compare
+            return state, (out["loss_sum"] / xy[1].shape[0] if isinstance(out, dict) else out)
         return jax.lax.scan(body, state, (xs, ys))
     return epoch_fn
 

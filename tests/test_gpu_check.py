@@ -80,12 +80,48 @@ def test_script_parses_and_passes_shellcheck():
     assert proc.returncode == 0, proc.stdout
 
 
-def test_hlo_summary_counts_what_tells_the_bf16_hypotheses_apart():
+@pytest.fixture(scope="module")
+def gpu_check():
     spec = importlib.util.spec_from_file_location(
         "gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
+    module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(ROOT))
-    spec.loader.exec_module(gpu_check)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scan_epochs_report_the_mean_loss_in_both_dtypes(gpu_check):
+    """The fp32 scan reports train_step's per-batch loss sum divided by the batch, so its
+    final loss reads like the bf16 step's mean (an H200 run once recorded 590 vs 2.30)."""
+    import jax
+    import numpy as np
+
+    from lenet_dist.config import PRESETS
+    from lenet_dist.data import Split
+    from lenet_dist.feed import train_feed
+    from lenet_dist.mesh import Shardings, make_mesh
+    from lenet_dist.state import create_state, make_optimizer
+
+    rng = np.random.default_rng(0)
+    split = Split(rng.integers(0, 256, (96, 28, 28, 1), dtype=np.uint8),
+                  rng.integers(0, 10, 96).astype(np.int32))
+    shardings = Shardings(make_mesh(1))
+    config = PRESETS["d2l"].replace(batch_size=32, augment=False)
+    feed = train_feed(split, 32, shardings)
+    tx = make_optimizer(config, feed.steps_per_epoch)
+    xs, ys = feed.epoch(0, 0)
+    losses = {}
+    for name, step_fn in gpu_check.step_fns(tx, config).items():
+        state = create_state(0, tx, shardings, config.recipe)
+        _, out = jax.jit(gpu_check.scan_epoch_fn(step_fn))(state, xs, ys)
+        losses[name] = np.asarray(out)
+    assert losses["scan_fp32"].shape == (3,)
+    # the seed's sigmoid LeNet starts near chance: ln(10) = 2.30 a sample, not 32x that
+    assert np.all(np.abs(losses["scan_fp32"] - np.log(10)) < 0.2), losses
+    np.testing.assert_allclose(losses["scan_bf16"], losses["scan_fp32"], atol=0.05)
+
+
+def test_hlo_summary_counts_what_tells_the_bf16_hypotheses_apart(gpu_check):
     text = """
   %p = bf16[8,28,28,1]{3,2,1,0} parameter(0)
   %t = bf16[8,1,28,28]{3,2,1,0} transpose(%p), dimensions={0,3,1,2}
