@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import glob
+import gzip
 import json
 import os
 import re
@@ -144,6 +146,29 @@ def hlo_summary(text: str) -> dict:
             "custom_call_targets": dict(targets), "convolutions": convs}
 
 
+def top_kernels(profile_dir: str, steps: int, n: int = 5) -> list[dict]:
+    """The `n` device kernels with the most time in a jax.profiler trace, per step, with
+    the HLO instruction each ran for: the line that names a slow cuDNN algorithm. Only
+    events of processes named /device:* count (none on the CPU)."""
+    paths = glob.glob(os.path.join(profile_dir, "plugins", "profile", "*", "*.trace.json.gz"))
+    if not paths:
+        return []
+    with gzip.open(max(paths)) as f:
+        events = json.load(f)["traceEvents"]
+    devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") ==
+               "process_name" and e["args"]["name"].startswith("/device:")}
+    total = collections.Counter()
+    where = {}
+    for e in events:
+        if e.get("ph") == "X" and e["pid"] in devices:
+            total[e["name"]] += e["dur"]
+            where.setdefault(e["name"], {}).update(
+                {k: e["args"][k] for k in ("hlo_op", "kernel_details") if k in e.get("args", {})})
+    device_us = sum(total.values())
+    return [{"kernel": k[:200], "ms_per_step": us / 1e3 / steps,
+             "share": us / device_us, **where[k]} for k, us in total.most_common(n)]
+
+
 def analyses(compiled) -> dict:
     out = {}
     try:
@@ -220,9 +245,12 @@ def diagnose(args, shardings, out_dir: str) -> list[dict]:
                         jax.block_until_ready(out)
                 except Exception as e:  # no profiler support here: keep the rest
                     profile = f"failed: {e}"
+            kernels = []
             if profile and not profile.startswith("failed"):
+                kernels = top_kernels(profile, steps=2)
                 profile = os.path.relpath(profile, out_dir)
             rec = {"recipe": args.recipe, "batch": batch, "variant": name, "profile": profile,
+                   "top_kernels": kernels,
                    "lower_s": t_lower, "compile_scan_s": t_compile,
                    "compile_step_s": t_compile_step, "step_s": steps,
                    "step_images_per_sec_median": batch / statistics.median(steps),
@@ -233,6 +261,9 @@ def diagnose(args, shardings, out_dir: str) -> list[dict]:
             ops = rec["hlo_scan"]["ops"]
             print(f"diagnose b{batch} {name}: compile {t_compile:.1f} s, steps "
                   f"{', '.join(f'{s * 1e3:.1f}' for s in steps)} ms; HLO {ops}", flush=True)
+            for k in kernels:
+                print(f"  {k['ms_per_step']:8.2f} ms/step {k['share']:4.0%} "
+                      f"{k.get('hlo_op', '?')}: {k['kernel'][:90]}", flush=True)
     return records
 
 

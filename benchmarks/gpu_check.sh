@@ -5,7 +5,7 @@
 #   PyTorch      eager and torch.compile (mode reduce-overhead: CUDA graphs), fp32 and
 #                bf16 autocast
 #   Keras 3      on JAX, model.fit, fp32
-# alternating rounds (benchmarks/gpu/run.py); once, after the first round, the bf16
+# alternating rounds (benchmarks/gpu/run.py); once, after the rounds, the bf16
 # diagnosis (compile time, single-step times, compiled HLO, a profile, at batch 16,384
 # and 65,536); last, lenet-dist's modern recipe. Results and JSON go to $OUT (default: the
 # repository root; with --cpu-smoke, a new temporary directory, so a smoke run leaves the
@@ -16,6 +16,10 @@
 #   benchmarks/gpu_check.sh --cpu-smoke   a few steps per contender on the CPU, with the
 #                                         environments already here (.venv, .peers/*)
 #   benchmarks/gpu_check.sh --no-install  use only environments that already work
+#   benchmarks/gpu_check.sh --wheels=DIR  first install DIR/*.whl (no index, no network)
+#                                         into .peers/gpu/site, put on PYTHONPATH: for a
+#                                         GPU machine with no registry (e.g. Keras, namex
+#                                         and optree for an image that has jax and torch)
 # Other options go to benchmarks/gpu/run.py (--budget-s 480, --rounds 2, --epochs 2,
 # --batches, --compile-modes reduce-overhead,max-autotune-no-cudagraphs, ...; see --help).
 #
@@ -33,13 +37,14 @@ cd "$(dirname "$0")/.."
 START=$(date +%s)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
-DRY=0 SMOKE=0 INSTALL=1
+DRY=0 SMOKE=0 INSTALL=1 WHEELS=""
 ARGS=()
 for a in "$@"; do
   case "$a" in
     --dry-run) DRY=1 ;;
     --cpu-smoke) SMOKE=1 ;;
     --no-install) INSTALL=0 ;;
+    --wheels=*) WHEELS="${a#--wheels=}" ;;
     -h|--help) sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     *) ARGS+=("$a") ;;
   esac
@@ -78,6 +83,16 @@ make_env() {
 }
 
 PY_JAX="${JAX_PYTHON:-}" PY_KERAS="" PY_TORCH="${TORCH_PYTHON:-}"
+
+if [ -n "$WHEELS" ] && [ "$SMOKE" = 0 ]; then
+  # An offline machine: what is missing comes as wheels for its Python (one version of
+  # each, --no-deps: name every missing dependency too). They go on every contender's
+  # PYTHONPATH, so they must suit each contender's Python.
+  if ! compgen -G "$WHEELS/*.whl" >/dev/null; then say "no wheels in $WHEELS"; exit 2; fi
+  step "${JAX_PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile \
+    --upgrade --target "$ENVS/site" "$WHEELS"/*.whl
+  export PYTHONPATH="$PYTHONPATH:$PWD/$ENVS/site"
+fi
 
 if [ "$SMOKE" = 1 ]; then
   # The CPU: this checkout's environments only; nothing is installed.

@@ -134,3 +134,46 @@ custom_call_target="__cudnn$convForward", backend_config={"algorithm":{"algo_id"
     assert s["ops"] == {"custom-call": 1, "transpose": 1, "convert": 1, "fusion": 1}
     assert s["custom_call_targets"] == {"__cudnn$convForward": 1}
     assert len(s["convolutions"]) == 1 and "algo_id" in s["convolutions"][0]
+
+
+def test_top_kernels_names_the_slow_kernel_and_its_hlo_op(gpu_check, tmp_path):
+    """The diagnosis's profile summary: device kernels only (host events ignored), summed
+    over the steps, with the HLO instruction each ran for."""
+    import gzip
+    import json
+
+    run = tmp_path / "plugins" / "profile" / "2026_12_04_12_13_30"
+    run.mkdir(parents=True)
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        *[{"ph": "X", "pid": 1, "name": "sm90_xmma_wgrad", "dur": 108000.0,
+           "args": {"hlo_op": "cudnn-conv-bw-filter.2", "kernel_details": "grid:32,1,1"}}
+          for _ in range(2)],
+        {"ph": "X", "pid": 1, "name": "loop_fusion", "dur": 4000.0,
+         "args": {"hlo_op": "fusion.1"}},
+        {"ph": "X", "pid": 2, "name": "PjitFunction", "dur": 900000.0, "args": {}},
+    ]
+    with gzip.open(run / "vm.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    top = gpu_check.top_kernels(str(tmp_path), steps=2)
+    assert [k["kernel"] for k in top] == ["sm90_xmma_wgrad", "loop_fusion"]
+    assert top[0]["ms_per_step"] == 108.0 and top[0]["hlo_op"] == "cudnn-conv-bw-filter.2"
+    assert top[0]["kernel_details"] == "grid:32,1,1"
+    assert abs(top[0]["share"] - 216 / 220) < 1e-9
+    assert gpu_check.top_kernels(str(tmp_path / "none"), steps=2) == []
+
+
+def test_wheels_for_an_offline_machine_install_with_no_index(tmp_path):
+    (tmp_path / "keras-3.15.1-py3-none-any.whl").write_bytes(b"")
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", f"--wheels={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if "keras-3.15.1-py3-none-any.whl" in x)
+    assert line.startswith("  would run:") and "--no-index" in line
+    assert "--target .peers/gpu/site" in line
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", f"--wheels={empty}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and f"no wheels in {empty}" in proc.stdout

@@ -11,9 +11,9 @@ LeNet-5 (Xavier init, SGD lr 0.1) with the dataset on the device:
     keras           benchmarks/gpu/keras_worker.py: Keras 3 on JAX, `model.fit`, fp32
 
 Round r runs every contender once, the order rotated by one each round; each process
-times `--epochs` epochs after a warm-up one. After the first round comes, once, the bf16
-diagnosis (gpu_check.py --diagnose), then the remaining rounds, and last the modern
-recipe (lenet-dist only, no peer to compare with). A wall-clock guard: no process
+times `--epochs` epochs after a warm-up one. After the rounds come, once, the bf16
+diagnosis (gpu_check.py --diagnose) and last the modern recipe (lenet-dist only, no peer
+to compare with): the side-by-side table has the budget first. A wall-clock guard: no process
 starts, and no configuration inside one starts, when the budget (counted from the
 script's start, installs included) is near; a process still running at the budget's end
 is stopped. What was skipped is listed in the output and the JSON.
@@ -76,7 +76,7 @@ def contenders(args) -> list[dict]:
 
 
 def diagnosis(args) -> list[dict]:
-    """Run once, after the first round."""
+    """Run once, after the rounds."""
     out = []
     if args.diagnose:
         batches = [int(b) for b in args.diagnose.split(",")]
@@ -111,9 +111,7 @@ def plan(args) -> list[tuple[int, dict]]:
     for r in range(1, args.rounds + 1):
         k = (r - 1) % len(cs)
         jobs += [(r, c) for c in cs[k:] + cs[:k]]
-        if r == 1:
-            jobs += [(0, e) for e in diagnosis(args)]
-    return jobs + [(0, e) for e in modern(args)]
+    return jobs + [(0, e) for e in diagnosis(args) + modern(args)]
 
 
 def batches_of(job: dict) -> str:
