@@ -40,67 +40,65 @@ DIAGNOSE_BATCHES = (16384, 65536)
 RESERVE_S = 20  # kept at the end for writing results
 
 
+LENET_DIST_VARIANTS = (("loop", "fp32"), ("scan", "fp32"), ("scan", "bf16"))
+
+
+def job(name: str, env: str, recipe: str, cmd: list[str], batch_arg: str,
+        configs: list[tuple[str, int, str]]) -> dict:
+    """One process to run: its environment's Python runs `cmd` plus `batch_arg` and the
+    batches; `configs` lists the (label, batch, dtype) it measures."""
+    return {"name": name, "env": env, "recipe": recipe, "cmd": cmd,
+            "batch_arg": batch_arg, "configs": configs}
+
+
 def contenders(args) -> list[dict]:
-    """Each contender: its environment, its command and its (label, batch, dtype) list."""
+    """The contenders of every round, all training the d2l recipe."""
     batches = [int(b) for b in args.batches.split(",")]
     common = ["--epochs", str(args.epochs), "--images", str(args.images)]
-    out = [
-        {"name": "lenet-dist", "env": "jax", "recipe": "d2l",
-         "cmd": ["benchmarks/gpu_check.py", "--recipe", "d2l", "--tag", "_r{round}", *common],
-         "batch_arg": "--batches",
-         "configs": [(v, b, d) for b in batches
-                     for v, d in (("loop", "fp32"), ("scan", "fp32"), ("scan", "bf16"))]},
-        {"name": "torch-eager", "env": "torch", "recipe": "d2l",
-         "cmd": ["benchmarks/gpu/torch_worker.py", "--mode", "eager", *common],
-         "batch_arg": "--batches",
-         "configs": [("eager", b, d) for b in batches for d in args.torch_dtypes.split(",")]},
-    ]
-    out.append({"name": "keras", "env": "keras", "recipe": "d2l",
-                "cmd": ["benchmarks/gpu/keras_worker.py", *common], "batch_arg": "--batches",
-                "configs": [("model.fit", b, d) for b in batches
-                            for d in args.keras_dtypes.split(",")]})
+    torch_dtypes = args.torch_dtypes.split(",")
+    keras_cmd = ["benchmarks/gpu/keras_worker.py", *common]
     if args.keras_dtypes != "fp32":
-        out[-1]["cmd"] += ["--dtypes", args.keras_dtypes]
+        keras_cmd += ["--dtypes", args.keras_dtypes]
+    out = [
+        job("lenet-dist", "jax", "d2l",
+            ["benchmarks/gpu_check.py", "--recipe", "d2l", "--tag", "_r{round}", *common],
+            "--batches", [(v, b, d) for b in batches for v, d in LENET_DIST_VARIANTS]),
+        job("torch-eager", "torch", "d2l",
+            ["benchmarks/gpu/torch_worker.py", "--mode", "eager", *common],
+            "--batches", [("eager", b, d) for b in batches for d in torch_dtypes]),
+        job("keras", "keras", "d2l", keras_cmd, "--batches",
+            [("model.fit", b, d) for b in batches for d in args.keras_dtypes.split(",")]),
+    ]
     if args.torch_compile:
         for mode in args.compile_modes.split(","):
-            out.append({"name": "torch-compile" + ("" if mode == "reduce-overhead" else f"-{mode}"),
-                        "env": "torch", "recipe": "d2l",
-                        "cmd": ["benchmarks/gpu/torch_worker.py", "--mode", "compile",
-                                "--compile-mode", mode, *common,
-                                # on the CPU, dynamo's tracing only (inductor is heavy there)
-                                *(["--compile-backend", "eager"] if args.cpu_smoke else [])],
-                        "batch_arg": "--batches",
-                        "configs": [(f"compile {mode}", b, d) for b in batches
-                                    for d in args.torch_dtypes.split(",")]})
+            out.append(job(
+                "torch-compile" + ("" if mode == "reduce-overhead" else f"-{mode}"),
+                "torch", "d2l",
+                ["benchmarks/gpu/torch_worker.py", "--mode", "compile", "--compile-mode",
+                 mode, *common,
+                 # on the CPU, dynamo's tracing only (inductor is heavy there)
+                 *(["--compile-backend", "eager"] if args.cpu_smoke else [])],
+                "--batches", [(f"compile {mode}", b, d) for b in batches for d in torch_dtypes]))
     return out
 
 
-def diagnosis(args) -> list[dict]:
-    """Run once, after the rounds."""
+def extras(args) -> list[dict]:
+    """Run once, after the rounds: the bf16 diagnosis, then lenet-dist's modern recipe
+    (no peer to compare with)."""
     out = []
     if args.diagnose:
         batches = [int(b) for b in args.diagnose.split(",")]
-        out.append({"name": "lenet-dist diagnose", "env": "jax", "recipe": "d2l",
-                    "cmd": ["benchmarks/gpu_check.py", "--recipe", "d2l",
-                            "--diagnose-steps", str(args.diagnose_steps)],
-                    "batch_arg": "--diagnose",
-                    "configs": [("scan (compile s, single steps, HLO)", b, d)
-                                for b in batches for d in ("fp32", "bf16")]})
-    return out
-
-
-def modern(args) -> list[dict]:
-    """Run once, after the last round: lenet-dist's other recipe, no peer to compare."""
-    out = []
+        out.append(job("lenet-dist diagnose", "jax", "d2l",
+                       ["benchmarks/gpu_check.py", "--recipe", "d2l",
+                        "--diagnose-steps", str(args.diagnose_steps)],
+                       "--diagnose", [("scan (compile s, single steps, HLO)", b, d)
+                                      for b in batches for d in ("fp32", "bf16")]))
     if args.modern:
         batches = [int(b) for b in args.modern_batches.split(",")]
-        out.append({"name": "lenet-dist", "env": "jax", "recipe": "modern",
-                    "cmd": ["benchmarks/gpu_check.py", "--recipe", "modern",
-                            "--epochs", str(args.epochs), "--images", str(args.images)],
-                    "batch_arg": "--batches",
-                    "configs": [(v, b, d) for b in batches
-                                for v, d in (("loop", "fp32"), ("scan", "fp32"),
-                                             ("scan", "bf16"))]})
+        out.append(job("lenet-dist", "jax", "modern",
+                       ["benchmarks/gpu_check.py", "--recipe", "modern",
+                        "--epochs", str(args.epochs), "--images", str(args.images)],
+                       "--batches", [(v, b, d) for b in batches for v, d in LENET_DIST_VARIANTS]))
     return out
 
 
@@ -111,7 +109,7 @@ def plan(args) -> list[tuple[int, dict]]:
     for r in range(1, args.rounds + 1):
         k = (r - 1) % len(cs)
         jobs += [(r, c) for c in cs[k:] + cs[:k]]
-    return jobs + [(0, e) for e in diagnosis(args) + modern(args)]
+    return jobs + [(0, e) for e in extras(args)]
 
 
 def batches_of(job: dict) -> str:
