@@ -193,11 +193,10 @@ def summarize(results) -> list[dict]:
     series = {}
     for rec in results:
         if rec.get("kind") == "lenet-dist":
-            for v in ("loop_fp32", "scan_fp32", "scan_bf16"):
-                if v in rec:
-                    key = (rec["contender"], rec["recipe"], v.split("_")[0], rec["batch"],
-                           v.split("_")[1])
-                    series.setdefault(key, []).append(rec[v])
+            for variant, dtype in LENET_DIST_VARIANTS:
+                if f"{variant}_{dtype}" in rec:
+                    key = (rec["contender"], rec["recipe"], variant, rec["batch"], dtype)
+                    series.setdefault(key, []).append(rec[f"{variant}_{dtype}"])
         elif rec.get("kind") == "peer":
             key = (rec["contender"], "d2l", rec["label"], rec["batch"], rec["dtype"])
             series.setdefault(key, []).append(rec["images_per_sec"])
