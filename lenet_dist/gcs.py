@@ -30,6 +30,23 @@ from lenet_dist.errors import Busy, UserError, describe_holder, first_line
 # Only a default: a user who sets EPATH_USE_TF=true asks for tf.io.gfile knowingly.
 os.environ.setdefault("EPATH_USE_TF", "false")
 
+
+def _no_listing_cache() -> None:
+    """gcsfs caches each directory listing per filesystem object, for the life of the
+    process: once listed, a path another process (or a peer host) creates later stays
+    invisible to exists(). In a resumed 2-process job Orbax waited its full 600 s for
+    an object process 0 had written. Every gcsfs filesystem lenet-dist or Orbax makes
+    through fsspec gets these defaults (before the first one is made; a kwarg wins)."""
+    try:
+        import fsspec.config
+    except ImportError:  # no [gcs] extra: no gs:// either (check_installed says so)
+        return
+    for protocol in ("gs", "gcs"):
+        fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+
+
+_no_listing_cache()
+
 SCHEME = "gs://"
 LOCK_OBJECT = "lock"  # safefs.LOCK_FILE's name, as an object
 # The holder rewrites its lease every REFRESH seconds; a lease not rewritten for
