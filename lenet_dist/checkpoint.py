@@ -320,12 +320,12 @@ class Checkpoints:
 
     def _move_aside(self, step: int, path: epath.Path | None = None, tag: str = "") -> epath.Path:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        self.quarantine_dir.mkdir(exist_ok=True)
+        safefs.make_dir(self.quarantine_dir)  # a no-op in a bucket, which has no folders
         target = self.quarantine_dir / f"{step}{tag}-{stamp}"
         n = 1
         while target.exists():
             target, n = self.quarantine_dir / f"{step}{tag}-{stamp}-{n}", n + 1
-        (path or self.directory / str(step)).rename(target)
+        safefs.move(path or self.directory / str(step), target)
         return target
 
     # -- saving ---------------------------------------------------------------

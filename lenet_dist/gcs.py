@@ -86,6 +86,31 @@ def upload_tree(local: str | os.PathLike, url: str,
             done[rel] = (stat.st_size, stat.st_mtime_ns)
 
 
+def move(src: str, dst: str) -> None:
+    """Move an object or a whole prefix ("folder") to `dst` in the same store. A bucket
+    has no directories, so neither a folder rename nor a mkdir of the parent exists:
+    each object is copied under the new name, and only then are the originals deleted
+    (a crash in between leaves both copies, never neither). OSError on failure."""
+    import fsspec  # late: only a remote workdir moves anything
+
+    fs = fsspec.filesystem("gs")
+    src, dst = os.fspath(src).rstrip("/"), os.fspath(dst).rstrip("/")
+    try:
+        if fs.isdir(src):
+            names = fs.find(src)
+            for name in names:
+                fs.copy(name, dst + "/" + name[len(src.split("://", 1)[-1]) + 1:])
+            fs.rm(names)
+        else:
+            fs.copy(src, dst)
+            fs.rm(src)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - gcsfs's HttpError, aiohttp's errors
+        raise OSError(f"cannot move {src} to {dst}: {type(e).__name__}: "
+                      f"{first_line(e)}") from None
+
+
 def check_installed(url: str) -> None:
     """A gs:// path needs gcsfs (the [gcs] extra): one line saying how to get it,
     where fsspec would raise deep inside the first read."""

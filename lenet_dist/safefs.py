@@ -130,9 +130,18 @@ def keep_aside(path: epath.Path) -> epath.Path:
             os.unlink(path)
             return kept
         if not kept.exists():
-            path.rename(kept)
+            move(path, kept)
             return kept
     raise Failure(f"cannot keep {path} aside: 100 names {path.stem}-{stamp}-N are taken")
+
+
+def move(path: epath.Path | str, target: epath.Path | str) -> None:
+    """Rename a file or a directory; in an object store, copy its objects then delete
+    them (gcs.move), since a bucket cannot rename a folder."""
+    if is_local(path):
+        os.rename(path, target)
+    else:
+        gcs.move(os.fspath(path), os.fspath(target))
 
 
 def write_atomic(path: epath.Path | str, data: str | bytes) -> None:
