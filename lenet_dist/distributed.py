@@ -45,7 +45,7 @@ import time
 import numpy as np
 
 from lenet_dist import jax_compat, safefs, versions
-from lenet_dist.errors import Failure, UserError, first_line
+from lenet_dist.errors import Failure, Restartable, UserError, first_line
 
 MODES = ("off", "auto")
 # How long the survivors of a dead process wait before exiting (JAX's
@@ -678,8 +678,9 @@ def on_primary(fn):
     if error is not None:
         raise error
     if code:  # the same class as process 0's, so a restart policy treats both alike
-        raise (Failure if code == Failure.exit_code else UserError)(
-            "process 0 stopped (its error says why)")
+        kind = {Failure.exit_code: Failure, Restartable.exit_code: Restartable}.get(
+            code, UserError)
+        raise kind("process 0 stopped (its error says why)")
     return result
 
 

@@ -19,6 +19,21 @@ class Failure(UserError):
     exit_code = 1
 
 
+# "Restart me": the one exit code that says a restart of the same command can succeed
+# where this attempt could not (the workdir's lease lost or not renewable in time, object
+# storage unreachable). 42 is the code xpk's JobSet template restarts on (with the signal
+# deaths, 127-255); lenet-dist's own JobSet manifest, SLURM script and `launch
+# --max-restarts` restart on it too, and on nothing else but signals (143, 134, 137).
+RESTART_EXIT_CODE = 42
+
+
+class Restartable(Failure):
+    """A failure that another attempt of the same job can get past (storage came back,
+    a stale lease expired): one line, exit RESTART_EXIT_CODE."""
+
+    exit_code = RESTART_EXIT_CODE
+
+
 class Preempted(Exception):
     """Training stopped on a signal after saving a checkpoint."""
 
