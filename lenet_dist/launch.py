@@ -7,8 +7,11 @@ Output is prefixed with the process id; a timeout, when given, bounds the whole
 job; when one process fails the others get `grace` seconds to notice, then are
 killed by process group (each process leads its own, with its output filters).
 Every process dies with the launcher, however the launcher dies (Linux's
-parent-death signal). With restarts, a failed job is started again, torchrun's
-way, and resumes from its workdir. Standard library only: it never imports JAX.
+parent-death signal). With restarts, a job whose process asked for one (exit
+RESTART_EXIT_CODE, 42) or died by a signal is started again and resumes from its
+workdir: the rule of launch/gke-jobset.yaml and launch/slurm.sbatch too. Every
+process of every attempt gets the same LENET_DIST_JOB_ID. Standard library and
+`lenet_dist.errors` only: it never imports JAX.
 """
 
 from __future__ import annotations
@@ -26,9 +29,13 @@ import threading
 import time
 from typing import Callable, Sequence, TextIO
 
+from lenet_dist.errors import RESTART_EXIT_CODE
+
 TIMED_OUT = 124  # what timeout(1) returns
 USAGE_ERROR = 2  # errors.UserError's exit code: the same command would fail the same way
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+JOB_ID = "LENET_DIST_JOB_ID"  # one job's identity, the same in each of its restarts
+GROUPS_GONE_SECONDS = 5.0  # how long `run` waits for a process's output filters to exit
 
 
 def _parent_death_signal() -> Callable[[], None] | None:
@@ -57,6 +64,23 @@ def free_port() -> int:
 def exit_status(returncode: int) -> int:
     """A shell's view: killed by signal N -> 128 + N."""
     return 128 - returncode if returncode < 0 else returncode
+
+
+def restartable(status: int) -> bool:
+    """Whether an exit status (a shell's: 128 + N for signal N) is one a restart of the
+    same command can get past: RESTART_EXIT_CODE ("restart me": a lost lease, storage
+    unreachable) or a death by a signal, 127 to 255 (xpk's JobSet template counts 127,
+    "command not found" to a shell, with them). Everything else (1, 2, 124, ...) fails
+    the same way again. launch/gke-jobset.yaml and launch/slurm.sbatch restart on the
+    same set (RESTART_TABLE in tests/test_launch.py holds all three to it)."""
+    return status == RESTART_EXIT_CODE or 127 <= status <= 255
+
+
+def new_job_id() -> str:
+    """The LENET_DIST_JOB_ID of one `launch`: the environment's, else one made here,
+    unique to this launcher (host, PID, start time) and kept across its restarts."""
+    return (os.environ.get(JOB_ID)
+            or f"launch-{socket.gethostname()}-{os.getpid()}-{int(time.time())}")
 
 
 def describe_exit(i: int, returncode: int) -> str:
@@ -151,6 +175,25 @@ class LocalJob:
         for p in self.procs:
             p.wait()
 
+    def groups_gone(self, timeout: float) -> bool:
+        """Wait until no process is left in any of the job's process groups, at most
+        `timeout` seconds; whether they are all gone. A process's output filters
+        (fatal_filter) outlive it by a moment, and are no child of ours to wait for."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = 0
+            for p in self.procs:
+                try:
+                    os.killpg(p.pid, 0)
+                    left += 1
+                except (ProcessLookupError, PermissionError):  # gone (or no longer ours)
+                    pass
+            if not left:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
     def say(self, line: str) -> None:
         """A line of the launcher's own, between the processes' lines."""
         if self.out is not None:
@@ -205,14 +248,18 @@ def run(args: Sequence[str], processes: int, timeout: float | None = None,
     """The `lenet-dist launch` command: run the job, relay output; the job's exit status.
 
     SIGINT/SIGTERM to the launcher are forwarded as SIGTERM to every process (they
-    save a checkpoint together and exit 143); a second one kills them. A job that
-    fails otherwise is started again, up to `max_restarts` times (see `restart_refusal`),
-    on a fresh port unless `port` is given; the survivors of a failure that will be
-    restarted are killed at once, since they cannot go on without the lost process.
-    `timeout` (None: no limit) bounds the whole launch, restarts included; when it runs
-    out, every process is killed and the status is TIMED_OUT (124), said in one line.
+    save a checkpoint together and exit 143); a second one kills them. A job whose
+    first failed process exited RESTART_EXIT_CODE (42) or died by a signal is started
+    again, up to `max_restarts` times (see `restart_refusal`), on a fresh port unless
+    `port` is given; the survivors of a failure that will be restarted are killed at
+    once, since they cannot go on without the lost process. Every process of every
+    attempt gets the same LENET_DIST_JOB_ID (`new_job_id`). `timeout` (None: no limit)
+    bounds the whole launch, restarts included; when it runs out, every process is
+    killed and the status is TIMED_OUT (124), said in one line. It returns once the
+    processes' output filters have exited too (at most GROUPS_GONE_SECONDS later).
     """
     deadline = None if timeout is None else time.monotonic() + timeout
+    job_id = new_job_id()
     stopping: list[int] = []  # the signals the launcher received
     jobs: list[LocalJob] = []
 
@@ -234,9 +281,9 @@ def run(args: Sequence[str], processes: int, timeout: float | None = None,
     restarts = 0
     try:
         while True:
-            job = LocalJob(args, processes, port=port, out=out)
-            job.say(f"launching {processes} processes on 127.0.0.1:{job.port}: "
-                    f"lenet-dist {' '.join(args)}")
+            job = LocalJob(args, processes, port=port, env={JOB_ID: job_id}, out=out)
+            job.say(f"launching {processes} processes on 127.0.0.1:{job.port} "
+                    f"(job id {job_id}): lenet-dist {' '.join(args)}")
             jobs.append(job)
             job.start()
             job.say("pids: " + ", ".join(f"{i}={p.pid}" for i, p in enumerate(job.procs)))
@@ -269,18 +316,24 @@ def run(args: Sequence[str], processes: int, timeout: float | None = None,
             signal.signal(s, h)
         if jobs:  # each earlier attempt was killed when it ended
             jobs[-1].kill_all()
+            jobs[-1].groups_gone(GROUPS_GONE_SECONDS)
 
 
 def restart_refusal(returncode: int, stopping: Sequence[int], restarts_left: int) -> str | None:
     """Why a job whose first failed process ended with `returncode` (Popen's: negative
-    for a signal) is not started again, or None to restart it. Like torchrun, any
-    failure is restarted, except a usage error (exit 2: the same command fails the
-    same way) and a stop the launcher itself was asked for (its SIGTERM or Ctrl-C,
-    which the processes obeyed, exiting 143 or 130)."""
+    for a signal) is not started again, or None to restart it. Only what a restart can
+    get past is restarted (`restartable`: exit 42, "restart me", and deaths by signal),
+    never a stop the launcher itself was asked for (its SIGTERM or Ctrl-C, which the
+    processes obeyed, exiting 143 or 130); any other exit (1, 2, 124, ...) would fail
+    the same way again."""
     if stopping:
         return f"the launcher was stopped by {signal.Signals(stopping[0]).name}"
-    if returncode == USAGE_ERROR:
+    status = exit_status(returncode)
+    if status == USAGE_ERROR:
         return "a usage error (exit 2) fails the same way again"
+    if not restartable(status):
+        return (f"exit {status} is not restartable: the same command fails the same way; "
+                f"only exit {RESTART_EXIT_CODE} (restart me) and signal deaths are restarted")
     if restarts_left <= 0:
         return "every restart (--max-restarts) is used"
     return None

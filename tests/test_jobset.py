@@ -28,6 +28,8 @@ import pytest
 import yaml
 from jax._src.clusters import cloud_tpu_cluster
 
+from tests.test_launch import RESTART_TABLE
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 CRD = LAUNCH / "schema" / "jobset.x-k8s.io_jobsets.yaml"
@@ -201,52 +203,121 @@ def test_manifest_shape(manifest):
 
 # ---- the failure policy, as Kubernetes and JobSet evaluate it --------------------
 
-def _pod_rule(rules, container, exit_code, conditions):
-    """The action of the first podFailurePolicy rule that matches a failed pod
-    (Kubernetes: exit code 0 never matches; no match means Count)."""
-    for rule in rules:
+POD = "default/lenet-dist-slice-0-0-x7k2p"
+
+
+def pod_failure_policy(job_spec, container, exit_code, conditions):
+    """Kubernetes' podFailurePolicy for one failed pod: (action, the Job's failure
+    message when the action is FailJob). The first matching rule wins; exit code 0
+    never matches an exit-code rule; a rule takes exit codes or pod conditions, not
+    both; no match is Count. The messages are the Job controller's (pod_failure_policy.go)."""
+    for index, rule in enumerate(job_spec["podFailurePolicy"]["rules"]):
+        assert ("onExitCodes" in rule) != ("onPodConditions" in rule), rule
+        action = rule["action"]
         codes = rule.get("onExitCodes")
-        if codes and exit_code != 0 and codes.get("containerName", container) == container:
-            inside = exit_code in codes["values"]
-            if inside == (codes["operator"] == "In"):
-                return rule["action"]
-        for c in rule.get("onPodConditions") or []:
+        if codes:
+            if exit_code != 0 and codes.get("containerName", container) == container \
+                    and (exit_code in codes["values"]) == (codes["operator"] == "In"):
+                return action, (f"Container {container} for pod {POD} failed with exit code "
+                                f"{exit_code} matching {action} rule at index {index}")
+            continue
+        for c in rule["onPodConditions"]:
             if conditions.get(c["type"]) == c.get("status", "True"):
-                return rule["action"]
-    return "Count"
+                return action, (f"Pod {POD} has condition {c['type']} matching {action} "
+                                f"rule at index {index}")
+    return "Count", None
+
+
+def jobset_action(policy, job_name, reason, message):
+    """JobSet's failurePolicy for a failed Job: the first rule whose reasons, message
+    patterns (RE2; these are Python's too) and replicated jobs all match, else
+    RestartJobSet."""
+    for rule in policy.get("rules", []):
+        if reason in (rule.get("onJobFailureReasons") or [reason]) \
+                and job_name in (rule.get("targetReplicatedJobs") or [job_name]) \
+                and (not rule.get("onJobFailureMessagePatterns")
+                     or any(re.search(p, message) for p in rule["onJobFailureMessagePatterns"])):
+            return rule["action"]
+    return "RestartJobSet"
 
 
 def outcome(manifest, exit_code, conditions=None):
-    """What one pod failing this way does to the JobSet."""
+    """What one pod ending this way does to the JobSet."""
+    conditions = conditions or {}
     [job] = manifest["spec"]["replicatedJobs"]
     job_spec = job["template"]["spec"]
     [container] = job_spec["template"]["spec"]["containers"]
-    action = _pod_rule(job_spec["podFailurePolicy"]["rules"], container["name"], exit_code,
-                       conditions or {})
+    if exit_code == 0 and not conditions:
+        return "done"
+    action, message = pod_failure_policy(job_spec, container["name"], exit_code, conditions)
     if action == "Ignore":
         return "pod replaced, not counted"
-    reason = "PodFailurePolicy" if action == "FailJob" else "BackoffLimitExceeded"
-    assert action == "FailJob" or job_spec["backoffLimit"] == 0
+    if action == "FailJob":
+        reason = "PodFailurePolicy"
+    else:  # Count
+        assert job_spec["backoffLimit"] == 0, "one failed pod fails the Job"
+        reason, message = "BackoffLimitExceeded", "Job has reached the specified backoff limit"
     policy = manifest["spec"]["failurePolicy"]
-    for rule in policy.get("rules", []):
-        if reason in rule.get("onJobFailureReasons", [reason]) \
-                and job["name"] in rule.get("targetReplicatedJobs", [job["name"]]):
-            return rule["action"]
-    return f"RestartJobSet (counted, at most {policy['maxRestarts']})"
+    done = jobset_action(policy, job["name"], reason, message)
+    return {"FailJobSet": "fail",
+            "RestartJobSet": f"restart (counted, at most {policy['maxRestarts']})",
+            "RestartJobSetAndIgnoreMaxRestarts": "restart (not counted)"}[done]
 
 
-def test_failure_policy_restarts_preemptions_and_crashes_but_not_user_errors(manifest):
-    counted = "RestartJobSet (counted, at most 10)"
-    disrupted = {"DisruptionTarget": "True"}
-    assert outcome(manifest, 2) == "FailJobSet"       # bad flag or --config: fail at once
-    assert outcome(manifest, 143, disrupted) == "pod replaced, not counted"  # preempted
-    assert outcome(manifest, 2, disrupted) == "pod replaced, not counted"
-    assert outcome(manifest, 137, disrupted) == "pod replaced, not counted"
-    assert outcome(manifest, 143) == counted          # SIGTERM from elsewhere, checkpointed
-    assert outcome(manifest, 1) == counted            # a lost peer host, or a bug
-    assert outcome(manifest, 137) == counted          # OOM, SIGKILL
-    pod = manifest["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+@pytest.mark.parametrize("code", sorted(RESTART_TABLE))
+def test_failure_policy_restarts_only_restart_me_and_signal_deaths(manifest, code):
+    got = outcome(manifest, code)
+    assert got.split(" (")[0] == RESTART_TABLE[code], (code, got)
+    if RESTART_TABLE[code] == "restart":
+        assert got == "restart (counted, at most 10)"
+
+
+@pytest.mark.parametrize("code", [0, 1, 2, 42, 137, 143])
+def test_a_disrupted_pod_restarts_the_whole_jobset_uncounted(manifest, code):
+    """Preempted, evicted, drained: whatever its exit code, every pod starts again (one
+    replaced pod cannot rejoin a running JAX job), not counted against maxRestarts."""
+    assert outcome(manifest, code, {"DisruptionTarget": "True"}) == "restart (not counted)"
+    assert outcome(manifest, code or 1, {"DisruptionTarget": "False"}) \
+        == outcome(manifest, code or 1)
+
+
+def test_every_exit_status_follows_the_restart_rule(manifest):
+    """The whole range, not only the table's rows: 42 and 127..255 restart, the rest fail."""
+    for code in range(1, 256):
+        want = "restart" if code == 42 or code >= 127 else "fail"
+        assert outcome(manifest, code).split(" (")[0] == want, code
+
+
+def test_failure_policy_is_valid_for_kubernetes(manifest):
+    """What the Job's validation asks of the exit-code rule (beyond the CRD's schema), and
+    the rule order the JobSet rules' message patterns rely on."""
+    job_spec = manifest["spec"]["replicatedJobs"][0]["template"]["spec"]
+    rules = job_spec["podFailurePolicy"]["rules"]
+    assert len(rules) <= 20
+    assert [c["type"] for c in rules[0]["onPodConditions"]] == ["DisruptionTarget"]
+    values = rules[1]["onExitCodes"]["values"]
+    assert values == sorted(set(values)) and 0 < len(values) <= 255 and 0 not in values
+    assert values == [42, *range(127, 256)]
+    pod = job_spec["template"]["spec"]
     assert pod["restartPolicy"] == "Never", "a Job's podFailurePolicy needs restartPolicy Never"
+    for rule in manifest["spec"]["failurePolicy"]["rules"]:  # the pattern the CRD states
+        assert re.fullmatch(r"[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?", rule["name"]), rule
+
+
+def test_jobset_is_deleted_after_it_finishes_and_says_so(manifest):
+    text = (LAUNCH / "gke-jobset.yaml").read_text()
+    assert 3600 <= manifest["spec"]["ttlSecondsAfterFinished"] <= 7 * 86400
+    assert "Kueue" in text and "priorityClassName" in text
+
+
+def test_every_pod_gets_the_jobsets_uid_as_its_job_id(manifest):
+    """LENET_DIST_JOB_ID: the same in every restart of this JobSet (its uid), another one
+    for a JobSet applied again; the label is JobSet's (v1alpha2 JobSetUIDKey)."""
+    [container] = manifest["spec"]["replicatedJobs"][0]["template"]["spec"]["template"][
+        "spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["LENET_DIST_JOB_ID"]["valueFrom"] == {"fieldRef": {
+        "fieldPath": "metadata.labels['jobset.sigs.k8s.io/jobset-uid']"}}
 
 
 def test_grace_period_comment_says_a_spot_preemption_gives_less(manifest):

@@ -1,14 +1,19 @@
 """The launchers in launch/: shellcheck, the TPU launcher's dry run (and real runs
 against a fake gcloud), every gcloud flag it emits against the installed gcloud's
 --help, and its remote shell commands run under dash. Nothing here reaches a cloud.
-(The GKE manifest: test_jobset.py; SLURM: test_slurm.py.)"""
+(The GKE manifest: test_jobset.py; SLURM: test_slurm.py.) Also `lenet-dist launch`'s
+restart rule, against RESTART_TABLE: the one table of exit status -> restart that the
+JobSet manifest and slurm.sbatch are held to as well; its LENET_DIST_JOB_ID, and that it
+returns only once its processes' groups are empty."""
 
+import io
 import json
 import os
 import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -658,3 +663,125 @@ def test_every_gcloud_flag_is_in_gcloud_help(fake, tmp_path, request):
     assert {"--spot", "--valid-until-duration", "--worker", "--command", "--internal-ip",
             "--autocheckpoint-enabled",
             "--force", "--format", "--node-id"} <= checked
+
+
+# ---- `lenet-dist launch`: what it restarts, its job id, its processes' groups -------
+
+# What a job whose (first) process ends with this exit status gets, from each launcher:
+# the JobSet manifest, `lenet-dist launch --max-restarts` and launch/slurm.sbatch
+# (tests/test_jobset.py and tests/test_slurm.py hold the other two to it). Only 42
+# ("restart me") and deaths by signal (127..255) are worth a restart.
+RESTART_TABLE = {
+    0: "done",
+    1: "fail",       # a runtime failure: the same command fails the same way
+    2: "fail",       # a usage error
+    42: "restart",   # errors.RESTART_EXIT_CODE: lease lost, storage unreachable
+    124: "fail",     # launch's own timeout
+    127: "restart",  # with the signals in xpk's template
+    130: "restart",  # SIGINT from elsewhere (the launcher's own stop is never restarted)
+    134: "restart",  # a lost peer: JAX's abort
+    137: "restart",  # SIGKILL, out of memory
+    143: "restart",  # SIGTERM, checkpoint saved
+}
+
+# A stand-in for `python -m lenet_dist ...` (LocalJob's `python`): records its
+# LENET_DIST_JOB_ID, then ends as FAKE_EXIT says on the first attempt ("-9": killed by
+# SIGKILL) and exits 0 on any later one.
+FAKE_PYTHON = """#!/bin/sh
+echo "${LENET_DIST_JOB_ID:-unset}" >> "$FAKE_DIR/ids"
+if [ -n "${FAKE_LINGER:-}" ]; then  # an output filter that outlives its process
+  (exec >/dev/null 2>&1 </dev/null; sleep "$FAKE_LINGER"; touch "$FAKE_DIR/lingered") &
+fi
+if [ "$(wc -l < "$FAKE_DIR/ids")" -gt 1 ]; then exit 0; fi
+case "$FAKE_EXIT" in -*) kill "$FAKE_EXIT" $$; sleep 5 ;; esac
+exit "$FAKE_EXIT"
+"""
+
+
+@pytest.fixture
+def fake_launch(tmp_path, monkeypatch):
+    """`launch.run` with every process a FAKE_PYTHON; returns a function that runs one
+    launch and gives (status, attempts, job ids, output)."""
+    from lenet_dist import launch as launch_lib
+
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+
+    class FakeJob(launch_lib.LocalJob):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs, python=str(fake))
+
+    monkeypatch.setattr(launch_lib, "LocalJob", FakeJob)
+    monkeypatch.setenv("FAKE_DIR", str(tmp_path))
+    monkeypatch.delenv("LENET_DIST_JOB_ID", raising=False)
+
+    def launch(code, max_restarts=1, processes=1, **env):
+        (tmp_path / "ids").unlink(missing_ok=True)
+        monkeypatch.setenv("FAKE_EXIT", str(code))
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        out = io.StringIO()
+        status = launch_lib.run(["train"], processes, timeout=60, grace=5, out=out,
+                                max_restarts=max_restarts)
+        text = out.getvalue()
+        ids = (tmp_path / "ids").read_text().splitlines()
+        return status, text.count("launching "), ids, text
+
+    return launch
+
+
+@pytest.mark.parametrize("code", sorted(RESTART_TABLE))
+def test_launch_restarts_what_the_jobset_and_slurm_restart(fake_launch, code):
+    """The same table as launch/gke-jobset.yaml's failure policy and slurm.sbatch
+    (RESTART_TABLE): only 42 ("restart me") and signal deaths are restarted."""
+    from lenet_dist import launch as launch_lib
+
+    status, attempts, _, out = fake_launch(code)
+    want = RESTART_TABLE[code]
+    assert (status, attempts) == {"done": (0, 1), "restart": (0, 2), "fail": (code, 1)}[want], out
+    refusal = launch_lib.restart_refusal(code, [], 1)
+    assert (refusal is None) == (want == "restart"), refusal
+    if want == "fail" and code != 2:
+        assert refusal == (f"exit {code} is not restartable: the same command fails the same "
+                           "way; only exit 42 (restart me) and signal deaths are restarted")
+        assert f"; not restarting: {refusal}" in out
+
+
+def test_launch_restarts_a_process_killed_by_a_signal(fake_launch):
+    from lenet_dist import launch as launch_lib
+
+    status, attempts, _, out = fake_launch(-9)
+    assert (status, attempts) == (0, 2), out
+    assert "launch: process 0 was killed by SIGKILL; restarting the job (1 of 1)" in out
+    assert launch_lib.restart_refusal(-15, [], 1) is None
+    assert "stopped by SIGTERM" in launch_lib.restart_refusal(-15, [signal.SIGTERM], 1)
+    assert "--max-restarts" in launch_lib.restart_refusal(42, [], 0)
+
+
+def test_launch_restart_code_is_the_errors_one():
+    from lenet_dist import errors, launch as launch_lib
+
+    assert launch_lib.RESTART_EXIT_CODE == errors.Restartable.exit_code == 42
+    assert launch_lib.restartable(42) and launch_lib.restartable(255)
+    assert not any(launch_lib.restartable(c) for c in (0, 1, 2, 41, 43, 124, 126, 256))
+
+
+def test_launch_gives_every_process_of_every_attempt_one_job_id(fake_launch):
+    status, attempts, ids, out = fake_launch(42, processes=2)
+    assert (status, attempts) == (0, 2), out
+    assert len(ids) >= 3 and len(set(ids)) == 1, ids  # a process killed at once may not write
+    assert re.fullmatch(rf"launch-{re.escape(socket.gethostname())}-{os.getpid()}-\d+", ids[0])
+    assert f"(job id {ids[0]}): lenet-dist train" in out
+    status, _, ids, _ = fake_launch(42, LENET_DIST_JOB_ID="mine")
+    assert status == 0 and ids == ["mine", "mine"]
+
+
+def test_launch_returns_after_its_processes_output_filters(fake_launch, tmp_path):
+    """A process's output filters outlive it by a moment: `run` returns once its process
+    groups are empty (GROUPS_GONE_SECONDS at most), not before."""
+    status, _, _, out = fake_launch(0, FAKE_LINGER="0.5")
+    assert status == 0, out
+    pgid = int(re.search(r"^pids: 0=(\d+)$", out, re.M).group(1))
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)

@@ -21,12 +21,14 @@ from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.state import make_optimizer
 from lenet_dist.step import build_steps
 from tests.conftest import assert_same_params, small
+from tests.test_launch import RESTART_TABLE
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "launch" / "slurm.sbatch"
 DATA_DIR = "/mnt/my data/fashion's"  # a space and a quote, through two shells
 FAKE_RECORDER = """#!/bin/sh
 printf '%s\\n' "$(basename "$0") $*" >> "$FAKE_LOG.other"
+printf '%s\\n' "${LENET_DIST_JOB_ID:-unset}" >> "$FAKE_LOG.job-id"
 exit "${FAKE_RC:-0}"
 """
 
@@ -77,7 +79,19 @@ def test_sbatch_dry_run_prints_srun_with_all_gpus(tmp_path):
     assert srun[i:] == ["lenet-dist", "train", "--distributed", "auto", "--workdir",
                         f"{tmp_path}/runs/lenet-dist", "--epochs", "3", "--data-dir", DATA_DIR]
     assert "+ export JAX_LOCAL_DEVICE_IDS=0,1,2,3" in proc.stdout.splitlines()
+    assert "+ export LENET_DIST_JOB_ID=slurm-4242" in proc.stdout.splitlines()
     assert not (tmp_path / "runs").exists()
+
+
+def test_sbatch_gives_every_requeue_one_job_id(tmp_path):
+    """LENET_DIST_JOB_ID=slurm-$SLURM_JOB_ID (the same across requeues), unless set: a
+    requeued job takes over its earlier attempt's gs:// lease at once."""
+    proc, calls = slurm(tmp_path, rc=143)
+    assert proc.returncode == 143 and calls[1:] == ["scontrol requeue 4242"], proc.stderr
+    assert (tmp_path / "calls.job-id").read_text().splitlines()[0] == "slurm-4242"
+    (tmp_path / "mine").mkdir()
+    proc, _ = slurm(tmp_path / "mine", dry=True, LENET_DIST_JOB_ID="my job's id")
+    assert "+ export LENET_DIST_JOB_ID='my job'\"'\"'s id'" in proc.stdout.splitlines()
 
 
 def test_sbatch_cpu_mode_asks_for_devices_over_all_tasks(tmp_path):
@@ -106,6 +120,24 @@ def test_sbatch_requeues_after_a_time_limit_stop(tmp_path, rc, restarts, requeue
     assert calls[0].startswith("srun --ntasks-per-node=1")
     assert calls[0].endswith(" (JAX_LOCAL_DEVICE_IDS=0,1,2,3)"), "all 4 GPUs to the task"
     assert calls[1:] == (["scontrol requeue 4242"] if requeued else [])
+
+
+@pytest.mark.parametrize("rc", sorted(RESTART_TABLE))
+def test_sbatch_requeues_what_the_jobset_and_launch_restart(tmp_path, rc):
+    """The same table as launch/gke-jobset.yaml's failure policy and `lenet-dist launch
+    --max-restarts` (RESTART_TABLE): 42 and signal deaths are requeued."""
+    proc, calls = slurm(tmp_path, rc=rc, restarts=3)
+    assert proc.returncode == rc, proc.stderr
+    requeued = calls[1:] == ["scontrol requeue 4242"]
+    assert calls[1:] in ([], ["scontrol requeue 4242"]), calls
+    assert {"restart": True, "fail": False, "done": False}[RESTART_TABLE[rc]] == requeued, rc
+
+
+def test_sbatch_says_when_every_requeue_is_used(tmp_path):
+    proc, calls = slurm(tmp_path, rc=42, restarts=2, LENET_MAX_REQUEUES="2")
+    assert proc.returncode == 42 and calls[1:] == [], calls
+    assert proc.stderr.strip() == ("slurm.sbatch: exit 42, but every requeue "
+                                   "(LENET_MAX_REQUEUES=2) is used")
 
 
 def test_jax_slurm_detection_needs_local_device_ids(monkeypatch):
