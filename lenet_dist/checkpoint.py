@@ -31,10 +31,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from lenet_dist import distributed, safefs
+from lenet_dist import distributed, faults, safefs
 # Which fields a resume compares are declared with them, in Config's field metadata.
 from lenet_dist.config import COMPATIBLE_FIELDS, REQUIRED_FIELDS, STRUCTURAL_FIELDS, Config
-from lenet_dist.errors import Failure, UserError, first_line
+from lenet_dist.errors import Failure, Restartable, UserError, first_line
 from lenet_dist.records import EPOCH_METRICS
 from lenet_dist.rundir import CHECKPOINT_DIR, workdir_path
 
@@ -239,12 +239,15 @@ class Checkpoints:
 
     `read_only` (eval, export, predict, listing): nothing is created, moved or
     cleaned up. Otherwise the caller holds the workdir lock: bad steps are moved
-    aside and Orbax may clean its temporary directories.
+    aside and Orbax may clean its temporary directories; `fence` is the lock's check,
+    called (by every process of a job) before each save.
     """
 
     def __init__(self, workdir: str | os.PathLike, keep: int = 3, read_only: bool = False,
-                 warn: Callable[[str], None] = print):
-        self.read_only, self.warn = read_only, warn
+                 warn: Callable[[str], None] = print,
+                 fence: Callable[[], None] = lambda: None):
+        self.read_only, self.warn, self.fence = read_only, warn, fence
+        self.pending = -1  # the step of the newest save started (async: maybe in flight)
         quiet_orbax()
         self.directory = workdir_path(workdir) / CHECKPOINT_DIR
         self.quarantine_dir = self.directory.parent / QUARANTINE_DIR
@@ -334,11 +337,19 @@ class Checkpoints:
              wait: bool = False) -> None:
         """Save asynchronously (the device-to-host copy happens before returning).
         A failure, now or of the previous async save, is a one-line Failure naming
-        the newest checkpoint that was written."""
+        the newest checkpoint that was written. `fence()` first: it raises when this
+        run no longer holds the workdir (a gs:// lease lost), so nothing is written."""
+        self.fence()
+        try:  # the previous save's failure is that step's, not this one's
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_failure(self.pending, e) from None
+        self.pending = step
         try:
             self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
                 metrics=metrics, force=True)
+            faults.point("checkpoint:saving", step)
             if wait:
                 self.manager.wait_until_finished()
         except Exception as e:
@@ -360,7 +371,11 @@ class Checkpoints:
         what = (f"checkpoint step {step} was saved in {self.directory}, but then: {reason}"
                 if good and step in good else
                 f"cannot save the checkpoint of step {step} in {self.directory}: {reason}")
-        return Failure(f"{what}; {listed if good is None else on_disk(good)}")
+        # Object storage that failed a write (an outage, a timeout) may take the next
+        # attempt's: that is a restart's to find out. A full local disk is not.
+        remote = not safefs.is_local(self.directory) and not isinstance(e, PermissionError)
+        return (Restartable if remote else Failure)(
+            f"{what}; {listed if good is None else on_disk(good, self.directory)}")
 
 
     def check_writable(self, tree: dict) -> None:
@@ -382,7 +397,7 @@ class Checkpoints:
         try:
             self.manager.wait_until_finished()
         except Exception as e:
-            raise self._save_failure(max(self.manager.all_steps(), default=-1), e) from None
+            raise self._save_failure(self.pending, e) from None
         finally:
             self.manager.close()
 
@@ -461,11 +476,12 @@ class Checkpoints:
         return where
 
 
-def on_disk(good: list[int]) -> str:
+def on_disk(good: list[int], directory: epath.Path | str = "") -> str:
     """The readable checkpoints in the directory, as a few words."""
+    where = "on disk" if safefs.is_local(directory) else "in the bucket"
     if not good:
-        return "no readable checkpoint is on disk"
-    return (f"on disk: step{'s' if len(good) > 1 else ''} "
+        return f"no readable checkpoint is {where}"
+    return (f"{where}: step{'s' if len(good) > 1 else ''} "
             f"{', '.join(map(str, good))} (the latest is step {max(good)})")
 
 

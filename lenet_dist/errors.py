@@ -66,9 +66,15 @@ class Busy(Exception):
 def describe_holder(holder: dict) -> str:
     if not holder:
         return "another process (no details recorded)"
-    since = holder.get("since")
-    return (f"`{holder.get('command', 'lenet-dist')}` (PID {holder.get('pid', '?')} on "
-            f"{holder.get('host', '?')}, since {since or '?'})")
+    since, job = holder.get("since"), holder.get("job")
+    text = (f"`{holder.get('command', 'lenet-dist')}` (PID {holder.get('pid', '?')} on "
+            f"{holder.get('host', '?')}, since {since or '?'}{f', job {job}' if job else ''})")
+    if "renewed_seconds" in holder:  # a gs:// lease seen renewed (gcs.Lease._watch)
+        text += (f", its lease renewed {holder['renewed_seconds']:g} s ago as seen from "
+                 f"here; it expires {holder['expires_seconds']:g} s after its last renewal")
+    elif "renewed_at" in holder:  # a gs:// lease as read (gcs.lease_holder)
+        text += f", its lease last renewed at {holder['renewed_at']} (the server's clock)"
+    return text
 
 
 # Values quoted in messages (config files, environment variables): bounded, whatever

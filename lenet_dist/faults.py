@@ -20,23 +20,40 @@ import signal
 from lenet_dist.errors import UserError, quoted
 
 ENV = "LENET_DIST_KILL_AT"
+# The same points, where the process SIGSTOPs itself instead: frozen, as a host that
+# hangs or a VM paused by its hypervisor, for the harness to thaw (SIGCONT) or kill.
+STOP_ENV = "LENET_DIST_STOP_AT"
 # Where a kill must leave export's --out holding a complete model, in the order they
 # are reached ("set-aside" only on the two-rename path, between its renames).
 PUBLISH_POINTS = ("publish:staged", "publish:verified", "publish:checked",
                   "publish:before-move", "publish:set-aside", "publish:moved",
                   "publish:old-deleted")
-POINTS = PUBLISH_POINTS
+# A checkpoint save has started: the arrays are on the host and Orbax's background
+# writes are in flight (train, every process of a job). Qualified by its step as
+# "checkpoint:saving@STEP" to pick one save, or unqualified for the first one.
+SAVE_POINTS = ("checkpoint:saving",)
+POINTS = PUBLISH_POINTS + SAVE_POINTS
 
 
 def check() -> None:
-    """Refuse a set but unknown LENET_DIST_KILL_AT (it would be silently ignored)."""
-    value = os.environ.get(ENV)
-    if value and value not in POINTS:
-        raise UserError(f"{ENV}={quoted(value, 40)} is not a fault point (one of "
-                        f"{', '.join(POINTS)}); fix or unset it")
+    """Refuse a set but unknown LENET_DIST_KILL_AT or LENET_DIST_STOP_AT (it would be
+    silently ignored)."""
+    for env in (ENV, STOP_ENV):
+        value = os.environ.get(env)
+        if not value:
+            continue
+        name, at, step = value.partition("@")
+        if name not in POINTS or (at and not (name in SAVE_POINTS and step.isdigit())):
+            raise UserError(f"{env}={quoted(value, 40)} is not a fault point (one of "
+                            f"{', '.join(POINTS)}; a checkpoint point may add @STEP); "
+                            "fix or unset it")
 
 
-def point(name: str) -> None:
-    """SIGKILL this process here if LENET_DIST_KILL_AT names this point."""
-    if os.environ.get(ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+def point(name: str, step: int | None = None) -> None:
+    """SIGKILL (LENET_DIST_KILL_AT) or SIGSTOP (LENET_DIST_STOP_AT) this process here
+    if the variable names this point (and this step, when it names one)."""
+    for env, signum in ((ENV, signal.SIGKILL), (STOP_ENV, signal.SIGSTOP)):
+        value = os.environ.get(env)
+        if value and value in (name, f"{name}@{step}"):
+            os.environ.pop(env)  # once: a thawed process goes on
+            os.kill(os.getpid(), signum)

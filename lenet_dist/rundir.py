@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 from etils import epath
 
 from lenet_dist import gcs, safefs
-from lenet_dist.errors import Failure, UserError
+from lenet_dist.errors import Failure, Restartable, UserError
 from lenet_dist.records import EpochRecord, from_lines, to_lines
 
 CHECKPOINT_DIR = "checkpoints"
@@ -55,12 +55,14 @@ def lock_workdir(workdir: epath.Path, log: Callable[[str], None]) -> safefs.Lock
     would delete the first one's in-flight save), or say who holds it (on gs://, a
     lease object: safefs.workdir_lock)."""
     try:
-        lock = safefs.workdir_lock(workdir, "lenet-dist train").acquire()
+        lock = safefs.workdir_lock(workdir, "lenet-dist train", log).acquire()
     except safefs.Busy as e:
         raise Failure(f"--workdir {workdir} is in use by {e}; wait for it to finish, stop "
                       "it, or use another --workdir") from None
-    except OSError as e:  # a permission is the user's to fix (2); storage may recover (1)
-        kind = UserError if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else Failure
+    except OSError as e:  # a permission is the user's to fix (2); storage may recover (42)
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise UserError(f"cannot lock --workdir {workdir}: {e.strerror or e}") from None
+        kind = Failure if safefs.is_local(workdir) else Restartable
         raise kind(f"cannot lock --workdir {workdir}: {e.strerror or e}") from None
     if lock.stale:
         log(f"note: took over the lock of a run that is no longer running "

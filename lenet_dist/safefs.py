@@ -237,6 +237,10 @@ class WorkdirLock:
         self.fd = fd
         return self
 
+    def check(self) -> None:
+        """Held until released: the kernel drops a flock only with its holder (a
+        gs:// lease can be lost while its holder runs: gcs.Lease.check)."""
+
     def release(self) -> None:
         """Clear the holder record, then unlock (the file stays: unlinking a lock
         file races with the next process that opened it)."""
@@ -257,11 +261,12 @@ class WorkdirLock:
 Lock = WorkdirLock | gcs.Lease
 
 
-def workdir_lock(workdir: epath.Path | str, command: str) -> Lock:
-    """The workdir's lock, not yet taken: a flock locally, a lease object on gs://."""
+def workdir_lock(workdir: epath.Path | str, command: str, log=None) -> Lock:
+    """The workdir's lock, not yet taken: a flock locally, a lease object on gs://
+    (`log` hears that it watches a lease before taking it over)."""
     if is_local(workdir):
         return WorkdirLock(workdir, command)
-    return gcs.Lease(os.fspath(workdir), command)
+    return gcs.Lease(os.fspath(workdir), command, log=log)
 
 
 def read_holder(fd: int) -> dict:

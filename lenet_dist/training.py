@@ -98,16 +98,19 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
     check_batch(config.batch_size, shardings.size)
     workdir = prepare_workdir(config.workdir, create=primary)
     distributed.check_same_config(config.to_dict(), allow_config_change=allow_config_change)
-    distributed.check_same_workdir(workdir)
     with contextlib.ExitStack() as cleanup:  # last in, first out: saves end, then unlock
+        # The lock first: nothing (not even the job's token) is written into a workdir
+        # another run holds.
         lock = distributed.on_primary(lambda: lock_workdir(workdir, log))
         if lock is not None:
             cleanup.callback(lock.release)
+        distributed.check_same_workdir(workdir)
         if not config.checkpoint and (workdir / CHECKPOINT_DIR).exists():
             raise UserError(f"--workdir {config.workdir} holds checkpoints of a run; "
                             "--no-checkpoint would start another one over its "
                             "metrics.jsonl; use another --workdir")
-        ckpt = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints, warn=log) \
+        ckpt = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints, warn=log,
+                                    fence=lambda: distributed.on_primary(lambda: lock.check())) \
             if config.checkpoint else None
         if ckpt:
             cleanup.callback(ckpt.close)  # let an in-flight async save finish
