@@ -29,19 +29,25 @@ Commands (several run in the order given):
   start     on every worker: stop stale lenet-dist runs, kill whatever holds
             /dev/accel* or /dev/vfio/*, remove /tmp/libtpu_lockfile; then start
             `lenet-dist train --distributed auto --workdir gs://...` on all
-            workers at once, detached (setsid nohup), one log per worker in
+            workers at once, detached (setsid nohup), its PID in
+            ~/lenet-dist/train.pid, one log per worker in
             ~/lenet-dist/logs/RUN.log, copied to WORKDIR/logs/worker-N.log every
             --log-copy seconds and when training ends, so that it outlives the
-            VM (a later start on a new VM continues that copy).
+            VM (a later start on a new VM continues that copy). With
+            --resume-on-boot: runs the startup script's restart loop instead.
   status    queued-resource state, and per worker: process count, last log line.
   logs      copy each worker's log to LOG_DIR/<worker>.log; names the workers
             that had none and goes on.
-  stop      SIGTERM to training on every worker: all save a checkpoint at the
-            same step and exit 143. `start` again resumes from the workdir.
+  stop      on every worker: SIGTERM to the process group whose PID is in
+            ~/lenet-dist/train.pid, if that PID is still `lenet-dist train`
+            (nothing else is killed); all save a checkpoint at the same step and
+            exit 143. Writes ~/lenet-dist/stopped: no restart, not even on boot,
+            until `start`, which resumes from the workdir.
   delete    delete the queued resource and its TPU VMs (no checkpoint: stop first).
   recreate  delete + create + setup + start, e.g. after a spot preemption; the
             run resumes from its gs:// workdir.
   up        create + setup + start.
+  boot-script  print the startup script that --resume-on-boot gives `create`.
 
 Options (environment variable in brackets):
   -p, --project ID            Google Cloud project [TPU_PROJECT]; default: gcloud config
@@ -58,6 +64,11 @@ Options (environment variable in brackets):
                               worker saves a checkpoint; without it maintenance
                               stops the VM with no signal [TPU_AUTOCHECKPOINT=1]
       --reserved              reserved capacity [TPU_RESERVED=1]
+      --resume-on-boot        `create` passes a startup script (launch/tpu-boot.sh
+                              with this run's workdir and train flags, written to
+                              runs/tpu-boot/NAME.sh) that on every boot of every
+                              worker runs training again, restarting it after exit
+                              42 or a signal; `start` runs that loop [TPU_RESUME_ON_BOOT=1]
       --valid-until D         give up queueing after duration D, e.g. 6h [TPU_VALID_UNTIL]
       --internal-ip           ssh/scp to the workers' internal IPs [TPU_INTERNAL_IP=1]
   -b, --bucket B              run in gs://B/RUN [LENET_BUCKET]
@@ -145,6 +156,7 @@ runtime=${TPU_RUNTIME_VERSION:-}
 spot=${TPU_SPOT:-0}
 autocheckpoint=${TPU_AUTOCHECKPOINT:-0}
 reserved=${TPU_RESERVED:-0}
+resume_on_boot=${TPU_RESUME_ON_BOOT:-0}
 valid_until=${TPU_VALID_UNTIL:-}
 internal_ip=${TPU_INTERNAL_IP:-0}
 workers=${TPU_WORKERS:-}
@@ -178,6 +190,7 @@ while [[ $# -gt 0 ]]; do
     --spot) spot=1 ;;
     --autocheckpoint) autocheckpoint=1 ;;
     --reserved) reserved=1 ;;
+    --resume-on-boot) resume_on_boot=1 ;;
     --internal-ip) internal_ip=1 ;;
     -p | --project) has_value "$arg" "$@"; project=$1; shift ;;
     -z | --zone) has_value "$arg" "$@"; zone=$1; shift ;;
@@ -196,7 +209,7 @@ while [[ $# -gt 0 ]]; do
     --grace) has_value "$arg" "$@"; grace=$1; shift ;;
     --log-copy) has_value "$arg" "$@"; log_copy=$1; shift ;;
     --) train_args+=("$@"); break ;;
-    create | setup | start | status | logs | stop | delete | recreate | up) commands+=("$arg") ;;
+    create | setup | start | status | logs | stop | delete | recreate | up | boot-script) commands+=("$arg") ;;
     *) die "unknown command or option: $arg (-h for help)" ;;
   esac
 done
@@ -219,15 +232,22 @@ if [[ -z "$runtime" ]]; then
   esac
 fi
 if [[ -z "$workdir" && -n "$bucket" ]]; then workdir="gs://${bucket#gs://}/$run_name"; fi
+creates=0
 for c in "${commands[@]}"; do
-  case "$c" in
-    start | up | recreate)
-      [[ -n "$workdir" ]] || die "$c needs --bucket or --workdir gs://..."
+  if [[ "$c" == create || "$c" == up || "$c" == recreate ]]; then creates=1; fi
+done
+if [[ "$resume_on_boot" == 1 && "$creates" == 0 && ${#train_args[@]} -gt 0 ]]; then
+  die "--resume-on-boot: training runs with the flags given to create (its startup script); recreate to change them"
+fi
+for c in "${commands[@]}"; do
+  case "$c/$resume_on_boot" in
+    create/1 | start/* | up/* | recreate/* | boot-script/*)
+      [[ -n "$workdir" ]] || die "${c/%create/create --resume-on-boot} needs --bucket or --workdir gs://..."
       # Every process must read and write the same checkpoints: a per-host
       # local directory makes Orbax's first save hang.
       [[ "$workdir" == gs://?* ]] || die "workdir must be gs://... (shared by all hosts), not '$workdir'"
       ;;
-    logs)
+    logs/*)
       [[ "$dry_run" != 1 || -n "$workers" ]] || die "logs with --dry-run needs --workers N (it would ask gcloud)"
       ;;
   esac
@@ -240,6 +260,11 @@ ssh_opts=()
 if [[ "$internal_ip" == 1 ]]; then ssh_opts+=(--internal-ip); fi
 remote_dir=lenet-dist                  # in each worker's home directory
 remote_log="$remote_dir/logs/$run_name.log"
+remote_pid=$remote_dir/train.pid       # the PID of the training this script started
+remote_stopped=$remote_dir/stopped     # `stop` was here: no restart, even on boot
+remote_boot=/usr/local/lib/lenet-dist/boot.sh  # where the startup script keeps itself
+job_id=tpu-$name                       # LENET_DIST_JOB_ID: every attempt on this TPU
+boot_file=runs/tpu-boot/$name.sh       # the startup script given to `create`
 # Matches the training process (.../bin/lenet-dist train ...) but not a shell
 # whose command line holds this pattern.
 pattern='[l]enet-dist train'
@@ -277,7 +302,7 @@ remote_setup() {  # $1: wheel file name, copied to the home directory
 }
 
 remote_free_tpu() {
-  printf '%s' 'cd; pat="'"$pattern"'";' \
+  printf '%s' 'cd; pat="'"$pattern"'"; mkdir -p '"$remote_dir"'; touch '"$remote_stopped"';' \
     ' if pgrep -f "$pat" >/dev/null; then echo "$(hostname): stopping a stale lenet-dist";' \
     ' sudo pkill -TERM -f "$pat"; i=0;' \
     ' while [ "$i" -lt '"$grace"' ] && pgrep -f "$pat" >/dev/null; do sleep 1; i=$((i + 1)); done;' \
@@ -303,12 +328,14 @@ remote_start() {
   fi
   printf '%s' 'cd; log='"$remote_log"'; bin='"$remote_dir"'/venv/bin/lenet-dist; mkdir -p '"$remote_dir"'/logs;' \
     ' if [ ! -x "$bin" ]; then echo "$(hostname): no $bin, run setup first" >&2; exit 1; fi;' \
+    ' rm -f '"$remote_stopped"';' \
     ' if pgrep -f "'"$pattern"'" >/dev/null; then echo "$(hostname): already running, not started twice"; exit 0; fi;' \
     "$copy" \
     ' echo "=== start $(date -u +%FT%TZ)" >>"$log";' \
-    ' PYTHONUNBUFFERED=1 setsid nohup '"$cmd"' >>"$log" 2>&1 </dev/null &'
+    ' LENET_DIST_JOB_ID='"$(rq "$job_id")"' PYTHONUNBUFFERED=1 setsid nohup '"$cmd"' >>"$log" 2>&1 </dev/null &' \
+    ' pid=$!; echo "$pid" >'"$remote_pid"';'
   if [[ "$log_copy" != 0 ]]; then
-    printf '%s' ' pid=$!; setsid nohup sh -c "while kill -0 $pid 2>/dev/null; do sleep '"$log_copy"';' \
+    printf '%s' ' setsid nohup sh -c "while kill -0 $pid 2>/dev/null; do sleep '"$log_copy"';' \
       ' gcloud storage cp \"\$1\" \"\$2\"; done; gcloud storage cp \"\$1\" \"\$2\""' \
       ' copy-log "$log" "$copy" >'"$remote_dir"'/logs/copy.log 2>&1 </dev/null &'
   fi
@@ -321,13 +348,37 @@ remote_status() {
     ' echo "$(hostname): $n lenet-dist process(es); log: $(tail -n 1 '"$remote_log"' 2>/dev/null || echo none)"'
 }
 
+# The restart loop of the startup script, run as at boot (`start --resume-on-boot`).
+remote_start_boot() {
+  printf '%s' 'cd; log='"$remote_log"'; bin='"$remote_dir"'/venv/bin/lenet-dist; boot='"$remote_boot"';' \
+    ' if [ ! -x "$bin" ]; then echo "$(hostname): no $bin, run setup first" >&2; exit 1; fi;' \
+    ' if [ ! -r "$boot" ]; then echo "$(hostname): no $boot: this TPU was created without --resume-on-boot" >&2; exit 1; fi;' \
+    ' rm -f '"$remote_stopped"'; sudo bash "$boot"; sleep 3;' \
+    ' if pid=$(cat '"$remote_pid"' 2>/dev/null) && [ -d "/proc/$pid" ]; then echo "$(hostname): training (PID $pid, restarted on boot, exit 42 or a signal), log ~/$log";' \
+    ' else echo "$(hostname): lenet-dist did not start:" >&2; tail -n 20 "$log" >&2; exit 1; fi'
+}
+
+# SIGTERM to the process group in the pid file, only while that PID is still
+# `lenet-dist train` (a PID can be reused); a zombie's empty cmdline is not.
 remote_stop() {
-  printf '%s' 'cd; pat="'"$pattern"'";' \
-    ' if ! pgrep -f "$pat" >/dev/null; then echo "$(hostname): not running"; exit 0; fi;' \
-    ' sudo pkill -TERM -f "$pat"; i=0;' \
-    ' while [ "$i" -lt '"$grace"' ] && pgrep -f "$pat" >/dev/null; do sleep 1; i=$((i + 1)); done;' \
-    ' if pgrep -f "$pat" >/dev/null; then echo "$(hostname): still running after '"$grace"' s" >&2; exit 1; fi;' \
+  printf '%s' 'cd; pidf='"$remote_pid"'; mkdir -p '"$remote_dir"'; touch '"$remote_stopped"';' \
+    ' alive() { tr "\0" " " <"/proc/$1/cmdline" 2>/dev/null | grep -q "lenet-dist train"; };' \
+    ' pid=$(cat "$pidf" 2>/dev/null || true); case "$pid" in "" | *[!0-9]*) pid=0 ;; esac;' \
+    ' if [ "$pid" = 0 ] || ! alive "$pid"; then echo "$(hostname): not running (no lenet-dist train at the PID in ~/$pidf)"; exit 0; fi;' \
+    ' kill -TERM "-$pid" 2>/dev/null || kill -TERM "$pid"; i=0;' \
+    ' while [ "$i" -lt '"$grace"' ] && alive "$pid"; do sleep 1; i=$((i + 1)); done;' \
+    ' if alive "$pid"; then echo "$(hostname): still running after '"$grace"' s" >&2; exit 1; fi;' \
     ' echo "$(hostname): stopped"; tail -n 3 '"$remote_log"
+}
+
+# The startup script: launch/tpu-boot.sh with this run's settings.
+boot_script() {
+  local template="$repo/launch/tpu-boot.sh" a args=""
+  for a in ${train_args[@]+"${train_args[@]}"}; do args+="${args:+ }$(q "$a")"; done
+  sed -n '1,/^# >>> settings/p' "$template"
+  printf 'workdir=%s\nrun_name=%s\njob_id=%s\ntrain_args=(%s)\n' \
+    "$(q "$workdir")" "$(q "$run_name")" "$(q "$job_id")" "$args"
+  sed -n '/^# <<< settings/,$p' "$template"
 }
 
 # ---- commands ----------------------------------------------------------------
@@ -409,6 +460,14 @@ cmd_create() {
   if [[ "$reserved" == 1 ]]; then create+=(--reserved); fi
   if [[ -n "$valid_until" ]]; then create+=(--valid-until-duration="$valid_until"); fi
   if [[ "$autocheckpoint" == 1 ]]; then create+=(--autocheckpoint-enabled); fi
+  if [[ "$resume_on_boot" == 1 ]]; then
+    note "startup script: launch/tpu-boot.sh with this run's settings, in $boot_file (boot-script prints it)"
+    if [[ "$dry_run" != 1 ]]; then
+      mkdir -p "$(dirname "$boot_file")"
+      boot_script >"$boot_file"
+    fi
+    create+=(--metadata-from-file=startup-script="$boot_file")
+  fi
   create+=(${loc[@]+"${loc[@]}"})
   must_be_free
   # Armed only now: whatever has this name from here on is ours.
@@ -438,7 +497,11 @@ cmd_setup() {
 cmd_start() {
   note "free the TPU on every worker, then start all workers at once"
   ssh_all "$(remote_free_tpu)"
-  ssh_all "$(remote_start)"
+  if [[ "$resume_on_boot" == 1 ]]; then
+    ssh_all "$(remote_start_boot)"
+  else
+    ssh_all "$(remote_start)"
+  fi
 }
 
 cmd_status() {
@@ -473,7 +536,7 @@ cmd_logs() {
 }
 
 cmd_stop() {
-  note "SIGTERM on every worker: all save a checkpoint at the same step and exit 143"
+  note "SIGTERM to the process group in ~/$remote_pid on every worker: all save a checkpoint at the same step and exit 143"
   ssh_all "$(remote_stop)"
 }
 
@@ -498,6 +561,7 @@ if [[ "$dry_run" == 1 ]]; then note "dry run: nothing below is executed"; fi
 for c in "${commands[@]}"; do
   case "$c" in
     up) cmd_create; cmd_setup; cmd_start ;;
+    boot-script) boot_script ;;
     *) "cmd_$c" ;;
   esac
 done
