@@ -45,7 +45,7 @@ from lenet_dist.distributed import (
     MODES,
     JobSpec,
 )
-from lenet_dist.errors import Failure, Preempted, UserError, first_line
+from lenet_dist.errors import RESTART_EXIT_CODE, Failure, Preempted, UserError, first_line
 from lenet_dist.fatal_filter import describe_loss
 
 DEBUG_ENV = "LENET_DIST_DEBUG"
@@ -260,8 +260,10 @@ EXIT_STATUSES = """\b
 Exit status:
   0    done
   1    a runtime failure: a busy workdir, a full disk, an unreadable
-       checkpoint, a lost process of a job, an internal error
+       checkpoint, an internal error
   2    bad input or usage (the one error line says what)
+  42   restart me: a lost process of a job, the gs:// lease lost, storage
+       unreachable; the same command (or a launcher's restart) resumes
   124  launch: its --timeout ran out; every process was killed
   130  interrupted (Ctrl-C); train saves a checkpoint first
   134  in a multi-process job: a process of the job was lost (JAX's abort)
@@ -716,8 +718,10 @@ MAX_RESTARTS = 100
         show_default="a free one, fresh for each restart")
 @option("--max-restarts", type=click.IntRange(0, MAX_RESTARTS), default=0,
         help="Times a failed job is started again (all its processes; train "
-             "resumes from its workdir). Not restarted: a usage error (exit 2), "
-             "or a job the launcher's own SIGTERM or Ctrl-C stopped.")
+             "resumes from its workdir). Restarted: exit 42 (restart me) and deaths "
+             "by a signal (134, 137, 143); not a job the launcher's own SIGTERM or "
+             "Ctrl-C stopped, nor any other exit (1, 2: the same command fails the "
+             "same way).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def launch(processes, timeout, grace, port, max_restarts, command):
     """Run a lenet-dist COMMAND (train, eval, ...: lenet-dist's own commands, not any
@@ -859,7 +863,7 @@ def lost_process_exit(e: BaseException) -> None:
     click.echo(message, err=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(1)
+    os._exit(RESTART_EXIT_CODE)  # a lost peer: the whole job's restart can go on
 
 
 if __name__ == "__main__":

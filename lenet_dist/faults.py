@@ -23,6 +23,7 @@ ENV = "LENET_DIST_KILL_AT"
 # The same points, where the process SIGSTOPs itself instead: frozen, as a host that
 # hangs or a VM paused by its hypervisor, for the harness to thaw (SIGCONT) or kill.
 STOP_ENV = "LENET_DIST_STOP_AT"
+ONCE_ENV = "LENET_DIST_FAULT_ONCE"  # a directory: see _first_time
 # Where a kill must leave export's --out holding a complete model, in the order they
 # are reached ("set-aside" only on the two-rename path, between its renames).
 PUBLISH_POINTS = ("publish:staged", "publish:verified", "publish:checked",
@@ -54,6 +55,22 @@ def point(name: str, step: int | None = None) -> None:
     if the variable names this point (and this step, when it names one)."""
     for env, signum in ((ENV, signal.SIGKILL), (STOP_ENV, signal.SIGSTOP)):
         value = os.environ.get(env)
-        if value and value in (name, f"{name}@{step}"):
+        if value and value in (name, f"{name}@{step}") and _first_time(env, value):
             os.environ.pop(env)  # once: a thawed process goes on
             os.kill(os.getpid(), signum)
+
+
+def _first_time(env: str, value: str) -> bool:
+    """With LENET_DIST_FAULT_ONCE=DIR, a point fires once per process id of a job across
+    its restarts (a restarted attempt inherits the variables, and would be killed at the
+    same point again): the first to create DIR/<variable>-<point>-<process id> fires."""
+    marks = os.environ.get(ONCE_ENV)
+    if not marks:
+        return True
+    process = os.environ.get("LENET_DIST_PROCESS_ID", "0")
+    mark = os.path.join(marks, f"{env}-{value.replace(':', '_')}-{process}")
+    try:
+        os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return False
+    return True

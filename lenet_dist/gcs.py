@@ -20,6 +20,7 @@ import datetime
 import importlib.util
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -41,7 +42,7 @@ def _no_listing_cache() -> None:
     through fsspec gets these defaults (before the first one is made; a kwarg wins)."""
     try:
         import fsspec.config
-    except ImportError:  # no [gcs] extra: no gs:// either (check_installed says so)
+    except ImportError:  # no [gcs] extra: no gs:// either (check_url says so)
         return
     for protocol in ("gs", "gcs"):
         fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
@@ -115,13 +116,89 @@ def move(src: str, dst: str) -> None:
                       f"{first_line(e)}") from None
 
 
-def check_installed(url: str) -> None:
-    """A gs:// path needs gcsfs (the [gcs] extra): one line saying how to get it,
-    where fsspec would raise deep inside the first read."""
-    if os.fspath(url).startswith(SCHEME) and importlib.util.find_spec("gcsfs") is None:
+# What Cloud Storage allows in a bucket's name (3-63 characters a name; dotted names
+# up to 222), https://cloud.google.com/storage/docs/buckets#naming.
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
+
+
+def check_url(url: str, what: str = "path") -> None:
+    """A gs:// path lenet-dist can use, or one line saying why not, before anything is
+    written: TensorStore cuts a URL at `#` or `?` (a checkpoint would land in another
+    run's directory), an empty bucket is not a bucket, a bucket's root is no run's
+    directory. Then it needs gcsfs (the [gcs] extra), where fsspec would raise deep
+    inside the first read."""
+    text = os.fspath(url)
+    if not text.startswith(SCHEME):
+        return
+    bucket, name = split(text)
+    rest = text[len(SCHEME) + len(bucket):]
+    if "#" in text or "?" in text:
+        raise UserError(f"{what} {text} holds '#' or '?', which Cloud Storage URLs read "
+                        "as a fragment or a query (the path would be cut there); rename it")
+    if not bucket:
+        raise UserError(f"{what} {text} names no bucket; write gs://BUCKET/PATH")
+    if not BUCKET_NAME.fullmatch(bucket) or ".." in bucket:
+        raise UserError(f"{what} {text}: {bucket!r} is not a bucket name (3-63 lowercase "
+                        "letters, digits, '-', '_' and '.')")
+    if not name:
+        raise UserError(f"{what} {text} is a bucket's root; give a path inside it, e.g. "
+                        f"gs://{bucket}/run")
+    parts = rest.strip("/").split("/")
+    if any(part in ("", ".", "..") for part in parts) or any(
+            ord(c) < 32 or c == "\x7f" for c in name):
+        raise UserError(f"{what} {text} has an empty, '.' or '..' part or a control "
+                        "character; Cloud Storage would keep them literally")
+    if importlib.util.find_spec("gcsfs") is None:
         from lenet_dist import extras  # late: extras words the hint; keep this module low
 
-        raise extras.missing("gcsfs", f" (needed for {url})")
+        raise extras.missing("gcsfs", f" (needed for {text})")
+
+
+_REACHED: set[str] = set()
+
+
+def check_reachable(url: str, what: str = "path") -> None:
+    """One request, bounded by REQUEST_TIMEOUT_S and never retried: no network or no
+    credentials is one line at once (gcsfs retries for a minute, then prints its
+    traceback). Once per bucket and process."""
+    bucket, _ = split(url)
+    if bucket in _REACHED:
+        return
+    try:
+        client, errors = _storage()
+        client.bucket(bucket).get_blob(LOCK_OBJECT + ".reach", timeout=REQUEST_TIMEOUT_S,
+                                      retry=None)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - google.auth, google.api_core, requests
+        kind = type(e).__name__
+        if kind in ("DefaultCredentialsError", "RefreshError", "Unauthorized", "Forbidden"):
+            raise UserError(f"cannot use {what} {url}: no usable Google Cloud credentials "
+                            f"({kind}: {first_line(e, 120)}); run `gcloud auth "
+                            "application-default login` or set "
+                            "GOOGLE_APPLICATION_CREDENTIALS") from None
+        if kind == "NotFound":
+            raise UserError(f"cannot use {what} {url}: bucket gs://{bucket} does not "
+                            "exist (or this account cannot see it)") from None
+        raise Restartable(f"cannot reach Cloud Storage for {what} {url} within "
+                          f"{REQUEST_TIMEOUT_S:g} s ({kind}: {first_line(e, 120)}); check "
+                          "the network, then run the same command again") from None
+    _REACHED.add(bucket)
+
+
+def download_tree(url: str, local: str | os.PathLike) -> None:
+    """Copy the objects under `url` into the local directory `local` (a SavedModel for
+    TensorFlow, whose own gs:// reader cannot reach an emulator or a private endpoint).
+    OSError on failure."""
+    import fsspec  # late: only a remote model is downloaded
+
+    fs = fsspec.filesystem("gs")
+    try:
+        fs.get(os.fspath(url).rstrip("/") + "/", os.fspath(local), recursive=True)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - gcsfs's HttpError, aiohttp's errors
+        raise OSError(f"cannot read {url}: {type(e).__name__}: {first_line(e)}") from None
 
 
 def refresh_seconds() -> float:
@@ -148,7 +225,7 @@ def _storage():
         from google.api_core import exceptions
         from google.cloud import storage
     except ImportError:
-        from lenet_dist import extras  # late: see check_installed
+        from lenet_dist import extras  # late: see check_url
 
         raise extras.missing("gcsfs", " (google-cloud-storage, which comes with it, is "
                              "missing)") from None

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 from lenet_dist import data as data_lib
+from lenet_dist import gcs
 from lenet_dist import serving_contract as contract
-from lenet_dist.errors import UserError, first_line
+from lenet_dist.errors import Failure, UserError, first_line
 from lenet_dist.images import load_inputs
 from lenet_dist.runtime import import_tensorflow
 
@@ -111,13 +114,35 @@ def predict(inputs, model: str | None = None, workdir: str | None = None,
             top: int = 1, labels: str | None = None) -> dict:
     """Classify `inputs`; returns rows of (name, [(class name, probability)] * top)
     and, when `labels` (an IDX labels file) is given, the accuracy."""
-    if model is not None:
-        path = Path(model)
-        if not is_savedmodel(path):
+    with tempfile.TemporaryDirectory(prefix="lenet-dist-model-") as scratch:
+        if model is not None:
+            forward, names = savedmodel_predictor(local_model(model, scratch))
+        else:
+            forward, names = checkpoint_predictor(workdir, step, best)
+        return _predict(forward, names, inputs, invert, top, labels)
+
+
+def local_model(model: str, scratch: str) -> Path:
+    """The SavedModel directory `model`, checked; a gs:// one is first copied into
+    `scratch` (TensorFlow's own gs:// reader has a fixed endpoint, and pathlib would
+    read gs://b/m as the local gs:/b/m)."""
+    if model.startswith(gcs.SCHEME):
+        gcs.check_url(model, "--model")
+        gcs.check_reachable(model, "--model")
+        if not epath.Path(model, "saved_model.pb").exists():
             raise UserError(f"{model} is not a SavedModel directory (no saved_model.pb)")
-        forward, names = savedmodel_predictor(path)
-    else:
-        forward, names = checkpoint_predictor(workdir, step, best)
+        try:
+            gcs.download_tree(model, scratch)
+        except OSError as e:
+            raise Failure(f"cannot read --model {model}: {e}") from None
+        return Path(scratch)
+    path = Path(model)
+    if not is_savedmodel(path):
+        raise UserError(f"{model} is not a SavedModel directory (no saved_model.pb)")
+    return path
+
+
+def _predict(forward, names, inputs, invert: bool, top: int, labels: str | None) -> dict:
     images, image_names = load_inputs(inputs, invert=invert)
 
     probs, classes = [], []

@@ -113,7 +113,8 @@ def destination(path: str) -> Path | str:
     """A local path resolved, or a URL (gs://) kept as text: pathlib would read
     gs://bucket/x as the local directory gs:/bucket/x."""
     if is_remote(path):
-        gcs.check_installed(path)
+        gcs.check_url(path, "--out")
+        gcs.check_reachable(path, "--out")
         return path.rstrip("/")
     return Path(path).resolve()
 

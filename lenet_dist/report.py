@@ -247,7 +247,7 @@ def write_report(out_dir: str | epath.Path, name: str, history: History,
     report.md's path. `extra` adds rows to the summary (`parameters` is formatted as a
     count); the links are relative, so the directory can be moved or published whole."""
     check_out_dir(out_dir)
-    gcs.check_installed(str(out_dir))
+    gcs.check_url(str(out_dir), "--out")
     out = epath.Path(out_dir)
     safefs.make_dir(out)
     history = json_rows(history)
@@ -288,7 +288,7 @@ def write_comparison(out_dir: str | epath.Path,
     if not runs:
         raise ValueError("write_comparison needs at least one run")
     check_out_dir(out_dir)
-    gcs.check_installed(str(out_dir))
+    gcs.check_url(str(out_dir), "--out")
     out = epath.Path(out_dir)
     safefs.make_dir(out)
     histories = {name: json_rows(run.get("history") or []) for name, run in runs.items()}

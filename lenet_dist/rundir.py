@@ -27,7 +27,8 @@ def workdir_path(workdir: str | os.PathLike) -> epath.Path:
     text = os.fspath(workdir)
     if "://" not in text:
         return epath.Path(os.path.abspath(text))
-    gcs.check_installed(text)
+    gcs.check_url(text, "--workdir")
+    gcs.check_reachable(text, "--workdir")
     return epath.Path(text)
 
 

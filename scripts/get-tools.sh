@@ -4,6 +4,7 @@
 #   slurmctld slurmd slurm-client munge      a real SLURM cluster on this host
 #                                            (scripts/slurm-local.sh, tests/test_slurm.py)
 #   openmpi-bin                              mpirun (tests/test_mpi.py)
+#   faketime                                 a process's clock shifted (tests/test_gcs_faults.py)
 # Without root or apt-get this is harmless: the tests that need a missing tool skip
 # and say which. gcloud (the Cloud SDK, on this project's machine image) is not
 # installed here: the flag checks skip without it.
@@ -15,8 +16,9 @@ command -v slurmd >/dev/null 2>&1 || want+=(slurmd)
 command -v sbatch >/dev/null 2>&1 || want+=(slurm-client)
 command -v munged >/dev/null 2>&1 && [ -e /etc/munge/munge.key ] || want+=(munge)
 command -v mpirun >/dev/null 2>&1 || want+=(openmpi-bin)
+command -v faketime >/dev/null 2>&1 || want+=(faketime)
 if [ ${#want[@]} = 0 ]; then
-  echo "tools: shellcheck, SLURM, munge and Open MPI found"; exit 0
+  echo "tools: shellcheck, SLURM, munge, Open MPI and faketime found"; exit 0
 fi
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   echo "tools: installing Debian's ${want[*]}"

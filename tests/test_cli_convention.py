@@ -324,8 +324,9 @@ def test_the_exit_statuses_are_the_real_ones():
 
     text = cli_lib.EXIT_STATUSES
     codes = {int(c) for c in re.findall(r"^\s+(\d+)\s", text, re.M)}
-    assert codes == {0, 1, 2, 124, 130, 134, 143}
+    assert codes == {0, 1, 2, 42, 124, 130, 134, 143}
     assert errors.UserError.exit_code == 2 and errors.Failure.exit_code == 1
+    assert errors.Restartable.exit_code == errors.RESTART_EXIT_CODE == 42
     assert launch_lib.TIMED_OUT == 124
     assert errors.Preempted(15, 0).exit_code == 143 and errors.Preempted(2, 0).exit_code == 130
     assert runtime.exit_interrupted.__doc__ and "130" in runtime.exit_interrupted.__doc__

@@ -141,9 +141,27 @@ def test_a_kill_point_that_does_not_exist_is_refused(monkeypatch):
     with pytest.raises(UserError, match=r"'publish:mvoed' is not a fault point \(one of "
                                         r"publish:staged, "):
         faults.check()
-    for value in ("", *faults.POINTS):
+    for value in ("", *faults.POINTS, "checkpoint:saving@8"):
         monkeypatch.setenv(faults.ENV, value)
         faults.check()
+    for value in ("publish:moved@3", "checkpoint:saving@x"):  # only a save takes @STEP
+        monkeypatch.setenv(faults.STOP_ENV, value)
+        with pytest.raises(UserError, match="is not a fault point"):
+            faults.check()
+
+
+def test_a_fault_point_fires_once_per_process_with_fault_once(monkeypatch, tmp_path):
+    """LENET_DIST_FAULT_ONCE: a restarted attempt (the same variables) is not killed at
+    the same point again; another process id of the job still is."""
+    fired = []
+    monkeypatch.setattr(faults.os, "kill", lambda pid, signum: fired.append(signum))
+    monkeypatch.setenv(faults.ONCE_ENV, str(tmp_path))
+    for process in ("0", "0", "1"):
+        monkeypatch.setenv("LENET_DIST_PROCESS_ID", process)
+        monkeypatch.setenv(faults.STOP_ENV, "checkpoint:saving@6")
+        faults.point("checkpoint:saving", 4)  # another step: never
+        faults.point("checkpoint:saving", 6)
+    assert fired == [signal.SIGSTOP, signal.SIGSTOP]
 
 
 def test_stop_rule_multi_process_leaves_sigterm_to_jax():
@@ -160,9 +178,11 @@ def test_exit_status():
 
 
 def test_restart_rule():
-    """torchrun's rule (any failure), less what a restart cannot fix or was not wanted."""
+    """xpk's rule: exit 42 (restart me) and deaths by a signal; not what a restart
+    cannot fix or was not wanted (tests/test_launch.py holds the whole table)."""
     assert restart_refusal(-9, [], 1) is None
-    assert restart_refusal(1, [], 1) is None
+    assert restart_refusal(42, [], 1) is None
+    assert "exit 1 is not restartable" in restart_refusal(1, [], 1)
     assert restart_refusal(143, [], 1) is None  # a process stopped from outside the launcher
     assert "usage error" in restart_refusal(2, [], 5)
     assert "stopped by SIGTERM" in restart_refusal(143, [signal.SIGTERM], 5)
