@@ -143,7 +143,7 @@ def check_url(url: str, what: str = "path") -> None:
     if not name:
         raise UserError(f"{what} {text} is a bucket's root; give a path inside it, e.g. "
                         f"gs://{bucket}/run")
-    parts = rest.strip("/").split("/")
+    parts = rest[1:].rstrip("/").split("/")  # a trailing "/" is fine, "//" inside is not
     if any(part in ("", ".", "..") for part in parts) or any(
             ord(c) < 32 or c == "\x7f" for c in name):
         raise UserError(f"{what} {text} has an empty, '.' or '..' part or a control "
@@ -174,7 +174,7 @@ def check_reachable(url: str, what: str = "path") -> None:
         kind = type(e).__name__
         if kind in ("DefaultCredentialsError", "RefreshError", "Unauthorized", "Forbidden"):
             raise UserError(f"cannot use {what} {url}: no usable Google Cloud credentials "
-                            f"({kind}: {first_line(e, 120)}); run `gcloud auth "
+                            f"({kind}); run `gcloud auth "
                             "application-default login` or set "
                             "GOOGLE_APPLICATION_CREDENTIALS") from None
         if kind == "NotFound":

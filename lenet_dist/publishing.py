@@ -114,7 +114,6 @@ def destination(path: str) -> Path | str:
     gs://bucket/x as the local directory gs:/bucket/x."""
     if is_remote(path):
         gcs.check_url(path, "--out")
-        gcs.check_reachable(path, "--out")
         return path.rstrip("/")
     return Path(path).resolve()
 
@@ -128,6 +127,7 @@ def check_remote_destination(out: str, overwrite: bool, workdir: Path | str) -> 
                         "choose a new directory, e.g. gs://bucket/serving/lenet/1")
     if is_remote(work) and (out + "/").startswith(f"{work}/checkpoints/"):
         raise UserError(f"--out {out} is inside the checkpoints of {work}; choose another")
+    gcs.check_reachable(out, "--out")
     target = epath.Path(out)
     try:
         if target.is_file():

