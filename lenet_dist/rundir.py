@@ -78,11 +78,14 @@ def write_metrics(workdir: epath.Path, history: Sequence[EpochRecord]) -> None:
 
 
 def start_metrics(workdir: epath.Path, history: Sequence[EpochRecord],
-                  log: Callable[[str], None]) -> None:
+                  log: Callable[[str], None], resumed_at: int | None = None) -> None:
     """metrics.jsonl for the run that starts now: the restored history. A file that is
     not this run's (a previous run's, after its checkpoints proved bad or with
     --no-checkpoint) is renamed to metrics-<time>.jsonl, never copied: a copy through
-    a bounded reader lost everything past its limit."""
+    a bounded reader lost everything past its limit. Resumed from the checkpoint at
+    step `resumed_at`, the file is this run's when it holds the restored history and
+    then only epochs past that step (written before a later checkpoint was lost): those
+    are dropped, to be trained again."""
     path = workdir / METRICS_FILE
     mine = to_lines(history).encode()
     try:
@@ -90,13 +93,31 @@ def start_metrics(workdir: epath.Path, history: Sequence[EpochRecord],
             return write_metrics(workdir, history)
         size = path.stat().length
         head = safefs.read_file(path, max(len(mine), 4096), follow=False)
+        if resumed_at is not None and size <= MAX_METRICS_BYTES:
+            head = safefs.read_file(path, size, follow=False)
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    empty = size <= len(head) and not head.strip()
-    if not empty and not (history and head[: len(mine)] == mine):
+    whole = size <= len(head)
+    empty = whole and not head.strip()
+    ours = head[: len(mine)] == mine and (
+        _only_after(head[len(mine):], resumed_at) if resumed_at is not None and whole
+        else bool(history))
+    if not empty and not ours:
         kept = safefs.keep_aside(path)
         log(f"note: {path} held another run's metrics; kept as {kept}")
     write_metrics(workdir, history)
+
+
+MAX_METRICS_BYTES = 64 * 2**20  # ~100k epochs; a longer file is judged by its head
+
+
+def _only_after(rest: bytes, step: int) -> bool:
+    """True if `rest` holds only epoch records past `step` (this run's own, from before
+    the checkpoint it resumed from was lost)."""
+    try:
+        return all(record.step > step for record in from_lines(rest.decode()))
+    except (UnicodeDecodeError, ValueError):
+        return False
 
 
 def read_metrics(path: str | os.PathLike) -> list[EpochRecord]:

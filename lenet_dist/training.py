@@ -295,7 +295,8 @@ class Trainer:
             self.records = [EpochRecord.from_json(r) for r in meta["history"]]
         self.resumed = restored is not None
         if self.primary:  # epochs after the checkpoint dropped, another run's lines kept aside
-            start_metrics(self.workdir, self.records, self.log)
+            start_metrics(self.workdir, self.records, self.log,
+                          resumed_at=int(self.state.step) if self.resumed else None)
             write_config(self.workdir, self.config)  # what this run computes, for `--config`
         return int(self.state.step)
 

@@ -24,6 +24,7 @@ from lenet_dist import safefs
 from lenet_dist import training as train_mod
 from lenet_dist.cli import main
 from lenet_dist.errors import Failure, UserError
+from lenet_dist.records import EpochRecord
 from lenet_dist.evaluation import evaluate_checkpoint, list_checkpoints
 from lenet_dist.restore import restore_checkpoint
 from lenet_dist.mesh import Shardings, make_mesh
@@ -348,6 +349,38 @@ def test_fresh_start_keeps_a_previous_runs_metrics_aside(dataset, tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and "older run" not in lines[0]
     assert any("held another run's metrics" in line for line in logs)
+
+
+def record(epoch: int, step: int) -> EpochRecord:
+    return EpochRecord(epoch=epoch, step=step, train_loss=2.0, train_accuracy=0.1,
+                       test_loss=2.0, test_accuracy=0.1, images_per_sec=1.0,
+                       train_seconds=1.0, epoch_seconds=1.0, devices=1, batch_size=128,
+                       time=0.0)
+
+
+@pytest.mark.parametrize("resumed_at, history, on_file, aside", [
+    (2, [], [(1, 4)], False),  # mid-epoch 1; epoch 1's checkpoint was lost
+    (6, [(1, 4)], [(1, 4), (2, 8)], False),  # mid-epoch 2; epoch 2's lost
+    (6, [(1, 4)], [(1, 4)], False),
+    (2, [], [(1, 4), (1, 4)], False),
+    (6, [(1, 4)], [(1, 4), (2, 5)], True),  # a record at or before the step: not ours
+    (6, [(1, 4)], [(1, 3)], True),  # another history
+    (None, [], [(1, 4)], True),  # a fresh start: whatever is there is another run's
+])
+def test_a_resumed_runs_own_later_epochs_are_dropped_not_kept_aside(
+        tmp_path, resumed_at, history, on_file, aside):
+    """Resumed from a checkpoint at `resumed_at`, metrics.jsonl holding the restored
+    history and then only epochs past that step is this run's (written before a later
+    checkpoint was lost): rewritten to the history, nothing kept aside."""
+    from lenet_dist.records import to_lines
+    from lenet_dist.rundir import start_metrics
+
+    (tmp_path / "metrics.jsonl").write_text(to_lines([record(*r) for r in on_file]))
+    logs = []
+    start_metrics(epath.Path(tmp_path), [record(*r) for r in history], logs.append,
+                  resumed_at=resumed_at)
+    assert bool(list(tmp_path.glob("metrics-*.jsonl"))) == aside, logs
+    assert (tmp_path / "metrics.jsonl").read_text() == to_lines([record(*r) for r in history])
 
 
 def test_a_previous_metrics_file_past_the_readers_limit_is_kept_whole(dataset, tmp_path):
