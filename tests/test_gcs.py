@@ -227,7 +227,7 @@ def test_checkpoints_eval_report_on_the_bucket(gcs_run, emulator, local_run):
         assert emulator.object(f"run/report/{name}").stat().st_size > 0, name
 
 
-def test_export_to_the_bucket(gcs_run, emulator):
+def test_export_to_the_bucket(gcs_run, emulator, data_dir):
     url, out = gcs_run["url"], f"gs://{BUCKET}/serving/lenet/1"
     done = emulator.cmd("export", "--workdir", url, "--out", out, "--platforms", "cpu")
     assert done.returncode == 0, done.stderr
@@ -242,6 +242,15 @@ def test_export_to_the_bucket(gcs_run, emulator):
     again = emulator.cmd("export", "--workdir", url, "--out", out, "--platforms", "cpu")
     assert again.returncode == 2 and errors(again) == [
         f"error: {out} already exists; pass --overwrite to replace it"], again.stderr
+    # predict reads the model from the bucket (TensorFlow's own gs:// reader could not).
+    images = next(Path(data_dir).glob("t10k-images-idx3-ubyte*"))
+    labels = next(Path(data_dir).glob("t10k-labels-idx1-ubyte*"))
+    served = emulator.cmd("predict", "--model", out, str(images), "--labels", str(labels),
+                          "--quiet")
+    assert served.returncode == 0, served.stderr
+    accuracy = float(served.stdout.split()[1])  # "accuracy 0.7216 on 10,000 images"
+    assert accuracy == pytest.approx(meta["checkpoint"]["test_accuracy"], abs=3e-4), \
+        served.stdout
 
 
 def test_nothing_lands_on_local_disk(gcs_run, emulator):
