@@ -163,8 +163,29 @@ def errors(result: subprocess.CompletedProcess) -> list[str]:
     return [ln for ln in result.stderr.splitlines() if "GOOGLE_AUTH_TOKEN_FOR_TESTING" not in ln]
 
 
-def start_emulator(tmp_path_factory, name: str = "gcs") -> Emulator:
+def serve(tmp_path_factory, name: str = "gcs"):
+    """A module fixture's body: `yield from serve(tmp_path_factory)` yields a started
+    emulator and stops it (every process it started) afterwards."""
     base = tmp_path_factory.mktemp(name)
     (base / "root").mkdir()
     (base / "cwd").mkdir()
-    return Emulator(base / "root", base / "cwd").start()
+    server = Emulator(base / "root", base / "cwd")
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+# Holds a workdir's lease like a live trainer (renewed every 0.5 s) until stdin closes.
+HOLD = ("import sys; from lenet_dist.gcs import Lease\n"
+        "lease = Lease(sys.argv[1], 'lenet-dist train', refresh=0.5).acquire()\n"
+        "print('held', flush=True); sys.stdin.read(); lease.release()\n")
+
+
+def hold_lease(emulator: Emulator, url: str) -> subprocess.Popen:
+    """A process that holds `url`'s lease (and renews it) until its stdin closes."""
+    holder = emulator._popen(["nsenter", emulator.net, "--", sys.executable, "-c", HOLD,
+                              url], env=emulator.env(), stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder

@@ -24,7 +24,7 @@ from lenet_dist.state import make_optimizer
 from lenet_dist.step import build_steps
 from lenet_dist.tboard import read_board
 from tests.conftest import assert_same_params
-from tests.gcs_support import BUCKET, TIMEOUT, errors, start_emulator
+from tests.gcs_support import BUCKET, TIMEOUT, errors, hold_lease, serve
 
 pytestmark = pytest.mark.slow
 
@@ -42,11 +42,7 @@ def train_args(workdir: str, data_dir: str, *extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    server = start_emulator(tmp_path_factory)
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serve(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -56,22 +52,6 @@ def local_run(dataset, tmp_path_factory):
 
     config = Config(**RUN, workdir=str(tmp_path_factory.mktemp("local-run")))
     return train(config, dataset=dataset, log=lambda _: None)
-
-
-# Holds a workdir's lease like a live trainer (renewed every 0.5 s) until stdin closes.
-HOLD = ("import sys; from lenet_dist.gcs import Lease\n"
-        "lease = Lease(sys.argv[1], 'lenet-dist train', refresh=0.5).acquire()\n"
-        "print('held', flush=True); sys.stdin.read(); lease.release()\n")
-
-
-def hold_lease(emulator, url: str) -> subprocess.Popen:
-    """A process that holds `url`'s lease (and renews it) until its stdin closes."""
-    holder = subprocess.Popen(["nsenter", emulator.net, "--", sys.executable, "-c", HOLD,
-                               url], env=emulator.env(), stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, start_new_session=True)
-    emulator.procs.append(holder)
-    assert holder.stdout.readline().strip() == "held"
-    return holder
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.state import make_optimizer
 from lenet_dist.step import build_steps
 from tests.conftest import assert_same_params
-from tests.gcs_support import BUCKET, errors, kill_group, start_emulator
+from tests.gcs_support import BUCKET, errors, hold_lease, kill_group, serve
 
 pytestmark = pytest.mark.slow
 
@@ -54,11 +54,7 @@ REFRESH = "0.5"  # the lease of a frozen holder expires 1.5 s after its last ren
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    server = start_emulator(tmp_path_factory, "gcs-faults")
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serve(tmp_path_factory, "gcs-faults")
 
 
 @pytest.fixture(scope="module")
@@ -319,9 +315,6 @@ def test_fault_matrix(emulator, data_dir, uninterrupted, tmp_path, fault, proces
 
 # ---------------------------------------------------------------- the lease
 
-HOLD = ("import sys; from lenet_dist.gcs import Lease\n"
-        "lease = Lease(sys.argv[1], 'lenet-dist train', refresh=0.5).acquire()\n"
-        "print('held', flush=True); sys.stdin.read(); lease.release()\n")
 # Takes the lease like a trainer would (refresh 0.5 s), says how it went and how long
 # it took on the monotonic clock, and lets it go.
 TAKE = ("import json, sys, time; from lenet_dist import gcs; from lenet_dist.errors import Busy\n"
@@ -364,11 +357,8 @@ def test_the_lease_is_judged_by_what_was_seen_not_by_a_clock(emulator, skew):
     if shutil.which("faketime") is None:
         pytest.skip("faketime is not installed (Debian's faketime; make tools)")
     live = f"gs://{BUCKET}/skew-live{skew[0] == '+'}"
-    holder = subprocess.Popen(["nsenter", emulator.net, "--", sys.executable, "-c", HOLD,
-                               live], env=emulator.env(), stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    holder = hold_lease(emulator, live)
     try:
-        assert holder.stdout.readline().strip() == "held"
         verdict, said, seconds = take(emulator, live, skew)
         assert verdict == "busy", said
         assert said.startswith("`lenet-dist train` (PID ") and "renewed" in said and \
