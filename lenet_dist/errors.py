@@ -69,10 +69,10 @@ def describe_holder(holder: dict) -> str:
     since, job = holder.get("since"), holder.get("job")
     text = (f"`{holder.get('command', 'lenet-dist')}` (PID {holder.get('pid', '?')} on "
             f"{holder.get('host', '?')}, since {since or '?'}{f', job {job}' if job else ''})")
-    if "renewed_seconds" in holder:  # a gs:// lease seen renewed (gcs.Lease._watch)
+    if "renewed_seconds" in holder:  # a gs:// lease seen renewed (lease.Lease._watch)
         text += (f", its lease renewed {holder['renewed_seconds']:g} s ago as seen from "
                  f"here; it expires {holder['expires_seconds']:g} s after its last renewal")
-    elif "renewed_at" in holder:  # a gs:// lease as read (gcs.lease_holder)
+    elif "renewed_at" in holder:  # a gs:// lease as read (lease.lease_holder)
         text += f", its lease last renewed at {holder['renewed_at']} (the server's clock)"
     return text
 

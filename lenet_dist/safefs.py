@@ -1,7 +1,7 @@
 """Files in directories we do not control: no planted symlink is followed, no reader
 sees a half-written file, no special file blocks us, and one writer per workdir.
 
-Stdlib only (plus etils.epath and lenet_dist.gcs for gs:// workdirs), so every module
+Stdlib only (plus etils.epath, lenet_dist.gcs and .lease for gs:// workdirs), so every module
 may use it.
 """
 
@@ -24,6 +24,7 @@ from lenet_dist import gcs  # isort: skip
 
 from etils import epath  # noqa: E402
 
+from lenet_dist import lease  # noqa: E402
 from lenet_dist.errors import Busy, Failure, describe_holder  # noqa: E402, F401 - Busy: the lock's API
 
 LOCK_FILE = "lock"
@@ -194,7 +195,7 @@ class WorkdirLock:
     The kernel drops a flock when its holder dies, however it dies, so a lock left
     by a killed run is simply free: taking it over needs no guessing from PIDs or
     ages (which would be wrong across hosts). `stale` says whose it was.
-    Works on local disks and NFSv4; a gs:// workdir holds a lease instead (gcs.Lease).
+    Works on local disks and NFSv4; a gs:// workdir holds a lease instead (lease.Lease).
     """
 
     def __init__(self, workdir: epath.Path | str, command: str):
@@ -239,7 +240,7 @@ class WorkdirLock:
 
     def check(self) -> None:
         """Held until released: the kernel drops a flock only with its holder (a
-        gs:// lease can be lost while its holder runs: gcs.Lease.check)."""
+        gs:// lease can be lost while its holder runs: lease.Lease.check)."""
 
     def release(self) -> None:
         """Clear the holder record, then unlock (the file stays: unlinking a lock
@@ -258,7 +259,7 @@ class WorkdirLock:
         self.release()
 
 
-Lock = WorkdirLock | gcs.Lease
+Lock = WorkdirLock | lease.Lease
 
 
 def workdir_lock(workdir: epath.Path | str, command: str, log=None) -> Lock:
@@ -266,7 +267,7 @@ def workdir_lock(workdir: epath.Path | str, command: str, log=None) -> Lock:
     (`log` hears that it watches a lease before taking it over)."""
     if is_local(workdir):
         return WorkdirLock(workdir, command)
-    return gcs.Lease(os.fspath(workdir), command, log=log)
+    return lease.Lease(os.fspath(workdir), command, log=log)
 
 
 def read_holder(fd: int) -> dict:
@@ -281,7 +282,7 @@ def read_holder(fd: int) -> dict:
 def lock_holder(workdir: epath.Path | str) -> dict | None:
     """Who holds the workdir's lock now (None if nobody), without taking it."""
     if not is_local(workdir):
-        return gcs.lease_holder(os.fspath(workdir))
+        return lease.lease_holder(os.fspath(workdir))
     path = os.path.join(os.fspath(workdir), LOCK_FILE)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)

@@ -139,14 +139,15 @@ def test_second_trainer_is_refused_and_the_first_untouched(gcs_run):
 
 def test_lease_takeover_has_one_winner(emulator):
     """Two takers of one stale lease: the generation precondition lets exactly one win."""
-    race = ("import json, os, threading, time; from lenet_dist import gcs, safefs\n"
+    race = ("import json, os, threading, time; from lenet_dist import safefs\n"
+            "from lenet_dist.lease import Lease\n"
             "from google.cloud import storage\n"  # a lease its holder stopped renewing
             "storage.Client().bucket('bucket').blob('race/lock').upload_from_string(\n"
             "    json.dumps({'command': 'dead', 'refresh_seconds': 0.2}))\n"
             "time.sleep(1.0)\n"
             "won, go = [], threading.Barrier(2)\n"
             "def take(i):\n"
-            "    lease = gcs.Lease('gs://bucket/race', f'taker {i}', refresh=1, on_lost=print)\n"
+            "    lease = Lease('gs://bucket/race', f'taker {i}', refresh=1, on_lost=print)\n"
             "    go.wait()\n"
             "    try:\n"
             "        won.append(lease.acquire())\n"
@@ -166,7 +167,7 @@ def test_two_processes_share_the_bucket(emulator, data_dir, local_run):
     """`lenet-dist launch -n 2 -- train` on gs://: one job, the same result, after
     taking over the lease a dead trainer left (not renewed for 3 of its periods)."""
     url = f"gs://{BUCKET}/job"
-    leave = ("import os; from lenet_dist.gcs import Lease; "
+    leave = ("import os; from lenet_dist.lease import Lease; "
              f"Lease('{url}', 'lenet-dist train', refresh=0.2).acquire(); "
              "os._exit(0)")  # dies holding it
     left = subprocess.run(["nsenter", emulator.net, "--", sys.executable, "-c", leave],

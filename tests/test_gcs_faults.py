@@ -317,10 +317,11 @@ def test_fault_matrix(emulator, data_dir, uninterrupted, tmp_path, fault, proces
 
 # Takes the lease like a trainer would (refresh 0.5 s), says how it went and how long
 # it took on the monotonic clock, and lets it go.
-TAKE = ("import json, sys, time; from lenet_dist import gcs; from lenet_dist.errors import Busy\n"
+TAKE = ("import json, sys, time; from lenet_dist.lease import Lease\n"
+        "from lenet_dist.errors import Busy\n"
         "t = time.monotonic()\n"
         "try:\n"
-        "    lease = gcs.Lease(sys.argv[1], 'newcomer', refresh=0.5, log=lambda _: None)\n"
+        "    lease = Lease(sys.argv[1], 'newcomer', refresh=0.5, log=lambda _: None)\n"
         "    lease.acquire()\n"
         "except Busy as e:\n"
         "    print(json.dumps(['busy', str(e), time.monotonic() - t])); sys.exit(0)\n"
@@ -390,11 +391,11 @@ def test_an_earlier_attempt_of_the_same_job_is_taken_over_at_once(emulator):
 FENCE = """
 import json, sys, time
 import numpy as np
-from lenet_dist import gcs
 from lenet_dist.checkpoint import Checkpoints
 from lenet_dist.errors import Restartable
+from lenet_dist.lease import Lease
 url, lost = sys.argv[1], []
-lease = gcs.Lease(url, 'fence', refresh=0.5, on_lost=lambda url, why, holder: lost.append(why))
+lease = Lease(url, 'fence', refresh=0.5, on_lost=lambda url, why, holder: lost.append(why))
 lease.acquire()
 ckpts = Checkpoints(url, fence=lease.check, warn=lambda _: None)
 ckpts.save(1, {"w": np.zeros(3)}, {"step": 1}, wait=True)
@@ -448,3 +449,10 @@ def test_no_network_or_no_credentials_is_one_line_at_once(emulator, tmp_path, en
         assert done.returncode == code and len(lines) == 1 and message in lines[0], \
             (args, done.returncode, done.stderr[-2000:])
         assert time.monotonic() - started < 15, args
+
+
+def test_a_bucket_that_does_not_exist_is_one_line(emulator):
+    done = emulator.cmd("checkpoints", "--workdir", "gs://no-such-bucket/run", timeout=60)
+    assert done.returncode == 2 and errors(done) == [
+        "error: cannot use --workdir gs://no-such-bucket/run: bucket gs://no-such-bucket "
+        "does not exist"], done.stderr
