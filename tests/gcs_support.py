@@ -87,9 +87,14 @@ class Emulator:
             ["nsenter", self.net, "--", str(self.binary), "-scheme", "http", "-host",
              "127.0.0.1", "-port", str(PORT), "-backend", "filesystem",
              "-filesystem-root", str(self.root)], stdout=self.log, stderr=subprocess.STDOUT)
+        return self.create_bucket(BUCKET)
+
+    def create_bucket(self, name: str) -> "Emulator":
+        """Create gs://NAME (it may exist). The filesystem backend lists a bucket by
+        walking all of it, so a test with many runs gives each its own bucket."""
         create = (f"import urllib.request as u, urllib.error as e, json\n"
                   f"try: u.urlopen(u.Request('{ENDPOINT}/storage/v1/b?project=test', "
-                  f"json.dumps({{'name': '{BUCKET}'}}).encode(), "
+                  f"json.dumps({{'name': '{name}'}}).encode(), "
                   "{'Content-Type': 'application/json'}), timeout=5)\n"
                   "except e.HTTPError as x:\n    assert x.code == 409, x\n")
         deadline = time.monotonic() + 20
@@ -147,9 +152,9 @@ class Emulator:
                               env=self.env(**extra), capture_output=True, text=True,
                               timeout=timeout)
 
-    def object(self, name: str) -> Path:
-        """Where the filesystem backend keeps the object gs://bucket/NAME."""
-        return self.root / BUCKET / name
+    def object(self, name: str, bucket: str = BUCKET) -> Path:
+        """Where the filesystem backend keeps the object gs://BUCKET/NAME."""
+        return self.root / bucket / name
 
     def stop(self) -> None:
         for proc in reversed(self.procs):

@@ -38,7 +38,7 @@ from lenet_dist.errors import RESTART_EXIT_CODE
 from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.state import make_optimizer
 from lenet_dist.step import build_steps
-from tests.conftest import assert_same_params
+from tests.conftest import assert_same_params, write_idx
 from tests.gcs_support import BUCKET, errors, hold_lease, kill_group, serve
 
 pytestmark = pytest.mark.slow
@@ -47,6 +47,7 @@ pytestmark = pytest.mark.slow
 RUN = dict(devices=2, epochs=2, train_limit=512, batch_size=128, learning_rate=0.5)
 # SIGTERM early: a job of 2 processes stops at the step they agree on, a few later.
 SAVE_EVERY, FAULT_STEP, SIGTERM_STEP, LAST = 2, 6, 2, 8
+TEST_IMAGES = 1000
 ROW_TIMEOUT = 150  # one command of a row (each row runs at most three)
 OUTAGE_S = 4.0
 REFRESH = "0.5"  # the lease of a frozen holder expires 1.5 s after its last renewal
@@ -58,12 +59,27 @@ def emulator(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(dataset, tmp_path_factory):
+def small_data(dataset, tmp_path_factory) -> str:
+    """The first 512 training and 1,000 test images of `dataset` (the real
+    Fashion-MNIST where installed) as IDX files: each row evaluates two epochs in up to
+    three runs, and 10,000 test images made that a third of a row's time."""
+    directory = tmp_path_factory.mktemp("faults-data")
+    for prefix, split, n in (("train", dataset.train, RUN["train_limit"]),
+                             ("t10k", dataset.test, TEST_IMAGES)):
+        write_idx(directory / f"{prefix}-images-idx3-ubyte", split.images[:n, ..., 0])
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte", split.labels[:n])
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_data, tmp_path_factory):
     """The run uninterrupted, on local disk, in this process."""
+    from lenet_dist.data import load_idx_dir
     from lenet_dist.training import train
 
     config = Config(**RUN, workdir=str(tmp_path_factory.mktemp("faults-ref")))
-    return train(config, dataset=dataset, log=lambda _: None).state.params
+    return train(config, dataset=load_idx_dir(small_data, "fashion_mnist"),
+                 log=lambda _: None).state.params
 
 
 def train_args(url: str, data_dir: str) -> list[str]:
@@ -86,11 +102,16 @@ class Row:
     def __init__(self, emulator, data_dir: str, name: str, processes: int, restarts: int,
                  marks: Path):
         self.emulator, self.processes, self.restarts = emulator, processes, restarts
-        self.name, self.url = name, f"gs://{BUCKET}/{name}"
+        self.name, self.url = name, f"gs://{name}/run"  # a bucket a row (gcs_support)
+        emulator.create_bucket(name)
         self.args = train_args(self.url, data_dir)
         self.marks = marks
         marks.mkdir()
         self.results: list[subprocess.CompletedProcess] = []
+
+    def path(self, name: str = "") -> Path:
+        """Where the emulator keeps the run's object NAME (the run itself: "")."""
+        return self.emulator.object(f"run/{name}".rstrip("/"), bucket=self.name)
 
     def command(self) -> list[str]:
         if self.processes == 1 and not self.restarts:
@@ -144,7 +165,7 @@ class Row:
 
     def lease(self) -> dict | None:
         try:
-            return json.loads(self.emulator.object(f"{self.name}/lock").read_text())
+            return json.loads(self.path("lock").read_text())
         except (OSError, ValueError):
             return None
 
@@ -212,7 +233,7 @@ def takeover(row: Row) -> None:
         assert other.returncode == 0, row.transcript()
         assert "is held by `lenet-dist train`" in other.stdout + other.stderr
         assert "took over the lock of a run that is no longer running" in other.stdout
-        before = snapshot(row.emulator.object(f"{row.name}/checkpoints"))
+        before = snapshot(row.path("checkpoints"))
     finally:
         signal_all(pids, signal.SIGCONT)
     thawed = row.finish(proc)
@@ -222,7 +243,7 @@ def takeover(row: Row) -> None:
     if not row.restarts:
         assert thawed.returncode == RESTART_EXIT_CODE, row.transcript()
     # Fenced: the thawed trainers committed nothing after the taker finished.
-    after = snapshot(row.emulator.object(f"{row.name}/checkpoints"))
+    after = snapshot(row.path("checkpoints"))
     assert committed(after) == committed(before), (before, after)
     if not row.restarts:
         row.run()  # the run is finished: exit 0, nothing trained
@@ -293,9 +314,9 @@ FAULTS = {"kill9": kill9, "outage": outage, "takeover": takeover, "startup": sta
 @pytest.mark.parametrize("how", ["hand", "launch"])
 @pytest.mark.parametrize("processes", [1, 2])
 @pytest.mark.parametrize("fault", list(FAULTS))
-def test_fault_matrix(emulator, data_dir, uninterrupted, tmp_path, fault, processes, how):
+def test_fault_matrix(emulator, small_data, uninterrupted, tmp_path, fault, processes, how):
     name = f"{fault}-{processes}-{how}"
-    row = Row(emulator, data_dir, name, processes, 2 if how == "launch" else 0,
+    row = Row(emulator, small_data, name, processes, 2 if how == "launch" else 0,
               tmp_path / "marks")
     started = time.monotonic()
     FAULTS[fault](row)
@@ -303,11 +324,11 @@ def test_fault_matrix(emulator, data_dir, uninterrupted, tmp_path, fault, proces
     assert last.returncode == 0, row.transcript()
     if how == "launch" and fault in ("kill9", "startup", "plain"):  # an outage may pass
         assert "restarting the job (1 of 2)" in last.stdout + last.stderr, row.transcript()
-    run = emulator.object(name)
+    run = row.path()
     steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == LAST, (steps, row.transcript())
     assert_same_params(params_in(run, LAST), uninterrupted, atol=1e-6)
-    assert not emulator.object(f"{name}/lock").exists(), row.transcript()
+    assert not row.path("lock").exists(), row.transcript()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [4, 8], row.transcript()
     print(f"{name}: {time.monotonic() - started:.1f} s, {len(row.results)} command(s)")
