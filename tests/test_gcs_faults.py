@@ -477,3 +477,25 @@ def test_a_bucket_that_does_not_exist_is_one_line(emulator):
     assert done.returncode == 2 and errors(done) == [
         "error: cannot use --workdir gs://no-such-bucket/run: bucket gs://no-such-bucket "
         "does not exist"], done.stderr
+
+
+def test_a_refused_job_writes_nothing_into_the_workdir(emulator, small_data):
+    """A 2-process job refused by another run's live lease: the lease is taken before
+    the job's shared-directory token is written, so the bucket holds only the lease."""
+    from lenet_dist.distributed import JOB_TOKEN_FILE
+
+    emulator.create_bucket("refused")
+    url = "gs://refused/run"
+    holder = hold_lease(emulator, url)
+    try:
+        done = emulator.cmd("launch", "-n", "2", "--timeout", "120", "--",
+                            *train_args(url, small_data), timeout=150)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "is in use by `lenet-dist train`" in done.stdout + done.stderr
+    run = emulator.object("run", bucket="refused")
+    assert not (run / JOB_TOKEN_FILE).exists()
+    assert sorted(p.name for p in run.rglob("*") if p.is_file()) == [], \
+        list(run.rglob("*"))  # the holder released its lease; nothing else was written
