@@ -16,6 +16,7 @@ import contextlib
 import importlib.util
 import os
 import re
+import sys
 
 from lenet_dist.errors import Restartable, UserError, first_line
 
@@ -28,13 +29,15 @@ def _no_listing_cache() -> None:
     process: once listed, a path another process (or a peer host) creates later stays
     invisible to exists(). In a resumed 2-process job Orbax waited its full 600 s for
     an object process 0 had written. Every gcsfs filesystem lenet-dist or Orbax makes
-    through fsspec gets these defaults (before the first one is made; a kwarg wins)."""
-    try:
-        import fsspec.config
-    except ImportError:  # no [gcs] extra: no gs:// either (check_url says so)
-        return
-    for protocol in ("gs", "gcs"):
-        fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+    through fsspec gets use_listings_cache=False: fsspec reads the variable when it
+    loads (so importing it, ~60 ms, is left to the first gs:// path), or, loaded
+    already by the program around us, gets it in its config here. A user's own
+    setting, or a kwarg, wins."""
+    os.environ.setdefault("FSSPEC_GCS_USE_LISTINGS_CACHE", "false")
+    config = sys.modules.get("fsspec.config")
+    if config is not None:
+        for protocol in ("gs", "gcs"):
+            config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
 
 
 _no_listing_cache()
