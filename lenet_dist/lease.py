@@ -209,9 +209,9 @@ class Lease:
         others: then this process stops. A rewrite refused on its generation means the
         lease is someone else's now."""
         while not self._stop.wait(self.refresh):
-            if time.monotonic() - self.renewed > self.duration - self.refresh:
-                self._lose(f"could not renew it for {time.monotonic() - self.renewed:.0f} s "
-                           f"(it lasts {self.duration:g} s)", {})
+            overdue = self._overdue()
+            if overdue:
+                self._lose(overdue, {})
                 return
             try:
                 self._write(self.generation)
@@ -234,12 +234,18 @@ class Lease:
         self.lost = why
         self.on_lost(self.url, why, holder)
 
+    def _overdue(self) -> str | None:
+        """Why this holder must stop writing, if its last renewal is older than the
+        lease less one refresh (after that, another trainer may take it over)."""
+        since = time.monotonic() - self.renewed
+        if since > self.duration - self.refresh:
+            return f"could not renew it for {since:.0f} s (it lasts {self.duration:g} s)"
+        return None
+
     def check(self) -> None:
         """Before a checkpoint is written: Restartable unless the lease is held, and
         was renewed recently enough that nobody else may have taken it."""
-        if self.lost is None and time.monotonic() - self.renewed > self.duration - self.refresh:
-            self.lost = (f"could not renew it for {time.monotonic() - self.renewed:.0f} s "
-                         f"(it lasts {self.duration:g} s)")
+        self.lost = self.lost or self._overdue()
         if self.lost is not None:
             raise Restartable(f"lost the lease {self.url}: {self.lost}; not saving, so that "
                               "two trainers never write one workdir; run the same command "
