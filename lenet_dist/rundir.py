@@ -92,9 +92,10 @@ def start_metrics(workdir: epath.Path, history: Sequence[EpochRecord],
         if not path.exists():
             return write_metrics(workdir, history)
         size = path.stat().length
-        head = safefs.read_file(path, max(len(mine), 4096), follow=False)
-        if resumed_at is not None and size <= MAX_METRICS_BYTES:
-            head = safefs.read_file(path, size, follow=False)
+        # Resumed, the whole file (bounded) is judged; else its head against the history.
+        whole_file = resumed_at is not None and size <= MAX_METRICS_BYTES
+        head = safefs.read_file(path, size if whole_file else max(len(mine), 4096),
+                                follow=False)
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
     whole = size <= len(head)
