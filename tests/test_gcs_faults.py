@@ -225,7 +225,6 @@ def takeover(row: Row) -> None:
                      LENET_DIST_LEASE_REFRESH=REFRESH)
     pids = row.wait_frozen(proc)
     try:
-        other = subprocess.CompletedProcess([], 0)
         taker = row.emulator.spawn(*row.args if row.processes == 1 else
                                    ["launch", "-n", str(row.processes), "--", *row.args],
                                    LENET_DIST_LEASE_REFRESH=REFRESH)

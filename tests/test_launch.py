@@ -775,6 +775,9 @@ def test_launch_gives_every_process_of_every_attempt_one_job_id(fake_launch):
     assert f"(job id {ids[0]}): lenet-dist train" in out
     status, _, ids, _ = fake_launch(42, LENET_DIST_JOB_ID="mine")
     assert status == 0 and ids == ["mine", "mine"]
+    from lenet_dist import launch as launch_lib, lease  # one variable, named in both
+
+    assert launch_lib.JOB_ID == lease.JOB_ENV
 
 
 def test_launch_returns_after_its_processes_output_filters(fake_launch, tmp_path):
