@@ -318,7 +318,8 @@ class Checkpoints:
                 raise UserError(f"cannot move a bad checkpoint aside in {self.directory}: "
                                 f"{e.strerror or e}") from None
 
-        distributed.on_primary(move_and_repair)  # the others wait for it, then look again
+        # The others wait for it, then look again.
+        distributed.on_primary(move_and_repair, "moving bad checkpoints aside")
         self.info = scan(self.directory)
 
     def _move_aside(self, step: int, path: epath.Path | None = None, tag: str = "") -> epath.Path:
@@ -456,7 +457,7 @@ class Checkpoints:
                 restored = self.restore(step, abstract(meta))
             except CorruptCheckpoint as e:
                 error = str(e)
-            if not distributed.gather([error is not None]).any():
+            if not distributed.gather([error is not None], f"restoring step {step}").any():
                 return restored
             self.info[step].problem = error or "unreadable on another process"
             where = self._quarantine(step)
@@ -470,8 +471,9 @@ class Checkpoints:
         """Move a step aside once (process 0), then let every process see it gone."""
         if self.read_only:
             return None
-        where = distributed.on_primary(lambda: self._move_aside(step))
-        distributed.barrier(f"lenet-dist: quarantined {step}")
+        where = distributed.on_primary(lambda: self._move_aside(step),
+                                       f"moving step {step} aside")
+        distributed.barrier(f"moving step {step} aside")
         self.manager.reload()
         return where
 

@@ -47,6 +47,7 @@ from lenet_dist.distributed import (
 )
 from lenet_dist.errors import RESTART_EXIT_CODE, Failure, Preempted, UserError, first_line
 from lenet_dist.fatal_filter import describe_loss
+from lenet_dist.watchdog import parse_timeout
 
 DEBUG_ENV = "LENET_DIST_DEBUG"
 
@@ -328,13 +329,19 @@ def cli(ctx, debug):
         help="Train loss to TensorBoard every K steps.")
 @option("--profile-steps", metavar="A:B", default=None,
         help="Trace steps A..B with jax.profiler into <workdir>/tb.")
+@option("--stall-timeout", metavar="SECONDS", default=None, envvar="LENET_DIST_STALL_TIMEOUT",
+        show_envvar=True, show_default="ten times the slowest step, evaluation or save "
+        "measured, at least 300",
+        help="A run (every process of a job) that makes no progress for this long stops "
+             "with one line naming the process that is behind, and exits 42 to be "
+             "restarted; 0 turns the watchdog off.")
 @option("--print-config", is_flag=True,
         help="Print the effective config (recipe, then --config, then the options) "
              "as YAML, which --config reads back, and exit without training or "
              "touching the workdir.")
 @job_options
 def train(recipe, preset, config_file, progress, allow_config_change, tensorboard,
-          log_every_steps, profile_steps, print_config, job, **fields):
+          log_every_steps, profile_steps, stall_timeout, print_config, job, **fields):
     """Train LeNet-5 (the d2l recipe by default), resuming from --workdir.
 
     SIGTERM/SIGINT finish the step in flight, save a checkpoint and exit with
@@ -347,6 +354,7 @@ def train(recipe, preset, config_file, progress, allow_config_change, tensorboar
         recipe = preset
     settings = read_settings(config_file) if config_file else {}
     config = effective_config(recipe, settings, fields).validate()
+    stall_timeout = parse_timeout(stall_timeout)
     if print_config:
         click.echo(config.to_yaml(), nl=False)
         return
@@ -358,7 +366,8 @@ def train(recipe, preset, config_file, progress, allow_config_change, tensorboar
         from lenet_dist.training import train as run
 
     run(config, progress=progress, allow_config_change=allow_config_change,
-        outputs=Outputs(tensorboard, log_every_steps, profile_steps))
+        outputs=Outputs(tensorboard, log_every_steps, profile_steps),
+        stall_timeout=stall_timeout)
 
 
 def checkpoint_choice(command):

@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -648,24 +649,57 @@ def is_primary() -> bool:
     return process_index() == 0
 
 
-def gather(values) -> np.ndarray:
-    """Every process's int64 `values`, stacked [processes, ...] (a collective)."""
+_MEETINGS = itertools.count(1)  # every process meets the others in the same order
+
+
+def meet(what: str) -> None:
+    """Wait until every process of the job is here, for at most --join-timeout; then
+    every process raises one line naming `what` and the processes that did not come
+    (Restartable: a stuck or lost process is what a restart mends). A device
+    collective alone would wait forever for a process whose main thread is stuck."""
+    if process_count() == 1:
+        return
+    client = jax_compat.distributed_state().client
+    if client is None:  # a job joined without JAX's service: nothing to wait on
+        return
+    seconds = JOINED.join_timeout if JOINED is not None else DEFAULT_JOIN_TIMEOUT
+    key, me = f"lenet-dist/meet/{next(_MEETINGS)}", process_index()
+    try:
+        client.key_value_set(f"{key}/{me}", what)
+        client.wait_at_barrier(key, seconds * 1000)
+    except Exception as e:  # JaxRuntimeError: the deadline, or the service failed
+        try:
+            came = {int(k.rsplit("/", 1)[1]) for k, _ in client.key_value_dir_get(f"{key}/")}
+        except Exception:  # noqa: BLE001 - the coordinator itself is gone
+            came = {me}
+        missing = [i for i in range(process_count()) if i not in came]
+        if not missing:
+            raise Restartable(f"the job's processes could not meet ({what}): "
+                              f"{first_line(e)}") from None
+        raise Restartable(f"waited {seconds} s ({what}) for process"
+                          f"{'es' if len(missing) > 1 else ''} "
+                          f"{', '.join(map(str, missing[:8]))}"
+                          f"{', ...' if len(missing) > 8 else ''}, which did not come "
+                          "(stuck or lost; --join-timeout bounds every wait for the "
+                          "others)") from None
+
+
+def gather(values, what: str) -> np.ndarray:
+    """Every process's int64 `values`, stacked [processes, ...] (a collective), once
+    all have come (`meet`)."""
     from jax.experimental import multihost_utils  # JAX late
 
     if process_count() == 1:
         return np.asarray([values], np.int64)
+    meet(what)
     return np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int64)))
 
 
-def barrier(name: str) -> None:
-    from jax.experimental import multihost_utils  # JAX late
-
-    if process_count() == 1:
-        return
-    multihost_utils.sync_global_devices(name)
+def barrier(what: str) -> None:
+    meet(what)
 
 
-def on_primary(fn):
+def on_primary(fn, what: str):
     """fn() on process 0 only (e.g. what writes or needs TensorFlow); the others learn
     whether it failed and fail too, instead of waiting in the next collective."""
     result, error = None, None
@@ -674,7 +708,8 @@ def on_primary(fn):
             result = fn()
         except UserError as e:
             error = e
-    code = int(gather([error.exit_code if error is not None else 0])[0, 0])
+    code = int(gather([error.exit_code if error is not None else 0],
+                      f"process 0 {what}")[0, 0])
     if error is not None:
         raise error
     if code:  # the same class as process 0's, so a restart policy treats both alike
@@ -692,16 +727,17 @@ def check_same_workdir(workdir) -> None:
     if process_count() == 1:
         return
     token = np.frombuffer(secrets.token_bytes(8), np.int64)
+    meet("sharing the job token")
     token = np.asarray(multihost_utils.broadcast_one_to_all(token))
     path = workdir / JOB_TOKEN_FILE
     if is_primary():
         safefs.write_atomic(path, str(int(token[0])))
-    barrier("lenet-dist: job token written")
+    barrier("process 0 writing the job token")
     try:
         seen = int(path.read_text().strip()) == int(token[0])
     except (OSError, ValueError):
         seen = False
-    ok = gather([seen])[:, 0]
+    ok = gather([seen], "reading the job token")[:, 0]
     if not ok.all():
         blind = ", ".join(str(i) for i in np.flatnonzero(~ok.astype(bool)))
         raise UserError(f"process(es) {blind} do not see process 0's --workdir {workdir}: "
@@ -765,7 +801,7 @@ def check_same_data(arrays, source: str) -> None:
     """All processes must train on identical data: compare fingerprints of `arrays`."""
     if process_count() == 1:
         return
-    prints = gather([data_fingerprint(*arrays)])[:, 0]
+    prints = gather([data_fingerprint(*arrays)], "comparing the data")[:, 0]
     if (prints != prints[0]).any():
         groups = {}
         for i, p in enumerate(prints.tolist()):

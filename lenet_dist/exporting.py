@@ -109,7 +109,7 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, best: boo
         check_destination(out_path, overwrite, work_path)
         return import_tensorflow(), serialization.installed_plan()
 
-    tf, plan = distributed.on_primary(prepare) or (None, None)
+    tf, plan = distributed.on_primary(prepare, "preparing the export") or (None, None)
     # In a job every process takes part in the restore (onto all devices).
     mesh = make_mesh(None if jax.process_count() > 1 else 1)
     restored = restore_checkpoint(workdir, Shardings(mesh), step, best)

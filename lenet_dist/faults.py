@@ -23,7 +23,7 @@ ENV = "LENET_DIST_KILL_AT"
 # The same points, where the process SIGSTOPs itself instead: frozen, as a host that
 # hangs or a VM paused by its hypervisor, for the harness to thaw (SIGCONT) or kill.
 STOP_ENV = "LENET_DIST_STOP_AT"
-ONCE_ENV = "LENET_DIST_FAULT_ONCE"  # a directory: see _first_time
+ONCE_ENV = "LENET_DIST_FAULT_ONCE"  # a directory: see first_time
 # Where a kill must leave export's --out holding a complete model, in the order they
 # are reached ("set-aside" only on the two-rename path, between its renames).
 PUBLISH_POINTS = ("publish:staged", "publish:verified", "publish:checked",
@@ -55,12 +55,12 @@ def point(name: str, step: int | None = None) -> None:
     if the variable names this point (and this step, when it names one)."""
     for env, signum in ((ENV, signal.SIGKILL), (STOP_ENV, signal.SIGSTOP)):
         value = os.environ.get(env)
-        if value and value in (name, f"{name}@{step}") and _first_time(env, value):
+        if value and value in (name, f"{name}@{step}") and first_time(env, value):
             os.environ.pop(env)  # once: a thawed process goes on
             os.kill(os.getpid(), signum)
 
 
-def _first_time(env: str, value: str) -> bool:
+def first_time(env: str, value: str) -> bool:
     """With LENET_DIST_FAULT_ONCE=DIR, a point fires once per process id of a job across
     its restarts (a restarted attempt inherits the variables, and would be killed at the
     same point again): the first to create DIR/<variable>-<point>-<process id> fires."""
@@ -74,3 +74,24 @@ def _first_time(env: str, value: str) -> bool:
     except FileExistsError:
         return False
     return True
+
+
+def step_at(env: str, process_index: int, process_count: int) -> int | None:
+    """The step of a STEP or STEP:PROCESS drill variable (LENET_DIST_SIGTERM_AT,
+    LENET_DIST_STALL_AT) if it is meant for this process, else None. A malformed value
+    or a process the job does not have is refused: the drill would silently never fire."""
+    value = os.environ.get(env)
+    if not value:
+        return None
+    step, _, process = value.partition(":")
+    if not (step.isascii() and step.isdigit()) \
+            or not (process.isascii() and process.isdigit() or not process):
+        raise UserError(f"{env}={quoted(value, 40)}: expected STEP or STEP:PROCESS "
+                        "(non-negative integers); fix or unset it")
+    if process and int(process) >= process_count:
+        raise UserError(f"{env}={quoted(value, 40)}: the job has no process "
+                        f"{int(process)} (it has {process_count}: 0..{process_count - 1}); "
+                        "fix or unset it")
+    if process and int(process) != process_index:
+        return None
+    return int(step)

@@ -36,6 +36,7 @@ USAGE_ERROR = 2  # errors.UserError's exit code: the same command would fail the
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 JOB_ID = "LENET_DIST_JOB_ID"  # one job's identity, the same in each of its restarts
 GROUPS_GONE_SECONDS = 5.0  # how long `run` waits for a process's output filters to exit
+RESTART_GRACE = 5.0  # seconds the others of a job get after one exited 42, before a restart
 
 
 def _parent_death_signal() -> Callable[[], None] | None:
@@ -252,7 +253,8 @@ def run(args: Sequence[str], processes: int, timeout: float | None = None,
     first failed process exited RESTART_EXIT_CODE (42) or died by a signal is started
     again, up to `max_restarts` times (see `restart_refusal`), on a fresh port unless
     `port` is given; the survivors of a failure that will be restarted are killed at
-    once, since they cannot go on without the lost process. Every process of every
+    once (after RESTART_GRACE seconds when it exited 42), since they cannot go on
+    without the lost process. Every process of every
     attempt gets the same LENET_DIST_JOB_ID (`new_job_id`). `timeout` (None: no limit)
     bounds the whole launch, restarts included; when it runs out, every process is
     killed and the status is TIMED_OUT (124), said in one line. It returns once the
@@ -274,8 +276,14 @@ def run(args: Sequence[str], processes: int, timeout: float | None = None,
                 jobs[-1].signal(i, signal.SIGTERM)
 
     def grace_for(restarts_left: int) -> Callable[[int], float]:
-        return lambda returncode: (0.0 if restart_refusal(returncode, stopping, restarts_left)
-                                   is None else grace)
+        def after(returncode: int) -> float:
+            if restart_refusal(returncode, stopping, restarts_left) is not None:
+                return grace
+            # A restart follows: a process that died by a signal leaves the others
+            # nothing to say; one that exited 42 may have told them why (the watchdog's
+            # verdict), so they get a moment to say it and exit 42 themselves.
+            return min(grace, RESTART_GRACE) if returncode == RESTART_EXIT_CODE else 0.0
+        return after
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     restarts = 0

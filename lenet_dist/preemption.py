@@ -27,7 +27,7 @@ import os
 import signal
 import threading
 
-from lenet_dist.errors import UserError, quoted
+from lenet_dist import faults
 
 # Fault injection for tests and drills: "STEP" or "STEP:PROCESS" sends a real
 # SIGTERM to this process right after that step is dispatched.
@@ -61,8 +61,7 @@ class StopRule:
         self.received: list[int] = []  # signals this process got
         self.decided_at: int | None = None  # the step at which the job stops
         self._calls = 0  # sync-point calls made by this process (see the module's doc)
-        self._inject = _parse_injection(os.environ.get(SIGTERM_AT_ENV), process_index,
-                                        process_count)
+        self._inject = faults.step_at(SIGTERM_AT_ENV, process_index, process_count)
         self._previous: dict = {}
         if multi_process:
             from jax.experimental import multihost_utils  # only a multi-process job needs it
@@ -119,21 +118,3 @@ class StopRule:
     def signum(self) -> int:
         return self.received[0] if self.received else signal.SIGTERM
 
-
-def _parse_injection(value: str | None, process_index: int, process_count: int) -> int | None:
-    """The step at which this process sends itself SIGTERM, or None. A process the job
-    does not have is refused: the drill would silently never fire."""
-    if not value:
-        return None
-    step, _, process = value.partition(":")
-    if not (step.isascii() and step.isdigit()) \
-            or not (process.isascii() and process.isdigit() or not process):
-        raise UserError(f"{SIGTERM_AT_ENV}={quoted(value, 40)}: expected STEP or STEP:PROCESS "
-                        "(non-negative integers); fix or unset it")
-    if process and int(process) >= process_count:
-        raise UserError(f"{SIGTERM_AT_ENV}={quoted(value, 40)}: the job has no process "
-                        f"{int(process)} (it has {process_count}: 0..{process_count - 1}); "
-                        "fix or unset it")
-    if process and int(process) != process_index:
-        return None
-    return int(step)

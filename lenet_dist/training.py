@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from lenet_dist import checkpoint as ckpt_lib
 from lenet_dist import data as data_lib
-from lenet_dist import distributed, versions
+from lenet_dist import distributed, jax_compat, versions, watchdog
 from lenet_dist.config import Config, write_config
 from lenet_dist.errors import Failure, Preempted, UserError
 from lenet_dist.evaluation import evaluate
@@ -76,15 +76,36 @@ class Outputs:
 
 def train(config: Config, dataset: data_lib.Dataset | None = None,
           log: Callable[[str], None] = print, progress: bool = False,
-          allow_config_change: bool = False, outputs: Outputs = Outputs()) -> TrainResult:
+          allow_config_change: bool = False, outputs: Outputs = Outputs(),
+          stall_timeout: float | None = None) -> TrainResult:
     """Train `config` end to end, resuming from <workdir>/checkpoints if it holds a run.
 
     Holds the workdir's lock throughout (process 0 in a job). Raises `Preempted`
     after saving a checkpoint when SIGTERM/SIGINT arrives, and `Failure` when the
     run diverges (nothing non-finite is ever saved). In a multi-process job every
     process calls this; process 0 alone logs and writes, and all stop at the same step.
+    A run that makes no progress for `stall_timeout` seconds (None: automatic, 0: never)
+    exits 42 from its watchdog (`lenet_dist.watchdog`).
     """
     config = config.validate()
+    with _watched(stall_timeout):
+        return _train(config, dataset, log, progress, allow_config_change, outputs)
+
+
+@contextlib.contextmanager
+def _watched(stall_timeout: float | None):
+    """This process's progress watchdog for the length of a run (see watchdog.py)."""
+    processes = jax.process_count()
+    client = jax_compat.distributed_state().client if processes > 1 else None
+    watchdog.start(stall_timeout, client, jax.process_index(), processes)
+    try:
+        yield
+    finally:
+        watchdog.stop()
+
+
+def _train(config: Config, dataset: data_lib.Dataset | None, log: Callable[[str], None],
+           progress: bool, allow_config_change: bool, outputs: Outputs) -> TrainResult:
     if outputs.profile_steps:
         parse_profile_steps(outputs.profile_steps)  # a usage error before anything starts
     primary = distributed.is_primary()
@@ -101,7 +122,8 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
     with contextlib.ExitStack() as cleanup:  # last in, first out: saves end, then unlock
         # The lock first: nothing (not even the job's token) is written into a workdir
         # another run holds.
-        lock = distributed.on_primary(lambda: lock_workdir(workdir, log))
+        lock = distributed.on_primary(lambda: lock_workdir(workdir, log),
+                                      "taking the workdir's lock")
         if lock is not None:
             cleanup.callback(lock.release)
         distributed.check_same_workdir(workdir)
@@ -110,7 +132,8 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
                             "--no-checkpoint would start another one over its "
                             "metrics.jsonl; use another --workdir")
         ckpt = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints, warn=log,
-                                    fence=lambda: distributed.on_primary(lambda: lock.check())) \
+                                    fence=lambda: distributed.on_primary(
+                                        lambda: lock.check(), "checking the lease before a save")) \
             if config.checkpoint else None
         if ckpt:
             cleanup.callback(ckpt.close)  # let an in-flight async save finish
@@ -174,6 +197,7 @@ def run_steps(run: Trainer, epoch: int, first: int, xs, ys, timed: bool) -> None
         previous = run.sums
         run.profile.before_step(offset + i + 1)
         t_step = time.perf_counter()
+        watchdog.mark("training", offset + i + 1)
         run.state, run.sums = run.steps.train(run.state, run.sums, xs, ys, i)
         if i == first and timed:
             jax.block_until_ready(run.sums)  # once a run: the first step's time, compile included
@@ -220,6 +244,7 @@ class Trainer:
     started: float  # time.perf_counter() before the data loaded: the run's wall time
     installed: dict  # package versions, for checkpoint metadata
     resumed: bool = False  # restored from a checkpoint
+    stall_at: int | None = None  # LENET_DIST_STALL_AT's step for this process
     state: TrainState | None = None
     sums: dict | None = None
     records: list[EpochRecord] = dataclasses.field(default_factory=list)
@@ -234,16 +259,18 @@ class Trainer:
                log: Callable[[str], None], progress: bool, outputs: Outputs) -> Trainer:
         """Input, optimizer and steps (jitted once); nothing trained or restored yet."""
         started = time.perf_counter()
+        watchdog.mark("loading data")
         dataset = dataset or load_dataset(config, progress=progress, log=log)
         feeds = make_feeds(config, dataset, shardings)
         tx = make_optimizer(config, feeds.train.steps_per_epoch)
         steps = build_steps(tx, shardings, config, dataset.num_classes)
         stop = StopRule(multi_process=jax.process_count() > 1,
                         process_index=jax.process_index(), process_count=jax.process_count())
+        stall_at = watchdog.stall_step(jax.process_index(), jax.process_count())
         return cls(config=config, dataset=dataset, shardings=shardings, workdir=workdir,
                    ckpt=ckpt, log=log, outputs=outputs, progress=progress, feeds=feeds,
                    tx=tx, steps=steps, stop=stop, primary=distributed.is_primary(),
-                   started=started, installed=versions.installed())
+                   started=started, installed=versions.installed(), stall_at=stall_at)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -283,6 +310,7 @@ class Trainer:
         def compatible(meta: dict) -> None:
             self.check_compatible(meta, allow_config_change)
 
+        watchdog.mark("restoring")
         restored = self.ckpt.restore_latest(lambda meta: self.steps.abstract(),
                                             check=compatible) if self.ckpt else None
         if restored is None:
@@ -405,6 +433,8 @@ class Trainer:
     def after_step(self, epoch: int, i: int) -> None:
         """Mid-epoch saves and the stop rule, after step i of `epoch` is queued."""
         step = epoch * self.steps_per_epoch + i + 1
+        if step == self.stall_at:
+            watchdog.stall_here()
         stopping = self.stop.at_step(step)
         mid_epoch = i + 1 < self.steps_per_epoch
         if mid_epoch and (stopping or (self.config.save_every_steps
@@ -418,6 +448,7 @@ class Trainer:
     def evaluate(self) -> dict:
         """Test (and validation) loss and accuracy of the current state, timed."""
         t_eval = time.perf_counter()
+        watchdog.mark("evaluating")
         test = evaluate(self.steps, self.state.variables, self.feeds.test)
         figures = {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
         if self.feeds.validation is not None:
@@ -465,6 +496,7 @@ class Trainer:
         if not (math.isfinite(float(self.sums["loss_sum"]))
                 and bool(all_finite(self.state.params))):
             raise Diverged(step)
+        watchdog.mark("saving", step)
         self.ckpt.save(step, {"state": self.state, "acc": self.sums}, self.meta_for(step),
                        metrics=metrics, wait=wait)
 
@@ -503,6 +535,7 @@ class Trainer:
     def log_done(self, start: int) -> None:
         """The run's hparams on TensorBoard, and the closing line."""
         records = self.records
+        watchdog.mark("finishing")
         if self.outputs.tensorboard and self.primary and records:
             with Board(self.workdir / TB_DIR) as final:
                 final.hparams(self.config.to_dict(),

@@ -97,10 +97,11 @@ class Launcher:
     by a thread. On exit, the launcher's group and each process group it reported are
     SIGKILLed."""
 
-    def __init__(self, args):
+    def __init__(self, args, env: dict | None = None):
         self.proc = subprocess.Popen([sys.executable, "-m", "lenet_dist", "launch", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, text=True, env=child_env(),
+                                     stdin=subprocess.DEVNULL, text=True,
+                                     env=child_env(**(env or {})),
                                      start_new_session=True)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
