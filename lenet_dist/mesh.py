@@ -7,6 +7,7 @@ device-resident dataset are replicated. Nothing else decides placement.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import numpy as np
@@ -15,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from lenet_dist.distributed import check_devices
 from lenet_dist.errors import UserError
+from lenet_dist.runtime import MAX_SIMULATED_CPU_DEVICES
 
 DATA_AXIS = "data"
 
@@ -77,15 +79,36 @@ class Shardings:
 
 
 def check_batch(global_batch: int, n_devices: int) -> None:
-    """A global batch must split evenly; name nearby sizes that do."""
+    """A global batch must split evenly; name nearby sizes that do, and the device
+    counts that split this batch (on a resume the batch is the checkpoint's, so
+    --devices is what may change)."""
     if global_batch % n_devices:
         lower = global_batch - global_batch % n_devices
         upper = lower + n_devices
         options = ", ".join(str(b) for b in (lower, upper) if b > 0)
+        counts = devices_for(global_batch, n_devices)  # none where no job share divides it
         raise UserError(
             f"--batch-size {global_batch} does not divide over {n_devices} devices; "
             f"use a multiple of {n_devices} (e.g. {options})"
+            + (f" or --devices {_one_of(counts)}" if counts else "")
         )
+
+
+def devices_for(global_batch: int, near: int, most: int = 12) -> list[int]:
+    """Device counts that split `global_batch` evenly in this job: multiples of its
+    process count, at most as many per process as CPU simulation allows (more than any
+    accelerator host has); the `most` nearest to `near`, ascending. The job is asked
+    without starting a backend (bench words this error before JAX starts)."""
+    processes = jax.process_count() if jax.distributed.is_initialized() else 1
+    most_devices = min(global_batch, MAX_SIMULATED_CPU_DEVICES * processes)
+    fits = [d for d in range(processes, most_devices + 1, processes) if global_batch % d == 0]
+    return sorted(sorted(fits, key=lambda d: abs(math.log(d / near)))[:most])
+
+
+def _one_of(counts: list[int]) -> str:
+    """`1, 2 or 4`."""
+    words = [str(c) for c in counts]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
 
 
 def describe(mesh: Mesh) -> str:
