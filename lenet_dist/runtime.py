@@ -117,9 +117,16 @@ def keep_freed_memory() -> bool:
                 and mallopt(_M_TOP_PAD, TOP_PAD_BYTES))
 
 
+_XLA_SPACE = " \t\r\n"  # what XLA's parser takes for whitespace
+
+
 def add_xla_flags(flags: tuple[str, ...] = CPU_XLA_FLAGS) -> None:
-    """Append flags to XLA_FLAGS unless the user already set them."""
+    """Append flags to XLA_FLAGS unless the user already set them. XLA_FLAGS that names
+    a file of flags (it does not start with -) is left as it is: XLA reads the whole
+    value as the file's path, so anything appended would break it."""
     current = os.environ.get("XLA_FLAGS", "")
+    if current.strip(_XLA_SPACE) and not current.lstrip(_XLA_SPACE).startswith("-"):
+        return
     names = {f.split("=")[0] for f in current.split()}
     extra = [f for f in flags if f.split("=")[0] not in names]
     os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
