@@ -2,7 +2,8 @@
 
 Both must happen before the first JAX backend call, so every command calls
 `configure()` first and nothing in this package touches devices at import.
-`configure` then starts the backend, so that a platform that is not there is
+`configure` checks XLA_FLAGS with XLA's own parser (XLA would end the process on a
+flag it rejects), then starts the backend, so that a platform that is not there is
 one line at once; Ctrl-C while JAX (or TensorFlow) loads exits with one line.
 """
 
@@ -132,6 +133,139 @@ def add_xla_flags(flags: tuple[str, ...] = CPU_XLA_FLAGS) -> None:
     os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
 
 
+# XLA reads XLA_FLAGS when its backend starts, and a flag it does not know (or a value it
+# cannot read, or a file of flags it cannot open) ends the process from C++: XLA's own
+# line (or a 90-line flag list), exit 1, out of Python's reach. So XLA's parser is first
+# run on XLA_FLAGS in a child process, beside `import jax`: the child loads jaxlib and
+# builds compile options, which parses XLA_FLAGS exactly as the backend will, with every
+# flag this jaxlib knows. Only when XLA_FLAGS holds something besides CPU_XLA_FLAGS: an
+# unset XLA_FLAGS costs nothing. Measured on the 2-core dev machine (2026-12-07, loaded):
+# the child alone takes 0.18-0.23 s (0.23 s of CPU); beside `import jax` (about 1 s) it
+# had always ended first, so `lenet-dist devices` waited 0 ms for it (12 runs).
+XLA_FLAGS_PROBE = "import jaxlib._jax as x; x.CompileOptions()"
+XLA_FLAGS_PROBE_TIMEOUT = 60.0  # a probe that hangs is given up: XLA then decides
+_XLA_FLAG_NAME = re.compile(r"[-_A-Za-z0-9]*")
+
+
+def split_xla_flags(text: str) -> tuple[list[str], str]:
+    """XLA_FLAGS's entries as XLA's parser reads them (parse_flags_from_env.cc): each
+    starts with -, its name is letters, digits, - and _, and a value after = may be
+    quoted ("a b" or 'a b', quotes dropped). Also what is left from the first word that
+    does not start with - on, which XLA ignores without a word: (entries, rest)."""
+    entries, i = [], len(text) - len(text.lstrip(_XLA_SPACE))
+    while i < len(text) and text[i] == "-":
+        end = _XLA_FLAG_NAME.match(text, i).end()
+        quote = text[end + 1:end + 2]
+        if text[end:end + 1] == "=" and quote in ("'", '"'):
+            value, j = [], end + 2
+            while j < len(text) and text[j] != quote:
+                if quote == '"' and text[j] == "\\" and j + 1 < len(text):
+                    j += 1  # a backslash escapes the next character in double quotes
+                value.append(text[j])
+                j += 1
+            entries.append(text[i:end + 1] + "".join(value))
+            i = j + 1
+        else:
+            j = i
+            while j < len(text) and text[j] not in _XLA_SPACE:
+                j += 1
+            entries.append(text[i:j])
+            i = j
+        i = len(text) - len(text[i:].lstrip(_XLA_SPACE))
+    return entries, text[i:]
+
+
+@contextlib.contextmanager
+def checked_xla_flags():
+    """Check XLA_FLAGS with XLA's own parser while the block runs (the block imports
+    JAX): on leaving it, a flag XLA would reject is one UserError that names it."""
+    from lenet_dist.errors import UserError  # see LAZY_ERRORS
+
+    value = os.environ.get("XLA_FLAGS", "")
+    entries, rest = split_xla_flags(value)
+    if entries and rest:  # XLA reads up to `rest` and drops it (and any flag after it)
+        word = re.match(r"[^ \t\r\n]+", rest).group()
+        raise UserError(f"XLA_FLAGS: {word!r} is not a flag (a flag starts with --), and XLA "
+                        "would ignore it and every flag after it; correct or remove it, or "
+                        "unset XLA_FLAGS")
+    if not value or (entries and set(entries) <= set(CPU_XLA_FLAGS)):
+        yield  # nothing but lenet-dist's own flags: nothing to check
+        return
+    import subprocess  # here: only when XLA_FLAGS holds the user's flags
+
+    try:
+        probe = subprocess.Popen([sys.executable, "-P", "-c", XLA_FLAGS_PROBE],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE) if sys.executable else None
+    except OSError:
+        probe = None  # no interpreter to run it with (an embedded Python): XLA decides
+    try:
+        yield
+        if probe is None:
+            return
+        try:
+            _, report = probe.communicate(timeout=XLA_FLAGS_PROBE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return
+    finally:
+        if probe is not None and probe.returncode is None:
+            probe.kill()
+            probe.wait()
+    if probe.returncode != 0:
+        problem = xla_flags_problem(report.decode(errors="replace"), entries)
+        if problem:
+            raise UserError(problem)
+
+
+def xla_flags_problem(report: str, entries: list[str]) -> str | None:
+    """The one line for XLA's report on XLA_FLAGS (`report`: what its parser printed
+    before it ended the process), naming the flag; None if the report is not about
+    XLA_FLAGS (the probe failed for another reason: then XLA decides at start-up)."""
+    fix = "correct or remove it, or unset XLA_FLAGS"
+    unknown = re.search(r"Unknown flags? in XLA_FLAGS: (.*)", report)
+    if unknown:
+        names = [w.split("=")[0] for w in unknown.group(1).split() if w.startswith("-")]
+        theirs = [n for n in names if n not in {f.split("=")[0] for f in CPU_XLA_FLAGS}]
+        if not theirs:
+            from lenet_dist.versions import installed  # here: only on this rare path
+
+            return (f"XLA_FLAGS: jaxlib {installed(('jaxlib',))['jaxlib']} does not know "
+                    f"lenet-dist's own flag(s) {', '.join(names)}; set LENET_DIST_ONEDNN=0 "
+                    "to run without them")
+        theirs = list(dict.fromkeys(theirs))
+        hint = (" (one that takes a value is written --name=VALUE)"
+                if any("=" not in w for w in unknown.group(1).split()) else "")
+        many = len(theirs) > 1
+        return (f"XLA_FLAGS: unknown flag{'s' * many} {', '.join(theirs)[:300]}: not among "
+                f"this jaxlib's XLA flags{hint}; correct or remove {'them' if many else 'it'},"
+                " or unset XLA_FLAGS")
+    bad = re.search(r"Couldn't interpret value (.*) for flag (\S+?)\.?$", report, re.M)
+    if bad:
+        value, name = bad.group(1).removeprefix("="), bad.group(2)
+        kind = re.search(rf"^\t--{re.escape(name)}=(.*?)\s*\t(\w+)\t", report, re.M)
+        takes = f" (it takes a{'n' * (kind.group(2)[0] in 'aeiou')} {kind.group(2)}, " \
+                f"default {kind.group(1)})" if kind else ""
+        return f"XLA_FLAGS: --{name}: XLA cannot read the value {value[:100]!r}{takes}; {fix}"
+    missing = re.search(r'Could not open file "(.*)" to read flags', report, re.S)
+    if missing:
+        return (f"XLA_FLAGS={missing.group(1)[:200]!r} does not start with --, so XLA reads "
+                "it as the path of a file of flags, and cannot open it; give flags "
+                "as --name=VALUE (or a readable file's path), or unset XLA_FLAGS")
+    if "Flag parsing failed" in report:
+        said = re.search(r"^E\d{4} [\d:.]+\s+\d+ \S+\] (.*)", report, re.M)
+        if said:
+            return f"XLA_FLAGS: XLA rejects it: {said.group(1)[:200]}; {fix}"
+        if "--help" in entries:
+            return ("XLA_FLAGS: --help is not a flag here (XLA prints its flag list and "
+                    "stops); remove it, or unset XLA_FLAGS")
+        return f"XLA_FLAGS: XLA cannot parse {' '.join(entries)[:200]!r}; {fix}"
+    fatal = re.search(r"^F\d{4} [\d:.]+\s+\d+ parse_flags_from_env\.cc:\d+\] (.*)", report,
+                      re.M)
+    if fatal:
+        return f"XLA_FLAGS: XLA rejects it: {fatal.group(1)[:200]}; {fix}"
+    return None
+
+
 def exit_interrupted(*_, fd: int = 2) -> None:
     """A SIGINT handler: one line and exit 130 at once, without unwinding."""
     os.write(fd, b"error: interrupted\n")
@@ -192,11 +326,12 @@ def configure(cpu_devices: int | None = None, job=None, sync_preemption: bool = 
 def _configure(cpu_devices: int | None, job) -> None:
     from lenet_dist.errors import UserError, first_line  # see LAZY_ERRORS
 
-    try:
-        import jax
-    except ValueError as e:  # JAX parses its JAX_* variables at import
-        raise UserError(f"JAX rejects its environment: {first_line(e)}; fix or unset that "
-                        "variable") from None
+    with checked_xla_flags():
+        try:
+            import jax
+        except ValueError as e:  # JAX parses its JAX_* variables at import
+            raise UserError(f"JAX rejects its environment: {first_line(e)}; fix or unset "
+                            "that variable") from None
     if jax.config.jax_num_cpu_devices > MAX_SIMULATED_CPU_DEVICES:
         raise UserError(f"JAX_NUM_CPU_DEVICES={jax.config.jax_num_cpu_devices} asks for more "
                         f"simulated CPU devices than the {MAX_SIMULATED_CPU_DEVICES} that can "
