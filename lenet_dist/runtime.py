@@ -52,7 +52,8 @@ def train_compiler_options(recipe: str, platform: str) -> dict | None:
     none apply, and with LENET_DIST_ONEDNN=0 (lenet-dist's CPU tuning off, to compare)."""
     if platform != "cpu" or not tuning_on() or cpu_has_avx512():
         return None
-    names = {f.split("=")[0].lstrip("-") for f in os.environ.get("XLA_FLAGS", "").split()}
+    entries = split_xla_flags(os.environ.get("XLA_FLAGS", ""))[0]
+    names = {f.split("=")[0].lstrip("-") for f in entries}
     options = {k: v for k, v in CPU_TRAIN_OPTIONS.get(recipe, {}).items() if k not in names}
     return options or None
 
@@ -128,7 +129,7 @@ def add_xla_flags(flags: tuple[str, ...] = CPU_XLA_FLAGS) -> None:
     current = os.environ.get("XLA_FLAGS", "")
     if current.strip(_XLA_SPACE) and not current.lstrip(_XLA_SPACE).startswith("-"):
         return
-    names = {f.split("=")[0] for f in current.split()}
+    names = {f.split("=")[0] for f in split_xla_flags(current)[0]}
     extra = [f for f in flags if f.split("=")[0] not in names]
     os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
 
