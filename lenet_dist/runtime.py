@@ -140,9 +140,10 @@ def add_xla_flags(flags: tuple[str, ...] = CPU_XLA_FLAGS) -> None:
 # run on XLA_FLAGS in a child process, beside `import jax`: the child loads jaxlib and
 # builds compile options, which parses XLA_FLAGS exactly as the backend will, with every
 # flag this jaxlib knows. Only when XLA_FLAGS holds something besides CPU_XLA_FLAGS: an
-# unset XLA_FLAGS costs nothing. Measured on the 2-core dev machine (2026-12-07, loaded):
-# the child alone takes 0.18-0.23 s (0.23 s of CPU); beside `import jax` (about 1 s) it
-# had always ended first, so `lenet-dist devices` waited 0 ms for it (12 runs).
+# unset XLA_FLAGS costs nothing. Measured on the 2-core dev machine (2026-12-07, busy):
+# the child alone takes 0.18-0.23 s (0.23 s of CPU) and always ended before `import jax`
+# (12 runs), but it shares the cores with the import: `lenet-dist devices` with a flag of
+# the user's took 1.60 s, 1.33 s before (medians of 16 alternating runs); unset, 1.21 s.
 XLA_FLAGS_PROBE = "import jaxlib._jax as x; x.CompileOptions()"
 XLA_FLAGS_PROBE_TIMEOUT = 60.0  # a probe that hangs is given up: XLA then decides
 _XLA_FLAG_NAME = re.compile(r"[-_A-Za-z0-9]*")
