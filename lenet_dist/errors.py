@@ -37,11 +37,15 @@ class Restartable(Failure):
 class Preempted(Exception):
     """Training stopped on a signal after saving a checkpoint."""
 
-    def __init__(self, signum: int, step: int, saved: bool = True):
+    def __init__(self, signum: int, step: int | None, saved: bool = True, before: bool = False):
         self.signum, self.step = signum, step
         what = ("checkpoint saved; run the same command to resume" if saved
                 else "checkpointing was off, nothing saved")
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; {what}")
+        if before:  # a job asked to stop before its first step: nothing newer exists
+            what = "nothing newer than the last checkpoint to save; run the same command to resume"
+        where = (f"at step {step}" if not before else "before training" if step is None
+                 else f"before step {step + 1}")
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}; {what}")
 
     @property
     def exit_code(self) -> int:

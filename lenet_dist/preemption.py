@@ -17,8 +17,12 @@ that came before its first step: the sync point became 1, the run's steps
 started past it and never equalled it, and the job trained to the end. So
 `n` is this process's own call count, 1, 2, 3, ... from the start of the run.
 
-Before any of that is installed (imports, joining, loading data), SIGTERM
-exits at once with one line (`exit_on_sigterm`): nothing is saved yet.
+Before any of that is installed (imports, joining, loading data, restoring,
+the first compilation), SIGTERM exits at once with one line (`exit_on_sigterm`):
+nothing newer than the last checkpoint exists yet. "At once" includes the middle of
+a long call into C (a compilation, a restore): Python runs a handler only between
+bytecodes, which took up to 2.9 s, so a thread reads the signal from Python's
+wakeup fd and exits from there.
 """
 
 from __future__ import annotations
@@ -30,14 +34,55 @@ import threading
 from lenet_dist import faults
 
 # Fault injection for tests and drills: "STEP" or "STEP:PROCESS" sends a real
-# SIGTERM to this process right after that step is dispatched.
+# SIGTERM to this process right after that step is dispatched; step 0, when the data is
+# loaded and the steps are built, before anything is restored.
 SIGTERM_AT_ENV = "LENET_DIST_SIGTERM_AT"
+
+
+_EXITING = threading.Lock()  # the handler and the wakeup thread print one line between them
 
 
 def exit_terminated(signum, frame) -> None:
     """SIGTERM before a command's work is saved: one line, exit 143, no unwinding."""
+    if not _EXITING.acquire(blocking=False):
+        threading.Event().wait()  # the other one is exiting the process
     os.write(2, b"error: stopped by SIGTERM\n")
     os._exit(128 + signal.SIGTERM)
+
+
+def _exit_from_wakeups(fd: int) -> None:
+    """The wakeup thread: Python's C-level handler writes each signal's number to `fd`
+    at once, while the main thread may sit in C for seconds."""
+    while True:
+        try:
+            data = os.read(fd, 512)
+        except InterruptedError:
+            continue
+        if not data:
+            return
+        if signal.SIGTERM in data and signal.getsignal(signal.SIGTERM) is exit_terminated:
+            exit_terminated(signal.SIGTERM, None)
+
+
+def _watch_wakeups() -> None:
+    """Start the wakeup thread once (main thread only; an fd someone else set is kept)."""
+    global _WAKEUPS
+    if _WAKEUPS:
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    old = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    if old != -1:  # not ours to replace: put it back
+        signal.set_wakeup_fd(old)
+        os.close(read)
+        os.close(write)
+        return
+    _WAKEUPS = True
+    threading.Thread(target=_exit_from_wakeups, args=(read,), name="sigterm-wakeup",
+                     daemon=True).start()
+
+
+_WAKEUPS = False
 
 
 def exit_on_sigterm(replace_jax: bool = False) -> None:
@@ -50,6 +95,7 @@ def exit_on_sigterm(replace_jax: bool = False) -> None:
         return
     if replace_jax or signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, exit_terminated)
+        _watch_wakeups()
 
 
 class StopRule:
@@ -108,6 +154,20 @@ class StopRule:
             if stop:
                 self.decided_at = step
         return self.decided_at is not None
+
+    def before_training(self) -> bool:
+        """In a job, at the phase ends before the first step (data loaded; restored): has
+        the job been asked to stop? Every process asks at the same places, so the answer
+        is the same everywhere, and a notice during loading or restoring does not wait
+        for the first step's compilation. One process exits at once instead
+        (`exit_terminated`)."""
+        if self._inject == 0:
+            self._inject = None  # once
+            os.kill(os.getpid(), signal.SIGTERM)
+        if not self.multi_process or self.decided_at is not None:
+            return False
+        self._calls += 1
+        return bool(self._reached_sync_point(self._calls))
 
     def should_stop(self) -> bool:
         """At an epoch end: stop after its save? (one process: any signal so far;

@@ -197,7 +197,7 @@ def run_steps(run: Trainer, epoch: int, first: int, xs, ys, timed: bool) -> None
         previous = run.sums
         run.profile.before_step(offset + i + 1)
         t_step = time.perf_counter()
-        watchdog.mark("training", offset + i + 1)
+        watchdog.mark("compiling" if i == first and timed else "training", offset + i + 1)
         run.state, run.sums = run.steps.train(run.state, run.sums, xs, ys, i)
         if i == first and timed:
             jax.block_until_ready(run.sums)  # once a run: the first step's time, compile included
@@ -278,9 +278,11 @@ class Trainer:
 
     def run(self, allow_config_change: bool = False) -> TrainResult:
         """The loop: restore or init, then train, evaluate, record, save, stop."""
+        self.stop_before_training(None)  # the data is loaded and the steps are built
         start = self.restore_or_init(allow_config_change)
         if self.finished(start):
             return self.result()
+        self.stop_before_training(start)  # restored, or initialised and the probe saved
         self.log_header()
         outputs = self.open_outputs(start)
         try:
@@ -511,6 +513,12 @@ class Trainer:
                 "class_names": list(self.dataset.class_names)}
 
     # -- stop ---------------------------------------------------------------
+
+    def stop_before_training(self, step: int | None) -> None:
+        """`Preempted` when a job was asked to stop before its first step (see
+        `StopRule.before_training`)."""
+        if self.stop.before_training():
+            raise Preempted(self.stop.signum, step, saved=False, before=True)
 
     def should_stop(self, record: EpochRecord) -> bool:
         """True when early stopping ends the run here; `Preempted` (after the save)

@@ -32,6 +32,9 @@ from lenet_dist.errors import Restartable, UserError, quoted
 
 STALL_AT_ENV = "LENET_DIST_STALL_AT"
 STALL_TIMEOUT_ENV = "LENET_DIST_STALL_TIMEOUT"
+# A file each process appends "TIME PROCESS PHASE STEP" to at every mark: what the
+# SIGTERM drill (scripts/sigterm-drill.py) reads to name the phase a signal hit.
+PHASE_LOG_ENV = "LENET_DIST_PHASE_LOG"
 # The shortest automatic timeout: start-up, a first compilation and a data download
 # have no earlier mark to measure against. A run that measures slower phases waits
 # ten times its slowest.
@@ -41,8 +44,8 @@ POLL_S = 1.0  # how often a process publishes its progress and reads its peers'
 ACK_WAIT_S = 3.0  # after the verdict: how long a process waits for the others to read it
 PREFIX = "lenet-dist/watch/"
 # The order of a run's phases, for naming who is behind when steps are equal.
-PHASES = ("starting", "loading data", "restoring", "training", "evaluating", "saving",
-          "finishing")
+PHASES = ("starting", "loading data", "restoring", "compiling", "training", "evaluating",
+          "saving", "finishing")
 
 
 class Watch:
@@ -58,6 +61,7 @@ class Watch:
         self._thread: threading.Thread | None = None
         self._client = None
         self._index, self._processes = 0, 1
+        self._log = None
 
     # -- the main thread ---------------------------------------------------------
 
@@ -70,6 +74,8 @@ class Watch:
         if step is not None:
             self.step = step
         self.count += 1
+        if self._log is not None:
+            self._log.write(f"{time.time():.3f} {self._index} {phase} {self.step}\n")
 
     def effective_timeout(self) -> float:
         if self.timeout is not None:
@@ -79,9 +85,11 @@ class Watch:
     # -- the watching thread ------------------------------------------------------
 
     def start(self, client=None, index: int = 0, processes: int = 1) -> "Watch":
+        self._client, self._index, self._processes = client, index, processes
+        if os.environ.get(PHASE_LOG_ENV):
+            self._log = open(os.environ[PHASE_LOG_ENV], "a", buffering=1)  # noqa: SIM115
         if self.timeout == 0 or self._thread is not None:
             return self
-        self._client, self._index, self._processes = client, index, processes
         self._thread = threading.Thread(target=self._watch, name="progress-watchdog",
                                         daemon=True)
         self._thread.start()
@@ -89,6 +97,9 @@ class Watch:
 
     def stop(self) -> None:
         self._done.set()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def _mine(self) -> str:
         return json.dumps([self.count, self.phase, self.step])

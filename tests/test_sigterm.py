@@ -168,8 +168,8 @@ def test_sigterm_on_resumed_runs_and_in_the_last_epoch(reference, data_dir, tmp_
             codes, out = run_job(args, env={SIGTERM_AT_ENV: "11"})
             step = stop_step(codes, out)
             assert 10 < step < 20, out  # a stop in the last epoch
-        else:
-            codes, out = run_job(args, when="resuming from checkpoint")
+        else:  # after the checks before the first step: it trains that step, saves it
+            codes, out = run_job(args, when="training LeNet-5 on")
             assert f"resuming from checkpoint at step {step}" in out[0]
             assert stop_step(codes, out) == step + 1, out
             step += 1
@@ -179,6 +179,34 @@ def test_sigterm_on_resumed_runs_and_in_the_last_epoch(reference, data_dir, tmp_
     assert codes == [0, 0], out
     assert f"resuming from checkpoint at step {step}" in out[0]
     assert_same_params(params(work), reference[1].state.params, atol=1e-6)
+
+
+def test_sigterm_before_a_resumed_job_trains_stops_it_with_nothing_to_save(
+        reference, data_dir, tmp_path):
+    """A notice while the job loads its data or restores (LENET_DIST_SIGTERM_AT=0:1:
+    process 1 alone, once its data is loaded) is asked for after the data and after the
+    restore, not only at the first step: the job stops before training, with one line
+    on each process, 143, and the checkpoints as they were. JAX's notifier polls for
+    the signal once a second, so a restore and probe save shorter than that may still
+    see the notice only at the first step: then both stop there, with its checkpoint."""
+    work = tmp_path / "run"
+    args = train_args(work, data_dir)
+    step = stop_step(*run_job(args, env={SIGTERM_AT_ENV: "4"}))
+    before = Checkpoints(work, read_only=True).steps()
+    codes, out = run_job(args, env={SIGTERM_AT_ENV: "0:1"})
+    assert codes == [143, 143], out
+    lines = [[ln for ln in o.splitlines() if ln.startswith(("error:", "stopped by"))]
+             for o in out]
+    assert len(lines[0]) == 1 and lines[0] == lines[1], out
+    early = re.fullmatch(rf"stopped by SIGTERM before (training|step {step + 1}); "
+                         "nothing newer than the last checkpoint to save; run the same "
+                         "command to resume", lines[0][0])
+    print(f"resumed at step {step}: {lines[0][0]}")
+    if early:
+        assert Checkpoints(work, read_only=True).steps() == before
+    else:
+        assert stop_step(codes, out) == step + 1
+        assert Checkpoints(work, read_only=True).steps() == [*before, step + 1]
 
 
 def test_sigterm_stops_a_job_command_that_does_not_train(reference, tmp_path):
