@@ -473,7 +473,7 @@ class Checkpoints:
             return None
         where = distributed.on_primary(lambda: self._move_aside(step),
                                        f"moving step {step} aside")
-        distributed.barrier(f"moving step {step} aside")
+        distributed.meet(f"moving step {step} aside")
         self.manager.reload()
         return where
 

@@ -695,10 +695,6 @@ def gather(values, what: str) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int64)))
 
 
-def barrier(what: str) -> None:
-    meet(what)
-
-
 def on_primary(fn, what: str):
     """fn() on process 0 only (e.g. what writes or needs TensorFlow); the others learn
     whether it failed and fail too, instead of waiting in the next collective."""
@@ -732,7 +728,7 @@ def check_same_workdir(workdir) -> None:
     path = workdir / JOB_TOKEN_FILE
     if is_primary():
         safefs.write_atomic(path, str(int(token[0])))
-    barrier("process 0 writing the job token")
+    meet("process 0 writing the job token")
     try:
         seen = int(path.read_text().strip()) == int(token[0])
     except (OSError, ValueError):

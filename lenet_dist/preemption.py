@@ -40,6 +40,7 @@ SIGTERM_AT_ENV = "LENET_DIST_SIGTERM_AT"
 
 
 _EXITING = threading.Lock()  # the handler and the wakeup thread print one line between them
+_WAKEUPS = False  # the wakeup thread runs
 
 
 def exit_terminated(signum, frame) -> None:
@@ -80,9 +81,6 @@ def _watch_wakeups() -> None:
     _WAKEUPS = True
     threading.Thread(target=_exit_from_wakeups, args=(read,), name="sigterm-wakeup",
                      daemon=True).start()
-
-
-_WAKEUPS = False
 
 
 def exit_on_sigterm(replace_jax: bool = False) -> None:
