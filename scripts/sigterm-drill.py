@@ -5,8 +5,8 @@ uninterrupted run's parameters.
 
     python scripts/sigterm-drill.py [--moments 12] [--job-moments 6] [--export-moments 3]
 
-One process: a small run (1,024 real training images, 256 test images, 4 simulated
-devices, 2 epochs of 8 steps, a save every 3 steps) is timed uninterrupted, then started
+One process: a small run (3,072 real training images, 256 test images, 4 simulated
+devices, 2 epochs of 24 steps, a save every 3 steps) is timed uninterrupted, then started
 again `--moments` times with a SIGTERM at 0.2 s, ..., its uninterrupted wall time. A job:
 the same run as 2 processes x 2 devices (`lenet-dist launch -n 2`), SIGTERM to both
 processes (as a preemption notice reaches every host). Export: `lenet-dist export` of the
@@ -34,7 +34,7 @@ import numpy as np
 
 from lenet_dist import runtime
 
-TRAIN = ["train", "--devices", "4", "--epochs", "2", "--train-limit", "1024",
+TRAIN = ["train", "--devices", "4", "--epochs", "2", "--train-limit", "3072",
          "--batch-size", "128", "--save-every-steps", "3", "--keep-checkpoints", "20",
          "--no-progress", "--no-tensorboard"]
 BOUND_S = 10.0  # the documented bound (docs/checkpoints.md), on a 2-core machine under load
@@ -42,11 +42,11 @@ DATA = Path("/usr/share/datasets/fashion-mnist")
 
 
 def small_data(directory: Path, source: Path) -> Path:
-    """The first 1,024 training and 256 test images as IDX files."""
+    """The first 3,072 training and 256 test images as IDX files."""
     from lenet_dist.data import load_idx_dir
 
     dataset = load_idx_dir(str(source), "fashion_mnist")
-    for prefix, split, n in (("train", dataset.train, 1024), ("t10k", dataset.test, 256)):
+    for prefix, split, n in (("train", dataset.train, 3072), ("t10k", dataset.test, 256)):
         for kind, array in (("images-idx3", split.images[:n, ..., 0]),
                             ("labels-idx1", split.labels[:n])):
             array = np.asarray(array, np.uint8)
