@@ -84,9 +84,11 @@ def phase_at(log: Path, when: float) -> str:
     return "; ".join(sorted(set(last.values())))
 
 
-def interrupted(cmd: list[str], at: float, log: Path, processes: int) -> tuple[int, float, str]:
+def interrupted(cmd: list[str], at: float, log: Path,
+                processes: int) -> tuple[int, float, str, str]:
     """Start `cmd`, SIGTERM every training process `at` seconds later: (status,
-    seconds from the signal to the exit, the phase it hit)."""
+    seconds from the signal to the exit, the phase it hit, how process 0 said it
+    stopped)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env_with(log), start_new_session=True)
     lines: list[str] = []
@@ -118,7 +120,8 @@ def interrupted(cmd: list[str], at: float, log: Path, processes: int) -> tuple[i
     if processes > 1:
         codes = re.search(r"^launch: exit statuses (.*)$", text, re.M)
         status = int(codes.group(1).split(": ")[-1]) if codes else status
-    return status, took, phase_at(log, when)
+    said = re.findall(r"^(?:\[0\] )?((?:error: )?stopped by SIGTERM[^;\n]*|done in)", text, re.M)
+    return status, took, phase_at(log, when), said[-1] if said else "-"
 
 
 def final_params(workdir: Path):
@@ -148,8 +151,8 @@ def train_rows(kind: str, processes: int, moments: int, data: Path, root: Path,
     for k in range(moments):
         at = 0.2 + (wall - 0.2) * k / max(moments - 1, 1)
         work = root / f"{kind}-{k}"
-        status, took, phase = interrupted(command(work, data, processes), at,
-                                          root / f"{kind}-{k}.phases", processes)
+        status, took, phase, said = interrupted(command(work, data, processes), at,
+                                                root / f"{kind}-{k}.phases", processes)
         problem = None
         if status == -signal.SIGTERM and phase.startswith("start-up"):
             status = 143  # killed before Python reached lenet-dist: the shell's 143
@@ -168,7 +171,8 @@ def train_rows(kind: str, processes: int, moments: int, data: Path, root: Path,
                 problem = f"ended at step {step}, max |diff| {diff:.1e}"
         if took > bound:
             problem = (problem + "; " if problem else "") + f"took {took:.1f} s > {bound:g} s"
-        rows.append((kind, f"{at:.1f} of {wall:.1f}", phase, status, took, diff, problem))
+        rows.append((kind, f"{at:.1f} of {wall:.1f}", phase, said, status, took, diff,
+                     problem))
         print_row(rows[-1])
     return rows
 
@@ -207,15 +211,16 @@ def export_rows(moments: int, workdir: Path, root: Path, bound: float) -> list[t
                 else f"the next export left {', '.join(left)}")
         if took > bound:
             problem = (problem + "; " if problem else "") + f"took {took:.1f} s > {bound:g} s"
-        rows.append(("export", f"{at:.1f} of {wall:.1f}", "export", proc.returncode, took,
-                     None, problem))
+        said = err.strip().splitlines()[-1] if proc.returncode and err.strip() else "-"
+        rows.append(("export", f"{at:.1f} of {wall:.1f}", "export", said, proc.returncode,
+                     took, None, problem))
         print_row(rows[-1])
     return rows
 
 
 def print_row(row: tuple) -> None:
-    kind, at, phase, status, took, diff, problem = row
-    print(f"| {kind} | {at} s | {phase} | {status} | {took:.2f} s | "
+    kind, at, phase, said, status, took, diff, problem = row
+    print(f"| {kind} | {at} s | {phase} | {said} | {status} | {took:.2f} s | "
           f"{'-' if diff is None else f'{diff:.1e}'} | {problem or 'OK'} |", flush=True)
 
 
@@ -237,14 +242,14 @@ def main() -> int:
                               env=env_with())
         assert done.returncode == 0, done.stderr[-2000:]
         reference = final_params(reference_dir)
-        print("| run | SIGTERM at | phase | exit | exited after | max param diff "
-              "after resume | result |\n|---|---|---|---|---|---|---|", flush=True)
+        print("| run | SIGTERM at | phase | it said | exit | exited after | max param "
+              "diff after resume | result |\n|---|---|---|---|---|---|---|---|", flush=True)
         rows = train_rows("1 process", 1, args.moments, data, root, reference, args.bound)
         rows += train_rows("2 processes", 2, args.job_moments, data, root, reference,
                            args.bound)
         rows += export_rows(args.export_moments, reference_dir, root, args.bound)
     failed = [r for r in rows if r[-1]]
-    slowest = max(r[4] for r in rows)
+    slowest = max(r[5] for r in rows)
     print(f"{len(rows) - len(failed)} of {len(rows)} rows passed; the slowest exit came "
           f"{slowest:.2f} s after its SIGTERM (bound {args.bound:g} s)")
     return 1 if failed else 0
