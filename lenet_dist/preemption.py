@@ -27,6 +27,7 @@ wakeup fd and exits from there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -41,13 +42,16 @@ SIGTERM_AT_ENV = "LENET_DIST_SIGTERM_AT"
 
 _EXITING = threading.Lock()  # the handler and the wakeup thread print one line between them
 _WAKEUPS = False  # the wakeup thread runs
+# stderr as it was when the handler was installed: a command may capture fd 2 for a
+# while (TensorFlow's import, `runtime.filtered_stderr`), and the line must not go there.
+_STDERR: int | None = None
 
 
 def exit_terminated(signum, frame) -> None:
     """SIGTERM before a command's work is saved: one line, exit 143, no unwinding."""
     if not _EXITING.acquire(blocking=False):
         threading.Event().wait()  # the other one is exiting the process
-    os.write(2, b"error: stopped by SIGTERM\n")
+    os.write(2 if _STDERR is None else _STDERR, b"error: stopped by SIGTERM\n")
     os._exit(128 + signal.SIGTERM)
 
 
@@ -91,7 +95,11 @@ def exit_on_sigterm(replace_jax: bool = False) -> None:
     `StopRule` replaces it when training starts."""
     if threading.current_thread() is not threading.main_thread():
         return
+    global _STDERR
     if replace_jax or signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        if _STDERR is None:
+            with contextlib.suppress(OSError):  # no stderr at all: fd 2 as before
+                _STDERR = os.dup(2)
         signal.signal(signal.SIGTERM, exit_terminated)
         _watch_wakeups()
 

@@ -200,6 +200,9 @@ def export_rows(moments: int, workdir: Path, root: Path, bound: float) -> list[t
             problem = "exit 0 without a model"
         elif proc.returncode == 143 and out.exists() and not (out / "saved_model.pb").is_file():
             problem = "a stopped export left an incomplete --out"
+        elif proc.returncode == 143 and err.strip().splitlines()[-1:] != [
+                "error: stopped by SIGTERM"]:
+            problem = "143 without its one line"
         elif proc.returncode not in (0, 143):
             problem = f"exit {proc.returncode}: {err.strip()[-200:]}"
         # The next export to the same --out clears what a stopped one left beside it.

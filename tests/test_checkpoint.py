@@ -160,3 +160,22 @@ def test_sigterm_saves_and_resume_matches(reference, data_dir, tmp_path):
     assert "resuming from checkpoint at step 5" in again.stdout
     params = restore_checkpoint(str(tmp_path), Shardings(make_mesh(8))).variables
     assert_same_params(params, ref.state.variables, atol=1e-6)
+
+
+def test_orbax_leaves_jax_preemption_sync_point_to_the_stop_rule(monkeypatch, tmp_path):
+    """JAX's sync manager takes each call's number as the process's position; the stop
+    rule counts its own calls. Orbax's save and finalize asked it with the global step,
+    which in a job moved the agreed stop step behind the stop rule: a job signalled
+    during a save trained on to the end (exit 0). A save must not call it."""
+    import numpy as np
+    from orbax.checkpoint._src.multihost import multihost
+
+    calls = []
+    monkeypatch.setattr(multihost.multihost_utils, "reached_preemption_sync_point",
+                        lambda step: calls.append(step) or False)
+    ckpts = Checkpoints(tmp_path / "run", keep=2)
+    tree = {"w": np.arange(4.0)}
+    for step in (3, 6):
+        ckpts.save(step, tree, {"step": step}, metrics={"test_accuracy": 0.5}, wait=True)
+    ckpts.close()
+    assert ckpts.steps() == [3, 6] and calls == []

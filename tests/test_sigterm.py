@@ -232,3 +232,37 @@ def test_sigterm_stops_a_job_command_that_does_not_train(reference, tmp_path):
     assert codes[0] == 143 and codes[1] != 0, [job.output(0), job.output(1)]
     assert job.output(0).splitlines()[-1] == "error: stopped by SIGTERM", job.output(0)
     assert not out.exists()
+
+
+def test_sigterm_in_one_process_before_training_exits_at_once(data_dir, tmp_path):
+    """One process, signalled as it starts restoring or initialising (its phase log,
+    LENET_DIST_PHASE_LOG): inside JAX's compilation of the state and the probe save,
+    where Python runs no handler for seconds. The wakeup thread exits at once: one
+    line, 143, no checkpoint."""
+    import subprocess
+
+    work, log = tmp_path / "run", tmp_path / "phases"
+    args = [a for a in train_args(work, data_dir) if a not in ("--heartbeat-timeout",
+                                                               str(HEARTBEAT))]
+    proc = subprocess.Popen([sys.executable, "-m", "lenet_dist", *args, "--devices", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
+                                 "LENET_DIST_PHASE_LOG": str(log)})
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (log.exists() and " restoring " in log.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.005)
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        took = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    print(f"exited {took:.2f} s after the signal")
+    assert proc.returncode == 143 and out.splitlines()[-1] == EARLY, out
+    assert "Traceback" not in out and took < 1.0, (took, out)
+    assert not (work / "checkpoints").exists() or not Checkpoints(
+        work, read_only=True).steps()
