@@ -196,9 +196,12 @@ def checked_xla_flags():
     import subprocess  # here: only when XLA_FLAGS holds the user's flags
 
     try:
+        # XLA names the flag in an ERROR log line, which TF_CPP_MIN_LOG_LEVEL=3 (the
+        # user's, to silence TensorFlow) would drop.
+        env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
         probe = subprocess.Popen([sys.executable, "-P", "-c", XLA_FLAGS_PROBE],
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE) if sys.executable else None
+                                 stderr=subprocess.PIPE, env=env) if sys.executable else None
     except OSError:
         probe = None  # no interpreter to run it with (an embedded Python): XLA decides
     try:

@@ -24,7 +24,7 @@ from lenet_dist.errors import UserError
 NOT_FIELDS = {"recipe", "preset", "config_file", "allow_config_change", "progress",
               "tensorboard", "log_every_steps", "profile_steps", "distributed",
               "coordinator_address", "num_processes", "process_id", "heartbeat_timeout",
-              "join_timeout", "print_config", "debug", "help"}
+              "join_timeout", "stall_timeout", "print_config", "debug", "help"}
 
 
 def train_options() -> dict[str, click.Option]:

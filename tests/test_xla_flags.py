@@ -23,11 +23,12 @@ TIMEOUT = 120  # seconds; a case takes about 1.5 s alone
 BAD = "--xla_no_such_flag=1"
 
 
-def cli(args: list[str], xla_flags: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
-    """`python -m lenet_dist ARGS` with XLA_FLAGS set, in its own session."""
+def cli(args: list[str], xla_flags: str, extra: dict | None = None,
+        timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    """`python -m lenet_dist ARGS` with XLA_FLAGS (and `extra`) set, in its own session."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("LENET_DIST_", "XLA_", "JAX_"))}
-    env.update(PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags)
+    env.update(PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags, **(extra or {}))
     proc = subprocess.Popen([sys.executable, "-m", "lenet_dist", *args], env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True, text=True)
@@ -51,7 +52,8 @@ def runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
         "train": (["train", "--devices", "1", "--epochs", "1", "--train-limit", "256",
                    "--workdir", str(tmp / "never")], BAD),
         "garbage": (["devices"], "garbage"),
-        "bad value": (["devices"], "--xla_force_host_platform_device_count=abc"),
+        "bad value": (["devices"], "--xla_force_host_platform_device_count=abc",
+                      {"TF_CPP_MIN_LOG_LEVEL": "3"}),  # must not hide XLA's naming line
         "valid": (["devices"], "--xla_force_host_platform_device_count=2"),
         "file": (["devices"], str(flags_file)),
     }
