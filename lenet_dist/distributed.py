@@ -667,6 +667,7 @@ def meet(what: str) -> None:
     try:
         client.key_value_set(f"{key}/{me}", what)
         client.wait_at_barrier(key, seconds * 1000)
+        client.key_value_delete(f"{key}/{me}")  # only a failed meeting reads it: keep none
     except Exception as e:  # JaxRuntimeError: the deadline, or the service failed
         try:
             came = {int(k.rsplit("/", 1)[1]) for k, _ in client.key_value_dir_get(f"{key}/")}

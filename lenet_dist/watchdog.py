@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import threading
 import time
 
@@ -151,7 +150,7 @@ class Watch:
                 client.key_value_set(f"{PREFIX}read/{self._index}", "1", allow_overwrite=True)
             except Exception:  # noqa: BLE001 - the line is printed all the same
                 pass
-        sys.stdout.flush()
+        # No sys.stdout.flush(): the stuck main thread may hold its lock.
         os.write(2, f"error: {line}\n".encode())
         deadline = time.monotonic() + ACK_WAIT_S
         while client is not None and time.monotonic() < deadline:
