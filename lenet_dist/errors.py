@@ -39,12 +39,13 @@ class Preempted(Exception):
 
     def __init__(self, signum: int, step: int | None, saved: bool = True, before: bool = False):
         self.signum, self.step = signum, step
-        what = ("checkpoint saved; run the same command to resume" if saved
-                else "checkpointing was off, nothing saved")
         if before:  # a job asked to stop before its first step: nothing newer exists
+            where = "before training" if step is None else f"before step {step + 1}"
             what = "nothing newer than the last checkpoint to save; run the same command to resume"
-        where = (f"at step {step}" if not before else "before training" if step is None
-                 else f"before step {step + 1}")
+        else:
+            where = f"at step {step}"
+            what = ("checkpoint saved; run the same command to resume" if saved
+                    else "checkpointing was off, nothing saved")
         super().__init__(f"stopped by {signal.Signals(signum).name} {where}; {what}")
 
     @property

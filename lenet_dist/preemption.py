@@ -21,7 +21,7 @@ Before any of that is installed (imports, joining, loading data, restoring,
 the first compilation), SIGTERM exits at once with one line (`exit_on_sigterm`):
 nothing newer than the last checkpoint exists yet. "At once" includes the middle of
 a long call into C (a compilation, a restore): Python runs a handler only between
-bytecodes, which took up to 2.9 s, so a thread reads the signal from Python's
+bytecodes, which took up to 3.8 s, so a thread reads the signal from Python's
 wakeup fd and exits from there.
 """
 
