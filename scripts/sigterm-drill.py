@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kill9 import final_params, max_diff  # scripts/kill9.py: the same comparison
 from lenet_dist import runtime
 
 TRAIN = ["train", "--devices", "4", "--epochs", "2", "--train-limit", "3072",
@@ -124,21 +125,6 @@ def interrupted(cmd: list[str], at: float, log: Path,
     return status, took, phase_at(log, when), said[-1] if said else "-"
 
 
-def final_params(workdir: Path):
-    from lenet_dist.mesh import Shardings, make_mesh
-    from lenet_dist.restore import restore_checkpoint
-
-    restored = restore_checkpoint(str(workdir), Shardings(make_mesh(1)))
-    return restored.step, restored.variables
-
-
-def max_diff(a, b) -> float:
-    import jax
-
-    return max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
-
-
 def train_rows(kind: str, processes: int, moments: int, data: Path, root: Path,
                reference: tuple, bound: float) -> list[tuple]:
     """The uninterrupted run's wall time, then one interrupted-and-resumed run per moment."""
@@ -154,8 +140,11 @@ def train_rows(kind: str, processes: int, moments: int, data: Path, root: Path,
         status, took, phase, said = interrupted(command(work, data, processes), at,
                                                 root / f"{kind}-{k}.phases", processes)
         problem = None
-        if status == -signal.SIGTERM and phase.startswith("start-up"):
-            status = 143  # killed before Python reached lenet-dist: the shell's 143
+        if status == -signal.SIGTERM and (phase.startswith("start-up") or phase == "finishing"):
+            # Killed by the signal's default action: before Python reached lenet-dist, or
+            # in the interpreter's shutdown after the run was done and saved. The
+            # shell's 143; the resume below must still find the run's end.
+            status = 143
         if status == 143:
             resumed = subprocess.run(command(work, data, processes), capture_output=True,
                                      text=True, env=env_with())
