@@ -16,7 +16,8 @@ from lenet_dist import faults, preemption
 from lenet_dist.cli import main
 from lenet_dist.distributed import JobSpec, check_devices, detect_cluster
 from lenet_dist.errors import UserError
-from lenet_dist.launch import describe_exit, exit_status, free_port, restart_refusal
+from lenet_dist.launch import (describe_exit, exit_status, first_failure, free_port,
+                               restart_refusal)
 from tests.conftest import LateJoin
 
 # What a survivor of a kill -9 printed on stderr (jax 0.12, trimmed stack trace).
@@ -169,6 +170,17 @@ def test_stop_rule_multi_process_leaves_sigterm_to_jax():
     with rule:
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # JAX's notifier stays
         assert signal.getsignal(signal.SIGINT) == rule._handler
+
+
+def test_the_cause_named_is_not_a_peer_that_aborted_on_it():
+    """Seen: process 1 killed by SIGKILL, process 0 aborted by Gloo within the same
+    look; the launcher named process 0's SIGABRT as the cause."""
+    assert first_failure([None, None]) is None and first_failure([0, 0]) is None
+    assert first_failure([-signal.SIGABRT, -signal.SIGKILL]) == 1
+    assert first_failure([-signal.SIGABRT, None, 42]) == 2
+    assert first_failure([-signal.SIGABRT, -signal.SIGABRT]) == 0
+    assert first_failure([1, -signal.SIGKILL]) == 0
+    assert first_failure([0, None, -signal.SIGABRT]) == 2
 
 
 def test_exit_status():
