@@ -35,6 +35,7 @@ from lenet_dist import distributed, faults, safefs
 # Which fields a resume compares are declared with them, in Config's field metadata.
 from lenet_dist.config import COMPATIBLE_FIELDS, REQUIRED_FIELDS, STRUCTURAL_FIELDS, Config
 from lenet_dist.errors import Failure, Restartable, UserError, first_line
+from lenet_dist.history import chosen_on, ranked
 from lenet_dist.records import EPOCH_METRICS
 from lenet_dist.rundir import CHECKPOINT_DIR, workdir_path
 
@@ -99,14 +100,28 @@ def parse_meta(raw: bytes, step: int | None = None) -> dict:
 
 
 def selection_metric(metrics: dict) -> float:
-    """What "best" maximises: the validation accuracy when the run held out a validation
-    split, else the test accuracy (and then the choice was made on the test set)."""
+    """Orbax's `best_fn`, whose presence makes Orbax write each save's metrics. What
+    is best and kept is `best_first`'s: Orbax's own ranking keeps the last of equals."""
     return metrics.get(VALIDATION_METRIC, metrics[BEST_METRIC])
 
 
-def selected_on(metrics: dict | None) -> str:
-    """"validation" or "test": the split `selection_metric` reads for these metrics."""
-    return "validation" if metrics and VALIDATION_METRIC in metrics else "test"
+def best_first(metrics: dict[int, dict | None]) -> list[int]:
+    """Steps by `history.ranked` over their metrics (steps without metrics, mid-epoch
+    saves, are not ranked): the best first, the earliest of equals first."""
+    rows = [{**m, "step": step} for step, m in metrics.items() if m is not None]
+    return [row["step"] for row in ranked(rows, position="step")]
+
+
+@dataclasses.dataclass
+class KeepBest(policies.PreservationPolicy):
+    """Orbax's preservation of the one checkpoint `best_first` names. Orbax's BestN
+    keeps the last of equals (a stable ascending sort, then the tail); a run whose
+    epochs 6 and 9 tied lost epoch 6, which training, the report and early stopping
+    call best."""
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        order = best_first({c.step: c.metrics for c in checkpoints})
+        return [bool(order) and c.step == order[0] for c in checkpoints]
 
 
 def parse_metrics(raw: bytes) -> dict:
@@ -287,8 +302,7 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy([
                 policies.LatestN(n=keep),
-                policies.BestN(get_metric_fn=selection_metric, n=1,
-                               keep_checkpoints_without_metrics=False),
+                KeepBest(),
             ]),
             best_fn=selection_metric, best_mode="max",
             enable_async_checkpointing=True,
@@ -425,10 +439,17 @@ class Checkpoints:
     def bad_steps(self) -> dict[int, str]:
         return {step: found.problem for step, found in self.info.items() if not found.ok}
 
+    def best_steps(self) -> list[int]:
+        """Readable steps, the best first (`best_first`)."""
+        return best_first({s: self.info[s].metrics for s in self.steps()})
+
     def best_step(self) -> int | None:
-        scored = [(selection_metric(self.info[s].metrics), -s) for s in self.steps()
-                  if self.info[s].metrics is not None]
-        return -max(scored)[1] if scored else None  # of equals, the earliest (history.py)
+        return next(iter(self.best_steps()), None)
+
+    def chosen_on(self) -> str:
+        """"validation" or "test": the split `best_steps` ranks by (the newest's)."""
+        scored = [self.info[s].metrics for s in self.steps() if self.info[s].metrics]
+        return chosen_on(scored[-1:])
 
     def metrics(self, step: int) -> dict | None:
         return self.info[step].metrics if step in self.info else None

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 from lenet_dist import distributed
-from lenet_dist.checkpoint import Checkpoints, selected_on
+from lenet_dist.checkpoint import Checkpoints
 from lenet_dist.feed import EvalFeed, eval_feed
 from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.model import param_count
@@ -65,13 +65,13 @@ def list_checkpoints(workdir: str, warn: Callable[[str], None] = lambda _: None)
     `note` what is wrong with one that still can (a bad metrics file). `warn` gets the
     notes on what is not a step (an entry the project did not write)."""
     ckpts = Checkpoints(workdir, read_only=True, warn=warn)
-    best = ckpts.best_step()
+    best, split = ckpts.best_step(), ckpts.chosen_on()
     rows = []
     for step, info in sorted(ckpts.info.items()):
         metrics = info.metrics or {}
         rows.append({"step": step, "test_accuracy": metrics.get("test_accuracy"),
                      "test_loss": metrics.get("test_loss"),
                      "validation_accuracy": metrics.get("validation_accuracy"),
-                     "best": step == best, "selected_on": selected_on(info.metrics),
+                     "best": step == best, "selected_on": split,
                      "unreadable": info.problem, "note": info.metrics_problem})
     return rows

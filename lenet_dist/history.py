@@ -14,16 +14,25 @@ Row = TypeVar("Row", EpochRecord, Mapping[str, Any])
 
 
 def chosen_on(history: Sequence[EpochRecord | Mapping[str, Any]]) -> str:
-    """"validation" when the run held out a validation split, else "test"."""
-    return ("validation" if history and field(history[0], "validation_accuracy") is not None
+    """"validation" when the newest epoch was evaluated on a held-out validation split,
+    else "test". The newest decides: a resume may change --validation, and epochs
+    scored on different splits are not compared."""
+    return ("validation" if history and field(history[-1], "validation_accuracy") is not None
             else "test")
 
 
+def ranked(history: Sequence[Row], position: str = "epoch") -> list[Row]:
+    """The one meaning of "best", for records, metrics.jsonl rows and checkpoint metrics
+    alike: the rows scored on the split `chosen_on` names, highest accuracy first, the
+    first of equals (smallest `position`: epoch, or step) before the later ones."""
+    key = f"{chosen_on(sorted(history, key=lambda r: field(r, position)))}_accuracy"
+    scored = [r for r in history if field(r, key) is not None]
+    return sorted(scored, key=lambda r: (-field(r, key), field(r, position)))
+
+
 def best_epoch(history: Sequence[Row]) -> Row | None:
-    """The epoch record "best" means: the highest validation accuracy when the run has a
-    validation split, else the highest test accuracy (the first of equals)."""
-    key = f"{chosen_on(history)}_accuracy"
-    return max(history, key=lambda r: field(r, key), default=None)
+    """The epoch record "best" means (`ranked`'s first), None before any evaluation."""
+    return next(iter(ranked(history)), None)
 
 
 def describe_best(history: Sequence[EpochRecord | Mapping[str, Any]]) -> str:

@@ -13,7 +13,7 @@ import dataclasses
 import sys
 from typing import Callable
 
-from lenet_dist.checkpoint import Checkpoints, CorruptCheckpoint, selection_metric
+from lenet_dist.checkpoint import Checkpoints, CorruptCheckpoint
 from lenet_dist.config import FIELDS, Config
 from lenet_dist.data import CLASS_NAMES
 from lenet_dist.errors import Failure, UserError
@@ -70,12 +70,11 @@ def candidate_steps(ckpts: Checkpoints, step: int | None, best: bool) -> list[in
                       + (f" ({len(bad)} unreadable: steps {', '.join(map(str, bad))})"
                          if bad else ""))
     if best:
-        scored = sorted(((selection_metric(ckpts.metrics(s)), -s) for s in steps
-                         if ckpts.metrics(s) is not None), reverse=True)
-        if not scored:
+        ranked = ckpts.best_steps()
+        if not ranked:
             raise UserError(f"no checkpoint in {ckpts.directory} has test metrics yet "
                             "(only mid-epoch saves); use --step or train to an epoch end")
-        return [-s for _, s in scored]  # of equals, the earliest first
+        return ranked
     return steps[::-1]
 
 

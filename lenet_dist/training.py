@@ -357,9 +357,12 @@ class Trainer:
                      "and --epochs")
             return True
         if start >= spe * config.epochs:
-            self.log(f"run in {self.workdir} is finished: {start} steps = {config.epochs} "
-                     "epochs" + (f", test accuracy {records[-1].test_accuracy:.4f}"
-                                 if records else "")
+            trained = f"{start // spe} epochs" + (f" and {start % spe} steps" if start % spe
+                                                   else "")
+            self.log(f"run in {self.workdir} is finished: {start} steps = {trained}"
+                     + (f" (more than --epochs {config.epochs})" if start > spe * config.epochs
+                        else "")
+                     + (f", test accuracy {records[-1].test_accuracy:.4f}" if records else "")
                      + "; use --epochs to train longer or a new --workdir")
             return True
         self.log(f"resuming from checkpoint at step {start} (epoch {start // spe + 1}, "

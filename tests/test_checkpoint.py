@@ -81,8 +81,12 @@ def test_finished_run_says_so(reference, dataset):
     logs = []
     result = train(small(work, save_every_steps=3, keep_checkpoints=20), dataset=dataset,
                    log=logs.append)
-    assert "is finished: 20 steps = 2 epochs" in logs[0] and len(logs) == 1
+    assert "is finished: 20 steps = 2 epochs, test accuracy" in logs[0] and len(logs) == 1
     assert_same_params(result.state.params, ref.state.params)
+    logs.clear()  # fewer epochs than trained: it said "20 steps = 1 epochs"
+    train(small(work, epochs=1, save_every_steps=3, keep_checkpoints=20), dataset=dataset,
+          log=logs.append)
+    assert "is finished: 20 steps = 2 epochs (more than --epochs 1)" in logs[0], logs
     assert sorted(p.name for p in (work / "checkpoints").iterdir()) == before
 
 
