@@ -10,6 +10,7 @@ there exits at once.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import math
 import os
@@ -27,6 +28,7 @@ from lenet_dist.config import (
     FLOAT_RANGES,
     INT32_MAX,
     INT_RANGES,
+    MAX_TEXT_CHARS,
     PRESETS,
     FIELDS,
     effective_config,
@@ -34,9 +36,6 @@ from lenet_dist.config import (
     option_name,
     preset,
     read_settings,
-    RUNS_DIR,
-    trained_runs,
-    workdir_to_read,
 )
 from lenet_dist.distributed import (
     DEFAULT_HEARTBEAT_TIMEOUT,
@@ -47,6 +46,7 @@ from lenet_dist.distributed import (
 )
 from lenet_dist.errors import RESTART_EXIT_CODE, Failure, Preempted, UserError, first_line
 from lenet_dist.fatal_filter import describe_loss
+from lenet_dist.rundir import DEFAULT_RUN, RUNS_DIR, run_to_read, trained_runs
 from lenet_dist.watchdog import parse_timeout
 
 DEBUG_ENV = "LENET_DIST_DEBUG"
@@ -63,6 +63,9 @@ class TextPath(click.Path):
         if isinstance(value, str):
             if not value:
                 self.fail("the path is empty", param, ctx)
+            if len(value) > MAX_TEXT_CHARS:
+                self.fail(f"the path is {len(value):,} characters long; the most a path "
+                          f"can be is {MAX_TEXT_CHARS:,}", param, ctx)
             if "\0" in value:
                 self.fail(NUL_PATH, param, ctx)
             try:
@@ -186,20 +189,10 @@ def config_options(command):
 # (tests/test_cli_convention.py checks it).
 DEVICES = config_option("devices")
 RECIPE_TYPE = click.Choice(sorted(PRESETS))  # every recipe train takes, everywhere
-# The run a reading command reads: the one rule is config.workdir_to_read.
-READ_WORKDIR_DEFAULT = (f"the run under ./{RUNS_DIR}/ trained last (the newest "
-                        f"{RUNS_DIR}/*/config.json), else {PRESETS['d2l'].workdir}")
-
-
 def read_workdir(help_text: str = "The run to read."):
     """--workdir of a command that reads a run; None when not given (`run_to_read`)."""
     return option("--workdir", type=TextPath(), default=None, help=help_text,
-                  show_default=READ_WORKDIR_DEFAULT)
-
-
-def run_to_read(workdir: str | None) -> str:
-    """--workdir, or the rule's choice, said on stderr when it chose among runs."""
-    return workdir_to_read(workdir, note=lambda line: click.echo(line, err=True))
+                  show_default=f"{DEFAULT_RUN}, where train writes with no options")
 
 
 def job_options(command):
@@ -402,7 +395,7 @@ def eval_cmd(workdir, step, best, devices, data_dir, job):
     result = evaluate_checkpoint(workdir, step=step, best=best, devices=devices,
                                  data_dir=data_dir)
     if distributed.is_primary():
-        click.echo(f"step {result['step']} (epoch {result['epoch']:g}) on "
+        click.echo(f"{workdir} step {result['step']} (epoch {result['epoch']:g}) on "
                    f"{result['devices']} device(s): test loss {result['test_loss']:.4f}  "
                    f"test accuracy {result['test_accuracy']:.4f}  "
                    f"({result['examples']:,} images)")
@@ -437,9 +430,10 @@ def checkpoints(workdir):
         click.echo(f"{row['step']:>8}  "
                    + (f"{figure('validation_accuracy'):>8}  " if validation else "")
                    + f"{figure('test_accuracy'):>8}  {figure('test_loss'):>9}{mark}{note}")
-    click.echo("best: by validation accuracy (the test set is only reported)" if validation
-               else "best: by test accuracy, selected on the test set (train with "
-                    "--validation N to choose on held-out training images)")
+    click.echo("best: by validation accuracy (the test set is only reported)"
+               if rows[0]["selected_on"] == "validation" else
+               "best: by test accuracy, selected on the test set (train with "
+               "--validation N to choose on held-out training images)")
 
 
 @cli.command("report")
@@ -636,7 +630,7 @@ def export_cmd(workdir, step, best, out, platforms, formats, quantize, overwrite
         return
     ck, ser, ref = info["checkpoint"], info["serialization"], info["reference"]
     acc = f"{ck['test_accuracy']:.4f}" if ck["test_accuracy"] is not None else "not evaluated"
-    click.echo(f"exported step {ck['step']} (test accuracy {acc}) to {out}")
+    click.echo(f"exported {workdir} step {ck['step']} (test accuracy {acc}) to {out}")
     click.echo(f"  platforms {','.join(info['platforms'])}; StableHLO "
                f"{ser['stablehlo_version']} (jax writes {ser['jax_default_stablehlo']}, "
                f"TensorFlow {info['versions']['tensorflow']} reads <= "
@@ -677,7 +671,7 @@ def predict(inputs, model, workdir, step, best, top, invert, labels, as_json, qu
 
     Images are converted to 28x28 grayscale; one line per image with the class
     name and its probability. The model is --model's export, or a run's checkpoint:
-    --workdir's, or without either, the run trained last.
+    --workdir's, or without either, runs/lenet's (where train writes by default).
     """
     if model is not None and workdir is not None:
         raise click.UsageError("give exactly one of --model (SavedModel) or --workdir")
@@ -700,7 +694,8 @@ def predict(inputs, model, workdir, step, best, top, invert, labels, as_json, qu
         for line in format_rows(result, as_json):
             click.echo(line)
     if "accuracy" in result:
-        click.echo(f"accuracy {result['accuracy']:.4f} on {len(result['classes']):,} images")
+        click.echo(f"accuracy {result['accuracy']:.4f} on {len(result['classes']):,} images "
+                   f"({model if model is not None else workdir})")
 
 
 # Each local process is a whole Python with JAX (0.2-0.5 GB measured); 64 fill a large
@@ -772,7 +767,9 @@ def main(argv=None) -> int:
     except OSError as e:  # permissions, full disk, ...: the last line of defence
         lost_process_exit(e)
         where = f" ({e.filename})" if e.filename else ""
-        return report(f"error: {e.strerror or e}{where}", e, 1, session)
+        # a name too long is the name given (bad input), not the system failing
+        code = 2 if e.errno == errno.ENAMETOOLONG else 1
+        return report(f"error: {e.strerror or e}{where}", e, code, session)
     except (KeyboardInterrupt, click.exceptions.Abort) as e:
         return report("error: interrupted", e, 130, session)
     except ModuleNotFoundError as e:
@@ -836,10 +833,27 @@ def debug_from_env() -> bool:
     return value in ("1", "true", "t", "yes", "y", "on")
 
 
+# A word of an error line longer than this (a path quoted whole: up to 4,096 characters,
+# or a component over the 255 a file name may have) is cut, saying its length.
+LONGEST_WORD = 200
+
+
+def one_line(text: str) -> str:
+    """`text` on one line, each word at most LONGEST_WORD characters (and its length;
+    the punctuation that ends it kept)."""
+    def cut(word: str) -> str:
+        if len(word) <= LONGEST_WORD:
+            return word
+        core = word.rstrip(";,:.)]'\"")
+        return f"{core[:LONGEST_WORD]}... ({len(core):,} characters){word[len(core):]}"
+
+    return " ".join(cut(word) for word in text.split())
+
+
 def report(line: str, e: BaseException, code: int, session: Session) -> int:
     """Print the one line; in debug mode, then the traceback, with the library error
     that a `raise ... from None` hid (the part worth seeing)."""
-    click.echo(" ".join(line.split()), err=True)  # one line, whatever the message held
+    click.echo(one_line(line), err=True)
     if session.debug or debug_from_env():
         seen, chain = e, set()
         while seen is not None and id(seen) not in chain:

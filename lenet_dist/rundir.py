@@ -20,6 +20,9 @@ from lenet_dist.records import EpochRecord, from_lines, to_lines
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
+CONFIG_FILE = "config.json"  # the run's effective Config (config.py writes it)
+RUNS_DIR = "runs"  # where `train` puts each recipe's run by default
+DEFAULT_RUN = f"{RUNS_DIR}/lenet"  # `train`'s --workdir with no options (the d2l recipe)
 
 
 def workdir_path(workdir: str | os.PathLike) -> epath.Path:
@@ -125,3 +128,41 @@ def read_metrics(path: str | os.PathLike) -> list[EpochRecord]:
     """The records of a metrics.jsonl file (a workdir's METRICS_FILE). OSError when it
     cannot be read, ValueError (naming the line) when a line is not a record."""
     return from_lines(epath.Path(path).read_text())
+
+
+# ------------------------------------------------------------ the run readers read
+
+def trained_runs(root: str = RUNS_DIR) -> list[str]:
+    """The runs under `root` (its directories holding a config.json, which `train`
+    writes when it starts), the one trained last at the end; [] when there are none."""
+    found = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:  # no ./runs/, or not readable: no runs to choose from
+        return []
+    for entry in entries:
+        try:
+            stamp = os.stat(os.path.join(entry.path, CONFIG_FILE)).st_mtime_ns
+        except (OSError, ValueError):
+            continue
+        found.append((stamp, entry.name))
+    return [os.path.join(root, name) for _, name in sorted(found)]
+
+
+def run_to_read(workdir: str | None) -> str:
+    """The run eval, export, checkpoints, report and predict read: `workdir`, else
+    DEFAULT_RUN, where `train` with no options writes: one place, whatever ran last.
+    "The run trained last" exported the Python API example's 0.59 run instead of
+    `make train`'s 0.72 one after the README's commands in order. When DEFAULT_RUN
+    holds no run and others exist, the refusal lists them."""
+    if workdir is not None:
+        return workdir
+    if os.path.exists(os.path.join(DEFAULT_RUN, CONFIG_FILE)):
+        return DEFAULT_RUN
+    others = trained_runs()
+    if others:
+        listed = ", ".join(others[-5:][::-1]) + (f" and {len(others) - 5} more"
+                                                 if len(others) > 5 else "")
+        raise UserError(f"no run in {DEFAULT_RUN} (where `lenet-dist train` writes by "
+                        f"default); give --workdir, one of: {listed}")
+    return DEFAULT_RUN  # the command then says there is nothing there to read

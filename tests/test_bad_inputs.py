@@ -293,6 +293,15 @@ CASES: list[Case] = [
          "{model} already exists; pass --overwrite to replace it"),
     Case("export-out-is-the-run", ("export", "--workdir", "{run}", "--out", "{run}"), 2,
          "--out {run} would replace the training run ({run}); choose a new directory"),
+    # A path quoted whole made a 100 KB line, exit 1: paths are bounded as values are.
+    Case("export-out-path-too-long", ("export", "--workdir", "{run}", "--out", "x" * 5000),
+         2, "Invalid value for '--out': the path is 5,000 characters long; the most a path "
+            "can be is 4,096"),
+    Case("checkpoints-name-too-long", ("checkpoints", "--workdir", "{dir}/" + "y" * 300), 2,
+         "y" * 100 + "... ("),
+    Case("export-out-name-too-long", ("export", "--workdir", "{run}",
+                                      "--out", "{dir}/" + "y" * 300 + "/1"), 2,
+         "File name too long ("),
     Case("export-platform-unknown", ("export", "--workdir", "{run}", "--out", "{dir}/m",
                                      "--platforms", "metal"), 2,
          "--platforms metal: choose from cpu, cuda, rocm, tpu"),
@@ -443,12 +452,18 @@ CASES: list[Case] = [
 PLACEHOLDERS = {"{run}": "RUN", "{model}": "MODEL", "{data}": "DATA", "{dir}": "DIR"}
 
 
+def runs_shown(text: str) -> str:
+    """A run of 50 or more of one character as `<300 × y>`, for the table's eyes."""
+    return re.sub(r"(.)\1{49,}", lambda run: f"<{len(run[0])} × {run[1]}>", text)
+
+
 def shell_word(arg: str | bytes) -> str:
     if isinstance(arg, bytes):
         return "$'" + "".join(chr(b) if 32 <= b < 127 and b not in b"'\\" else f"\\x{b:02x}"
                               for b in arg) + "'"
     for key, name in PLACEHOLDERS.items():
         arg = arg.replace(key, name)
+    arg = runs_shown(arg)
     if arg == "" or re.search(r"[^\w@%+=:,./-]", arg):
         return "'" + arg.replace("'", "'\\''") + "'"
     return arg
@@ -484,7 +499,7 @@ def render_readme() -> str:
         message = case.message
         for key, name in PLACEHOLDERS.items():
             message = message.replace(key, name)
-        message = message.replace("|", "\\|")
+        message = runs_shown(message).replace("|", "\\|")
         lines.append(f"| `{command}` | {message} | {case.code} |")
     return "\n".join(lines)
 
@@ -625,6 +640,7 @@ def test_bad_input(case, outcomes):
     shown = f"exit {proc.returncode}, stderr:\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr, shown
     assert len(lines) == 1 and lines[0].startswith("error: "), shown
+    assert len(lines[0]) < 1000, shown  # every value or path in it bounded
     message = case.message
     for key, value in outcome.paths.items():
         message = message.replace(key, value)

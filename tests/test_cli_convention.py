@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 
 from lenet_dist import cli as cli_lib
-from lenet_dist import config as config_lib
 from lenet_dist import launch as launch_lib
+from lenet_dist import rundir
 from lenet_dist.cli import main
 from lenet_dist.config import PRESETS
+from lenet_dist.errors import UserError
 
 COMMANDS = sorted(cli_lib.cli.commands)
 
@@ -180,23 +181,22 @@ def plant_run(root: Path, name: str, mtime: float) -> None:
     os.utime(path, (mtime, mtime))
 
 
-def test_the_run_trained_last_is_read(tmp_path, monkeypatch):
+def test_a_reader_without_workdir_reads_where_train_writes(tmp_path, monkeypatch):
+    """Not "the run trained last": after `make train` and the API example, the
+    README's `export --best` exported the example's run."""
     monkeypatch.chdir(tmp_path)
-    notes: list[str] = []
-    assert config_lib.workdir_to_read(None, notes.append) == "runs/lenet"  # no runs/
+    assert rundir.run_to_read(None) == "runs/lenet"  # no runs/: the command says so
     (tmp_path / "runs" / "not-a-run").mkdir(parents=True)  # no config.json: not a run
-    assert config_lib.workdir_to_read(None, notes.append) == "runs/lenet"
-    assert notes == []  # the fallback says nothing: the output names runs/lenet
+    assert rundir.run_to_read(None) == "runs/lenet"
+    plant_run(tmp_path, "smoke", 1_000_000_000)
     plant_run(tmp_path, "modern", 2_000_000_000)
-    assert config_lib.workdir_to_read(None, notes.append) == "runs/modern"
-    plant_run(tmp_path, "lenet", 1_000_000_000)
-    assert config_lib.workdir_to_read(None, notes.append) == "runs/modern"
-    assert notes == ["note: --workdir runs/modern (the run under runs/ trained last; "
-                     "--workdir chooses another)"] * 2
-    os.utime(tmp_path / "runs" / "lenet" / "config.json", (3e9, 3e9))  # trained again
-    assert config_lib.workdir_to_read(None) == "runs/lenet"
-    assert config_lib.workdir_to_read("elsewhere", notes.append) == "elsewhere"
-    assert len(notes) == 2
+    with pytest.raises(UserError, match=r"^no run in runs/lenet \(where `lenet-dist train` "
+                       r"writes by default\); give --workdir, one of: runs/modern, "
+                       r"runs/smoke$"):
+        rundir.run_to_read(None)
+    plant_run(tmp_path, "lenet", 1_500_000_000)  # older than modern: still the one read
+    assert rundir.run_to_read(None) == "runs/lenet"
+    assert rundir.run_to_read("elsewhere") == "elsewhere"
 
 
 @pytest.fixture
@@ -218,20 +218,21 @@ def reads(monkeypatch):
     return seen
 
 
-def test_reading_commands_use_the_rule_and_say_so(tmp_path, monkeypatch, capsys, reads):
+def test_reading_commands_use_the_rule_and_name_the_run(tmp_path, monkeypatch, capsys,
+                                                        reads):
     monkeypatch.chdir(tmp_path)
-    plant_run(tmp_path, "lenet", 1_000_000_000)
     plant_run(tmp_path, "modern", 2_000_000_000)
+    assert main(["eval"]) == 2
+    assert capsys.readouterr().err.startswith("error: no run in runs/lenet ")
+    plant_run(tmp_path, "lenet", 1_000_000_000)
     assert main(["checkpoints"]) == 2
-    assert capsys.readouterr().err.splitlines() == [
-        "note: --workdir runs/modern (the run under runs/ trained last; --workdir chooses "
-        "another)", "error: no checkpoints in runs/modern"]
+    assert capsys.readouterr().err.splitlines() == ["error: no checkpoints in runs/lenet"]
     assert main(["eval"]) == 0
     captured = capsys.readouterr()
-    assert captured.err.startswith("note: --workdir runs/modern") and "step 4" in captured.out
-    assert main(["eval", "--workdir", "runs/lenet"]) == 0  # explicit: as given, no note
-    assert capsys.readouterr().err == ""
-    assert reads == ["runs/modern", "runs/modern", "runs/lenet"]
+    assert captured.err == "" and captured.out.startswith("runs/lenet step 4 ")
+    assert main(["eval", "--workdir", "runs/modern"]) == 0
+    assert capsys.readouterr().out.startswith("runs/modern step 4 ")
+    assert reads == ["runs/lenet", "runs/lenet", "runs/modern"]
 
 
 def test_without_runs_the_default_is_runs_lenet(tmp_path, monkeypatch, capsys, reads):
@@ -243,8 +244,7 @@ def test_without_runs_the_default_is_runs_lenet(tmp_path, monkeypatch, capsys, r
 def test_the_rule_is_in_the_workdir_help():
     for name in ("eval", "checkpoints", "export", "report", "predict"):
         (workdir,) = [p for p in cli_lib.cli.commands[name].params if p.name == "workdir"]
-        assert workdir.default is None and workdir.show_default == cli_lib.READ_WORKDIR_DEFAULT
-    assert "trained last" in cli_lib.READ_WORKDIR_DEFAULT
+        assert workdir.default is None and workdir.show_default.startswith("runs/lenet, ")
 
 
 # -------------------------------------------------------------- 6. report RUN...
@@ -299,11 +299,12 @@ def test_report_usage_errors(reported, capsys, args, message):
     assert reported == []
 
 
-def test_report_without_a_run_reads_the_run_trained_last(reported, tmp_path, monkeypatch):
+def test_report_without_a_run_reads_where_train_writes(reported, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    plant_run(tmp_path, "modern", 2_000_000_000)
+    plant_run(tmp_path, "lenet", 1_000_000_000)
+    plant_run(tmp_path, "modern", 2_000_000_000)  # trained last, and not the one read
     assert main(["report"]) == 0
-    assert reported == [("report", "runs/modern/report", "modern")]
+    assert reported == [("report", "runs/lenet/report", "lenet")]
 
 
 # ----------------------------------------------------------- 8. exit statuses in --help

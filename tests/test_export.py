@@ -199,7 +199,7 @@ def test_export_cli_refuses_an_existing_output_unless_overwrite(trained, exporte
     (out / "precious.txt").unlink()
     assert main(argv + ["--overwrite", "--best"]) == 0
     text = capsys.readouterr().out
-    assert f"exported step {trained.state.step}" in text and "StableHLO" in text
+    assert f" step {trained.state.step} (test accuracy" in text and "StableHLO" in text
     assert (out / "saved_model.pb").is_file() and not (out / "precious.txt").exists()
     meta = json.loads((out / "assets.extra" / "metadata.json").read_text())
     assert meta["platforms"] == ["cpu"]

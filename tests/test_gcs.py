@@ -200,7 +200,7 @@ def test_checkpoints_eval_report_on_the_bucket(gcs_run, emulator, local_run):
     assert steps == ["5", "8", "16"], listing.stdout
     assert evaluated.returncode == 0, evaluated.stderr
     acc = f"test accuracy {local_run.history[-1]['test_accuracy']:.4f}"
-    assert evaluated.stdout.startswith("step 16 (epoch 2) on 2 device(s)") and acc in \
+    assert evaluated.stdout.startswith(f"{url} step 16 (epoch 2) on 2 device(s)") and acc in \
         evaluated.stdout, evaluated.stdout
     assert report.returncode == 0, report.stderr
     assert report.stdout.strip() == f"wrote {url}/report/report.md"
@@ -212,7 +212,7 @@ def test_export_to_the_bucket(gcs_run, emulator, data_dir):
     url, out = gcs_run["url"], f"gs://{BUCKET}/serving/lenet/1"
     done = emulator.cmd("export", "--workdir", url, "--out", out, "--platforms", "cpu")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("exported step 16 (test accuracy ") and f"to {out}\n" in \
+    assert done.stdout.startswith(f"exported {url} step 16 (test accuracy ") and f"to {out}\n" in \
         done.stdout
     model = emulator.object("serving/lenet/1")
     meta = json.loads((model / "assets.extra" / "metadata.json").read_text())

@@ -117,7 +117,7 @@ def test_eval_and_export_in_a_two_process_job(job_2x4, reference, data_dir, tmp_
     job, codes = run_job(["export", "--workdir", str(work), "--out", str(out),
                           "--data-dir", data_dir])
     assert codes == [0, 0], job.output(0) + job.output(1)
-    assert f"exported step 20 (test accuracy {reference[1].final['test_accuracy']:.4f})" \
+    assert f"exported {work} step 20 (test accuracy {reference[1].final['test_accuracy']:.4f})" \
         in job.output(0)
     assert (out / "saved_model.pb").is_file()
     assert "exported" not in job.output(1) and "error" not in job.output(1)
