@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Callable, Sequence, TextIO
 
-from lenet_dist.errors import RESTART_EXIT_CODE
+from lenet_dist.errors import RESTART_EXIT_CODE, UserError
 
 TIMED_OUT = 124  # what timeout(1) returns
 USAGE_ERROR = 2  # errors.UserError's exit code: the same command would fail the same way
@@ -60,6 +60,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def check_port(port: int) -> None:
+    """A --port another program holds is refused before any process starts (process 0
+    would refuse it, and the others wait for it to join)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is free to gRPC
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise UserError(f"--port {port} is not free on 127.0.0.1 ({e.strerror or e}); "
+                            "choose another, or leave --port out for a free one") from None
 
 
 def exit_status(returncode: int) -> int:
@@ -268,6 +280,8 @@ def run(args: Sequence[str], processes: int, timeout: float | None = None,
     killed and the status is TIMED_OUT (124), said in one line. It returns once the
     processes' output filters have exited too (at most GROUPS_GONE_SECONDS later).
     """
+    if port is not None:
+        check_port(port)
     deadline = None if timeout is None else time.monotonic() + timeout
     job_id = new_job_id()
     stopping: list[int] = []  # the signals the launcher received
@@ -285,6 +299,10 @@ def run(args: Sequence[str], processes: int, timeout: float | None = None,
 
     def grace_for(restarts_left: int) -> Callable[[int], float]:
         def after(returncode: int) -> float:
+            if exit_status(returncode) == USAGE_ERROR and not stopping:
+                # the same command is as wrong in the others (which may wait to join
+                # a process 0 that refused it: 30 s for a busy --port)
+                return min(grace, RESTART_GRACE)
             if restart_refusal(returncode, stopping, restarts_left) is not None:
                 return grace
             # A restart follows: a process that died by a signal leaves the others

@@ -367,3 +367,19 @@ def test_launch_timeout_kills_every_process(tmp_path):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_launch_refuses_a_busy_port_before_starting_anything(capsys):
+    """Process 0 refused it at once, while the others waited 30 s for it to join."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        started = time.monotonic()
+        assert main(["launch", "--port", str(port), "--", "train", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --port {port} is not free on 127.0.0.1 (Address already in use); "
+                   "choose another, or leave --port out for a free one\n")
+    assert time.monotonic() - started < 2
