@@ -58,7 +58,7 @@ def save_savedmodel(tf, variables, staging: Path, platforms: Sequence[str],
     """Write the SavedModel of `model` to staging/model with `plan`'s serialization
     versions."""
     labels_file = staging / contract.LABELS_ASSET.name  # the Asset copies it to assets/
-    labels_file.write_text("\n".join(class_names) + "\n")
+    labels_file.write_text("\n".join(class_names) + "\n", encoding="utf-8")  # any locale
     module = build_module(tf, variables, platforms, labels_file, model)
     model_dir = staging / "model"
     # Saving traces `serve` again (for the restored object's own method), so the
