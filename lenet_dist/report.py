@@ -9,6 +9,7 @@ with `safefs.write_atomic`, like everything else in a workdir.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -17,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 from etils import epath
-from matplotlib import colormaps, ticker
+from matplotlib import colormaps, font_manager, ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
@@ -29,6 +30,7 @@ from lenet_dist.errors import UserError
 from lenet_dist.history import chosen_on
 from lenet_dist.records import EpochRecord
 from lenet_dist.rundir import CHECKPOINT_DIR, METRICS_FILE, TB_DIR
+from lenet_dist.tboard import drawable_name, escaped
 
 CURVES_PNG = "curves.png"
 CONFUSION_PNG = "confusion.png"
@@ -50,15 +52,18 @@ History = Sequence[EpochRecord | Mapping[str, Any]]
 DPI = 110
 # Panels of the learning-curve figure: (metric suffix in metrics.jsonl, axis label).
 PANELS = (("loss", "loss"), ("accuracy", "accuracy"))
-# The split is told apart by line style, so colour is free to tell runs apart.
-SPLIT_STYLES = {"train": "-", "test": "--"}
-# One run: d2l's colours for train (blue) and test (green).
-SINGLE_RUN_COLORS = {"train": "tab:blue", "test": "tab:green"}
+# The split is told apart by line style, so colour is free to tell runs apart. Validation
+# is drawn when a run has it (--validation N, which --early-stop selects on).
+SPLIT_STYLES = {"train": "-", "validation": ":", "test": "--"}
+# One run: d2l's colours for train (blue) and test (green); validation orange.
+SINGLE_RUN_COLORS = {"train": "tab:blue", "validation": "tab:orange", "test": "tab:green"}
 RUN_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
               "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
 # A loss this many times its median (a run blowing up before it turns NaN) would flatten
 # every other epoch against the axis; a log scale keeps them readable.
 LOG_SCALE_RATIO = 20.0
+# Misclassified test images the report shows (a 6 x 6 grid).
+MISCLASSIFIED_SHOWN = 36
 
 
 # ------------------------------------------------------------------- figures
@@ -66,18 +71,26 @@ LOG_SCALE_RATIO = 20.0
 
 def plot_curves(runs: Mapping[str, History], path: str | epath.Path,
                 title: str | None = None) -> epath.Path:
-    """Loss and accuracy per epoch, train solid and test dashed, as in d2l's LeNet plot
-    but on two panels, since a loss of 2.3 next to an accuracy of 0.9 on one axis hides
-    the accuracy's changes. Several runs: one colour each, named in a shared legend.
-    Missing values leave gaps; non-finite ones (a diverged epoch) leave gaps shaded red."""
+    """curves_figure as a PNG at `path`."""
+    return _save(curves_figure(runs, title), path)
+
+
+def curves_figure(runs: Mapping[str, History], title: str | None = None) -> Figure:
+    """Loss and accuracy per epoch, train solid, validation dotted and test dashed, as in
+    d2l's LeNet plot but on two panels, since a loss of 2.3 next to an accuracy of 0.9 on
+    one axis hides the accuracy's changes. Several runs: one colour each, named in a
+    shared legend. Missing values leave gaps; non-finite ones (a diverged epoch) leave
+    gaps shaded red."""
     names = list(runs)
     if not names:
         raise ValueError("plot_curves needs at least one run")
     runs = {name: json_rows(history) for name, history in runs.items()}
+    shown, font = drawn_texts(names)
+    shown = dict(zip(names, shown))
     fig = _figure((11.0, 4.6 if len(names) <= 1 else 5.0))
     axes = fig.subplots(1, 2)
     epochs = {float(e) for name in names for e in _series(runs[name], "epoch")[0]}
-    plotted = set()
+    plotted, splits = set(), set()
     for (metric, label), ax in zip(PANELS, axes):
         values, broken = [], set()
         for i, name in enumerate(names):
@@ -87,6 +100,7 @@ def plot_curves(runs: Mapping[str, History], path: str | epath.Path,
                 if not np.isfinite(y).any():
                     continue
                 plotted.add(name)
+                splits.add(split)
                 values.append(y[np.isfinite(y)])
                 color = (SINGLE_RUN_COLORS[split] if len(names) == 1
                          else RUN_COLORS[i % len(RUN_COLORS)])
@@ -120,18 +134,21 @@ def plot_curves(runs: Mapping[str, History], path: str | epath.Path,
         _pad_single_epoch(ax, epochs)
     if len(names) > 1:
         handles = [Line2D([], [], color=RUN_COLORS[i % len(RUN_COLORS)], linewidth=2.5,
-                          label=name if name in plotted else f"{name} (no data)")
+                          label=shown[name] if name in plotted else f"{shown[name]} (no data)")
                    for i, name in enumerate(names)]
         handles.append(Line2D([], [], linestyle="none", label=" "))  # a gap between groups
         handles += [Line2D([], [], color="0.3", linestyle=style, linewidth=1.8, label=split)
-                    for split, style in SPLIT_STYLES.items()]
+                    for split, style in SPLIT_STYLES.items()
+                    if split in splits or split != "validation"]
         fig.legend(handles=handles, loc="outside lower center",
-                   ncol=min(len(handles), 6), frameon=False)
+                   ncol=min(len(handles), 7), frameon=False,
+                   prop={"family": font["fontfamily"]} if font else None)
     if title is None:
         title = (f"Learning curves: {names[0]}" if len(names) == 1
                  else f"Learning curves: {len(names)} runs")
-    fig.suptitle(title, fontsize=13)
-    return _save(fig, path)
+    [title], title_font = drawn_texts([title])
+    fig.suptitle(title, fontsize=13, **title_font)
+    return fig
 
 
 def plot_confusion(labels: np.ndarray, predictions: np.ndarray, class_names: Sequence[str],
@@ -141,6 +158,7 @@ def plot_confusion(labels: np.ndarray, predictions: np.ndarray, class_names: Seq
     the diagonal stay visible next to the diagonal's thousand."""
     labels, predictions = _check_predictions(labels, predictions, len(class_names))
     k = len(class_names)
+    names, font = drawn_texts(class_names)
     counts = confusion_matrix(labels, predictions, k)
     support = counts.sum(axis=1)
     correct = int(np.trace(counts))
@@ -160,8 +178,8 @@ def plot_confusion(labels: np.ndarray, predictions: np.ndarray, class_names: Seq
         ax.text(j, i, f"{count:,}", ha="center", va="center", fontsize=size,
                 color=_text_color(cmap(norm(count))))
     ticks = np.arange(k)
-    ax.set_xticks(ticks, list(class_names), rotation=40, ha="right", rotation_mode="anchor")
-    ax.set_yticks(ticks, list(class_names))
+    ax.set_xticks(ticks, names, rotation=40, ha="right", rotation_mode="anchor", **font)
+    ax.set_yticks(ticks, names, **font)
     ax.set_xlabel("predicted", fontsize=11, fontweight="bold")
     ax.set_ylabel("true", fontsize=11, fontweight="bold")
     ax.tick_params(length=0)
@@ -190,9 +208,19 @@ def plot_confusion(labels: np.ndarray, predictions: np.ndarray, class_names: Seq
 
 def plot_misclassified(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
                        class_names: Sequence[str], path: str | epath.Path,
-                       n: int = 36) -> epath.Path:
+                       n: int = MISCLASSIFIED_SHOWN,
+                       names: Sequence[str] | None = None) -> epath.Path:
+    """misclassified_figure as a PNG at `path`."""
+    return _save(misclassified_figure(images, labels, predictions, class_names, n, names),
+                 path)
+
+
+def misclassified_figure(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
+                         class_names: Sequence[str], n: int = MISCLASSIFIED_SHOWN,
+                         names: Sequence[str] | None = None) -> Figure:
     """The first `n` wrong test images in test-set order (the same ones every time),
-    each captioned "true → predicted" with its index, so it can be looked up."""
+    each captioned "true → predicted" under its name, so it can be looked up: `names[i]`
+    (an image folder's file name), else its index "#i"."""
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     labels, predictions = _check_predictions(labels, predictions, len(class_names))
@@ -202,12 +230,14 @@ def plot_misclassified(images: np.ndarray, labels: np.ndarray, predictions: np.n
     if images.ndim != 3 or len(images) != len(labels):
         raise ValueError(f"images must be [N, H, W] or [N, H, W, 1] with N = {len(labels)} "
                          f"labels, got shape {np.shape(images)}")
+    if names is not None and len(names) != len(labels):
+        raise ValueError(f"{len(names)} image names for {len(labels)} images")
     wrong = np.flatnonzero(labels != predictions)
     if not wrong.size:
         fig = _figure((7.0, 2.4))
         fig.text(0.5, 0.5, f"No misclassified images:\nall {len(labels):,} test images "
                  "are classified correctly.", ha="center", va="center", fontsize=14)
-        return _save(fig, path)
+        return fig
 
     shown = wrong[:n]
     cols = min(len(shown), math.ceil(math.sqrt(n)))
@@ -215,18 +245,63 @@ def plot_misclassified(images: np.ndarray, labels: np.ndarray, predictions: np.n
     fig = _figure((max(1.75 * cols, 6.0), 1.95 * rows + 0.7))
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     vmin, vmax = (0, 255) if images.dtype == np.uint8 else (None, None)
-    for ax, index in zip(axes, shown):
+    classes, class_font = drawn_texts(class_names)
+    titles, title_font = drawn_texts([_short(names[i]) if names is not None else f"#{i}"
+                                      for i in shown])
+    for ax, index, title in zip(axes, shown, titles):
         ax.imshow(images[index], cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_xlabel(f"{class_names[labels[index]]} → {class_names[predictions[index]]}",
-                      fontsize=8)
-        ax.set_title(f"#{index}", fontsize=7, color="0.4", pad=2)
+        ax.set_xlabel(f"{classes[labels[index]]} → {classes[predictions[index]]}",
+                      fontsize=8, **class_font)
+        ax.set_title(title, fontsize=7, color="0.4", pad=2, **title_font)
     for ax in axes[len(shown):]:
         ax.set_visible(False)
     fig.suptitle(f"Misclassified test images (true → predicted)\nthe first {len(shown)} "
                  f"of {wrong.size:,} wrong out of {len(labels):,}", fontsize=12)
-    return _save(fig, path)
+    return fig
+
+
+def drawn_texts(texts: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+    r"""(`texts` as the figures write them, the text properties to draw them with).
+    matplotlib draws a character its font lacks as a box, and warns: a font installed here
+    that has it is added as a fallback family, and one that no font has is written as
+    \uXXXX. Names are NFC and lose their invisible marks first (tboard.drawable_name)."""
+    shown = [drawable_name(t) for t in texts]
+    missing = {c for t in shown for c in t} - _glyphs(font_manager.findfont(
+        font_manager.FontProperties()))
+    if not missing:
+        return shown, {}
+    families = []
+    for entry in font_manager.fontManager.ttflist:
+        if entry.name.startswith("Last Resort"):
+            continue  # a block's placeholder for every character: \uXXXX says which one
+        found = missing & _glyphs(entry.fname)
+        if found and entry.name not in families:
+            families.append(entry.name)
+            missing -= found
+            if not missing:
+                break
+    shown = ["".join(escaped(c) if c in missing else c for c in t) for t in shown]
+    if not families:
+        return shown, {}
+    primary = font_manager.FontProperties(
+        fname=font_manager.findfont(font_manager.FontProperties())).get_name()
+    return shown, {"fontfamily": [primary, *families]}
+
+
+@functools.lru_cache(maxsize=None)
+def _glyphs(path: str) -> frozenset[str]:
+    """The characters the font file at `path` has glyphs for (none if it cannot be read)."""
+    try:
+        return frozenset(map(chr, font_manager.get_font(path).get_charmap()))
+    except (OSError, RuntimeError, ValueError):
+        return frozenset()
+
+
+def _short(name: str, width: int = 24) -> str:
+    """A file name that fits above a picture: its end, where the name is."""
+    return name if len(name) <= width else "…" + name[-(width - 1):]
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, k: int) -> np.ndarray:
@@ -242,10 +317,12 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, k: int) -> np.
 def write_report(out_dir: str | epath.Path, name: str, history: History,
                  config: Mapping[str, Any], labels: np.ndarray, predictions: np.ndarray,
                  images: np.ndarray, class_names: Sequence[str],
-                 extra: Mapping[str, Any] | None = None) -> epath.Path:
+                 extra: Mapping[str, Any] | None = None,
+                 image_names: Sequence[str] | None = None) -> epath.Path:
     """curves.png, confusion.png, misclassified.png and report.md in `out_dir`; returns
     report.md's path. `extra` adds rows to the summary (`parameters` is formatted as a
-    count); the links are relative, so the directory can be moved or published whole."""
+    count); `image_names` names the test images (an image folder's files), else they are
+    "#index"; the links are relative, so the directory can be moved or published whole."""
     check_out_dir(out_dir)
     gcs.check_url(str(out_dir), "--out")
     out = epath.Path(out_dir)
@@ -253,7 +330,8 @@ def write_report(out_dir: str | epath.Path, name: str, history: History,
     history = json_rows(history)
     plot_curves({name: history}, out / CURVES_PNG)
     plot_confusion(labels, predictions, class_names, out / CONFUSION_PNG)
-    plot_misclassified(images, labels, predictions, class_names, out / MISCLASSIFIED_PNG)
+    plot_misclassified(images, labels, predictions, class_names, out / MISCLASSIFIED_PNG,
+                       names=image_names)
 
     labels, predictions = _check_predictions(labels, predictions, len(class_names))
     total = len(labels)
@@ -270,6 +348,9 @@ def write_report(out_dir: str | epath.Path, name: str, history: History,
              f"{total - correct:,} of {total:,} test images are misclassified; the figure "
              "shows the first ones in test-set order.", "",
              f"![Misclassified test images]({MISCLASSIFIED_PNG})", "",
+             *_misclassified_table(labels, predictions, class_names, image_names),
+             "## Per-class accuracy", "",
+             *_per_class_table(labels, predictions, class_names), "",
              "## Configuration", "",
              *_md_table(("setting", "value"),
                         [(k, _plain(v)) for k, v in _flatten(config).items()]), "",
@@ -569,6 +650,30 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str
     return ["| " + " | ".join(cell(h) for h in headers) + " |",
             "|" + "|".join("---" for _ in headers) + "|",
             *("| " + " | ".join(cell(c) for c in row) + " |" for row in rows)]
+
+
+def _per_class_table(labels: np.ndarray, predictions: np.ndarray,
+                     class_names: Sequence[str]) -> list[str]:
+    """Each class by its name, as text: the figures may have to escape what no font has."""
+    counts = confusion_matrix(labels, predictions, len(class_names))
+    rows = [(name, f"{int(counts[i].sum()):,}", f"{int(counts[i, i]):,}",
+             _percent(counts[i, i] / counts[i].sum() if counts[i].sum() else None))
+            for i, name in enumerate(class_names)]
+    return _md_table(("class", "test images", "correct", "accuracy"), rows)
+
+
+def _misclassified_table(labels: np.ndarray, predictions: np.ndarray,
+                         class_names: Sequence[str], image_names: Sequence[str] | None,
+                         n: int = MISCLASSIFIED_SHOWN) -> list[str]:
+    """The figure's images as text, with their full names, when the images have names."""
+    if image_names is None:
+        return []
+    wrong = np.flatnonzero(labels != predictions)[:n]
+    if not wrong.size:
+        return []
+    rows = [(image_names[i], class_names[labels[i]], class_names[predictions[i]])
+            for i in wrong]
+    return [*_md_table(("image", "true", "predicted"), rows), ""]
 
 
 def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -15,6 +15,9 @@ import shutil
 import struct
 import sys
 import time
+import unicodedata
+from functools import lru_cache
+from importlib.util import find_spec
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Mapping, Sequence
@@ -28,6 +31,13 @@ COLUMNS = 8
 PAD = 3  # pixels around each cell's caption and image
 BACKGROUND, RIGHT, WRONG = (40, 40, 40), (70, 210, 70), (240, 70, 70)
 EVENT_FILES = "events.out.tfevents.*"
+# TrueType fonts for class names the bitmap font cannot draw (it holds Latin-1 only),
+# tried in order: by file name, which Pillow looks for in the system's font folders,
+# then matplotlib's DejaVu Sans (when the report extra is installed), then Pillow's own.
+FONT_FILES = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "NotoSansCJK-Regular.ttc",
+              "NotoSansCJKsc-Regular.otf", "DroidSansFallbackFull.ttf", "wqy-microhei.ttc",
+              "Arial Unicode.ttf", "arialuni.ttf")
+FONT_SIZE = 11  # px: about the bitmap font's height
 
 
 def is_remote(logdir: str | os.PathLike) -> bool:
@@ -284,15 +294,21 @@ def grid_image(images, labels, predictions, class_names: Sequence[str], n: int =
     if count < 1:
         raise ValueError("no images to draw")
 
-    font = ImageFont.load_default_imagefont()  # a bitmap font: the same size everywhere
-    line = font.getbbox("Mg")[3] + 1
-
     def name(index) -> str:
         index = int(index)
         return class_names[index] if 0 <= index < len(class_names) else str(index)
 
+    shown = [drawable_name(t) for t in (*class_names, *(name(i) for i in
+                                                        (*labels[:count], *predictions[:count])))]
+    font, write = caption_font(shown)
+    line = (font.getbbox("Mg")[3] if isinstance(font, ImageFont.ImageFont)
+            else sum(font.getmetrics())) + 1
+
+    def caption(index) -> str:
+        return write(drawable_name(name(index)))
+
     # Wide enough for any class's caption, so the grid's size depends on the classes.
-    texts = [*class_names, *(name(i) for i in (*labels[:count], *predictions[:count]))]
+    texts = [write(t) for t in shown]
     text_width = max(int(math.ceil(font.getlength(f"({t})"))) for t in texts)
     side_h, side_w = images.shape[1] * scale, images.shape[2] * scale
     cell_w = max(side_w, text_width) + 2 * PAD
@@ -304,14 +320,100 @@ def grid_image(images, labels, predictions, class_names: Sequence[str], n: int =
     for k in range(count):
         x, y = (k % columns) * cell_w, (k // columns) * cell_h
         right = int(labels[k]) == int(predictions[k])
-        captions = [name(predictions[k])] + ([] if right else [f"({name(labels[k])})"])
-        for row, caption in enumerate(captions):
-            left = x + (cell_w - font.getlength(caption)) / 2
-            draw.text((left, y + PAD + row * line), caption, fill=RIGHT if right else WRONG,
+        captions = [caption(predictions[k])] + ([] if right else [f"({caption(labels[k])})"])
+        for row, text in enumerate(captions):
+            left = x + (cell_w - font.getlength(text)) / 2
+            draw.text((left, y + PAD + row * line), text, fill=RIGHT if right else WRONG,
                       font=font)
         picture = Image.fromarray(images[k]).resize((side_w, side_h), Image.Resampling.NEAREST)
         grid.paste(picture.convert("RGB"), (x + (cell_w - side_w) // 2, y + PAD + 2 * line))
     return np.asarray(grid)
+
+
+def drawable_name(name: str) -> str:
+    """A class name as pictures show it: NFC (a decomposed "café" is drawn with one é), and
+    without format characters (zero-width and direction marks), which are invisible and
+    which a font without their glyph draws as a box. A name of nothing else is escaped."""
+    text = "".join(c for c in unicodedata.normalize("NFC", name)
+                   if unicodedata.category(c) != "Cf")
+    return text or escaped(name)
+
+
+def escaped(text: str) -> str:
+    r"""Characters outside ASCII as \uXXXX: what no font can fail to draw."""
+    return text.encode("ascii", "backslashreplace").decode("ascii")
+
+
+def caption_font(texts: Sequence[str]) -> tuple[object, Callable[[str], str]]:
+    r"""(the font to draw `texts` with, how to write a text in it). Latin-1 texts get the
+    bitmap font, the same pixels on every host; others the first TrueType font with a
+    glyph for each of their characters, else the one that lacks fewest, the rest written
+    as \uXXXX: drawing a class name never fails a run, nor shows a box in its place."""
+    from PIL import ImageFont  # late: module note
+
+    bitmap = ImageFont.load_default_imagefont()
+    if all(_is_latin1(t) for t in texts):
+        return bitmap, str
+    chars = set("".join(texts))
+    best, lacking = None, chars
+    for font in _truetype_fonts():
+        missing = {c for c in chars if not _has_glyph(font, c)}
+        if not missing:
+            return font, str
+        if best is None or len(missing) < len(lacking):
+            best, lacking = font, missing
+    if best is None:  # Pillow without FreeType: only the bitmap font draws
+        return bitmap, lambda t: "".join(c if _is_latin1(c) else escaped(c) for c in t)
+    return best, lambda t: "".join(escaped(c) if c in lacking else c for c in t)
+
+
+def _is_latin1(text: str) -> bool:
+    return all(ord(c) < 256 for c in text)
+
+
+def _truetype_fonts() -> Iterator[object]:
+    """The TrueType fonts of FONT_FILES found here, loaded once each when first needed."""
+    for name in FONT_FILES:
+        font = _truetype(name)
+        if font is not None:
+            yield font
+    spec = find_spec("matplotlib")  # its path only: importing it costs 0.1 s
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            font = _truetype(os.path.join(folder, "mpl-data", "fonts", "ttf", "DejaVuSans.ttf"))
+            if font is not None:
+                yield font
+    font = _truetype(None)
+    if font is not None:
+        yield font
+
+
+@lru_cache(maxsize=None)
+def _truetype(name: str | None):
+    """A TrueType font by file name or path (None: Pillow's own), or None when there is
+    none here or Pillow has no FreeType."""
+    from PIL import ImageFont  # late: module note
+
+    try:
+        if name is None:
+            font = ImageFont.load_default(FONT_SIZE)
+            return font if isinstance(font, ImageFont.FreeTypeFont) else None
+        return ImageFont.truetype(name, FONT_SIZE)
+    except (OSError, ImportError, ValueError):
+        return None
+
+
+@lru_cache(maxsize=None)
+def _notdef(font) -> tuple[tuple[int, int], bytes]:
+    mask = font.getmask("\U0010ffff")  # a noncharacter: no font maps it
+    return mask.size, bytes(mask)
+
+
+@lru_cache(maxsize=4096)
+def _has_glyph(font, char: str) -> bool:
+    """Whether `font` draws `char` as something other than its missing-glyph box."""
+    mask = font.getmask(char)
+    return (mask.size, bytes(mask)) != _notdef(font)
 
 
 @dataclass

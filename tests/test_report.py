@@ -2,6 +2,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -329,3 +330,81 @@ def test_a_comparison_of_a_d2l_and_a_modern_run_names_both_recipes(tmp_path):
     md = report.write_comparison(tmp_path / "compare", runs).read_text()
     assert "| d2l | recipe d2l, sgd lr 0.1, batch 128, 10 epochs | 72.00% |" in md
     assert "| modern | recipe modern, adamw lr 0.003, batch 128, 10 epochs | **90.00%** |" in md
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Every figure the report saves, by file name, as well as its PNG."""
+    saved = {}
+    save = report._save
+
+    def keep(fig, path):
+        saved[epath.Path(path).name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(report, "_save", keep)
+    return saved
+
+
+def lines_of(fig) -> dict[str, object]:
+    return {line.get_label(): line for ax in fig.axes for line in ax.lines}
+
+
+def test_curves_draw_the_validation_split_early_stopping_used(tmp_path, figures):
+    hist = history(4)
+    for row in hist:  # --validation N --early-stop K: each epoch has a validation figure
+        row["validation_loss"] = row["test_loss"] + 0.05
+        row["validation_accuracy"] = row["test_accuracy"] - 0.02
+    labels, preds, images = predictions()
+    report.write_report(tmp_path / "r", "early", hist, CONFIG, labels, preds, images, CLASSES)
+    lines = lines_of(figures["curves.png"])
+    for metric in ("loss", "accuracy"):  # was: train and test only
+        drawn = lines[f"validation {metric}"]
+        assert list(drawn.get_ydata()) == [row[f"validation_{metric}"] for row in hist]
+        assert drawn.get_linestyle() != lines[f"test {metric}"].get_linestyle()
+    report.write_comparison(tmp_path / "c", {"a": {"history": hist}, "b": {"history": history(4)}})
+    labels = [h.get_label() for h in figures["compare.png"].legends[0].legend_handles]
+    assert "validation" in labels
+
+
+def test_a_run_without_validation_has_no_validation_curve():
+    fig = report.curves_figure({"plain": history(3)})
+    assert not any(label.startswith("validation") for label in lines_of(fig))
+
+
+def test_misclassified_images_of_a_folder_are_named_by_file(tmp_path, figures):
+    labels, preds, images = predictions(n=60)
+    files = [f"{CLASSES[label].replace('/', '_')}/{i:04d}.png" for i, label in enumerate(labels)]
+    report.write_report(tmp_path / "r", "folder", history(2), CONFIG, labels, preds, images,
+                        CLASSES, image_names=files)
+    wrong = np.flatnonzero(labels != preds)
+    titles = [ax.get_title() for ax in figures["misclassified.png"].axes if ax.get_visible()]
+    assert titles == [files[i] for i in wrong[:36]]  # was: "#21", an index
+    md = (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
+    i = wrong[0]
+    assert f"| {files[i]} | {CLASSES[labels[i]]} | {CLASSES[preds[i]]} |" in md
+    # Without names (an IDX dataset), the index as before.
+    fig = report.misclassified_figure(images, labels, preds, CLASSES)
+    assert [ax.get_title() for ax in fig.axes if ax.get_visible()][0] == f"#{wrong[0]}"
+
+
+UNICODE_CLASSES = ("кошка", "猫", "cafe\u0301\u200b\u200f", "שלום", "собака", "\U0010fffd")
+
+
+def test_a_report_of_class_names_outside_latin_1(tmp_path, figures):
+    labels, preds, images = predictions(n=120)
+    labels, preds = labels % 6, preds % 6
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # matplotlib warns of each glyph its font lacks
+        path = report.write_report(tmp_path / "r", "юникод", history(2), CONFIG, labels,
+                                   preds, images, UNICODE_CLASSES)
+    assert [str(w.message) for w in caught
+            if "missing from font" in str(w.message)] == []  # was: "Glyph 29483 ... missing"
+    md = path.read_text(encoding="utf-8")
+    for name in UNICODE_CLASSES:  # each class by its own name, in text
+        assert f"\n| {name} | " in md
+    ticks = [t.get_text() for t in figures["confusion.png"].axes[0].get_yticklabels()]
+    assert ticks[0] == "кошка" and ticks[2] == "café" and ticks[3] == "שלום"
+    assert ticks[5] == "\\U0010fffd"  # no font has it: written, not a box
+    assert ticks[1] in ("猫", "\\u732b")  # a CJK font where one is installed
+    assert figures["curves.png"]._suptitle.get_text() == "Learning curves: юникод"

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from lenet_dist.errors import Failure, UserError
-from lenet_dist.tboard import (RIGHT, WRONG, Board, ProfileWindow, grid_image,
+from lenet_dist.tboard import (RIGHT, WRONG, Board, ProfileWindow, caption_font,
+                               drawable_name, grid_image,
                                parse_profile_steps, read_board, read_events)
 
 FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -331,3 +332,43 @@ def test_a_gs_upload_still_failing_at_close_keeps_the_events_and_says_where(
         assert read_events(kept) == {"loss": [(1, 1.0)]}
     finally:
         shutil.rmtree(kept)
+
+
+# Class names a folder can hold that Latin-1 cannot: Cyrillic, CJK, a decomposed "café"
+# with a zero-width space and a right-to-left mark, Hebrew.
+UNICODE_NAMES = ("кошка", "猫", "cafe\u0301\u200b\u200f", "שלום", "собака")
+
+
+def test_image_grid_draws_class_names_outside_latin_1(tmp_path):
+    images, labels, predictions = batch(n=10)
+    labels, predictions = labels % 5, predictions % 5
+    logdir = tmp_path / "tb"
+    with Board(logdir) as board:  # was: UnicodeEncodeError ('latin-1' codec) at epoch 1
+        board.image_grid("test/predictions", 1, images, labels, predictions, UNICODE_NAMES)
+    [(step, png)] = read_board(logdir).images["test/predictions"]
+    grid = np.asarray(Image.open(io.BytesIO(png)))
+    assert np.array_equal(grid, grid_image(images, labels, predictions, UNICODE_NAMES, n=10))
+    # Each cell's caption is drawn in its colour, and different names draw differently.
+    cell_w, cell_h = grid.shape[1] // 8, grid.shape[0] // 2
+    captions = {}
+    for k in range(10):
+        y, x = (k // 8) * cell_h, (k % 8) * cell_w
+        caption = grid[y: y + cell_h - 84 - 3, x: x + cell_w]
+        colour = RIGHT if labels[k] == predictions[k] else WRONG
+        assert (caption.reshape(-1, 3) == colour).all(axis=1).any(), k
+        if labels[k] == predictions[k]:
+            captions.setdefault(int(predictions[k]), caption.tobytes())
+    assert len(set(captions.values())) == len(captions) > 1
+
+
+def test_caption_font_keeps_the_bitmap_font_for_latin_1_and_escapes_what_no_font_has():
+    from PIL import ImageFont
+
+    font, write = caption_font(["T-shirt/top", "Café"])
+    assert isinstance(font, ImageFont.ImageFont) and write("Café") == "Café"
+    font, write = caption_font(["кошка", "a\U0010fffd"])  # a private-use character
+    assert isinstance(font, ImageFont.FreeTypeFont)
+    assert write("кошка") == "кошка"
+    assert write("a\U0010fffd") == "a\\U0010fffd"
+    assert drawable_name("cafe\u0301\u200b\u200f") == "café"
+    assert drawable_name("\u200b") == "\\u200b"  # nothing visible: shown escaped
