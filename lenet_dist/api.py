@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lenet_dist.config import Config, preset
+from lenet_dist.config import Config, check_field, preset
 from lenet_dist.errors import Failure, Preempted, UserError
 
 if TYPE_CHECKING:
@@ -45,7 +45,8 @@ PREDICT_BATCH = 1024  # images per forward pass: lenet_dist.predict's batch
 
 def recipe(name: str) -> Config:
     """The named preset Config: "d2l" (the default), "modern" or "smoke" (seconds on a
-    CPU). Change fields with `Config.replace(workdir=..., epochs=...)`."""
+    CPU). Change fields with `Config.replace(workdir=..., epochs=...)`; `train` checks
+    them all (`Config.validate`) before JAX starts, so a wrong one costs nothing."""
     if not isinstance(name, str):
         raise UserError(f"recipe name must be text (e.g. 'smoke'), not {type(name).__name__}")
     return preset(name)
@@ -264,10 +265,9 @@ def start_jax(devices: int | None) -> None:
     while JAX loads (os._exit: it would kill a notebook's kernel), and a traceback-free
     exit. If JAX has already started in this process (a notebook cell before this one)
     with fewer devices than asked, no more can be had: a UserError says so."""
-    if devices is not None and (isinstance(devices, bool) or not isinstance(devices, int)
-                                or devices < 1):
-        raise UserError(f"devices must be a positive int or None (every device), not "
-                        f"{devices!r}")
+    _, problem = check_field("devices", devices)  # Config.devices' rule and words
+    if problem:
+        raise UserError(f"devices {problem}")
     if "jax" in sys.modules and jax_started():
         import jax
 

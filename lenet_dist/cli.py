@@ -23,6 +23,7 @@ import click
 from lenet_dist import distributed, extras, faults, runtime, safefs, versions
 from lenet_dist import launch as launch_lib
 from lenet_dist.config import (
+    COUNT_OR_FRACTION,
     DEFAULT_EXPORT_PLATFORMS,
     DEPRECATED_PRESETS,
     FLOAT_RANGES,
@@ -31,6 +32,7 @@ from lenet_dist.config import (
     MAX_TEXT_CHARS,
     PRESETS,
     FIELDS,
+    check_field,
     effective_config,
     field_type,
     option_name,
@@ -88,7 +90,23 @@ class FiniteFloatRange(click.FloatRange):
 
 
 def int_range(field: str) -> click.IntRange:
-    return click.IntRange(*INT_RANGES[field])
+    return CountOrFraction(*INT_RANGES[field]) if field in COUNT_OR_FRACTION else \
+        click.IntRange(*INT_RANGES[field])
+
+
+class CountOrFraction(click.IntRange):
+    """An integer is a count (in the IntRange); anything else a fraction in (0, 1):
+    `--validation 5000` or `--validation 0.0833`, the field's rule (check_field)."""
+
+    name = "n|f"
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str) or value.strip().lstrip("+-").isdigit():
+            return super().convert(value, param, ctx)
+        number, problem = check_field(param.name, click.FLOAT.convert(value, param, ctx))
+        if problem:
+            self.fail(problem, param, ctx)
+        return number
 
 
 def float_range(field: str) -> FiniteFloatRange:
@@ -346,7 +364,7 @@ def train(recipe, preset, config_file, progress, allow_config_change, tensorboar
             click.echo(DEPRECATED_PRESETS[preset][1], err=True)
         recipe = preset
     settings = read_settings(config_file) if config_file else {}
-    config = effective_config(recipe, settings, fields).validate()
+    config = effective_config(recipe, settings, fields).validate(cli=True)
     stall_timeout = parse_timeout(stall_timeout)
     if print_config:
         click.echo(config.to_yaml(), nl=False)

@@ -7,6 +7,7 @@ import difflib
 import functools
 import json
 import math
+import numbers
 import os
 import re
 import typing
@@ -14,6 +15,7 @@ from typing import Any
 
 from lenet_dist import safefs
 from lenet_dist.errors import QUOTE_CHARS, UserError, first_line, quoted
+from lenet_dist.rundir import CONFIG_FILE, DEFAULT_RUN, RUNS_DIR
 
 DATASETS = ("fashion_mnist", "mnist")
 # Besides the built-in names, --dataset takes a user's data: labelled images in class
@@ -62,6 +64,11 @@ FLOAT_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "warmup_epochs": (0.0, 10_000.0, False, False),
     "test_fraction": (0.0, 1.0, True, True),
 }
+# Fields that take a count (an int, in INT_RANGES) or a fraction of the data (a float in
+# (0, 1)), as scikit-learn's test_size does: the type says which, in Python, in a
+# settings file and on the command line (`--validation 5000`, `--validation 0.0833`).
+COUNT_OR_FRACTION = ("validation",)
+FRACTION_RANGE = (0.0, 1.0, True, True)
 
 
 def setting(default: Any, doc: str = "", *, choices: tuple[str, ...] = (),
@@ -105,10 +112,10 @@ class Config:
     skip_bad_files: bool = setting(
         False, "folder: datasets: skip files that do not decode (counted) instead of "
                "stopping at the first.", resume="same")
-    validation: int = setting(
-        0, "Hold out N training images (chosen by --seed) to pick the best checkpoint and "
-           "stop early on; 0: none, and \"best\" is then chosen on the test set.",
-        resume="same")
+    validation: int | float = setting(
+        0, "Hold out N training images, or a fraction F (0 < F < 1, rounded) of them, "
+           "chosen by --seed, to pick the best checkpoint and stop early on; 0: none, and "
+           "\"best\" is then chosen on the test set.", resume="same")
     early_stop: int = setting(
         0, "Stop, as a finished run, after N epochs without a better validation accuracy "
            "(needs --validation); 0: never.")
@@ -138,7 +145,7 @@ class Config:
     eval_batch_size: int = setting(1000, "Rounded up to a multiple of the devices.")
     train_limit: int | None = setting(None, "Train on the first N training images only.",
                                       unset="all", resume="same", first_release=True)
-    workdir: str = setting("runs/lenet", "Run directory (checkpoints, metrics.jsonl); a run "
+    workdir: str = setting(DEFAULT_RUN, "Run directory (checkpoints, metrics.jsonl); a run "
                            "there is resumed.", path=True)
     # Checkpointing: always at epoch ends (unless off), and every K steps if K > 0.
     checkpoint: bool = setting(True, "Save checkpoints and resume from them.")
@@ -147,46 +154,70 @@ class Config:
     keep_checkpoints: int = setting(3, "Keep the latest K checkpoints (and always the best).")
 
     def replace(self, **overrides: Any) -> "Config":
-        """Apply overrides, ignoring the ones left unset (None) by the CLI."""
+        """Apply overrides, ignoring the ones left unset (None) by the CLI. A name that is
+        no field is a UserError (a typo would otherwise be a TypeError); values are
+        checked by `validate`."""
+        for key in overrides:
+            if key not in FIELDS:
+                raise UserError(f"Config has no field {quoted(key)}{close_field(key)}; its "
+                                f"fields are {', '.join(FIELDS)}")
         return dataclasses.replace(
             self, **{k: v for k, v in overrides.items() if v is not None}
         )
 
-    def validate(self) -> "Config":
-        problem = dataset_problem(self.dataset)
-        if problem:
-            raise UserError(f"--dataset {problem}")
-        for name, choices in (("recipe", RECIPES), ("schedule", SCHEDULES)):
-            if getattr(self, name) not in choices:
-                raise UserError(f"unknown {name} {getattr(self, name)!r}; choose one of "
-                                f"{', '.join(choices)}")
-        if self.weight_decay and self.optimizer != "adamw":
-            raise UserError("--weight-decay needs --optimizer adamw (decoupled decay)")
-        if self.warmup_epochs and self.schedule != "cosine":
-            raise UserError("--warmup-epochs needs --schedule cosine")
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(
-                f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
-            )
-        for name in (*INT_RANGES, *FLOAT_RANGES):
-            problem = range_problem(name, getattr(self, name))
+    def validate(self, *, cli: bool = False) -> "Config":
+        """This Config with every field checked (`check_field`: the rules a settings
+        file and the CLI's option types apply) and then their combinations, or a
+        one-line UserError. Returns it normalised (an int given for a float field is that
+        float, a path-like is a str). Messages name fields as Python does
+        (`optimizer='adamw'`), or with `cli` as the options (`--optimizer adamw`)."""
+        def say(field: str, value: Any = None) -> str:
+            if cli:
+                return option_name(field) + ("" if value is None else f" {value}")
+            return field + ("" if value is None else f"={quoted(value)}")
+
+        changes = {}
+        for field in FIELDS:
+            given = getattr(self, field)
+            value, problem = check_field(field, given)
             if problem:
-                raise UserError(f"{option_name(name)} {problem}")
-        kind, _ = dataset_kind(self.dataset)
-        if self.test_fraction is not None and kind != "folder":
-            raise UserError("--test-fraction splits a folder: dataset; the built-in datasets "
-                            "and idx: ones have their own test split")
-        if self.skip_bad_files and kind != "folder":
-            raise UserError("--skip-bad-files is for folder: datasets (image files)")
-        if self.early_stop and not self.validation:
-            raise UserError("--early-stop watches the validation accuracy: give --validation N "
-                            "too (stopping on the test set would select on it)")
-        if self.train_limit is not None and self.train_limit < self.batch_size:
+                raise UserError(f"{say(field)} {problem}")
+            if type(value) is not type(given):
+                changes[field] = value
+        config = dataclasses.replace(self, **changes) if changes else self
+        if config.weight_decay and config.optimizer != "adamw":
+            raise UserError(f"{say('weight_decay')} needs {say('optimizer', 'adamw')} "
+                            "(decoupled decay)")
+        if config.warmup_epochs and config.schedule != "cosine":
+            raise UserError(f"{say('warmup_epochs')} needs {say('schedule', 'cosine')}")
+        kind, _ = dataset_kind(config.dataset)
+        if config.test_fraction is not None and kind != "folder":
+            raise UserError(f"{say('test_fraction')} splits a folder: dataset; the built-in "
+                            "datasets and idx: ones have their own test split")
+        if config.skip_bad_files and kind != "folder":
+            raise UserError(f"{say('skip_bad_files')} is for folder: datasets (image files)")
+        if config.early_stop and not config.validation:
+            raise UserError(f"{say('early_stop')} watches the validation accuracy: give "
+                            f"{say('validation')} N too (stopping on the test set would "
+                            "select on it)")
+        if config.train_limit is not None and config.train_limit < config.batch_size:
             raise UserError(
-                f"--train-limit {self.train_limit} is smaller than one batch "
-                f"({self.batch_size}); raise it or lower --batch-size"
+                f"{say('train_limit', config.train_limit)} is smaller than one batch "
+                f"({config.batch_size}); raise it or lower {say('batch_size')}"
             )
-        return self
+        return config
+
+    def validation_images(self, train_images: int) -> int:
+        """How many of a split's `train_images` `validation` holds out: a count as given
+        (data.hold_out refuses one too large), a fraction rounded and at least one, so
+        the modern recipe's 1/12 of Fashion-MNIST's 60,000 is exactly 5,000."""
+        if not isinstance(self.validation, float):
+            return self.validation
+        held = max(1, round(self.validation * train_images))
+        if held >= train_images:
+            raise UserError(f"validation {self.validation:g} of {train_images:,} training "
+                            f"images holds out all of them; give a smaller fraction or 0")
+        return held
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -228,19 +259,23 @@ def dataset_problem(spec: str) -> str | None:
 
 
 def range_problem(name: str, value: Any) -> str | None:
-    """What is wrong with a number for an INT_RANGES or FLOAT_RANGES field, or None."""
-    if name in INT_RANGES:
+    """What is wrong with a number for an INT_RANGES or FLOAT_RANGES field (or for a
+    COUNT_OR_FRACTION one: an int a count, a float a fraction), or None."""
+    fraction = name in COUNT_OR_FRACTION and isinstance(value, float)
+    if name in INT_RANGES and not fraction:
         low, high = INT_RANGES[name]
         if value is not None and not low <= value <= high:
             return f"must be in {low}..{high}, got {quoted(value)}"
         return None
     if value is None:  # an optional one left unset
         return None
-    low, high, low_open, high_open = FLOAT_RANGES[name]
+    low, high, low_open, high_open = FRACTION_RANGE if fraction else FLOAT_RANGES[name]
     inside = ((low < value if low_open else low <= value)
               and (value < high if high_open else value <= high))
     if math.isfinite(value) and inside:
         return None
+    if fraction:
+        return f"must be {KIND_NAMES[int, float]}, got {quoted(value)}"
     span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     return f"must be a finite number in {span}, got {quoted(value)}"
 
@@ -271,15 +306,17 @@ PRESETS: dict[str, Config] = {
     "d2l": Config(),
     # The same skeleton as the seed's table of thirty years of changes has it, trained
     # as one would now: AdamW with warm-up + cosine decay, label smoothing, crops and
-    # flips done on the devices.
+    # flips done on the devices. It holds out a twelfth of the training split: 5,000 of
+    # Fashion-MNIST's 60,000 (the images a count of 5,000 held out), and a fraction fits
+    # a folder of a few thousand images too.
     "modern": Config(recipe="modern", optimizer="adamw", learning_rate=0.003,
                      schedule="cosine", warmup_epochs=1.0, weight_decay=0.0005,
-                     label_smoothing=0.1, augment=True, validation=5000,
-                     workdir="runs/modern"),
+                     label_smoothing=0.1, augment=True, validation=1 / 12,
+                     workdir=f"{RUNS_DIR}/modern"),
     # A run that shows learning in seconds on a CPU: a 2,000-image slice and
     # Adam, because the seed's sigmoids sit on a loss plateau for ~4 epochs.
     "smoke": Config(epochs=2, train_limit=2000, optimizer="adam",
-                    learning_rate=0.003, batch_size=16, workdir="runs/smoke"),
+                    learning_rate=0.003, batch_size=16, workdir=f"{RUNS_DIR}/smoke"),
 }
 
 
@@ -305,46 +342,7 @@ def preset(name: str) -> Config:
 
 # ------------------------------------------------------------------ run files
 
-CONFIG_FILE = "config.json"  # in the workdir: the run's effective Config
 MAX_CONFIG_BYTES = 2**20  # a settings file is a few hundred bytes
-
-
-# Where `train` puts a recipe's run by default (PRESETS' workdirs), and so where the
-# commands that read a run look for one when given no --workdir.
-RUNS_DIR = "runs"
-
-
-def trained_runs(root: str = RUNS_DIR) -> list[str]:
-    """The runs under `root` (its directories holding a config.json, which `train`
-    writes when it starts), the one trained last at the end; [] when there are none."""
-    found = []
-    try:
-        entries = list(os.scandir(root))
-    except OSError:  # no ./runs/, or not readable: no runs to choose from
-        return []
-    for entry in entries:
-        try:
-            stamp = os.stat(os.path.join(entry.path, CONFIG_FILE)).st_mtime_ns
-        except (OSError, ValueError):
-            continue
-        found.append((stamp, entry.name))
-    return [os.path.join(root, name) for _, name in sorted(found)]
-
-
-def workdir_to_read(workdir: str | None, note=None) -> str:
-    """The run a command that reads one (eval, export, checkpoints, report, predict)
-    uses: `workdir` when given; else the run under ./runs/ trained last (the newest
-    runs/*/config.json), else runs/lenet (the d2l recipe's). When it takes a run
-    under ./runs/, `note` gets one line saying which."""
-    if workdir is not None:
-        return workdir
-    runs = trained_runs()
-    if not runs:
-        return PRESETS["d2l"].workdir
-    if note is not None:
-        note(f"note: --workdir {runs[-1]} (the run under {RUNS_DIR}/ trained last; "
-             "--workdir chooses another)")
-    return runs[-1]
 
 
 def write_config(workdir: str | os.PathLike, config: Config) -> None:
@@ -507,67 +505,106 @@ def checked_setting(where: str, key: Any, value: Any) -> Any:
     """`value` for field `key` as Config holds it, or a UserError naming `where` and key.
     A message quotes at most QUOTE_CHARS of a value or key (`quoted`)."""
     if not isinstance(key, str) or key not in FIELDS:
-        hint = ""
-        if isinstance(key, str) and len(key) <= QUOTE_CHARS:
-            name = key.lstrip("-").replace("-", "_")
-            aliased = [f.name for f in FIELDS.values()
-                       if "--" + name.replace("_", "-") in f.metadata.get("aliases", ())]
-            close = aliased or difflib.get_close_matches(name, FIELDS, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
+        hint = close_field(key) if isinstance(key, str) and len(key) <= QUOTE_CHARS else ""
         raise UserError(f"{where}: unknown key {quoted(key)}{hint}; the keys are Config's "
                         f"fields: {', '.join(FIELDS)}")
     kind, optional = field_type(key)
-    if value is None:
-        if optional:
-            return None
+    if value is None and not optional:
         raise UserError(f"{where}: {key} cannot be null")
     if kind is float and isinstance(value, str) and len(value) <= QUOTE_CHARS:
         try:  # YAML 1.1 reads 1e-3 (no dot) as text
             value = float(value)
         except ValueError:
             pass
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        try:
-            value = float(value)
-        except OverflowError:  # an int past 1.8e308: the range check below refuses it
-            value = math.inf
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise UserError(f"{where}: {key} must be {KIND_NAMES[kind]}, got {quoted(value)}")
-    if key == "dataset" and isinstance(value, str) and dataset_problem(value):
-        raise UserError(f"{where}: dataset {dataset_problem(value)}")
-    choices = tuple(PRESETS) if key == "recipe" else FIELDS[key].metadata["choices"]
-    if choices and value not in choices:
-        raise UserError(f"{where}: {key} must be one of {', '.join(choices)}, "
-                        f"got {quoted(value)}")
-    if key in INT_RANGES or key in FLOAT_RANGES:
-        problem = range_problem(key, value)
-        if problem:
-            raise UserError(f"{where}: {key} {problem}")
-    if isinstance(value, str):
-        if FIELDS[key].metadata["path"] and not value:
-            raise UserError(f"{where}: {key} is an empty path")
-        if len(value) > MAX_TEXT_CHARS:
-            raise UserError(f"{where}: {key} is {len(value):,} characters long; the most a "
-                            f"path can be is {MAX_TEXT_CHARS:,}")
-        if "\0" in value:
-            raise UserError(f"{where}: {key} contains a NUL byte, which no file name can hold")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise UserError(f"{where}: {key} is not valid text") from None
+    if key == "recipe":  # a file's recipe picks a preset (effective_config), smoke too
+        if not (isinstance(value, str) and value in PRESETS):
+            raise UserError(f"{where}: recipe must be one of {', '.join(PRESETS)}, "
+                            f"got {quoted(value)}")
+        return value
+    value, problem = check_field(key, value)
+    if problem:
+        raise UserError(f"{where}: {key} {problem}")
     return value
 
 
-KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+def close_field(name: Any) -> str:
+    """" (did you mean epochs?)" for a name close to a field's (or an alias, `--lr`)."""
+    if not isinstance(name, str):
+        return ""
+    name = name.lstrip("-").replace("-", "_")
+    aliased = [f.name for f in FIELDS.values()
+               if "--" + name.replace("_", "-") in f.metadata.get("aliases", ())]
+    close = aliased or difflib.get_close_matches(name, FIELDS, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
-def field_type(name: str) -> tuple[type, bool]:
-    """(bool, int, float or str; whether None is allowed) of a Config field."""
+def check_field(name: str, value: Any) -> tuple[Any, str | None]:
+    """(value as Config holds it, what is wrong with it or None) for field `name`: its
+    type (a bool is no number; an int goes where a float does; a path may be path-like),
+    choices, range, and what no path or name can hold. The one set of per-field rules:
+    `Config.validate` and the settings files apply it, and the CLI's option types are
+    built from the same tables. The problem is worded to follow the field's name."""
+    kind, optional = field_type(name)
+    if value is None:
+        return None, None if optional else "cannot be None"
+    value = _as_kind(name, kind, value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        return value, f"must be {KIND_NAMES[kind]}, got {quoted(value)}"
+    if name == "dataset" and dataset_problem(value):
+        return value, dataset_problem(value)
+    choices = FIELDS[name].metadata["choices"]
+    if choices and value not in choices:
+        return value, f"must be one of {', '.join(choices)}, got {quoted(value)}"
+    if name in INT_RANGES or name in FLOAT_RANGES:
+        problem = range_problem(name, value)
+        if problem:
+            return value, problem
+    if isinstance(value, str):
+        if FIELDS[name].metadata["path"] and not value:
+            return value, "is an empty path"
+        if len(value) > MAX_TEXT_CHARS:
+            return value, (f"is {len(value):,} characters long; the most a path can be is "
+                           f"{MAX_TEXT_CHARS:,}")
+        if "\0" in value:
+            return value, "contains a NUL byte, which no file name can hold"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value, "is not valid text"
+    return value, None
+
+
+def _as_kind(name: str, kind: type | tuple[type, ...], value: Any) -> Any:
+    """An integral number (numpy's too) as an int, a real one as a float where a float
+    goes (an int past 1.8e308 as inf, which the range check refuses), a path-like as
+    its path; anything else as it is, for the type check to judge."""
+    if isinstance(value, bool):
+        return value
+    counts = kind is int or (isinstance(kind, tuple) and int in kind)
+    if counts and isinstance(value, numbers.Integral):
+        return int(value)
+    if (kind is float or isinstance(kind, tuple)) and isinstance(value, numbers.Real):
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf
+    if FIELDS[name].metadata["path"] and isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "text",
+              (int, float): "a count (an integer) or a fraction in (0, 1)"}
+
+
+def field_type(name: str) -> tuple[type | tuple[type, ...], bool]:
+    """(bool, int, float, str, or (int, float) for a COUNT_OR_FRACTION field; whether
+    None is allowed) of a Config field."""
     hint = _type_hints()[name]
     args = typing.get_args(hint)
-    if args:  # X | None
-        (kind,) = [a for a in args if a is not type(None)]
-        return kind, True
+    if args:  # X | None, or int | float
+        kinds = tuple(a for a in args if a is not type(None))
+        return (kinds[0] if len(kinds) == 1 else kinds), type(None) in args
     return hint, False
 
 

@@ -58,3 +58,11 @@ def stopped_early(history: Sequence[EpochRecord | Mapping[str, Any]],
         return None
     last = field(history[-1], "epoch")
     return last if last - field(best, "epoch") >= patience else None
+
+
+def near_chance(accuracy: float, classes: int) -> bool:
+    """Whether `accuracy` is within a tenth of the way from guessing (1/classes) to
+    perfect: a run that has not learned (the d2l recipe on a few thousand images stays
+    there for all 10 epochs), which deserves a word rather than a silent number."""
+    chance = 1 / max(classes, 1)
+    return accuracy < chance + 0.1 * (1 - chance)

@@ -25,11 +25,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from lenet_dist import gcs, safefs
-from lenet_dist.config import CONFIG_FILE
 from lenet_dist.errors import UserError
 from lenet_dist.history import chosen_on
 from lenet_dist.records import EpochRecord
-from lenet_dist.rundir import CHECKPOINT_DIR, METRICS_FILE, TB_DIR
+from lenet_dist.rundir import CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, TB_DIR
 from lenet_dist.tboard import drawable_name, escaped
 
 CURVES_PNG = "curves.png"

@@ -27,7 +27,7 @@ from lenet_dist.config import Config, write_config
 from lenet_dist.errors import Failure, Preempted, UserError
 from lenet_dist.evaluation import evaluate
 from lenet_dist.feed import EvalFeed, TrainFeed, eval_feed, train_feed
-from lenet_dist.history import describe_best, stopped_early
+from lenet_dist.history import describe_best, near_chance, stopped_early
 from lenet_dist.mesh import Shardings, check_batch, make_mesh
 from lenet_dist.preemption import StopRule
 from lenet_dist.records import EpochRecord, format_epoch
@@ -164,8 +164,8 @@ class Feeds:
 def make_feeds(config: Config, dataset: data_lib.Dataset, shardings: Shardings) -> Feeds:
     """Host uint8 arrays -> device-resident feeds. The validation images come out of the
     training split (the seed says which) before --train-limit takes its first N."""
-    train_split, validation_split = data_lib.hold_out(dataset.train, config.validation,
-                                                      config.seed)
+    train_split, validation_split = data_lib.hold_out(
+        dataset.train, config.validation_images(len(dataset.train)), config.seed)
     train_split = train_split.take(config.train_limit)
     names = np.frombuffer("\n".join(dataset.class_names).encode(), np.uint8)
     distributed.check_same_data((train_split.images, train_split.labels, dataset.test.images,
@@ -333,8 +333,15 @@ class Trainer:
     def check_compatible(self, meta: dict, allow_config_change: bool) -> None:
         """A checkpoint of another run (config or classes) is refused, not continued."""
         config, dataset = self.config, self.dataset
-        ckpt_lib.check_compatible(meta["config"], config.to_dict(), config.workdir,
-                                  allow_change=allow_config_change, step=meta["step"])
+        # --validation as the images held out: a run saved with 5000 and resumed with
+        # the modern recipe's 1/12 holds out the same 5,000 of 60,000.
+        images = len(dataset.train)
+        held = {"validation": config_from(meta).validation_images(images)}
+        ckpt_lib.check_compatible({**meta["config"], **held},
+                                  {**config.to_dict(),
+                                   "validation": config.validation_images(images)},
+                                  config.workdir, allow_change=allow_config_change,
+                                  step=meta["step"])
         saved = class_names_of(meta, config_from(meta))
         if tuple(saved) != dataset.class_names:
             raise UserError(
@@ -560,4 +567,12 @@ class Trainer:
         self.log(f"done in {total:.1f} s wall ({rate:,.0f} img/s while training); final "
                  f"test accuracy {records[-1].test_accuracy:.4f}; {describe_best(records)}; "
                  f"metrics in {self.workdir / METRICS_FILE}")
+        classes, final = self.dataset.num_classes, records[-1].test_accuracy
+        if near_chance(final, classes):
+            self.log(f"note: test accuracy {final:.4f} is near chance ({1 / classes:.4f} for "
+                     f"{classes} classes): " + (
+                         "the d2l recipe (sigmoid, SGD) learns slowly on small data; "
+                         "--recipe modern learns on it (docs/data.md)"
+                         if self.config.recipe == "d2l" else
+                         "check the labels and images (docs/data.md)"))
 

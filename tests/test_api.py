@@ -2,6 +2,7 @@
 written, a cheap import, a documented surface, no signal handler left behind, the same
 classes as `predict --workdir`, and one-line errors."""
 
+import dataclasses
 import importlib
 import inspect
 import os
@@ -14,11 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import lenet_dist
 from lenet_dist import api
 from lenet_dist import data as data_lib
 from lenet_dist import prediction as predict_lib
+from lenet_dist.config import FIELDS, field_type, option_name
 from tests.conftest import ROOT, write_idx
 
 README_TIMEOUT = 300  # measured 25-30 s on the 2-core dev machine while other tests ran
@@ -189,7 +193,8 @@ def test_bad_calls_are_one_line(tmp_path, monkeypatch, workdir):
         (lambda: lenet_dist.load(workdir, step=7), "no checkpoint at step 7"),
         (lambda: lenet_dist.train("smoke"), "not str"),
         (lambda: lenet_dist.recipe("tiny"), "unknown preset"),
-        (lambda: lenet_dist.train(lenet_dist.recipe("smoke").replace(epochs=0)), "--epochs"),
+        (lambda: lenet_dist.train(lenet_dist.recipe("smoke").replace(epochs=0)),
+         "epochs must be in 1..10000, got 0"),
         # JAX started (conftest: 8 devices): no more can be had, and the message says why.
         (lambda: lenet_dist.train(lenet_dist.recipe("smoke").replace(devices=9)),
          "restart the kernel"),
@@ -206,3 +211,89 @@ def test_bad_calls_are_one_line(tmp_path, monkeypatch, workdir):
         lenet_dist.export(workdir, tmp_path / "out")
     assert "pip install 'lenet-dist[export]'" in one_line(excinfo)
     assert not (tmp_path / "out").exists()
+
+
+def jax_must_not_start(devices):
+    raise AssertionError(f"JAX started (devices={devices!r}) for a Config that is wrong")
+
+
+# The user's report: each was a raw TypeError or AttributeError, some after JAX had
+# started; batch_size=True trained with batch 1 and exited 0.
+@pytest.mark.parametrize("changes, wanted", [
+    ({"epochs": "ten"}, "epochs must be an integer, got 'ten'"),
+    ({"learning_rate": "0.1"}, "learning_rate must be a number, got '0.1'"),
+    ({"devices": "2"}, "devices must be an integer, got '2'"),
+    ({"dataset": 123}, "dataset must be text, got 123"),
+    ({"epochs": 1.5}, "epochs must be an integer, got 1.5"),
+    ({"workdir": 12345}, "workdir must be text, got 12345"),
+    ({"workdir": None}, "workdir cannot be None"),
+    ({"batch_size": True}, "batch_size must be an integer, got True"),
+    ({"validation": 5000.0},
+     "validation must be a count (an integer) or a fraction in (0, 1), got 5000.0"),
+    ({"weight_decay": 0.1}, "weight_decay needs optimizer='adamw' (decoupled decay)"),
+    ({"train_limit": 8}, "train_limit=8 is smaller than one batch (16); raise it or lower "
+                         "batch_size"),
+])
+def test_a_wrong_setting_is_one_line_naming_the_field_before_jax(monkeypatch, changes,
+                                                                 wanted):
+    monkeypatch.setattr(api, "start_jax", jax_must_not_start)
+    config = dataclasses.replace(lenet_dist.recipe("smoke"), **changes)
+    with pytest.raises(lenet_dist.UserError) as excinfo:
+        lenet_dist.train(config)
+    assert one_line(excinfo) == wanted
+    with pytest.raises(lenet_dist.UserError):
+        lenet_dist.dataset(config)
+
+
+def wrong_for(field: str, value) -> bool:
+    """Whether `value` is of a type Config's `field` does not take (a bool is no number;
+    an int goes where a float does)."""
+    kind, optional = field_type(field)
+    if value is None:
+        return not optional
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if float in kinds:
+        kinds = (*kinds, int)
+    return not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))
+
+
+ANY_VALUE = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8),
+                      st.binary(max_size=4), st.lists(st.integers(), max_size=2),
+                      st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+                      st.builds(object))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(field=st.sampled_from(list(FIELDS)), value=ANY_VALUE)
+def test_any_wrong_typed_field_is_one_line_naming_it_before_jax(field, value):
+    """Every field, any value of a type it does not take: train refuses it in one line
+    that names the field as Python does (no --option), and JAX never starts; the CLI's
+    wording names the option instead."""
+    assume(wrong_for(field, value))
+    config = dataclasses.replace(lenet_dist.recipe("smoke"), **{field: value})
+    original, api.start_jax = api.start_jax, jax_must_not_start  # (hypothesis: no monkeypatch)
+    try:
+        with pytest.raises(lenet_dist.UserError) as excinfo:
+            lenet_dist.train(config)
+    finally:
+        api.start_jax = original
+    message = one_line(excinfo)
+    assert message.startswith(f"{field} ") and "--" not in message, message
+    with pytest.raises(lenet_dist.UserError, match=f"^{option_name(field)} "):
+        config.validate(cli=True)
+
+
+def test_right_values_are_normalised_and_a_typo_is_named(tmp_path):
+    config = lenet_dist.recipe("smoke").replace(
+        learning_rate=1, epochs=np.int64(3), workdir=tmp_path, validation=np.int32(10))
+    checked = config.validate()
+    assert (checked.learning_rate, checked.epochs, checked.workdir, checked.validation) == (
+        1.0, 3, str(tmp_path), 10)
+    assert [type(v) for v in (checked.learning_rate, checked.epochs, checked.validation)] == [
+        float, int, int]
+    with pytest.raises(lenet_dist.UserError) as excinfo:
+        lenet_dist.recipe("smoke").replace(epoch=3)
+    assert one_line(excinfo).startswith("Config has no field 'epoch' (did you mean epochs?)")
+    with pytest.raises(lenet_dist.UserError) as excinfo:
+        lenet_dist.evaluate(tmp_path, devices="2")
+    assert one_line(excinfo) == "devices must be an integer, got '2'"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lenet_dist.checkpoint import Checkpoints, best_first
-from lenet_dist.history import best_epoch, describe_best, ranked, stopped_early
+from lenet_dist.history import best_epoch, describe_best, near_chance, ranked, stopped_early
 from lenet_dist.restore import candidate_steps
 
 
@@ -68,3 +68,9 @@ def test_the_keep_policy_ranks_a_changed_split_as_training_does(tmp_path):
     ckpts.close()
     assert ckpts.steps() == [10, 30]
     assert ckpts.best_step() == 10 and ckpts.chosen_on() == "test"
+
+
+def test_near_chance():
+    """The d2l recipe on a 3-class folder ended at 0.349 after 10 epochs, silently."""
+    assert near_chance(0.349, 3) and not near_chance(0.40, 3)
+    assert near_chance(0.1000, 10) and near_chance(0.189, 10) and not near_chance(0.7216, 10)

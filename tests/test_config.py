@@ -11,7 +11,7 @@ import sys
 
 import click
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from lenet_dist import cli as cli_lib
@@ -393,6 +393,12 @@ BIG = "x" * 5000
      "run.yaml: learning_rate must be a finite number in (0, 10], got nan"),
     ("run.yaml", f"batch_size: {10**12}\n",
      "run.yaml: batch_size must be in 1..65536, got 1000000000000"),
+    # validation: an integer is a count, a decimal a fraction
+    ("run.yaml", "validation: 5000.0\n",
+     "run.yaml: validation must be a count (an integer) or a fraction in (0, 1), got 5000.0"),
+    ("run.json", '{"validation": true}',
+     "run.json: validation must be a count (an integer) or a fraction in (0, 1), got True"),
+    ("run.yaml", "validation: -1\n", "run.yaml: validation must be in 0..2147483647, got -1"),
 ])
 def test_settings_files_get_the_clis_bounds_in_one_short_line(tmp_path, name, content,
                                                                message):
@@ -421,6 +427,39 @@ def test_every_bound_of_the_cli_is_a_bound_of_the_file():
                 config_lib.checked_setting("f", name, value)
             with pytest.raises(click.BadParameter):
                 options[name].type.convert(str(value), options[name], None)
+
+
+# Config with which any one field may take any value it takes alone: no combination
+# rule (weight decay needs AdamW, early stop a validation split, ...) is in play.
+ANY_ONE_FIELD = Config(dataset="folder:x", optimizer="adamw", schedule="cosine",
+                       validation=100, batch_size=1)
+VALUES = st.one_of(st.booleans(), st.integers(), st.floats(), st.text(max_size=8),
+                   st.sampled_from(["sgd", "adamw", "cosine", "modern", "mnist", "idx:d", "",
+                                    "a\0b", "runs/x"]),
+                   st.lists(st.integers(), max_size=2), st.binary(max_size=3))
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(field=st.sampled_from([f for f in config_lib.FIELDS if f != "recipe"]), value=VALUES)
+def test_a_value_is_judged_alike_by_config_and_by_a_settings_file(field, value):
+    """The rules of a field live once (config.check_field): Config.validate and the
+    settings-file reader take the same values, as the same Python values, and refuse
+    the others in the same words. (A file may also give a float as text, as YAML 1.1
+    wrote 1e-3, and says null; Python says None: those are the file's parsing.)"""
+    kind, _ = config_lib.field_type(field)
+    assume(not (kind is float and isinstance(value, str)))
+    try:
+        from_file, file_error = config_lib.checked_setting("f", field, value), None
+    except UserError as e:
+        from_file, file_error = None, str(e)
+    try:
+        held, error = getattr(dataclasses.replace(ANY_ONE_FIELD, **{field: value}).validate(),
+                              field), None
+    except UserError as e:
+        held, error = None, str(e)
+    assert (error and f"f: {error}") == file_error
+    assert held == from_file or (held != held and from_file != from_file)  # nan
+    assert type(held) is type(from_file)
 
 
 def test_quoted_is_bounded_and_cheap_for_any_value():
@@ -461,6 +500,7 @@ def test_print_config_shows_the_effective_config_and_reads_back(tmp_path, capsys
     {"weight_decay": 1e-05, "learning_rate": 10.0, "seed": 2**32 - 1, "devices": 8},
     {"workdir": "runs/w\xf6rk: a # b", "test_fraction": 0.25, "dataset": "folder:x",
      "augment": True, "train_limit": 512},
+    {"validation": 1 / 12, "early_stop": 2}, {"validation": 5000},
 ])
 def test_to_yaml_reads_back_to_the_same_config(tmp_path, changes):
     config = dataclasses.replace(PRESETS["smoke"], **changes)

@@ -19,6 +19,7 @@ from lenet_dist.state import BNTrainState
 from lenet_dist.step import augment
 from lenet_dist.training import train
 from tests.conftest import assert_same_params, modern, small, write_dataset
+from tests.folders import write_folder
 
 QUIET = dict(log=lambda _: None)
 
@@ -82,6 +83,23 @@ def test_old_preset_name_still_works_with_a_note(capsys, tmp_path):
     assert "the preset 'seed' is now called 'd2l'" in captured.err
     meta_config = json.loads((tmp_path / "w" / "metrics.jsonl").read_text().splitlines()[0])
     assert meta_config["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_modern_defaults_train_on_a_folder_smaller_than_5000_images(dataset, tmp_path, capsys):
+    """--recipe modern used to hold out 5,000 images, more than a user's folder of a few
+    thousand holds; its twelfth holds out 167 of 2,000. Only --epochs is lowered."""
+    folder = write_folder(tmp_path / "imgs", {
+        "train": (dataset.train.images[:2000], dataset.train.labels[:2000]),
+        "test": (dataset.test.images[:200], dataset.test.labels[:200])},
+        dataset.class_names, formats=("png",))
+    work = tmp_path / "run"
+    assert main(["train", "--recipe", "modern", "--dataset", f"folder:{folder.root}",
+                 "--epochs", "1", "--workdir", str(work), "--no-progress",
+                 "--no-tensorboard"]) == 0
+    assert "(1,833 train / 167 validation / 200 test images" in capsys.readouterr().out
+    record = json.loads((work / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["epoch"] == 1 and record["validation_accuracy"] is not None
 
 
 @pytest.mark.parametrize("recipe", ["d2l", "modern"])
