@@ -19,7 +19,8 @@ a row of:
   images (after one warm-up call of each batch shape).
 Every runtime gets --threads threads (default 1). Exit status 0 when every format present
 ran and matched its reference, 1 when one did not (or its runtime is missing), 2 on bad
-input. check_savedmodel.py checks the SavedModel further (its signature, TF1 sessions).
+input (--labels holding a label the model has no class for among it: never scored).
+check_savedmodel.py checks the SavedModel further (its signature, TF1 sessions).
 """
 
 from __future__ import annotations
@@ -53,6 +54,38 @@ WARMUP_CALLS = 10
 
 class MissingRuntime(Exception):
     """The runtime a format needs is not installed; the message says which."""
+
+
+class BadLabels(io.InputError):
+    """--labels holds values the model has no class for: bad input for every format."""
+
+
+def label_problem(path, labels: np.ndarray, num_classes: int) -> str | None:
+    """Why `labels` cannot score a model of `num_classes` classes, or None: a label
+    with no class could never be right, so an accuracy would measure the wrong file."""
+    bad = np.unique(labels[labels >= num_classes])
+    if not bad.size:
+        return None
+    shown = ", ".join(str(int(v)) for v in bad[:5])
+    values = (f"label {shown}" if bad.size == 1 else
+              f"labels {shown}" + (f", ... ({bad.size} values)" if bad.size > 5 else ""))
+    return (f"{path} holds {values} outside the model's classes: the model has "
+            f"{num_classes} classes (0..{num_classes - 1}); give the labels of its own "
+            "dataset")
+
+
+def model_classes(model_dir: Path) -> int | None:
+    """The class count the export records (metadata.json's class_names, else the
+    reference logits' width), so bad labels are refused before any runtime starts;
+    None when it records neither (then each format's outputs decide)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+        names = json.loads((model_dir / "assets.extra" / "metadata.json").read_text())
+        if isinstance(names.get("class_names"), list) and names["class_names"]:
+            return len(names["class_names"])
+    with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
+        with np.load(model_dir / "assets.extra" / "reference.npz") as ref:
+            return int(ref["logits"].shape[1])
+    return None
 
 
 @contextlib.contextmanager
@@ -162,9 +195,10 @@ def run_batched(run, images: np.ndarray, batch: int) -> dict:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def accuracy_and_throughput(run, images, labels, batch: int) -> dict:
+def accuracy_and_throughput(run, images, labels, batch: int, labels_path=None) -> dict:
     """Classes for all `images` at `batch` a call, timed after one warm-up call of each
-    batch shape (TensorFlow compiles the XLA module once per shape)."""
+    batch shape (TensorFlow compiles the XLA module once per shape); BadLabels when
+    `labels` hold a value the model's outputs have no class for."""
     for n in {min(batch, len(images)), len(images) % batch or batch}:
         run(images[:n])
     start = time.perf_counter()
@@ -173,6 +207,9 @@ def accuracy_and_throughput(run, images, labels, batch: int) -> dict:
     result = {"images": int(len(images)), "batch": batch,
               "ms_per_image": 1e3 * seconds / len(images)}
     if labels is not None:
+        problem = label_problem(labels_path, labels, out["probabilities"].shape[1])
+        if problem:
+            raise BadLabels(problem)
         correct = int(np.sum(out["classes"] == labels))
         result.update(correct=correct, accuracy=correct / len(labels))
     return result
@@ -205,11 +242,14 @@ def check_format(model_dir: Path, fmt: str, images, labels, args) -> dict:
         row["runtime_version"] = runtime_version(fmt)
         row["reference"] = check_reference(run, model_dir, fmt)
         if images is not None:
-            row["accuracy"] = accuracy_and_throughput(run, images, labels, args.batch)
+            row["accuracy"] = accuracy_and_throughput(run, images, labels, args.batch,
+                                                      args.labels)
             row["latency"] = latency(run, images, args.runs)
     except MissingRuntime as e:
         row["problem"] = f"not run: {e}"
         return row
+    except BadLabels:  # the input's fault, not this format's: main refuses it
+        raise
     except Exception as e:  # each runtime raises its own types; all mean "cannot run it"
         row["problem"] = f"{runtime} cannot run it: {str(e).strip().splitlines()[0][:300]}"
         return row
@@ -321,11 +361,15 @@ def main(argv=None) -> int:
                 if len(labels) != len(images):
                     raise io.InputError(f"{args.labels}: {len(labels)} labels for "
                                         f"{len(images)} images")
+                classes = model_classes(model_dir)
+                problem = classes and label_problem(args.labels, labels, classes)
+                if problem:
+                    raise BadLabels(problem)
+        rows = [check_format(model_dir, f, images, labels, args) for f in formats]
     except io.InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    rows = [check_format(model_dir, f, images, labels, args) for f in formats]
     ok = all(r["ok"] for r in rows)
     report = {"model_dir": str(model_dir), "machine": machine(), "threads": args.threads,
               "images": 0 if images is None else int(len(images)), "rows": rows, "ok": ok}

@@ -44,6 +44,7 @@ SYSTEM_DIRS = {
     "fashion_mnist": "/usr/share/datasets/fashion-mnist",
     "mnist": "/usr/share/datasets/mnist",
 }
+SPLITS = ("train", "test")
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -202,14 +203,19 @@ def check_split(images: np.ndarray, labels: np.ndarray, where: str,
 
 def load_idx_dir(directory: str | os.PathLike, name: str,
                  class_names: tuple[str, ...] | None = None,
-                 option: str = "--data-dir ") -> Dataset:
+                 option: str = "--data-dir ", infer_classes: bool = False) -> Dataset:
     """The four IDX files in `directory`; labels are checked against `class_names`
-    (the built-in dataset's, by default)."""
+    (the built-in dataset's, by default), each bad one named with its file.
+
+    `infer_classes`: no names are known (idx:DIR without classes.txt), so the labels
+    are the classes, "0".."K-1": they must be dense (dense_class_names), or one stray
+    label would add classes that no image trains."""
     directory = Path(directory)
-    class_names = class_names or CLASS_NAMES[name]
+    if not infer_classes:
+        class_names = class_names or CLASS_NAMES[name]
     if not directory.is_dir():
         raise UserError(f"{option}{directory} does not exist or is not a directory")
-    splits = {}
+    splits, label_files = {}, {}
     for split, (img_stem, lbl_stem) in IDX_FILES.items():
         img, lbl = _find_idx(directory, img_stem), _find_idx(directory, lbl_stem)
         if img is None or lbl is None:
@@ -217,10 +223,48 @@ def load_idx_dir(directory: str | os.PathLike, name: str,
             raise UserError(
                 f"{directory} has no {missing}[.gz]; it needs the four IDX files "
                 f"{', '.join(s for pair in IDX_FILES.values() for s in pair)}")
-        splits[split] = check_split(read_idx(img, IMAGES_MAGIC),
-                                    read_idx(lbl, LABELS_MAGIC), f"{directory} {split}",
-                                    len(class_names))
+        images, labels = read_idx(img, IMAGES_MAGIC), read_idx(lbl, LABELS_MAGIC)
+        if class_names is not None and labels.size and int(labels.max()) >= len(class_names):
+            raise UserError(f"{lbl}: label {int(labels.max())} is out of range "
+                            f"0..{len(class_names) - 1} ({name} has {len(class_names)} "
+                            "classes)")
+        splits[split] = check_split(images, labels, f"{directory} {split}",
+                                    len(class_names) if class_names else 256)  # uint8
+        label_files[split] = lbl
+    if infer_classes:
+        class_names = dense_class_names(splits, label_files, directory)
     return Dataset(name, str(directory), splits["train"], splits["test"], class_names)
+
+
+def dense_class_names(splits: dict[str, Split], label_files: dict[str, Path],
+                      directory: Path) -> tuple[str, ...]:
+    """"0".."K-1", K = the largest label + 1, when every one of them labels a training
+    image; else a UserError naming the file of the largest label and the missing ones
+    (a stray 200 would otherwise make a 201-class model)."""
+    top = {s: int(splits[s].labels.max()) for s in SPLITS}
+    k = max(top.values()) + 1
+    missing = np.setdiff1d(np.arange(k), splits["train"].labels)
+    if missing.size:
+        where = label_files["train" if top["train"] + 1 == k else "test"]
+        plural = "s" if missing.size > 1 else ""
+        raise UserError(f"{where}: label {k - 1} would make {k} classes, but "
+                        f"{label_files['train']} has no image of label{plural} "
+                        f"{number_ranges(missing)}; labels must be 0..K-1 with each in the "
+                        f"training split (a stray label?), or name the classes in "
+                        f"{directory}/classes.txt")
+    return tuple(str(i) for i in range(k))
+
+
+def number_ranges(values) -> str:
+    """Sorted ints as runs: [1, 2, 3, 7, 10, 11] -> "1..3, 7, 10..11" (at most 5 runs)."""
+    runs: list[list[int]] = []
+    for v in map(int, values):
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    text = [f"{a}" if a == b else f"{a}..{b}" for a, b in runs[:5]]
+    return ", ".join(text) + (", ..." if len(runs) > 5 else "")
 
 
 # ---------------------------------------------------------------- TFDS
@@ -270,12 +314,17 @@ def resolve_source(name: str, data_dir: str | None) -> tuple[str, str | None]:
 
 
 def how_to_get(name: str) -> str:
-    pkg = "dataset-fashion-mnist" if name == "fashion_mnist" else "an MNIST IDX copy"
+    """The three ways to get `name`; the third is Debian's package for Fashion-MNIST,
+    but no package holds MNIST: its files are placed where a package would put them."""
+    if name == "fashion_mnist":
+        system = ("install dataset-fashion-mnist (apt-get install -y dataset-fashion-mnist) "
+                  f"into {SYSTEM_DIRS[name]}")
+    else:
+        files = ", ".join(s for pair in IDX_FILES.values() for s in pair)
+        system = f"place its four IDX files ({files}; each may be .gz) in {SYSTEM_DIRS[name]}"
     return (f"get {name} one of three ways: pass --data-dir DIR holding its four IDX files; "
             f"let TFDS download it (needs internet) into {tfds_data_dir()}, with the "
-            "[tfds] extra; "
-            f"or install {pkg} (apt-get install -y dataset-fashion-mnist) "
-            f"into {SYSTEM_DIRS[name]}")
+            f"[tfds] extra; or {system}")
 
 
 # Where tensorflow_datasets 4.9.10 downloads each dataset from (its builders' URLs).

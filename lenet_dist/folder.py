@@ -23,7 +23,11 @@ What is read:
   folder as that folder; a link to a folder inside a class folder is not followed (a
   loop could make the walk endless) and counts as ignored. A FIFO, a device or a socket
   with an image suffix is refused by the decoder's safe open (data.open_input), like a
-  file that does not decode.
+  file that does not decode. No class folder may be, or hold, another once links are
+  resolved (a class linked to another class, to its split folder or to PATH): the same
+  images would be read under two labels, or in both splits.
+- `--skip-bad-files` skips files that do not decode, but a class left with no training
+  image is refused: its output would be one that no image trains.
 - Every image goes through predict's decoder (images.decode_image, invert=False), so
   training and serving never disagree on a pixel.
 
@@ -133,6 +137,17 @@ class FolderInfo:
 # ---------------------------------------------------------------- the tree
 
 
+def expand_user(path: str | os.PathLike, option: str) -> Path:
+    """`path` with a leading ~ or ~user expanded; a UserError when there is no such user
+    (or no home), which pathlib raises as a RuntimeError."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        user = str(path).split("/", 1)[0]
+        raise UserError(f"{option}{path}: cannot expand {user} (no such user, or no home "
+                        "directory); give the path without ~") from None
+
+
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
@@ -231,6 +246,7 @@ def scan(root: str | os.PathLike, test_fraction: float | None = None) -> Listing
                             "class folders")
         classes = tuple(names["train"])
         _check_class_count(root, classes)
+        _check_apart([root / split / name for split in SPLITS for name in classes])
         for split in SPLITS:
             for label, name in enumerate(classes):
                 found, other = _images_under(root / split / name, root)
@@ -245,6 +261,7 @@ def scan(root: str | os.PathLike, test_fraction: float | None = None) -> Listing
     names, ignored = _class_dirs(root)
     classes = tuple(names)
     _check_class_count(root, classes)
+    _check_apart([root / name for name in classes])
     for label, name in enumerate(classes):
         found, other = _images_under(root / name, root)
         if not found:
@@ -262,6 +279,20 @@ def scan(root: str | os.PathLike, test_fraction: float | None = None) -> Listing
         raise UserError(f"--test-fraction {test_fraction:g} leaves the test split of "
                         f"{root} empty; give a fraction that keeps images in both")
     return Listing(classes, files, ignored)
+
+
+def _check_apart(class_dirs: list[Path]) -> None:
+    """No class folder is, or holds, another once links are resolved: a class linked to
+    another class, or to its split folder, would read the same images under two labels
+    (or in both splits)."""
+    real = sorted((Path(os.path.realpath(d)).parts, d) for d in class_dirs)
+    # Sorted by path parts, a folder comes right before the first folder it holds.
+    for (outer, a), (inner, b) in zip(real, real[1:]):
+        if inner[:len(outer)] == outer:
+            same = "are one folder" if inner == outer else f"are nested ({b} is inside {a})"
+            raise UserError(f"class folders {a} and {b} {same} once links are resolved "
+                            f"({os.path.join(*outer)}): the same images would be read twice, "
+                            "under two labels or in both splits; remove the link")
 
 
 def _check_class_count(root: Path, classes: tuple[str, ...]) -> None:
@@ -320,6 +351,20 @@ def _decode_all(root: Path, listing: Listing, skip_bad: bool, progress: bool,
     return out, skipped
 
 
+def _check_every_class_trains(listing: Listing, train: data_lib.Split) -> None:
+    """Every class keeps a training image after --skip-bad-files: a class with none would
+    be an output the model never learns, its test images all counted wrong."""
+    counts = np.bincount(train.labels, minlength=len(listing.class_names))
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+        listed = sum(1 for _, label in listing.files["train"] if label == empty[0])
+        more = f" (and {empty.size - 1} more classes)" if empty.size > 1 else ""
+        raise UserError(f"class {quoted(listing.class_names[empty[0]])} has no training image "
+                        f"left: all {listed:,} of its training files were skipped as bad "
+                        f"(--skip-bad-files){more}; fix or remove them, or remove the class "
+                        "folder")
+
+
 # ---------------------------------------------------------------- the cache
 
 
@@ -327,7 +372,7 @@ def cache_dir() -> Path | None:
     """$LENET_DIST_CACHE_DIR, else $XDG_CACHE_HOME/lenet-dist (an absolute one, as the
     XDG spec says), else ~/.cache/lenet-dist; None when there is no home to find."""
     if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
+        return expand_user(os.environ[CACHE_ENV], f"${CACHE_ENV}=")
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     if os.path.isabs(xdg):
         return Path(xdg) / "lenet-dist"
@@ -446,7 +491,7 @@ def load_folder(path: str | os.PathLike, *, test_fraction: float | None = None,
     """
     del seed  # the split depends on the files' paths alone (module docstring)
     t0 = time.perf_counter()
-    root = Path(path).expanduser()
+    root = expand_user(path, "--dataset folder:")
     listing = scan(root, test_fraction)
     resolved = root.resolve()
     directory = cache_dir() if use_cache else None
@@ -464,6 +509,7 @@ def load_folder(path: str | os.PathLike, *, test_fraction: float | None = None,
         splits, skipped = _decode_all(root, listing, skip_bad_files, progress, log)
         if cache is not None and not _write_cache(cache, key, splits, skipped, log):
             cache = None
+    _check_every_class_trains(listing, splits["train"])
     for split in SPLITS:  # the same checks as every other source's arrays
         splits[split] = data_lib.check_split(splits[split].images[..., 0],
                                              splits[split].labels, f"{root} {split}",

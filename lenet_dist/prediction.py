@@ -144,6 +144,11 @@ def local_model(model: str, scratch: str) -> Path:
 
 def _predict(forward, names, inputs, invert: bool, top: int, labels: str | None) -> dict:
     images, image_names = load_inputs(inputs, invert=invert)
+    truth = None
+    if labels is not None:  # read first: a wrong file fails before the model runs
+        truth = data_lib.read_idx(labels, data_lib.LABELS_MAGIC)
+        if len(truth) != len(images):
+            raise UserError(f"{labels} has {len(truth)} labels for {len(images)} images")
 
     probs, classes = [], []
     for i in range(0, len(images), BATCH):
@@ -157,12 +162,27 @@ def _predict(forward, names, inputs, invert: bool, top: int, labels: str | None)
     rows = [(n, [(names[c], float(p[c])) for c in o])
             for n, p, o in zip(image_names, probs, order)]
     result = {"rows": rows, "classes": classes}
-    if labels is not None:
-        truth = data_lib.read_idx(labels, data_lib.LABELS_MAGIC)
-        if len(truth) != len(classes):
-            raise UserError(f"{labels} has {len(truth)} labels for {len(classes)} images")
+    if truth is not None:
+        problem = label_problem(labels, truth, probs.shape[1])
+        if problem:
+            raise UserError(problem)
         result["accuracy"] = float(np.mean(classes == truth))
     return result
+
+
+def label_problem(path, labels: np.ndarray, num_classes: int) -> str | None:
+    """Why `labels` cannot score a model of `num_classes` outputs, or None: a label
+    with no class (another dataset's labels file) could never be right, and the
+    accuracy would quietly measure the mismatch instead of the model."""
+    bad = np.unique(labels[labels >= num_classes])
+    if not bad.size:
+        return None
+    shown = ", ".join(str(int(v)) for v in bad[:5])
+    values = (f"label {shown}" if bad.size == 1 else
+              f"labels {shown}" + (f", ... ({bad.size} values)" if bad.size > 5 else ""))
+    return (f"{path} holds {values} outside the model's classes: the model has "
+            f"{num_classes} classes (0..{num_classes - 1}); give the labels of its own "
+            "dataset")
 
 
 def format_rows(result: dict, as_json: bool) -> list[str]:

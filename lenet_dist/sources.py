@@ -37,7 +37,8 @@ def load_dataset(config: Config, progress: bool = False,
 
 def load_idx(directory: str) -> data_lib.Dataset:
     """idx:DIR: its four IDX files, with the class names of DIR/classes.txt if there is
-    one, else "0".."K-1" for K = the largest label + 1 (at least 2)."""
+    one, else "0".."K-1" for K = the largest label + 1, every label 0..K-1 then having
+    a training image (data.dense_class_names: a stray label must not add classes)."""
     names_file = Path(directory) / CLASSES_FILE
     names = None
     if names_file.exists():
@@ -54,12 +55,11 @@ def load_idx(directory: str) -> data_lib.Dataset:
         if len(set(names)) != len(names):
             raise UserError(f"{names_file} names a class twice")
     spec = f"idx:{directory}"
-    dataset = data_lib.load_idx_dir(directory, spec, names or tuple(
-        str(i) for i in range(MAX_CLASSES)), option="--dataset idx:")
-    if names is None:
-        top = max(int(dataset.train.labels.max()), int(dataset.test.labels.max()))
-        names = tuple(str(i) for i in range(max(top + 1, MIN_CLASSES)))
-        dataset = data_lib.Dataset(spec, dataset.source, dataset.train, dataset.test, names)
+    dataset = data_lib.load_idx_dir(directory, spec, names, option="--dataset idx:",
+                                    infer_classes=names is None)
+    if dataset.num_classes < MIN_CLASSES:  # uint8 labels: never over MAX_CLASSES
+        raise UserError(f"{spec} holds only label 0: one class, and a model needs "
+                        f"{MIN_CLASSES} to {MAX_CLASSES}")
     return dataset
 
 

@@ -134,6 +134,21 @@ def test_no_source_names_the_three_ways(no_sources, monkeypatch):
     assert "apt-get install -y dataset-fashion-mnist" in msg
 
 
+def test_no_mnist_says_where_its_idx_files_go_not_a_fashion_package(no_sources, monkeypatch):
+    """Was: "or install an MNIST IDX copy (apt-get install -y dataset-fashion-mnist)",
+    a package that holds Fashion-MNIST, not MNIST."""
+    monkeypatch.setitem(data_lib.SYSTEM_DIRS, "mnist", str(no_sources / "mnist"))
+    monkeypatch.setattr(data_lib, "network_problem", lambda name: "cannot reach the host")
+    with pytest.raises(UserError) as err:
+        data_lib.load("mnist")
+    msg = str(err.value)
+    assert "\n" not in msg and "fashion" not in msg and "apt-get" not in msg
+    assert "pass --data-dir DIR holding its four IDX files" in msg
+    assert (f"or place its four IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+            f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; each may be .gz) in "
+            f"{no_sources / 'mnist'}") in msg
+
+
 # ---------------------------------------------------------------- empty splits
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from lenet_dist.cli import main
 from lenet_dist.config import Config
 from lenet_dist.errors import UserError
 from lenet_dist.sources import load_dataset
-from tests.conftest import make_special, real_data_available, returns_within
+from tests.conftest import make_special, one_line_error, real_data_available, returns_within
 from tests.folders import FORMATS, folder_name, write_folder, write_image
 
 FASHION_NAMES = data_lib.CLASS_NAMES["fashion_mnist"]
@@ -410,6 +411,59 @@ def test_a_split_whose_every_file_is_bad_is_refused(tmp_path):
     with pytest.raises(UserError) as caught:
         folder.load_folder(root, skip_bad_files=True, **QUIET)
     assert "no image of the test split" in one_line(caught)
+
+
+def test_skip_bad_files_refuses_a_class_left_with_no_training_image(tmp_path):
+    """Was: trained on, with 'b' an output no image taught, and exit 0."""
+    root = tmp_path / "splits"
+    write_classes(root / "train", {"a": 2, "b": 2})
+    write_classes(root / "test", {"a": 1, "b": 1})
+    for p in (root / "train" / "b").iterdir():
+        p.write_bytes(b"not an image")
+    for _ in range(2):  # decoded, then again from the cache the first load wrote
+        with pytest.raises(UserError) as caught:
+            folder.load_folder(root, skip_bad_files=True, **QUIET)
+        assert one_line(caught).startswith(
+            "class 'b' has no training image left: all 2 of its training files were skipped")
+
+
+@pytest.mark.parametrize("layout, link, target, other", [
+    ("splits", "train/c", "train", "train/a"),  # the split folder: it holds a and b
+    ("splits", "train/c", "train/a", "train/a"),  # another class
+    ("splits", "train/c", "test/c", "test/c"),  # the same images in both splits
+    ("flat", "c", ".", "a"),  # the dataset's own root
+    ("flat", "c", "b", "b"),
+])
+def test_a_class_folder_linked_to_another_or_to_its_split_is_refused(
+        tmp_path, layout, link, target, other):
+    """Was: a class linked to its split folder read every other class's images under
+    its own label too; one linked to another class read that class's under two."""
+    root = tmp_path / layout
+    for top in (["train", "test"] if layout == "splits" else ["."]):
+        write_classes(root / top, {"a": 2, "b": 2, "c": 2})
+    shutil.rmtree(root / link)
+    (root / link).symlink_to((root / target).resolve(), target_is_directory=True)
+    fraction = 0.5 if layout == "flat" else None
+    with pytest.raises(UserError) as caught:
+        folder.scan(root, fraction)
+    message = one_line(caught)
+    assert str(root / link) in message and str(root / other) in message
+    assert "remove the link" in message
+
+
+def test_a_folder_path_of_an_unknown_user_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    """Was: "internal error: RuntimeError: Could not determine home directory", exit 1."""
+    spec = "folder:~no-such-user-lenet/x"
+    line = one_line_error(capsys, ["train", "--dataset", spec, "--devices", "1",
+                                   "--workdir", str(tmp_path / "w")])
+    assert line == (f"error: --dataset {spec}: cannot expand ~no-such-user-lenet (no such "
+                    "user, or no home directory); give the path without ~")
+    root = write_classes(tmp_path / "ok", {"a": 2, "b": 2})
+    monkeypatch.setenv(folder.CACHE_ENV, "~no-such-user-lenet/cache")
+    with pytest.raises(UserError) as caught:
+        folder.load_folder(root, test_fraction=0.5, **QUIET)
+    assert one_line(caught).startswith(f"${folder.CACHE_ENV}=~no-such-user-lenet/cache: "
+                                       "cannot expand")
 
 
 # ---------------------------------------------------------------- the CLI, end to end
