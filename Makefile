@@ -1,20 +1,33 @@
-# Quick start:  make train   (set up, then train on 8 devices)
-#               make test    (set up, then run the tests)
+# Quick start:  make train   (set up the core, then train on 8 devices)
+#               make test    (set up every extra, then run the tests)
+# The commands are in .venv/bin: `source .venv/bin/activate`, or call
+# .venv/bin/lenet-dist, or `make run ARGS="eval --best"`.
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+CORE   := $(VENV)/.installed-core
+ALL    := $(VENV)/.installed-all
 
-.PHONY: setup data tools train test lint bench peers export check-export clean
+.PHONY: setup setup-core data tools train run test lint bench peers export check-export clean
 
-setup: $(STAMP)
+# Two installs into one .venv, each rebuilt when pyproject.toml changes:
+#   setup-core  what training needs: `pip install -e .` (no TensorFlow; about 0.7 GB)
+#   setup       every extra but the accelerators, `pip install -e ".[all]"` (about
+#               2.5 GB): the tests cover all of it, and export, report and lint need it.
+setup-core: $(CORE)
+setup: $(ALL)
 
-# Rebuild the venv when the dependencies change. Every extra (export, tfds, report,
-# test): the tests cover all of it. A user who only trains needs `pip install .`.
-$(STAMP): pyproject.toml
+$(CORE): pyproject.toml
+	@test -x $(BIN)/python || "$$(scripts/find-python.sh)" -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	@touch $@
+
+# [all] holds the core, so it marks the core installed too.
+$(ALL): pyproject.toml
 	@test -x $(BIN)/python || "$$(scripts/find-python.sh)" -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[all]"
-	@touch $@
+	@touch $@ $(CORE)
 
 data:
 	@scripts/get-data.sh
@@ -23,8 +36,14 @@ data:
 tools:
 	@scripts/get-tools.sh
 
-train: setup data
+train: setup-core data
 	$(BIN)/lenet-dist train --devices 8 $(ARGS)
+	@echo "lenet-dist is in $(BIN), not on PATH: $(BIN)/lenet-dist eval --best," \
+	  "or \`source $(BIN)/activate\` first, or make run ARGS=\"eval --best\""
+
+# Any lenet-dist command on the core install: make run ARGS="checkpoints".
+run: setup-core
+	$(BIN)/lenet-dist $(ARGS)
 
 test: setup data tools lint
 	$(BIN)/python -m pytest -q $(ARGS)
@@ -33,12 +52,12 @@ test: setup data tools lint
 lint: setup
 	$(BIN)/ruff check .
 
-bench: setup data
+bench: setup-core data
 	$(BIN)/lenet-dist bench --devices 1 --devices 8 $(ARGS)
 
 # lenet-dist against PyTorch (eager, compile), Keras 3 and a plain Flax loop, in one
 # alternating run; the peers install into .peers/, outside lenet-dist's venv.
-peers: setup data
+peers: setup-core data
 	benchmarks/peers/setup.sh
 	$(BIN)/python benchmarks/peers/run.py $(ARGS)
 
