@@ -27,7 +27,9 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -406,9 +408,21 @@ def test_export_readme_runs(trained, tmp_path, monkeypatch, capsys):
 
     (tmp_path / "runs").mkdir()
     os.symlink(trained.config.workdir, tmp_path / "runs" / "lenet")
+    # The README's Python example trains runs/api-smoke after `make train`: "the run
+    # trained last" then exported the example's run. The page's exports must read
+    # runs/lenet, and say so.
+    later = tmp_path / "runs" / "api-smoke" / "config.json"
+    later.parent.mkdir()
+    shutil.copy(Path(trained.config.workdir) / "config.json", later)
+    os.utime(later, (time.time() + 60,) * 2)
     Image.fromarray(np.full((28, 28), 200, np.uint8)).save(tmp_path / "shirt.png")
     Image.fromarray(np.full((28, 28), 90, np.uint8)).save(tmp_path / "boot.jpg")
     monkeypatch.chdir(tmp_path)
+    # README.md's export, as its command list writes it, first: it reads runs/lenet.
+    (line,) = [ln for ln in (ROOT / "README.md").read_text().splitlines()
+               if ln.startswith("lenet-dist export ")]
+    assert main(shlex.split(line.split("#")[0])[1:]) == 0
+    assert capsys.readouterr().out.startswith("exported runs/lenet step "), line
     ran = []
     for command in readme_sequence():
         if command.kind == "lenet-dist":
