@@ -497,7 +497,8 @@ def report_cmd(runs, workdir, compare, out, step, best, data_dir):
             out, os.path.basename(os.path.normpath(workdir)),
             tested["history"], tested["config"].to_dict(), tested["labels"],
             tested["predictions"], tested["images"], tested["class_names"],
-            extra={"parameters": tested["parameters"], "checkpoint step": tested["step"]})
+            extra={"parameters": tested["parameters"], "checkpoint step": tested["step"]},
+            image_names=tested.get("image_names"))  # a folder dataset's files, else None
     click.echo(f"wrote {path}")
 
 

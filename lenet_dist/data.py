@@ -55,15 +55,31 @@ IDX_FILES = {
 class Split:
     images: np.ndarray  # uint8 [n, 28, 28, 1]
     labels: np.ndarray  # int32 [n]
+    # Image i's file, relative to its split's folder ("<class>/<file>"), for a folder
+    # dataset; None for the others (IDX, TFDS), whose images are known by index. Not in
+    # the repr (thousands of names); None compares equal to None, so an IDX split's
+    # equality is what it was.
+    names: tuple[str, ...] | None = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.names is not None and len(self.names) != len(self.labels):
+            raise ValueError(f"{len(self.names)} image names for {len(self.labels)} labels")
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def take(self, n: int | None) -> "Split":
-        return self if n is None else Split(self.images[:n], self.labels[:n])
+        if n is None:
+            return self
+        return Split(self.images[:n], self.labels[:n],
+                     None if self.names is None else self.names[:n])
 
     def subset(self, indices: np.ndarray) -> "Split":
-        return Split(self.images[indices], self.labels[indices])
+        """The images at `indices` (integers, or a boolean mask), their names with them."""
+        names = None
+        if self.names is not None:
+            names = tuple(self.names[i] for i in np.arange(len(self))[indices])
+        return Split(self.images[indices], self.labels[indices], names)
 
 
 def hold_out(split: Split, n: int, seed: int) -> tuple[Split, Split]:
@@ -95,6 +111,18 @@ class Dataset:
 
 
 # ---------------------------------------------------------------- IDX files
+
+
+def expand_user(path: str | os.PathLike, option: str) -> Path:
+    """`path` with a leading ~ or ~user expanded (folder: and idx: paths, the cache
+    folder); a UserError when there is no such user (or no home), which pathlib raises
+    as a RuntimeError. `option` starts the message: "--dataset folder:"."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        user = str(path).split("/", 1)[0]
+        raise UserError(f"{option}{path}: cannot expand {user} (no such user, or no home "
+                        "directory); give the path without ~") from None
 
 
 # Far above the real files (the training images are 47 MB unpacked); it bounds
@@ -183,8 +211,10 @@ def _find_idx(directory: Path, stem: str) -> Path | None:
 
 
 def check_split(images: np.ndarray, labels: np.ndarray, where: str,
-                num_classes: int = NUM_CLASSES) -> Split:
-    """Validate shapes, counts and label range; return NHWC uint8 + int32 labels."""
+                num_classes: int = NUM_CLASSES,
+                names: tuple[str, ...] | None = None) -> Split:
+    """Validate shapes, counts and label range; return NHWC uint8 + int32 labels (and
+    the images' `names`, when they have them: Split.names)."""
     if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE[:2]:
         raise UserError(f"{where}: images have shape {images.shape}, expected [n, 28, 28]")
     if labels.ndim != 1:
@@ -198,7 +228,7 @@ def check_split(images: np.ndarray, labels: np.ndarray, where: str,
     if len(labels) and int(labels.max()) >= num_classes:
         raise UserError(
             f"{where}: label {int(labels.max())} is out of range 0..{num_classes - 1}")
-    return Split(images.reshape(-1, *IMAGE_SHAPE), labels.astype(np.int32))
+    return Split(images.reshape(-1, *IMAGE_SHAPE), labels.astype(np.int32), names)
 
 
 def load_idx_dir(directory: str | os.PathLike, name: str,

@@ -46,7 +46,8 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, best: bool = Fals
 def test_predictions(workdir: str, step: int | None = None, best: bool = False,
                      data_dir: str | None = None, batch: int = 1000) -> dict:
     """Every test image's predicted class from a checkpoint, on one device, with what a
-    report shows beside it: the run's config and history, and the parameter count."""
+    report shows beside it: the run's config and history, the parameter count, and the
+    test images' file names (`image_names`: a folder dataset's, else None)."""
     restored = restore_checkpoint(workdir, Shardings(make_mesh(1)), step, best)
     variables, config = restored.variables, restored.config
     dataset = load_dataset(config.replace(data_dir=data_dir), log=lambda _: None)
@@ -56,7 +57,7 @@ def test_predictions(workdir: str, step: int | None = None, best: bool = False,
                                   for i in range(0, len(images), batch)])
     return {"config": config, "step": restored.step, "history": restored.meta["history"],
             "images": images, "labels": dataset.test.labels, "predictions": predictions,
-            "class_names": dataset.class_names,
+            "class_names": dataset.class_names, "image_names": dataset.test.names,
             "parameters": param_count(variables["params"])}
 
 

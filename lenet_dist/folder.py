@@ -137,15 +137,7 @@ class FolderInfo:
 # ---------------------------------------------------------------- the tree
 
 
-def expand_user(path: str | os.PathLike, option: str) -> Path:
-    """`path` with a leading ~ or ~user expanded; a UserError when there is no such user
-    (or no home), which pathlib raises as a RuntimeError."""
-    try:
-        return Path(path).expanduser()
-    except RuntimeError:
-        user = str(path).split("/", 1)[0]
-        raise UserError(f"{option}{path}: cannot expand {user} (no such user, or no home "
-                        "directory); give the path without ~") from None
+expand_user = data_lib.expand_user  # idx: paths expand the same way
 
 
 def _is_hidden(name: str) -> bool:
@@ -344,11 +336,20 @@ def _decode_all(root: Path, listing: Listing, skip_bad: bool, progress: bool,
                 raise UserError(f"no image of the {split} split of {root} decodes "
                                 f"({len(files):,} skipped as bad)")
             labels = np.fromiter((label for _, label in files), np.int32, len(files))
-            out[split] = data_lib.Split(pixels[keep], labels[keep])
+            names = _split_names(split, [f for (f, _), kept in zip(files, keep) if kept])
+            out[split] = data_lib.Split(pixels[keep], labels[keep], names)
     if skipped:
         log(f"note: skipped {len(skipped):,} bad image files; the first: "
             + "; ".join(reasons[:3]))
     return out, skipped
+
+
+def _split_names(split: str, relpaths: list[str]) -> tuple[str, ...]:
+    """The split's files as Split.names: relative to the split's folder, so
+    "test/cat/1.png" is "cat/1.png". A flat folder's paths ("cat/1.png") are already:
+    none of its classes can be called train or test (that would be the split layout)."""
+    prefix = split + os.sep
+    return tuple(f[len(prefix):] if f.startswith(prefix) else f for f in relpaths)
 
 
 def _check_every_class_trains(listing: Listing, train: data_lib.Split) -> None:
@@ -431,6 +432,8 @@ def _read_cache(path: Path, key: str, listing: Listing, skip_bad: bool,
         with f, np.load(f, allow_pickle=False) as z:
             if str(z["key"]) != key:
                 raise ValueError("written for other files")
+            skipped = [str(s) for s in z["skipped"]]
+            gone = set(skipped)
             out = {}
             for split in SPLITS:
                 imgs, labels = z[f"{split}_images"], z[f"{split}_labels"]
@@ -439,8 +442,15 @@ def _read_cache(path: Path, key: str, listing: Listing, skip_bad: bool,
                         or (len(labels) and not 0 <= labels.min() <= labels.max()
                             < len(listing.class_names))):
                     raise ValueError(f"its {split} arrays do not fit")
-                out[split] = data_lib.Split(imgs, labels)
-            skipped = [str(s) for s in z["skipped"]]
+                # The names are not in the cache (its format is unchanged): the listing's
+                # files less the skipped ones, in the order _decode_all kept them.
+                kept = [f for f, _ in listing.files[split] if f not in gone]
+                if len(kept) != len(imgs):
+                    raise _Mismatch
+                out[split] = data_lib.Split(imgs, labels, _split_names(split, kept))
+    except _Mismatch:
+        log(f"note: the cache {path} does not match the files; decoding again")
+        return None
     except Exception as e:  # torn, truncated, not ours: decode again  # noqa: BLE001
         log(f"note: the cache {path} is unreadable ({first_line(e, 80)}); decoding again")
         return None
@@ -450,6 +460,10 @@ def _read_cache(path: Path, key: str, listing: Listing, skip_bad: bool,
         log(f"note: the cache {path} does not match the files; decoding again")
         return None
     return out, skipped
+
+
+class _Mismatch(Exception):
+    """A cache whose arrays do not line up with this listing's files (less the skipped)."""
 
 
 def _write_cache(path: Path, key: str, splits: dict[str, data_lib.Split],
@@ -513,7 +527,7 @@ def load_folder(path: str | os.PathLike, *, test_fraction: float | None = None,
     for split in SPLITS:  # the same checks as every other source's arrays
         splits[split] = data_lib.check_split(splits[split].images[..., 0],
                                              splits[split].labels, f"{root} {split}",
-                                             len(listing.class_names))
+                                             len(listing.class_names), splits[split].names)
     info = FolderInfo(str(resolved), listing.class_names,
                       {s: len(splits[s]) for s in SPLITS}, listing.ignored, tuple(skipped),
                       cached is not None, str(cache) if cache else None,

@@ -38,7 +38,10 @@ def load_dataset(config: Config, progress: bool = False,
 def load_idx(directory: str) -> data_lib.Dataset:
     """idx:DIR: its four IDX files, with the class names of DIR/classes.txt if there is
     one, else "0".."K-1" for K = the largest label + 1, every label 0..K-1 then having
-    a training image (data.dense_class_names: a stray label must not add classes)."""
+    a training image (data.dense_class_names: a stray label must not add classes).
+    A leading ~ or ~user in DIR is expanded, as folder:PATH's is."""
+    spec = f"idx:{directory}"  # the dataset's name: as the user gave it, like folder:
+    directory = str(data_lib.expand_user(directory, "--dataset idx:"))
     names_file = Path(directory) / CLASSES_FILE
     names = None
     if names_file.exists():
@@ -54,7 +57,6 @@ def load_idx(directory: str) -> data_lib.Dataset:
                             f"{MIN_CLASSES} to {MAX_CLASSES}, one per line")
         if len(set(names)) != len(names):
             raise UserError(f"{names_file} names a class twice")
-    spec = f"idx:{directory}"
     dataset = data_lib.load_idx_dir(directory, spec, names, option="--dataset idx:",
                                     infer_classes=names is None)
     if dataset.num_classes < MIN_CLASSES:  # uint8 labels: never over MAX_CLASSES

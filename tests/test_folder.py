@@ -125,6 +125,58 @@ def test_the_second_load_reads_the_cache(written, private_cache):
     assert trained_on.class_names == first.class_names
 
 
+@pytest.mark.parametrize("layout", ["splits", "flat"])
+def test_each_image_is_named_by_its_file_after_skipping_and_from_the_cache(tmp_path, layout):
+    """Split.names: each image's file relative to its split's folder, in step with the
+    images when --skip-bad-files drops some, and the same when the cache (which does not
+    hold them) is read: the report names misclassified images by them."""
+    root = tmp_path / layout
+    if layout == "splits":
+        write_classes(root / "train", {"a": 3, "b": 4}, seed=1)
+        write_classes(root / "test", {"a": 3, "b": 2}, seed=2)
+    else:
+        write_classes(root, {"a": 6, "b": 7})
+    fraction = None if layout == "splits" else 0.4
+    listing = folder.scan(root, fraction)
+    bad = {listing.files["train"][1][0], listing.files["test"][0][0]}
+    for relpath in bad:
+        (root / relpath).write_bytes(b"not an image")
+    for cached in (False, True):
+        loaded, info = folder.load_folder(root, test_fraction=fraction, skip_bad_files=True,
+                                          **QUIET)
+        assert info.cache_hit == cached and set(info.skipped) == bad
+        for split in folder.SPLITS:
+            got, top = getattr(loaded, split), root / split if layout == "splits" else root
+            kept = [f for f, _ in listing.files[split] if f not in bad]
+            assert got.names == tuple(os.path.relpath(root / f, top) for f in kept)
+            assert all(n.count("/") == 1 for n in got.names)  # "<class>/<file>"
+            for name, pixels, label in zip(got.names, got.images, got.labels):
+                np.testing.assert_array_equal(pixels, folder.decode_file(top / name))
+                assert loaded.class_names[label] == name.split("/")[0]
+
+
+def test_names_stay_with_their_images_through_hold_out_take_and_subset(tmp_path):
+    root = write_classes(tmp_path / "flat", {"a": 10, "b": 10})
+    train = folder.load_folder(root, test_fraction=0.2, **QUIET)[0].train
+    by_name = dict(zip(train.names, train.images))
+    rest, held = data_lib.hold_out(train, 5, seed=3)
+    assert sorted(rest.names + held.names) == sorted(train.names)
+    parts = (rest, held, rest.take(4), train.take(None), held.take(0),
+             held.subset(np.array([2, 0])), rest.subset(rest.labels == 1))
+    for part in parts:
+        assert len(part.names) == len(part)
+        for name, pixels in zip(part.names, part.images):
+            np.testing.assert_array_equal(pixels, by_name[name])
+    with pytest.raises(ValueError, match="1 image names for 16 labels"):
+        data_lib.Split(train.images, train.labels, ("a/000.png",))
+    assert "names" not in repr(train)  # thousands of them, in a folder of real size
+    # IDX data has none, and keeps none through the same steps.
+    plain = data_lib.Split(train.images, train.labels)
+    assert plain.names is None
+    assert all(p.names is None for p in (plain.take(3), plain.subset(np.array([1])),
+                                         *data_lib.hold_out(plain, 5, seed=3)))
+
+
 def test_a_touched_or_replaced_file_is_decoded_again(tmp_path, private_cache):
     root = write_classes(tmp_path / "tiny", {"a": 3, "b": 3})
     notes = []
@@ -499,7 +551,7 @@ def test_three_classes_train_and_predict_with_their_names(tmp_path, capsys):
 def test_config_names_the_folder(tmp_path):
     config = Config(dataset=f"folder:{tmp_path}", test_fraction=0.2)
     assert config.validate() is config
-    with pytest.raises(UserError, match="--skip-bad-files is for folder: datasets"):
+    with pytest.raises(UserError, match="skip_bad_files is for folder: datasets"):
         Config(skip_bad_files=True).validate()
 
 

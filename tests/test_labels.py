@@ -99,6 +99,37 @@ def test_a_builtin_dataset_label_out_of_range_names_the_file(idx_dir):
     assert "mnist has 10 classes" in message
 
 
+def test_an_idx_dir_under_a_tilde_is_found_in_home(tmp_path, monkeypatch):
+    """idx:~/DIR expands like folder:~/PATH. Was: "--dataset idx:~/labelled does not
+    exist or is not a directory", the ~ taken as a folder's name."""
+    from lenet_dist.config import Config
+
+    directory = tmp_path / "home" / "labelled"
+    directory.mkdir(parents=True)
+    write_dataset(directory)
+    labels_with(directory, "train", [0, 1, 2] * 6 + [2, 2])
+    labels_with(directory, "test", [0, 1, 2] * 3 + [1])
+    (directory / "classes.txt").write_text("cat\ndog\nbird\n")  # read from ~ too
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for loaded in (sources.load_idx("~/labelled"),
+                   sources.load_dataset(Config(dataset="idx:~/labelled"), log=print)):
+        assert loaded.name == "idx:~/labelled" and loaded.source == str(directory)
+        assert loaded.class_names == ("cat", "dog", "bird") and len(loaded.train) == 20
+        assert loaded.train.names is None and loaded.test.names is None  # not a folder
+
+
+def test_an_idx_dir_of_an_unknown_user_is_a_usage_error(tmp_path, capsys):
+    """Was: "--dataset idx:~no-such-user-lenet/x does not exist or is not a directory"."""
+    spec = "idx:~no-such-user-lenet/x"
+    line = one_line_error(capsys, ["train", "--dataset", spec, "--devices", "1",
+                                   "--workdir", str(tmp_path / "w")])
+    assert line == (f"error: --dataset {spec}: cannot expand ~no-such-user-lenet (no such "
+                    "user, or no home directory); give the path without ~")
+    with pytest.raises(UserError) as caught:
+        sources.load_idx("~no-such-user-lenet/x")
+    assert one_line(caught).startswith("--dataset idx:~no-such-user-lenet/x: cannot expand")
+
+
 # ---------------------------------------------------------------- predict --labels
 
 
@@ -184,3 +215,14 @@ def test_check_model_refuses_them_from_the_outputs_without_metadata(kit, ten_lab
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and "the model has 3 classes (0..2)" in err[0], err
     assert "accuracy" not in captured.out
+
+
+def test_the_kit_refuses_labels_in_the_words_predict_uses():
+    """export/check_model.py stands alone (no lenet_dist import), so it spells
+    `label_problem` again; the two must say the same."""
+    from lenet_dist.prediction import label_problem
+
+    kit = load_kit_module("check_model").label_problem
+    for labels, classes in (([0, 1, 2], 3), ([0, 3], 3), (list(range(20)), 3), ([9], 10)):
+        labels = np.asarray(labels)
+        assert kit("L", labels, classes) == label_problem("L", labels, classes)

@@ -408,3 +408,51 @@ def test_a_report_of_class_names_outside_latin_1(tmp_path, figures):
     assert ticks[5] == "\\U0010fffd"  # no font has it: written, not a box
     assert ticks[1] in ("猫", "\\u732b")  # a CJK font where one is installed
     assert figures["curves.png"]._suptitle.get_text() == "Learning curves: юникод"
+
+
+@pytest.mark.slow
+def test_report_of_a_trained_folder_run_names_its_misclassified_files(tmp_path, monkeypatch,
+                                                                       capsys):
+    """`lenet-dist report` of a folder: run names each wrong test image by its file,
+    relative to the test folder. Was: "#1", an index, in the figure, and no file names in
+    report.md. Each test image is in both classes' folders with the same pixels, so one of
+    each pair is wrong whatever the model learned."""
+    from lenet_dist import folder
+    from lenet_dist.cli import main
+    from tests.folders import write_image
+
+    monkeypatch.setenv(folder.CACHE_ENV, str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    root = tmp_path / "shapes"
+    for label, name in enumerate(("dark", "light")):
+        for split in ("train", "test"):
+            (root / split / name).mkdir(parents=True)
+        for i in range(8):
+            write_image(root / "train" / name / f"t{i}",
+                        rng.integers(0, 60, (28, 28), np.uint8) + np.uint8(150 * label), "png")
+    twins = [rng.integers(0, 256, (28, 28), np.uint8) for _ in range(3)]
+    for name in ("dark", "light"):
+        for i, pixels in enumerate(twins):
+            write_image(root / "test" / name / f"twin{i}", pixels, "png")
+    work = tmp_path / "run"
+    assert main(["train", "--dataset", f"folder:{root}", "--devices", "1", "--epochs", "1",
+                 "--batch-size", "8", "--workdir", str(work), "--no-progress",
+                 "--no-tensorboard"]) == 0
+    monkeypatch.setenv(folder.CACHE_ENV, str(tmp_path / "report-cache"))
+    for decoded in (True, False):  # then from the cache, which rebuilds the names
+        if not decoded:
+            assert len(list((tmp_path / "report-cache").glob("*.npz"))) == 1
+            monkeypatch.setattr(folder, "_decode_all", None)  # a decode would fail
+        assert main(["report", str(work), "--out", str(tmp_path / "report")]) == 0
+        capsys.readouterr()
+        md = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
+        rows = [line for line in md.splitlines()
+                if line.startswith("| dark/twin") or line.startswith("| light/twin")]
+        # one of each twin is wrong: its row names the file, its true and predicted class
+        assert len(rows) == 3, md
+        for i, row in enumerate(sorted(rows, key=lambda r: r.split("/twin")[1])):
+            true = row.split("/", 1)[0][2:]
+            other = "light" if true == "dark" else "dark"
+            assert row == f"| {true}/twin{i}.png | {true} | {other} |"
+        assert "| image | true | predicted |" in md and "test/" not in md
+        assert "| #" not in md
