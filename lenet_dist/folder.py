@@ -137,9 +137,6 @@ class FolderInfo:
 # ---------------------------------------------------------------- the tree
 
 
-expand_user = data_lib.expand_user  # idx: paths expand the same way
-
-
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
@@ -373,7 +370,7 @@ def cache_dir() -> Path | None:
     """$LENET_DIST_CACHE_DIR, else $XDG_CACHE_HOME/lenet-dist (an absolute one, as the
     XDG spec says), else ~/.cache/lenet-dist; None when there is no home to find."""
     if os.environ.get(CACHE_ENV):
-        return expand_user(os.environ[CACHE_ENV], f"${CACHE_ENV}=")
+        return data_lib.expand_user(os.environ[CACHE_ENV], f"${CACHE_ENV}=")
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     if os.path.isabs(xdg):
         return Path(xdg) / "lenet-dist"
@@ -505,7 +502,7 @@ def load_folder(path: str | os.PathLike, *, test_fraction: float | None = None,
     """
     del seed  # the split depends on the files' paths alone (module docstring)
     t0 = time.perf_counter()
-    root = expand_user(path, "--dataset folder:")
+    root = data_lib.expand_user(path, "--dataset folder:")
     listing = scan(root, test_fraction)
     resolved = root.resolve()
     directory = cache_dir() if use_cache else None
