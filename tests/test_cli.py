@@ -117,8 +117,10 @@ def test_an_unexpected_exception_is_one_line_and_exit_1(capsys, monkeypatch):
     ("epochs", 10_001), ("devices", 0), ("save_every_steps", -1), ("keep_checkpoints", 0),
 ])
 def test_config_validate_refuses_numbers_out_of_range(field, value):
-    with pytest.raises(UserError, match="--" + field.replace("_", "-")):
+    with pytest.raises(UserError, match=f"^{field} "):  # the API names the field
         Config(**{field: value}).validate()
+    with pytest.raises(UserError, match="^--" + field.replace("_", "-")):  # the CLI, options
+        Config(**{field: value}).validate(cli=True)
 
 
 def test_config_validate_accepts_the_edges():

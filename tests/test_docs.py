@@ -306,6 +306,8 @@ def test_readme_sample_has_the_shape_of_real_training_output(short_run_lines):
     sample = [line for line in readme_sample() if line != "..."]
     real = {}
     for line in short_run_lines:
+        if line.startswith("note: test accuracy "):  # this short run ends near chance;
+            continue  # make train's 0.7216 does not, so its sample has no such note
         kind = line_kind(line)
         assert kind is not None, (
             f"training printed a line the README's sample has no kind for: {line!r}")

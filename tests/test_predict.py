@@ -36,8 +36,12 @@ def test_predict_savedmodel_and_checkpoint_agree(exported, trained, dataset, cap
                  "--labels", str(labels)]) == 0
     jax_out = capsys.readouterr().out.splitlines()
     assert len(tf_out) == 6 and tf_out[-1].startswith("accuracy ")
-    # Same class per image; probabilities agree to the printed 3 decimals.
-    assert tf_out == jax_out
+    # Same class per image; probabilities agree to the printed 3 decimals; the
+    # accuracy line names the model each read.
+    assert tf_out[:-1] == jax_out[:-1]
+    score = tf_out[-1].removesuffix(f" ({model})")
+    assert score.endswith(" on 5 images") and jax_out[-1] == \
+        f"{score} ({trained.config.workdir})", (tf_out, jax_out)
 
     assert main(["predict", "--model", str(model), *files, "--top", "3", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
