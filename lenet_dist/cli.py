@@ -22,6 +22,7 @@ import click
 
 from lenet_dist import distributed, extras, faults, runtime, safefs, versions
 from lenet_dist import launch as launch_lib
+from lenet_dist.caches import COMPILE_CACHE_ENV
 from lenet_dist.config import (
     COUNT_OR_FRACTION,
     DEFAULT_EXPORT_PLATFORMS,
@@ -302,6 +303,15 @@ class Commands(click.Group):
         super().add_command(cmd, name)
 
 
+def _compile_cache(ctx, param, value):
+    """--compile-cache is read where JAX starts (runtime.use_compile_cache), from the
+    environment, which a launched job's processes inherit."""
+    if value is not None:
+        value = TextPath().convert(value, param, ctx)
+        os.environ[COMPILE_CACHE_ENV] = value
+    return value
+
+
 @click.group(cls=Commands, epilog=EXIT_STATUSES + "\n\n" + COMPLETION,
              context_settings={"help_option_names": ["-h", "--help"],
                                "show_default": True})
@@ -310,10 +320,17 @@ class Commands(click.Group):
 @option("--debug", is_flag=True, envvar=DEBUG_ENV, show_envvar=True,
         help="After an error's one line, also print its traceback (also after the "
              "command: `lenet-dist train --debug`).")
+@option("--compile-cache", metavar="DIR|off", default=None, envvar=COMPILE_CACHE_ENV,
+        show_envvar=True, callback=_compile_cache,
+        show_default="<cache folder>/jax-compile: $LENET_DIST_CACHE_DIR, else "
+                     "$XDG_CACHE_HOME/lenet-dist, else ~/.cache/lenet-dist",
+        help="Where JAX keeps compiled programs, so a second run (or a restart after "
+             "preemption) loads them instead of compiling; off to compile every time.")
 @click.pass_context
-def cli(ctx, debug):
+def cli(ctx, debug, compile_cache):
     """Train LeNet-5 data-parallel with jax.sharding, from a laptop to a TPU pod."""
     ctx.ensure_object(Session).debug = debug
+
 
 
 @cli.command()

@@ -113,18 +113,6 @@ class Dataset:
 # ---------------------------------------------------------------- IDX files
 
 
-def expand_user(path: str | os.PathLike, option: str) -> Path:
-    """`path` with a leading ~ or ~user expanded (folder: and idx: paths, the cache
-    folder); a UserError when there is no such user (or no home), which pathlib raises
-    as a RuntimeError. `option` starts the message: "--dataset folder:"."""
-    try:
-        return Path(path).expanduser()
-    except RuntimeError:
-        user = str(path).split("/", 1)[0]
-        raise UserError(f"{option}{path}: cannot expand {user} (no such user, or no home "
-                        "directory); give the path without ~") from None
-
-
 # Far above the real files (the training images are 47 MB unpacked); it bounds
 # what a corrupt header or a gzip bomb can make us allocate.
 MAX_IDX_BYTES = 2**30

@@ -80,6 +80,7 @@ from tqdm.auto import tqdm
 
 from lenet_dist import data as data_lib
 from lenet_dist import images, safefs
+from lenet_dist.caches import CACHE_ENV, cache_root, expand_user
 from lenet_dist.errors import UserError, first_line, quoted
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp")
@@ -90,7 +91,6 @@ MIN_CLASSES, MAX_CLASSES = 2, 1000
 # Bump when what a file decodes to changes outside images.py (images.py's own bytes, and
 # Pillow's and libjpeg's versions, are in the cache key already).
 DECODER_VERSION = 1
-CACHE_ENV = "LENET_DIST_CACHE_DIR"
 CACHE_FORMAT = 2  # the .npz's layout
 PROGRESS_FROM = 500  # files; fewer decode in a quarter of a second
 SPLITS = ("train", "test")
@@ -366,20 +366,6 @@ def _check_every_class_trains(listing: Listing, train: data_lib.Split) -> None:
 # ---------------------------------------------------------------- the cache
 
 
-def cache_dir() -> Path | None:
-    """$LENET_DIST_CACHE_DIR, else $XDG_CACHE_HOME/lenet-dist (an absolute one, as the
-    XDG spec says), else ~/.cache/lenet-dist; None when there is no home to find."""
-    if os.environ.get(CACHE_ENV):
-        return data_lib.expand_user(os.environ[CACHE_ENV], f"${CACHE_ENV}=")
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    if os.path.isabs(xdg):
-        return Path(xdg) / "lenet-dist"
-    try:
-        return Path.home() / ".cache" / "lenet-dist"
-    except RuntimeError:  # no $HOME and no passwd entry
-        return None
-
-
 def decoder_identity() -> str:
     """What decides the pixels besides the files: this module's version, images.py's
     bytes, Pillow's version and the JPEG library's (JPEG decoding differs between them)."""
@@ -502,10 +488,10 @@ def load_folder(path: str | os.PathLike, *, test_fraction: float | None = None,
     """
     del seed  # the split depends on the files' paths alone (module docstring)
     t0 = time.perf_counter()
-    root = data_lib.expand_user(path, "--dataset folder:")
+    root = expand_user(path, "--dataset folder:")
     listing = scan(root, test_fraction)
     resolved = root.resolve()
-    directory = cache_dir() if use_cache else None
+    directory = cache_root() if use_cache else None
     if use_cache and directory is None:
         log(f"note: no cache folder (no home directory); set ${CACHE_ENV} to keep the "
             "decoded images between runs")

@@ -15,6 +15,8 @@ import os
 import re
 import sys
 import threading
+import warnings
+from pathlib import Path
 
 # `signal` without its enums: __main__ imports this module first, and the enum
 # set-up of `signal` alone took 50+ ms on a busy machine, a window for Ctrl-C.
@@ -337,6 +339,7 @@ def _configure(cpu_devices: int | None, job) -> None:
         except ValueError as e:  # JAX parses its JAX_* variables at import
             raise UserError(f"JAX rejects its environment: {first_line(e)}; fix or unset "
                             "that variable") from None
+    use_compile_cache(jax)
     if jax.config.jax_num_cpu_devices > MAX_SIMULATED_CPU_DEVICES:
         raise UserError(f"JAX_NUM_CPU_DEVICES={jax.config.jax_num_cpu_devices} asks for more "
                         f"simulated CPU devices than the {MAX_SIMULATED_CPU_DEVICES} that can "
@@ -361,6 +364,34 @@ def _configure(cpu_devices: int | None, job) -> None:
             f"--devices asks for {cpu_devices:,} simulated CPU devices{per_process}; at "
             f"most {MAX_SIMULATED_CPU_DEVICES} can be simulated, so ask for fewer (on a "
             "GPU/TPU host, install lenet-dist[cuda13] or [tpu] to use the accelerators)")
+
+
+def use_compile_cache(jax) -> Path | None:
+    """JAX's persistent compilation cache in `caches.compile_cache_dir()`, every program
+    (a small step compiles in well under JAX's 1 s threshold), unless the user set JAX's
+    own JAX_COMPILATION_CACHE_DIR (theirs wins). A folder that cannot be made leaves the
+    cache off: a cache never fails a run. The folder, or None."""
+    from lenet_dist import caches  # stdlib only
+
+    if jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir)
+    directory = caches.compile_cache_dir()
+    if directory is None:
+        return None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            return None
+    except OSError:
+        return None
+    # An entry JAX cannot write (XLA:CPU cannot serialize oneDNN custom calls) or read
+    # (torn by a kill mid-write) is compiled instead; its warning would break the
+    # one-line output, and says nothing a user can act on.
+    warnings.filterwarnings("ignore", message="Error (reading|writing) persistent "
+                            "compilation cache entry", category=UserWarning)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return directory
 
 
 def start_backend() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from lenet_dist import data as data_lib
+from lenet_dist.caches import expand_user
 from lenet_dist.config import Config, dataset_kind
 from lenet_dist.errors import UserError
 from lenet_dist.model import MAX_CLASSES, MIN_CLASSES
@@ -41,7 +42,7 @@ def load_idx(directory: str) -> data_lib.Dataset:
     a training image (data.dense_class_names: a stray label must not add classes).
     A leading ~ or ~user in DIR is expanded, as folder:PATH's is."""
     spec = f"idx:{directory}"  # the dataset's name: as the user gave it, like folder:
-    directory = str(data_lib.expand_user(directory, "--dataset idx:"))
+    directory = str(expand_user(directory, "--dataset idx:"))
     names_file = Path(directory) / CLASSES_FILE
     names = None
     if names_file.exists():

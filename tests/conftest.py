@@ -1,5 +1,6 @@
 """Shared test setup: 8 simulated CPU devices, real data when present, one trained run."""
 
+import atexit
 import gzip
 import importlib.util
 import os
@@ -7,10 +8,18 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
-from lenet_dist import runtime
+from lenet_dist import caches, runtime
+
+# One compilation cache for the session and every process it starts (they inherit the
+# environment): the suite's many runs of the same small programs compile each once.
+# A fresh folder, so that no other checkout's programs are loaded.
+if caches.COMPILE_CACHE_ENV not in os.environ:
+    os.environ[caches.COMPILE_CACHE_ENV] = tempfile.mkdtemp(prefix="test-jax-compile-")
+    atexit.register(shutil.rmtree, os.environ[caches.COMPILE_CACHE_ENV], True)
 
 # Before any JAX backend starts: 8 simulated CPU devices for the whole session.
 runtime.configure(cpu_devices=8)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from lenet_dist import data as data_lib
-from lenet_dist import folder, images
+from lenet_dist import caches, folder, images
 from lenet_dist.cli import main
 from lenet_dist.config import Config
 from lenet_dist.errors import UserError
@@ -255,12 +255,12 @@ def test_a_cache_folder_that_cannot_be_written_is_a_note(tmp_path, monkeypatch):
 def test_where_the_cache_lives(tmp_path, monkeypatch):
     monkeypatch.setenv(folder.CACHE_ENV, str(tmp_path / "mine"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert folder.cache_dir() == tmp_path / "mine"
+    assert caches.cache_root() == tmp_path / "mine"
     monkeypatch.delenv(folder.CACHE_ENV)
-    assert folder.cache_dir() == tmp_path / "xdg" / "lenet-dist"
+    assert caches.cache_root() == tmp_path / "xdg" / "lenet-dist"
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")  # the XDG spec: absolute only
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert folder.cache_dir() == tmp_path / "home" / ".cache" / "lenet-dist"
+    assert caches.cache_root() == tmp_path / "home" / ".cache" / "lenet-dist"
     root = write_classes(tmp_path / "tiny", {"a": 2, "b": 2})
     _, uncached = folder.load_folder(root, test_fraction=0.5, use_cache=False, **QUIET)
     assert uncached.cache_path is None and not (tmp_path / "home").exists()
