@@ -45,7 +45,7 @@ import time
 
 import numpy as np
 
-from lenet_dist import jax_compat, safefs, versions
+from lenet_dist import jax_compat, safefs, versions, watchdog
 from lenet_dist.errors import Failure, Restartable, UserError, first_line
 
 MODES = ("off", "auto")
@@ -180,6 +180,7 @@ def join(spec: JobSpec, devices: int | None) -> int | None:
     # CPU collectives across processes (the CPU backend also exists on GPU/TPU hosts).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     start_fatal_filter()
+    watchdog.mark("joining")  # the goodput ledger's "joining" (ledger.py)
     watch = JoinWatch(spec.join_timeout).start()
     address = spec.coordinator_address
     try:
@@ -216,6 +217,7 @@ def join(spec: JobSpec, devices: int | None) -> int | None:
         raise kind(f"cannot join the job: {first_line(e).rstrip('.')}{hint}") from None
     finally:
         watch.stop()
+        watchdog.mark("starting")  # start-up again, until the run's first phase
     global JOINED
     JOINED = spec
     return check_devices(devices, jax_compat.distributed_state().num_processes)

@@ -1,13 +1,15 @@
 """The run directory (the workdir): its names, its lock, and its metrics.jsonl.
 
 What lives there: checkpoints/ (checkpoint.py's, through Orbax), metrics.jsonl (one
-EpochRecord a line), config.json (config.py's), tb/ (TensorBoard events and profiles)
+EpochRecord a line), ledger.json (each attempt's time by phase: ledger.py), config.json
+(config.py's), tb/ (TensorBoard events and profiles)
 and the lock. Below training, checkpoint, report and bench; no JAX, no Orbax.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 from typing import Callable, Sequence
 
@@ -19,6 +21,7 @@ from lenet_dist.records import EpochRecord, from_lines, to_lines
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
+LEDGER_FILE = "ledger.json"  # the run's attempts and where their time went (ledger.py)
 TB_DIR = "tb"
 CONFIG_FILE = "config.json"  # the run's effective Config (config.py writes it)
 RUNS_DIR = "runs"  # where `train` puts each recipe's run by default
@@ -43,7 +46,7 @@ def prepare_workdir(path: str, create: bool = True) -> epath.Path:
             raise UserError(f"--workdir {path} is a file, not a directory; choose another path")
         if create:
             workdir.mkdir(parents=True, exist_ok=True)
-        for name in (METRICS_FILE, CHECKPOINT_DIR, safefs.LOCK_FILE):
+        for name in (METRICS_FILE, LEDGER_FILE, CHECKPOINT_DIR, safefs.LOCK_FILE):
             safefs.refuse_symlink(workdir / name)
         if (workdir / METRICS_FILE).exists() and not (workdir / METRICS_FILE).is_file():
             raise UserError(f"{workdir / METRICS_FILE} is not a regular file; move it away")
@@ -112,6 +115,43 @@ def start_metrics(workdir: epath.Path, history: Sequence[EpochRecord],
     write_metrics(workdir, history)
 
 
+def read_ledger(workdir: epath.Path, log: Callable[[str], None]) -> list[dict]:
+    """The attempts <workdir>/ledger.json holds; [] when there is none. A file that is
+    not a ledger (or is too big) is noted and replaced, never trusted."""
+    path = workdir / LEDGER_FILE
+    try:
+        if not path.exists():
+            return []
+        raw = safefs.read_file(path, MAX_LEDGER_BYTES, follow=False)
+        attempts = json.loads(raw) if len(raw) <= MAX_LEDGER_BYTES else None
+        if isinstance(attempts, list) and all(map(_is_attempt, attempts)):
+            return attempts
+    except (OSError, UnicodeDecodeError, ValueError):
+        pass
+    log(f"note: {path} is not a ledger lenet-dist can read; this run's attempts "
+        "replace it")
+    return []
+
+
+def _is_attempt(attempt) -> bool:
+    """What ledger.with_lost reads is there: numbers of seconds, steps as int or null."""
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if not (isinstance(attempt, dict) and isinstance(attempt.get("seconds"), dict)
+            and isinstance(attempt.get("steps"), dict)):
+        return False
+    return (all(number(v) for v in attempt["seconds"].values())
+            and all(v is None or (isinstance(v, int) and not isinstance(v, bool))
+                    for v in (attempt["steps"].get("from"), attempt["steps"].get("to"))))
+
+
+def write_ledger(workdir: epath.Path, attempts: Sequence[dict]) -> None:
+    """Rewrite ledger.json in one rename, as metrics.jsonl is (gs:// included)."""
+    safefs.write_atomic(workdir / LEDGER_FILE, json.dumps(list(attempts), indent=1) + "\n")
+
+
+MAX_LEDGER_BYTES = 16 * 2**20  # ~50k attempts
 MAX_METRICS_BYTES = 64 * 2**20  # ~100k epochs; a longer file is judged by its head
 
 

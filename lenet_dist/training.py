@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from lenet_dist import checkpoint as ckpt_lib
 from lenet_dist import data as data_lib
-from lenet_dist import distributed, jax_compat, versions, watchdog
+from lenet_dist import distributed, jax_compat, ledger, versions, watchdog
 from lenet_dist.config import Config, write_config
 from lenet_dist.errors import Failure, Preempted, UserError
 from lenet_dist.evaluation import evaluate
@@ -35,8 +35,9 @@ from lenet_dist.restore import class_names_of, config_from
 from lenet_dist.sources import load_dataset, shown_names
 from lenet_dist.state import TrainState, create_state, learning_rate, make_optimizer
 from lenet_dist.step import Steps, all_finite, build_steps, summarize
-from lenet_dist.rundir import (CHECKPOINT_DIR, METRICS_FILE, TB_DIR, lock_workdir,
-                               prepare_workdir, start_metrics, write_metrics)
+from lenet_dist.rundir import (CHECKPOINT_DIR, LEDGER_FILE, METRICS_FILE, TB_DIR,
+                               lock_workdir, prepare_workdir, read_ledger, start_metrics,
+                               write_ledger, write_metrics)
 from lenet_dist.tboard import Board, ProfileWindow, epoch_scalars, parse_profile_steps
 
 
@@ -85,11 +86,16 @@ def train(config: Config, dataset: data_lib.Dataset | None = None,
     run diverges (nothing non-finite is ever saved). In a multi-process job every
     process calls this; process 0 alone logs and writes, and all stop at the same step.
     A run that makes no progress for `stall_timeout` seconds (None: automatic, 0: never)
-    exits 42 from its watchdog (`lenet_dist.watchdog`).
+    exits 42 from its watchdog (`lenet_dist.watchdog`). Where the time went, phase by
+    phase, is kept per attempt in <workdir>/ledger.json (`lenet_dist.ledger`).
     """
     config = config.validate()
-    with _watched(stall_timeout):
-        return _train(config, dataset, log, progress, allow_config_change, outputs)
+    ledger.begin()  # this attempt's: from the process's start, or the call's if not the first
+    try:
+        with _watched(stall_timeout):
+            return _train(config, dataset, log, progress, allow_config_change, outputs)
+    finally:
+        ledger.end()
 
 
 @contextlib.contextmanager
@@ -126,6 +132,7 @@ def _train(config: Config, dataset: data_lib.Dataset | None, log: Callable[[str]
                                       "taking the workdir's lock")
         if lock is not None:
             cleanup.callback(lock.release)
+        book = cleanup.enter_context(LedgerFile(workdir, distributed.is_primary(), log))
         distributed.check_same_workdir(workdir)
         if not config.checkpoint and (workdir / CHECKPOINT_DIR).exists():
             raise UserError(f"--workdir {config.workdir} holds checkpoints of a run; "
@@ -139,7 +146,41 @@ def _train(config: Config, dataset: data_lib.Dataset | None, log: Callable[[str]
             cleanup.callback(ckpt.close)  # let an in-flight async save finish
         run = Trainer.create(config, dataset, shardings, workdir, ckpt, log, progress,
                              outputs)
+        run.ledger_file = book
         return run.run(allow_config_change)
+
+
+class LedgerFile:
+    """This attempt's ledger.json entry (ledger.py's accumulator) after the run's
+    earlier attempts: written by process 0 at each epoch's end and when the attempt
+    ends (before the workdir's lock is released), unless it was refused. A ledger
+    that cannot be written is noted; it never stops a run."""
+
+    def __init__(self, workdir: epath.Path, primary: bool, log: Callable[[str], None]):
+        self.workdir, self.primary, self.log = workdir, primary, log
+        self.earlier = read_ledger(workdir, log) if primary else []
+        self.failed = False
+
+    def write(self, outcome: str = "running") -> dict:
+        """This attempt so far (its open phase counted up to now), written."""
+        attempt = ledger.current().attempt(outcome)
+        if self.primary and not self.failed:
+            try:
+                write_ledger(self.workdir, ledger.with_lost([*self.earlier, attempt]))
+            except OSError as e:
+                self.failed = True
+                self.log(f"note: cannot write {self.workdir / LEDGER_FILE}: "
+                         f"{e.strerror or e}; the run goes on without it")
+        return attempt
+
+    def __enter__(self) -> "LedgerFile":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None and issubclass(kind, UserError) and not issubclass(kind, Failure):
+            return  # refused (exit 2: another run's workdir, a bad option): no attempt
+        self.write("done" if kind is None else "preempted" if issubclass(kind, Preempted)
+                   else f"failed ({kind.__name__})")
 
 
 # ------------------------------------------------------------------ input
@@ -252,6 +293,7 @@ class Trainer:
     board: Board | None = None
     profile: ProfileWindow | None = None
     bar: tqdm | None = None
+    ledger_file: LedgerFile | None = None  # ledger.json (process 0 writes it)
 
     @classmethod
     def create(cls, config: Config, dataset: data_lib.Dataset | None, shardings: Shardings,
@@ -324,6 +366,7 @@ class Trainer:
             self.state, self.sums = tree["state"], tree["acc"]
             self.records = [EpochRecord.from_json(r) for r in meta["history"]]
         self.resumed = restored is not None
+        ledger.current().trains_from(int(self.state.step))
         if self.primary:  # epochs after the checkpoint dropped, another run's lines kept aside
             start_metrics(self.workdir, self.records, self.log,
                           resumed_at=int(self.state.step) if self.resumed else None)
@@ -416,6 +459,7 @@ class Trainer:
         t_train = time.perf_counter()
         first_of_run = epoch == start // spe
         first = start - epoch * spe if first_of_run else 0
+        watchdog.mark("training")  # the epoch's shuffle, before its first step's mark
         if first == 0:
             self.sums = self.steps.zeros()
         xs, ys = self.feeds.train.epoch(self.config.seed, epoch)
@@ -484,6 +528,8 @@ class Trainer:
         self.records.append(record)
         if self.primary:
             write_metrics(self.workdir, self.records)
+        if self.ledger_file is not None:
+            self.ledger_file.write()
         self.log(format_epoch(record, self.config.epochs))
         self.show_epoch(record)
         return record
@@ -567,6 +613,7 @@ class Trainer:
         self.log(f"done in {total:.1f} s wall ({rate:,.0f} img/s while training); final "
                  f"test accuracy {records[-1].test_accuracy:.4f}; {describe_best(records)}; "
                  f"metrics in {self.workdir / METRICS_FILE}")
+        self.log(ledger.summary(ledger.current().attempt(), f"by attempt in {LEDGER_FILE}"))
         classes, final = self.dataset.num_classes, records[-1].test_accuracy
         if near_chance(final, classes):
             self.log(f"note: test accuracy {final:.4f} is near chance ({1 / classes:.4f} for "

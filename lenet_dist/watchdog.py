@@ -15,6 +15,8 @@ One process alone runs the same watch without the store. The timeout is
 far, at least `FLOOR_S`. `LENET_DIST_STALL_AT=STEP[:PROCESS]` blocks that process's
 main thread forever after STEP is dispatched (a drill: its heartbeats go on).
 
+The same marks feed the goodput ledger (ledger.py): one set of marks, one clock.
+
 Standard library only at import (JAX's client is looked up when a job's watch starts),
 so the modules that wait (distributed, checkpoint) can mark their waits.
 """
@@ -26,7 +28,7 @@ import os
 import threading
 import time
 
-from lenet_dist import faults
+from lenet_dist import faults, ledger
 from lenet_dist.errors import Restartable, UserError, quoted
 
 STALL_AT_ENV = "LENET_DIST_STALL_AT"
@@ -43,7 +45,7 @@ POLL_S = 1.0  # how often a process publishes its progress and reads its peers'
 ACK_WAIT_S = 3.0  # after the verdict: how long a process waits for the others to read it
 PREFIX = "lenet-dist/watch/"
 # The order of a run's phases, for naming who is behind when steps are equal.
-PHASES = ("starting", "loading data", "restoring", "compiling", "training", "evaluating",
+PHASES = ("starting", "joining", "loading data", "restoring", "compiling", "training", "evaluating",
           "saving", "finishing")
 
 
@@ -201,6 +203,9 @@ _WATCH = Watch(timeout=0)  # off until a run starts one
 
 
 def mark(phase: str, step: int | None = None) -> None:
+    """The main thread got here: the watch sees it, and the goodput ledger counts the
+    time since the last mark to the phase that ends (`lenet_dist.ledger`)."""
+    ledger.mark(phase, step)
     _WATCH.mark(phase, step)
 
 

@@ -243,6 +243,8 @@ def line_kind(line: str) -> str | None:
         return "epoch"
     if line.startswith("done in "):
         return "done"
+    if line.startswith("time: "):
+        return "time"
     return None
 
 
@@ -284,8 +286,8 @@ def test_readme_sample_is_a_whole_d2l_run():
     kinds = [line_kind(line) for line in sample]
     strays = [line for line, kind in zip(sample, kinds) if kind is None and line != "..."]
     assert not strays, f"lines training does not print: {strays}"
-    assert kinds[0] == "header" and kinds[-1] == "done", sample
-    header, done = sample[0], sample[-1]
+    assert kinds[0] == "header" and kinds[-2:] == ["done", "time"], sample
+    header, done = sample[0], sample[-2]
     assert header.endswith("over 8 cpu device(s), global batch 128, sgd lr 0.1, 10 epochs"), (
         f"`make train` is the d2l recipe on 8 devices: {header}")
     epochs = [int(re.match(r"^epoch\s+(\d+)/10\s", line).group(1))
