@@ -515,7 +515,8 @@ def report_cmd(runs, workdir, compare, out, step, best, data_dir):
             tested["history"], tested["config"].to_dict(), tested["labels"],
             tested["predictions"], tested["images"], tested["class_names"],
             extra={"parameters": tested["parameters"], "checkpoint step": tested["step"]},
-            image_names=tested.get("image_names"))  # a folder dataset's files, else None
+            image_names=tested.get("image_names"),  # a folder dataset's files, else None
+            attempts=tested["attempts"])
     click.echo(f"wrote {path}")
 
 

@@ -13,6 +13,7 @@ from lenet_dist.feed import EvalFeed, eval_feed
 from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.model import param_count
 from lenet_dist.restore import restore_checkpoint
+from lenet_dist.rundir import read_ledger, workdir_path
 from lenet_dist.sources import load_dataset
 from lenet_dist.step import Steps, summarize
 
@@ -46,8 +47,9 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, best: bool = Fals
 def test_predictions(workdir: str, step: int | None = None, best: bool = False,
                      data_dir: str | None = None, batch: int = 1000) -> dict:
     """Every test image's predicted class from a checkpoint, on one device, with what a
-    report shows beside it: the run's config and history, the parameter count, and the
-    test images' file names (`image_names`: a folder dataset's, else None)."""
+    report shows beside it: the run's config and history, the parameter count, the
+    test images' file names (`image_names`: a folder dataset's, else None) and the run's
+    goodput ledger (`attempts`: [] for a run without one)."""
     restored = restore_checkpoint(workdir, Shardings(make_mesh(1)), step, best)
     variables, config = restored.variables, restored.config
     dataset = load_dataset(config.replace(data_dir=data_dir), log=lambda _: None)
@@ -58,6 +60,7 @@ def test_predictions(workdir: str, step: int | None = None, best: bool = False,
     return {"config": config, "step": restored.step, "history": restored.meta["history"],
             "images": images, "labels": dataset.test.labels, "predictions": predictions,
             "class_names": dataset.class_names, "image_names": dataset.test.names,
+            "attempts": read_ledger(workdir_path(workdir), lambda _: None),
             "parameters": param_count(variables["params"])}
 
 

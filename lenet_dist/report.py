@@ -24,7 +24,7 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from lenet_dist import gcs, safefs
+from lenet_dist import gcs, ledger, safefs
 from lenet_dist.errors import UserError
 from lenet_dist.history import chosen_on
 from lenet_dist.records import EpochRecord
@@ -317,11 +317,14 @@ def write_report(out_dir: str | epath.Path, name: str, history: History,
                  config: Mapping[str, Any], labels: np.ndarray, predictions: np.ndarray,
                  images: np.ndarray, class_names: Sequence[str],
                  extra: Mapping[str, Any] | None = None,
-                 image_names: Sequence[str] | None = None) -> epath.Path:
+                 image_names: Sequence[str] | None = None,
+                 attempts: Sequence[Mapping[str, Any]] = ()) -> epath.Path:
     """curves.png, confusion.png, misclassified.png and report.md in `out_dir`; returns
     report.md's path. `extra` adds rows to the summary (`parameters` is formatted as a
     count); `image_names` names the test images (an image folder's files), else they are
-    "#index"; the links are relative, so the directory can be moved or published whole."""
+    "#index"; `attempts` is the run's goodput ledger (ledger.json), a table of where
+    each attempt's time went; the links are relative, so the directory can be moved or
+    published whole."""
     check_out_dir(out_dir)
     gcs.check_url(str(out_dir), "--out")
     out = epath.Path(out_dir)
@@ -353,7 +356,8 @@ def write_report(out_dir: str | epath.Path, name: str, history: History,
              "## Configuration", "",
              *_md_table(("setting", "value"),
                         [(k, _plain(v)) for k, v in _flatten(config).items()]), "",
-             "## Per-epoch metrics", "", *_epoch_table(history), ""]
+             "## Per-epoch metrics", "", *_epoch_table(history), "",
+             *_time_table(attempts)]
     path = out / REPORT_MD
     safefs.write_atomic(path, "\n".join(lines))
     return path
@@ -630,6 +634,27 @@ EPOCH_COLUMNS = (("epoch", "epoch", "plain"), ("step", "step", "count"),
                  ("test_loss", "test loss", "decimal"), ("test_accuracy", "test acc", "percent"),
                  ("lr", "lr", "plain"), ("images_per_sec", "images/s", "count"),
                  ("train_seconds", "train s", "seconds"), ("epoch_seconds", "epoch s", "seconds"))
+
+
+def _time_table(attempts: Sequence[Mapping[str, Any]]) -> list[str]:
+    """## Where the time went: one row per attempt of the run (ledger.json), seconds by
+    phase as `train`'s time line names them; nothing for a run without a ledger."""
+    if not attempts:
+        return []
+    keys = [k for k in ledger.KEYS
+            if k in ledger.ALWAYS_SHOWN or any(a["seconds"].get(k, 0) for a in attempts)]
+    rows = []
+    for i, attempt in enumerate(attempts, 1):
+        steps = attempt.get("steps") or {}
+        rows.append((str(i), str(attempt.get("outcome", "")),
+                     f"{steps.get('from', '')}..{steps.get('to', '')}",
+                     f"{attempt['wall_seconds']:.1f}",
+                     *(f"{attempt['seconds'].get(k, 0.0):.1f}" for k in keys)))
+    header = ("attempt", "outcome", "steps", "wall s", *(f"{ledger.SHOWN[k]} s" for k in keys))
+    return ["## Where the time went", "",
+            "Each start of the run is an attempt; its seconds by phase sum to its wall time "
+            "(`ledger.json`; lost: training a later attempt had to redo).", "",
+            *_md_table(header, rows), ""]
 
 
 def _epoch_table(history: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -82,6 +82,33 @@ def test_write_report_writes_every_png_and_page(tmp_path):
     epoch_rows = [line for line in md.splitlines() if line.startswith("| 4 | 1,876 |")]
     assert len(epoch_rows) == 1 and "| 66.98% |" in epoch_rows[0]
     assert not list(out.glob(".*.tmp"))  # atomic writes left no temporary files
+    assert "Where the time went" not in md  # no ledger given
+
+
+def test_the_report_shows_where_each_attempt_spent_its_time(tmp_path):
+    """The goodput ledger's attempts, one row each; joining and lost only when some."""
+    from lenet_dist import ledger
+
+    def attempt(outcome, first, last, training, **more):
+        seconds = {k: 0.0 for k in ledger.KEYS}
+        seconds.update({"start-up": 2.0, "compiling": 1.5, "training": training,
+                        "evaluating": 3.0, "saving": 0.5}, **more)
+        return {"outcome": outcome, "steps": {"from": first, "to": last},
+                "wall_seconds": sum(seconds.values()), "seconds": seconds}
+
+    attempts = ledger.with_lost([attempt("preempted", 0, 20, 40.0),
+                                 attempt("done", 12, 30, 30.0)])
+    labels, preds, images = predictions()
+    report.write_report(tmp_path, "run", history(3), CONFIG, labels, preds, images, CLASSES,
+                        attempts=attempts)
+    md = (tmp_path / "report.md").read_text()
+    header = [line for line in md.splitlines() if line.startswith("| attempt |")]
+    assert header == ["| attempt | outcome | steps | wall s | start-up s | data s | "
+                      "restore s | compile s | train s | eval s | save s | finish s | "
+                      "lost s | other s |"], md
+    assert "| 1 | preempted | 0..20 | 47.0 | 2.0 | 0.0 | 0.0 | 1.5 | 24.0 | 3.0 | 0.5 | " \
+           "0.0 | 16.0 | 0.0 |" in md  # steps 12..20 trained again: 8/20 of 40 s lost
+    assert "| 2 | done | 12..30 | 37.0 |" in md and "join s" not in md
 
 
 def test_write_comparison_two_runs(tmp_path):
@@ -456,3 +483,4 @@ def test_report_of_a_trained_folder_run_names_its_misclassified_files(tmp_path, 
             assert row == f"| {true}/twin{i}.png | {true} | {other} |"
         assert "| image | true | predicted |" in md and "test/" not in md
         assert "| #" not in md
+        assert "## Where the time went" in md and "| 1 | done | 0..2 |" in md  # ledger.json
