@@ -262,7 +262,8 @@ def reported(monkeypatch):
     def tested(run, step, best, data_dir):
         return {"history": [], "config": PRESETS["d2l"], "predictions": np.zeros(2),
                 "labels": np.zeros(2),
-                "parameters": 1, "images": None, "class_names": (), "step": 4}
+                "parameters": 1, "images": None, "class_names": (), "step": 4,
+                "attempts": []}
 
     monkeypatch.setattr(evaluation, "test_predictions", tested)
     monkeypatch.setattr(report_lib, "check_out_dir", lambda out, runs: None)
