@@ -16,12 +16,14 @@ so. A readable checkpoint of another run is *incompatible*, never corrupt.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
 import math
 import os
 import re
+import secrets
 import sys
 import time
 import warnings
@@ -30,6 +32,7 @@ from typing import Callable
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
+from orbax.checkpoint._src.path import atomicity  # the TemporaryPath classes: not exported
 
 from lenet_dist import distributed, faults, safefs
 # Which fields a resume compares are declared with them, in Config's field metadata.
@@ -245,6 +248,87 @@ class StepNames:
         return self.standard.find_step(base_path, step)
 
 
+# ------------------------------------------------------------- remote commits
+
+COMMIT_MARKER = "commit_success.txt"  # Orbax's: a gs:// step without it is unfinished
+
+
+class FencedCommit(atomicity.AtomicRenameTemporaryPath):
+    """How a gs:// step is written: into `<step>.orbax-checkpoint-tmp-<attempt>`, a name
+    of this attempt's own, then, only while the lease is held, copied to `<step>` and
+    committed by Orbax's marker, written last.
+
+    Orbax writes a gs:// step in place (a bucket cannot rename) and marks it done. A
+    trainer frozen mid-save (a VM paused, a process stopped) keeps its writes in flight;
+    a taker rewrote the same step, and the thawed writes landed in the taker's committed
+    checkpoint (seen: its metadata replaced 4 s after the taker finished). Here a thawed
+    writer writes only under its own name, which the next writer's clean-up removes, and
+    its commit is refused by the lease's check (`check`, local: no request). The check
+    runs before the copy and again before the marker; a holder that passes it renewed
+    its lease at least one refresh before anyone may take it over.
+
+    Built per Checkpoints by `fenced_commit`: Orbax makes these from paths alone."""
+
+    attempt: str = ""
+    check: Callable[[], None] = staticmethod(lambda: None)
+
+    @classmethod
+    def from_final(cls, final_path, *, checkpoint_metadata_store=None, file_options=None,
+                   snapshot_type=None):
+        tmp = final_path.parent / f"{final_path.name}{ORBAX_TMP}-{cls.attempt}"
+        return cls(tmp, final_path, checkpoint_metadata_store=checkpoint_metadata_store,
+                   file_options=file_options)
+
+    @classmethod
+    def from_temporary(cls, temporary_path, *, file_options=None, snapshot_type=None):
+        final = (temporary_path.parent / temporary_path.name.partition(ORBAX_TMP)[0]
+                 if ORBAX_TMP in temporary_path.name else temporary_path)
+        return cls(temporary_path, final, file_options=file_options)
+
+    @classmethod
+    async def validate(cls, temporary_path):
+        """Unfinished: a temporary name, or a step without its marker (a copy cut
+        short, or a step an older version wrote in place and did not finish)."""
+        if ORBAX_TMP in temporary_path.name:
+            await super().validate(temporary_path)
+        else:
+            await atomicity.CommitFileTemporaryPath.validate(temporary_path)
+
+    @classmethod
+    async def validate_final(cls, final_path):
+        await super().validate_final(final_path)
+        await atomicity.CommitFileTemporaryPath.validate_final(final_path)
+
+    async def finalize(self):
+        faults.point("checkpoint:committing", step_of(self._final_path.name))
+        self.check()
+        store = self._checkpoint_metadata_store
+        if store:
+            await asyncio.to_thread(store.wait_until_finished)
+            await asyncio.to_thread(
+                store.update, file_path=atomicity.checkpoint_metadata.step_metadata_file_path(
+                    self._tmp_path),
+                commit_timestamp_nsecs=time.time_ns())
+            await asyncio.to_thread(store.wait_until_finished)
+        await asyncio.to_thread(self._commit)
+
+    def _commit(self) -> None:
+        final = self._final_path
+        if (final / COMMIT_MARKER).exists():
+            raise FileExistsError(f"{final} is a committed checkpoint; not overwritten")
+        if final.exists():  # an unfinished copy of an earlier attempt (unmarked)
+            final.rmtree()
+        safefs.move(self._tmp_path, final)
+        self.check()
+        (final / COMMIT_MARKER).write_text(f"Checkpoint commit was successful to {final}")
+
+
+def fenced_commit(attempt: str, check: Callable[[], None]) -> type[FencedCommit]:
+    """A FencedCommit class for one attempt (its temporary names) and one lease."""
+    return type("FencedCommit", (FencedCommit,),
+                {"attempt": attempt, "check": staticmethod(check)})
+
+
 # ------------------------------------------------------------------ the manager
 
 
@@ -269,12 +353,16 @@ class Checkpoints:
     `read_only` (eval, export, predict, listing): nothing is created, moved or
     cleaned up. Otherwise the caller holds the workdir lock: bad steps are moved
     aside and Orbax may clean its temporary directories; `fence` is the lock's check,
-    called (by every process of a job) before each save.
+    called (by every process of a job) before each save. In a gs:// workdir, steps are
+    committed by `FencedCommit`: `attempt` names this attempt's temporary directories
+    (the same in every process of a job) and `commit_check` is process 0's lease check.
     """
 
     def __init__(self, workdir: str | os.PathLike, keep: int = 3, read_only: bool = False,
                  warn: Callable[[str], None] = print,
-                 fence: Callable[[], None] = lambda: None):
+                 fence: Callable[[], None] = lambda: None,
+                 attempt: str | None = None,
+                 commit_check: Callable[[], None] = lambda: None):
         self.read_only, self.warn, self.fence = read_only, warn, fence
         self.pending = -1  # the step of the newest save started (async: maybe in flight)
         quiet_orbax()
@@ -312,6 +400,8 @@ class Checkpoints:
             # Readers never let Orbax parse the metrics files: `info` holds checked ones.
             lightweight_initialize=read_only,
             step_name_format=StepNames(),
+            temporary_path_class=None if read_only or safefs.is_local(self.directory)
+            else fenced_commit(attempt or secrets.token_hex(6), commit_check),
         )
         try:
             self.manager = _Manager(self.directory, options=options)

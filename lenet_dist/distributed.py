@@ -718,13 +718,15 @@ def on_primary(fn, what: str):
     return result
 
 
-def check_same_workdir(workdir) -> None:
+def check_same_workdir(workdir) -> str:
     """Process 0 writes a fresh random token into the workdir; every process must read
-    it back. A per-host local directory fails here, not in the first save's barrier."""
+    it back. A per-host local directory fails here, not in the first save's barrier.
+    The token, the same in every process, names this attempt (its checkpoints'
+    temporary directories: checkpoint.FencedCommit)."""
     from jax.experimental import multihost_utils  # JAX late
 
     if process_count() == 1:
-        return
+        return secrets.token_hex(6)
     token = np.frombuffer(secrets.token_bytes(8), np.int64)
     meet("sharing the job token")
     token = np.asarray(multihost_utils.broadcast_one_to_all(token))
@@ -742,6 +744,7 @@ def check_same_workdir(workdir) -> None:
         raise UserError(f"process(es) {blind} do not see process 0's --workdir {workdir}: "
                         "every process needs the same shared directory (a shared "
                         "filesystem or gs://), not a per-host local path")
+    return f"{int(token[0]) & (2**48 - 1):012x}"
 
 
 def check_same_settings(settings: dict, name: str) -> None:

@@ -32,7 +32,9 @@ PUBLISH_POINTS = ("publish:staged", "publish:verified", "publish:checked",
 # A checkpoint save has started: the arrays are on the host and Orbax's background
 # writes are in flight (train, every process of a job). Qualified by its step as
 # "checkpoint:saving@STEP" to pick one save, or unqualified for the first one.
-SAVE_POINTS = ("checkpoint:saving",)
+# "checkpoint:committing": a gs:// step's files are all written under their temporary
+# name, and process 0's commit (checkpoint.FencedCommit) is about to check the lease.
+SAVE_POINTS = ("checkpoint:saving", "checkpoint:committing")
 POINTS = PUBLISH_POINTS + SAVE_POINTS
 
 

@@ -133,15 +133,17 @@ def _train(config: Config, dataset: data_lib.Dataset | None, log: Callable[[str]
         if lock is not None:
             cleanup.callback(lock.release)
         book = cleanup.enter_context(LedgerFile(workdir, distributed.is_primary(), log))
-        distributed.check_same_workdir(workdir)
+        attempt = distributed.check_same_workdir(workdir)
         if not config.checkpoint and (workdir / CHECKPOINT_DIR).exists():
             raise UserError(f"--workdir {config.workdir} holds checkpoints of a run; "
                             "--no-checkpoint would start another one over its "
                             "metrics.jsonl; use another --workdir")
-        ckpt = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints, warn=log,
-                                    fence=lambda: distributed.on_primary(
-                                        lambda: lock.check(), "checking the lease before a save")) \
-            if config.checkpoint else None
+        ckpt = ckpt_lib.Checkpoints(
+            workdir, keep=config.keep_checkpoints, warn=log,
+            fence=lambda: distributed.on_primary(lambda: lock.check(),
+                                                 "checking the lease before a save"),
+            attempt=attempt, commit_check=lock.check if lock is not None else lambda: None,
+        ) if config.checkpoint else None
         if ckpt:
             cleanup.callback(ckpt.close)  # let an in-flight async save finish
         run = Trainer.create(config, dataset, shardings, workdir, ckpt, log, progress,

@@ -10,7 +10,8 @@ this process on local disk. 1 and 2 processes x
              OUTAGE_S later (the trainers are frozen at the save until it is down);
   takeover   the trainers frozen (SIGSTOP) mid-save; another job watches their lease
              expire, takes it over and finishes the run; the frozen ones are thawed
-             and must stop without writing (exit 42, "lost the lease");
+             and must stop without writing (exit 42, "lost the lease"); once more,
+             by hand with 1 process, frozen in the commit itself;
   startup    SIGTERM at step 2, then SIGTERM again while the resumed run starts up
              (just after it took the lease);
   plain      SIGTERM at step 2, then resumed.
@@ -217,11 +218,11 @@ def outage(row: Row) -> None:
         row.run()
 
 
-def takeover(row: Row) -> None:
+def takeover(row: Row, point: str = "checkpoint:saving") -> None:
     """The trainers freeze mid-save; another job (the same command started afresh)
     watches their lease for its 1.5 s, takes it over and finishes; the frozen ones,
     thawed, find the lease gone and stop without saving."""
-    proc = row.spawn(LENET_DIST_STOP_AT=f"checkpoint:saving@{FAULT_STEP}",
+    proc = row.spawn(LENET_DIST_STOP_AT=f"{point}@{FAULT_STEP}",
                      LENET_DIST_LEASE_REFRESH=REFRESH)
     pids = row.wait_frozen(proc)
     try:
@@ -241,9 +242,11 @@ def takeover(row: Row) -> None:
     assert lost and "stopping without saving" in lost[0], row.transcript()
     if not row.restarts:
         assert thawed.returncode == RESTART_EXIT_CODE, row.transcript()
-    # Fenced: the thawed trainers committed nothing after the taker finished.
+    # Fenced: the thawed trainers committed nothing after the taker finished, and their
+    # writes still in flight landed only under their own attempt's temporary name.
     after = snapshot(row.path("checkpoints"))
     assert committed(after) == committed(before), (before, after)
+    assert steps_only(after) == steps_only(before), (before, after)
     if not row.restarts:
         row.run()  # the run is finished: exit 0, nothing trained
 
@@ -301,9 +304,16 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
 
 
 def committed(files: dict) -> dict:
-    """The files that make a step a checkpoint (Orbax's commit markers, the metadata)."""
+    """The files that make a step a checkpoint (Orbax's commit markers, the metadata);
+    an unfinished save's temporary directory is not one."""
     return {k: v for k, v in files.items()
-            if k.endswith(("commit_success.txt", "_CHECKPOINT_METADATA", "meta/metadata"))}
+            if k.endswith(("commit_success.txt", "_CHECKPOINT_METADATA", "meta/metadata"))
+            and ".orbax-checkpoint-tmp" not in k.split("/")[0]}
+
+
+def steps_only(files: dict) -> dict:
+    """Every file of the step directories, without Orbax's temporary ones."""
+    return {k: v for k, v in files.items() if ".orbax-checkpoint-tmp" not in k.split("/")[0]}
 
 
 FAULTS = {"kill9": kill9, "outage": outage, "takeover": takeover, "startup": startup,
@@ -319,9 +329,26 @@ def test_fault_matrix(emulator, small_data, uninterrupted, tmp_path, fault, proc
               tmp_path / "marks")
     started = time.monotonic()
     FAULTS[fault](row)
+    check_finished(row, uninterrupted,
+                   restarted=how == "launch" and fault in ("kill9", "startup", "plain"))
+    print(f"{name}: {time.monotonic() - started:.1f} s, {len(row.results)} command(s)")
+
+
+def test_a_commit_thawed_after_a_takeover_is_refused(emulator, small_data, uninterrupted,
+                                                     tmp_path):
+    """The trainer frozen in its commit of step 6 (every file written, under its own
+    temporary name) while another job takes its lease over and finishes; thawed, its
+    commit is refused by the lease's check: the taker's checkpoints keep every byte."""
+    row = Row(emulator, small_data, "takeover-commit-1-hand", 1, 0, tmp_path / "marks")
+    takeover(row, "checkpoint:committing")
+    check_finished(row, uninterrupted, restarted=False)
+
+
+def check_finished(row: Row, uninterrupted: dict, restarted: bool) -> None:
+    """The row ended as the uninterrupted run did, and left no lease behind."""
     last = row.results[-1]
     assert last.returncode == 0, row.transcript()
-    if how == "launch" and fault in ("kill9", "startup", "plain"):  # an outage may pass
+    if restarted:  # an outage may pass without a restart
         assert "restarting the job (1 of 2)" in last.stdout + last.stderr, row.transcript()
     run = row.path()
     steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
@@ -330,7 +357,6 @@ def test_fault_matrix(emulator, small_data, uninterrupted, tmp_path, fault, proc
     assert not row.path("lock").exists(), row.transcript()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [4, 8], row.transcript()
-    print(f"{name}: {time.monotonic() - started:.1f} s, {len(row.results)} command(s)")
 
 
 # ---------------------------------------------------------------- the lease
