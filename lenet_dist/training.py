@@ -134,22 +134,31 @@ def _train(config: Config, dataset: data_lib.Dataset | None, log: Callable[[str]
             cleanup.callback(lock.release)
         book = cleanup.enter_context(LedgerFile(workdir, distributed.is_primary(), log))
         attempt = distributed.check_same_workdir(workdir)
-        if not config.checkpoint and (workdir / CHECKPOINT_DIR).exists():
-            raise UserError(f"--workdir {config.workdir} holds checkpoints of a run; "
-                            "--no-checkpoint would start another one over its "
-                            "metrics.jsonl; use another --workdir")
-        ckpt = ckpt_lib.Checkpoints(
-            workdir, keep=config.keep_checkpoints, warn=log,
-            fence=lambda: distributed.on_primary(lambda: lock.check(),
-                                                 "checking the lease before a save"),
-            attempt=attempt, commit_check=lock.check if lock is not None else lambda: None,
-        ) if config.checkpoint else None
+        ckpt = open_checkpoints(config, workdir, lock, attempt, log)
         if ckpt:
             cleanup.callback(ckpt.close)  # let an in-flight async save finish
         run = Trainer.create(config, dataset, shardings, workdir, ckpt, log, progress,
                              outputs)
         run.ledger_file = book
         return run.run(allow_config_change)
+
+
+def open_checkpoints(config: Config, workdir: epath.Path, lock, attempt: str,
+                     log: Callable[[str], None]) -> ckpt_lib.Checkpoints | None:
+    """The run's checkpoints (None with --no-checkpoint, where none may be), fenced by
+    the workdir's lock: every process asks process 0's lock before each save, and
+    process 0's commits of a gs:// step check its lease (`lock` is process 0's only)."""
+    if not config.checkpoint:
+        if (workdir / CHECKPOINT_DIR).exists():
+            raise UserError(f"--workdir {config.workdir} holds checkpoints of a run; "
+                            "--no-checkpoint would start another one over its "
+                            "metrics.jsonl; use another --workdir")
+        return None
+    return ckpt_lib.Checkpoints(
+        workdir, keep=config.keep_checkpoints, warn=log,
+        fence=lambda: distributed.on_primary(lambda: lock.check(),
+                                             "checking the lease before a save"),
+        attempt=attempt, commit_check=lock.check if lock is not None else lambda: None)
 
 
 class LedgerFile:
