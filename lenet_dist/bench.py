@@ -169,7 +169,7 @@ def _train_alone(run: Run, args: list[str], timeout: float) -> float:
         err.seek(0)
         errors = err.read().decode(errors="replace")
     if failed is not None:
-        raise _failure(run, proc.returncode, errors)
+        raise run_failure(run, proc.returncode, errors)
     return peaks[0]
 
 
@@ -184,7 +184,7 @@ def _train_as_job(run: Run, args: list[str], timeout: float) -> float:
         job.kill_all()  # by PID; the processes reaped above are left alone
         job.wait(timeout=10, grace=0)  # now only joins the output readers
     if failed is not None:
-        raise _failure(run, job.procs[failed].returncode, job.output(failed),
+        raise run_failure(run, job.procs[failed].returncode, job.output(failed),
                        f" (process {failed})")
     return max(peaks)
 
@@ -213,7 +213,7 @@ def reap(procs: Sequence[subprocess.Popen], deadline: float,
     return peaks, None
 
 
-def _failure(run: Run, code: int, output: str, where: str = "") -> UserError:
+def run_failure(run: Run, code: int, output: str, where: str = "") -> UserError:
     """The run's own error line (train prints exactly one), as ours."""
     lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("error:")]

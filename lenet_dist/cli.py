@@ -338,7 +338,8 @@ def cli(ctx, debug, compile_cache):
         show_default="d2l, or the --config file's recipe",
         help="d2l: the seed's 1998 LeNet-5 and SGD; modern: the same skeleton with "
              "ReLU, max pooling, BatchNorm, He init, AdamW + cosine, label smoothing "
-             "and augmentation; smoke: d2l's model in seconds. It sets the defaults "
+             "and augmentation; fast: modern's model, 2 epochs of one-cycle AdamW, "
+             "0.90 soonest; smoke: d2l's model in seconds. It sets the defaults "
              "below, each recipe's where they differ (`--recipe modern --help`: "
              "modern's alone); --config and the options override them.")
 @option("--preset", type=click.Choice(sorted({*PRESETS, *DEPRECATED_PRESETS})),
@@ -587,7 +588,8 @@ class JobShape(click.ParamType):
 @option("--recipe", "recipes", multiple=True, type=RECIPE_TYPE, default=("d2l",),
         help="Recipes to measure (repeat the option).")
 @option("--epochs", type=int_range("epochs"), default=3,
-        help="Epochs per run, 2 or more: the first (compilation) is not counted.")
+        help="Epochs per run, 2 or more: the first (compilation) is not counted. With "
+             "--to-accuracy: instead of each recipe's own.")
 @option("--rounds", type=click.IntRange(1, MAX_BENCH_ROUNDS), default=2,
         help="Interleaved repetitions, to see the machine's noise.")
 @config_option("data_dir")
@@ -597,22 +599,43 @@ class JobShape(click.ParamType):
         help="Compare checkpointing on vs off on the first configuration instead.")
 @option("--serving", is_flag=True,
         help="Instead: inference, exported SavedModel vs jitted JAX, in one process.")
+@option("--to-accuracy", type=click.FloatRange(0, 1, min_open=True), default=None,
+        metavar="A", help="Instead: wall time from process start to the first test "
+        "accuracy >= A, each --recipe (default fast) x --devices (default 1) run as a "
+        "user runs it, cold and warm (compilation cache), with where the time went.")
 @option("--workdir", type=TextPath(), default=None,
         help="With --serving: export this run's latest checkpoint.",
         show_default="a fresh init")
 def bench(device_counts, jobs, batch_sizes, recipes, epochs, rounds, data_dir, json_path,
-          checkpoint_cost, serving, workdir):
+          checkpoint_cost, serving, to_accuracy, workdir):
     """Training images/s per recipe x batch size x devices (or job), each run in fresh
     processes: the steady state, evaluation, and warm-up (first step, compile included;
-    time to it) apart, peak memory; a table, and JSON with --json."""
+    time to it) apart, peak memory; a table, and JSON with --json. Or the time to an
+    accuracy (--to-accuracy), or serving (--serving)."""
     from lenet_dist import bench as bench_lib
 
-    if epochs < 2:
+    if epochs < 2 and to_accuracy is None:
         raise click.BadParameter("a benchmark needs 2 or more epochs (the first compiles "
                                  "and is not counted)", param_hint="'--epochs'")
     if json_path:
         bench_lib.check_json_path(json_path)  # before an hour is spent
-    if serving:
+    if to_accuracy is not None:
+        from lenet_dist import to_accuracy as race_lib  # inside: see bench_lib
+
+        given = click.get_current_context().get_parameter_source
+        if jobs or batch_sizes or serving or checkpoint_cost:
+            raise click.UsageError("--to-accuracy runs each recipe as it is: it takes "
+                                   "--recipe, --devices, --rounds, --data-dir and --json")
+        if given("recipes") == click.core.ParameterSource.DEFAULT:
+            recipes = ("fast",)
+        if given("device_counts") == click.core.ParameterSource.DEFAULT:
+            device_counts = (1,)
+        more = () if given("epochs") == click.core.ParameterSource.DEFAULT \
+            else ("--epochs", str(epochs))  # else each recipe's own
+        result = race_lib.race([race_lib.Contender(r, d, more) for r in recipes
+                                for d in device_counts], to_accuracy, rounds, data_dir,
+                               echo=click.echo)
+    elif serving:
         if len(batch_sizes) > 1:
             raise click.UsageError("--serving measures one --batch-size")
         with runtime.quick_interrupts():

@@ -313,6 +313,12 @@ PRESETS: dict[str, Config] = {
                      schedule="cosine", warmup_epochs=1.0, weight_decay=0.0005,
                      label_smoothing=0.1, augment=True, validation=1 / 12,
                      workdir=f"{RUNS_DIR}/modern"),
+    # The shortest time to 0.90 test accuracy on Fashion-MNIST measured here (docs/
+    # recipes.md has the ablation): the modern network, 2 epochs of one-cycle AdamW
+    # (peak 0.01), no augmentation (it slows a 2-epoch run down), every training image.
+    "fast": Config(recipe="modern", optimizer="adamw", learning_rate=0.01,
+                   schedule="onecycle", epochs=2, weight_decay=0.0005,
+                   label_smoothing=0.1, workdir=f"{RUNS_DIR}/fast"),
     # A run that shows learning in seconds on a CPU: a 2,000-image slice and
     # Adam, because the seed's sigmoids sit on a loss plateau for ~4 epochs.
     "smoke": Config(epochs=2, train_limit=2000, optimizer="adam",

@@ -151,7 +151,7 @@ CASES: list[Case] = [
          "--dataset 'cifar' is not a dataset; give fashion_mnist or mnist, folder:PATH (class "
          "folders of images) or idx:DIR (four IDX files)"),
     Case("train-recipe-unknown", ("train", "--recipe", "huge"), 2,
-         "Invalid value for '--recipe': 'huge' is not one of 'd2l', 'modern', 'smoke'."),
+         "Invalid value for '--recipe': 'huge' is not one of 'd2l', 'fast', 'modern', 'smoke'."),
     Case("train-weight-decay-without-adamw", ("train", "--weight-decay", "0.1"), 2,
          "--weight-decay needs --optimizer adamw (decoupled decay)"),
     Case("train-label-smoothing-one", ("train", "--label-smoothing", "1"), 2,

@@ -142,7 +142,7 @@ def test_plan_is_recipe_x_batch_x_devices_then_jobs_without_repeats():
                          "of 8 (e.g. 96, 104)"),
     (Run(8, 100, "d2l", 2), "--batch-size 100 does not divide over 8 devices"),
     (Run(6, 128, "d2l", 4), "--devices 6 does not split over 4 processes"),
-    (Run(1, 128, "tiny"), "unknown recipe 'tiny'; choose one of d2l, modern, smoke"),
+    (Run(1, 128, "tiny"), "unknown recipe 'tiny'; choose one of d2l, modern, fast, smoke"),
     (Run(0, 128, "d2l"), "--devices must be >= 1"),
     (Run(1, 0, "d2l"), "--batch-size must be in 1..65536"),
     (Run(1026, 1026, "d2l", 2), "513 devices per process"),
@@ -302,10 +302,10 @@ def test_reap_gives_up_at_the_deadline():
 
 def test_a_failed_run_is_its_own_error_line():
     err = "note: something\nerror: --data-dir /x does not exist\n"
-    e = bench._failure(Run(1, 128, "d2l"), 2, err)
+    e = bench.run_failure(Run(1, 128, "d2l"), 2, err)
     assert type(e) is UserError and str(e) == ("benchmark run d2l b128 1x1 failed: --data-dir "
                                                "/x does not exist")
-    e = bench._failure(Run(8, 128, "d2l", 2), -9, "", " (process 1)")
+    e = bench.run_failure(Run(8, 128, "d2l", 2), -9, "", " (process 1)")
     assert type(e) is Failure and str(e) == ("benchmark run d2l b128 2x4 (process 1) failed: "
                                              "killed by SIGKILL; exit status -9")
 

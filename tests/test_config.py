@@ -84,12 +84,13 @@ def test_help_shows_every_recipes_defaults(capsys):
     """A default that depends on the recipe names each recipe's; one that does not is
     one value."""
     text = help_text(capsys, "--help")
-    assert "[default: d2l: 128, modern: 128, smoke: 16; 1<=x<=65536]" in text
-    assert "[default: d2l: 0.1, modern: 0.003, smoke: 0.003; 0.0<x<=10.0]" in text
-    assert "[default: d2l: runs/lenet, modern: runs/modern, smoke: runs/smoke]" in text
-    assert "[default: d2l: off, modern: on, smoke: off]" in text  # --augment
+    assert "[default: d2l: 128, modern: 128, fast: 128, smoke: 16; 1<=x<=65536]" in text
+    assert "[default: d2l: 0.1, modern: 0.003, fast: 0.01, smoke: 0.003; 0.0<x<=10.0]" in text
+    assert ("[default: d2l: runs/lenet, modern: runs/modern, fast: runs/fast, "
+            "smoke: runs/smoke]") in text
+    assert "[default: d2l: off, modern: on, fast: off, smoke: off]" in text  # --augment
     assert "[default: all; 1<=x<=2147483647]" in text  # --devices
-    assert "[default: d2l: all, modern: all, smoke: 2000; 1<=x<=2147483647]" in text
+    assert "[default: d2l: all, modern: all, fast: all, smoke: 2000; 1<=x<=2147483647]" in text
     assert "[default: on]" in text  # --checkpoint: the same in every recipe
 
 
@@ -188,7 +189,7 @@ def test_write_config_refuses_a_planted_link(tmp_path):
     ("run.yaml", "batch_size: 0\n", "run.yaml: batch_size must be in 1..65536, got 0"),
     ("run.yaml", "optimizer: lion\n",
      "run.yaml: optimizer must be one of sgd, momentum, adam, adamw, got 'lion'"),
-    ("run.yaml", "recipe: huge\n", "run.yaml: recipe must be one of d2l, modern, smoke"),
+    ("run.yaml", "recipe: huge\n", "run.yaml: recipe must be one of d2l, modern, fast, smoke"),
     ("run.yaml", "workdir: ''\n", "run.yaml: workdir is an empty path"),
     ("run.yaml", "batch_size: [64\n", "run.yaml is not valid YAML (line 2:"),
     ("run.yaml", "- 64\n", "run.yaml must hold a mapping of Config field names to values, "

@@ -40,12 +40,13 @@ def _idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def load_train(data_dir: str) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images [60000, 28, 28, 1] and int64 labels [60000]."""
+def load_train(data_dir: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [60000, 28, 28, 1] and int64 labels [60000] (split "t10k": the
+    10,000 test images)."""
     d = Path(data_dir)
     find = lambda stem: next(p for p in (d / stem, d / f"{stem}.gz") if p.exists())  # noqa: E731
-    images = _idx(find("train-images-idx3-ubyte"))[..., None]  # (a copy: writable)
-    labels = _idx(find("train-labels-idx1-ubyte")).astype(np.int64)
+    images = _idx(find(f"{split}-images-idx3-ubyte"))[..., None]  # (a copy: writable)
+    labels = _idx(find(f"{split}-labels-idx1-ubyte")).astype(np.int64)
     return np.array(images), labels
 
 
