@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import common
+from torch_lenet import train_step
 
 PEAK_LR, EPOCHS, BATCH, SMOOTHING, DECAY = 0.01, 2, 128, 0.1, 5e-4
 
@@ -53,12 +54,7 @@ def main() -> None:
         anneal_strategy="cos", div_factor=25.0, final_div_factor=1e4, cycle_momentum=False)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=SMOOTHING)
 
-    def step(x, y):
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(x.float() / 255.0), y)
-        loss.backward()
-        opt.step()
-        return loss
+    step = train_step(net, opt, loss_fn, args.compile)
 
     def evaluate():
         net.eval()
@@ -68,8 +64,6 @@ def main() -> None:
         net.train()
         return correct / len(y_test)
 
-    if args.compile:
-        step = torch.compile(step)
     for epoch in range(EPOCHS):
         for idx in common.batches(len(y_all), BATCH, epoch):
             idx = torch.from_numpy(idx)

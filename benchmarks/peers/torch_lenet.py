@@ -23,6 +23,20 @@ def lenet() -> nn.Module:
     return net
 
 
+def train_step(net: nn.Module, opt, loss_fn, compile: bool):
+    """One step on a uint8 NCHW batch (scaled to [0, 1] inside, as lenet-dist does),
+    eager or through torch.compile."""
+
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(net(x.float() / 255.0), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return torch.compile(step) if compile else step
+
+
 def main() -> None:
     args = common.parse_args(lambda p: p.add_argument("--compile", action="store_true"))
     torch.manual_seed(0)
@@ -33,15 +47,7 @@ def main() -> None:
     opt = torch.optim.SGD(net.parameters(), lr=common.LR)
     loss_fn = nn.CrossEntropyLoss()
 
-    def step(x, y):
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(x.float() / 255.0), y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    if args.compile:
-        step = torch.compile(step)
+    step = train_step(net, opt, loss_fn, args.compile)
 
     def train_epoch(epoch: int) -> None:
         for idx in common.batches(len(y_all), args.batch_size, epoch):
