@@ -601,7 +601,7 @@ class JobShape(click.ParamType):
         help="Instead: inference, exported SavedModel vs jitted JAX, in one process.")
 @option("--to-accuracy", type=click.FloatRange(0, 1, min_open=True), default=None,
         metavar="A", help="Instead: wall time from process start to the first test "
-        "accuracy >= A, each --recipe (default fast) x --devices (default 1) run as a "
+        "accuracy >= A, each --recipe (fast unless given) x --devices (1 unless given) run as a "
         "user runs it, cold and warm (compilation cache), with where the time went.")
 @option("--workdir", type=TextPath(), default=None,
         help="With --serving: export this run's latest checkpoint.",

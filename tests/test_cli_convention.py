@@ -50,10 +50,10 @@ def help_extra(command: click.Command, param: click.Option) -> tuple[dict, objec
 
 def test_every_option_shows_its_default_one_way():
     """A default is shown only in click's suffix `[default: X]`: never hand-written in
-    the help; an on/off flag's is on or off; a recipe's is `d2l: A, modern: B, smoke:
-    C`; a plain flag (off unless given) shows none; an option with a value as its
-    default always shows it."""
-    recipe_form = re.compile(r"^d2l: [^,]+(, (modern|smoke): [^,]+){2}$")
+    the help; an on/off flag's is on or off; a recipe's is `d2l: A, modern: B, ...`,
+    every recipe in order; a plain flag (off unless given) shows none; an option with a
+    value as its default always shows it."""
+    recipe_form = re.compile("^" + ", ".join(f"{name}: [^,]+" for name in PRESETS) + "$")
     for name, command, params in every_option():
         for param in params:
             where = f"{name or 'lenet-dist'} {param.opts[0]}"
