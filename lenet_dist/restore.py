@@ -19,7 +19,7 @@ from lenet_dist.data import CLASS_NAMES
 from lenet_dist.errors import Failure, UserError
 from lenet_dist.mesh import Shardings
 from lenet_dist.state import make_optimizer
-from lenet_dist.step import Steps, build_steps
+from lenet_dist.step import Steps, build_steps, from_checkpoint_tree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +110,9 @@ def restore_checkpoint(workdir: str, shardings: Shardings, step: int | None = No
             warn(f"warning: checkpoint step {chosen} is unreadable ({e}); trying "
                  "the next one")
             continue
-        return Restored(variables=tree["state"].variables, config=config, step=chosen,
-                        meta=meta, step_fns=step_fns)
+        state, _ = from_checkpoint_tree(tree)
+        return Restored(variables=state.variables, config=config, step=chosen, meta=meta,
+                        step_fns=step_fns)
     raise Failure(f"no checkpoint in {ckpts.directory} restores (tried steps "
                   f"{', '.join(map(str, candidates))})")
 

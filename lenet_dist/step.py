@@ -154,8 +154,7 @@ class Steps:
     train: Callable
     evaluate: Callable
     zeros: Callable  # () -> metric sums, all zero, already placed on the mesh
-    # () -> {"state", "acc"} ShapeDtypeStructs with this mesh's shardings: the checkpoint's
-    # tree, whose key "acc" (the metric sums) stays as every saved checkpoint spells it
+    # () -> `checkpoint_tree` of ShapeDtypeStructs with this mesh's shardings
     abstract: Callable
     # (variables, uint8 images) -> {"logits", "probabilities", "classes"}: `forward_for`'s
     # jitted forward of this run's model, unsharded (predict, export, the image grid)
@@ -203,11 +202,26 @@ def build_steps(tx: optax.GradientTransformation, shardings: Shardings,
 
     def abstract():
         attach = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)  # noqa: E731
-        return {"state": jax.tree.map(attach, state_shapes, state_sh),
-                "acc": jax.tree.map(attach, jax.eval_shape(zero_metrics), metrics_sh)}
+        return checkpoint_tree(jax.tree.map(attach, state_shapes, state_sh),
+                               jax.tree.map(attach, jax.eval_shape(zero_metrics), metrics_sh))
 
     return Steps(train=train, evaluate=evaluate, zeros=zeros, abstract=abstract,
                  forward=forward_for(config.recipe, num_classes), model=model)
+
+
+# The metric sums' key in a checkpoint's tree, as every saved checkpoint spells it.
+SUMS_KEY = "acc"
+
+
+def checkpoint_tree(state, sums) -> dict:
+    """What a checkpoint holds on the devices: the train state and the partial
+    epoch's metric sums (`from_checkpoint_tree` takes it apart)."""
+    return {"state": state, SUMS_KEY: sums}
+
+
+def from_checkpoint_tree(tree: dict) -> tuple:
+    """(state, sums) of a restored `checkpoint_tree`."""
+    return tree["state"], tree[SUMS_KEY]
 
 
 @jax.jit

@@ -34,7 +34,8 @@ from lenet_dist.records import EpochRecord, format_epoch
 from lenet_dist.restore import class_names_of, config_from
 from lenet_dist.sources import load_dataset, shown_names
 from lenet_dist.state import TrainState, create_state, learning_rate, make_optimizer
-from lenet_dist.step import Steps, all_finite, build_steps, summarize
+from lenet_dist.step import (Steps, all_finite, build_steps, checkpoint_tree,
+                             from_checkpoint_tree, summarize)
 from lenet_dist.rundir import (CHECKPOINT_DIR, LEDGER_FILE, METRICS_FILE, TB_DIR,
                                lock_workdir, prepare_workdir, read_ledger, start_metrics,
                                write_ledger, write_metrics)
@@ -374,7 +375,7 @@ class Trainer:
             self.sums = self.steps.zeros()
         else:
             tree, meta = restored
-            self.state, self.sums = tree["state"], tree["acc"]
+            self.state, self.sums = from_checkpoint_tree(tree)
             self.records = [EpochRecord.from_json(r) for r in meta["history"]]
         self.resumed = restored is not None
         ledger.current().trains_from(int(self.state.step))
@@ -434,7 +435,7 @@ class Trainer:
     def check_writable(self) -> None:
         """A probe save: a full disk fails here, not an epoch later."""
         if self.ckpt:
-            self.ckpt.check_writable({"state": self.state, "acc": self.sums})
+            self.ckpt.check_writable(checkpoint_tree(self.state, self.sums))
 
     def log_header(self) -> None:
         config, dataset, feeds = self.config, self.dataset, self.feeds
@@ -566,7 +567,7 @@ class Trainer:
                 and bool(all_finite(self.state.params))):
             raise Diverged(step)
         watchdog.mark("saving", step)
-        self.ckpt.save(step, {"state": self.state, "acc": self.sums}, self.meta_for(step),
+        self.ckpt.save(step, checkpoint_tree(self.state, self.sums), self.meta_for(step),
                        metrics=metrics, wait=wait)
 
     def meta_for(self, step: int) -> dict:

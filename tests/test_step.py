@@ -7,7 +7,7 @@ from lenet_dist.feed import put
 from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.model import build
 from lenet_dist.state import create_state, make_optimizer
-from lenet_dist.step import build_steps, summarize
+from lenet_dist.step import build_steps, checkpoint_tree, summarize
 from lenet_dist.training import train
 
 # One SGD step (seed 0 init, lr 0.1) on a fixed random batch; recorded 2026-11-27
@@ -140,7 +140,7 @@ def test_a_checkpoint_whose_config_says_modern_restores_the_modern_model(tmp_pat
     steps = build_steps(tx, sh, config, len(names))
     state = create_state(0, tx, sh, "modern", len(names))
     ckpts = Checkpoints(tmp_path)
-    ckpts.save(0, {"state": state, "acc": steps.zeros()},
+    ckpts.save(0, checkpoint_tree(state, steps.zeros()),
                {"config": config.to_dict(), "class_names": names, "step": 0, "epoch": 0,
                 "steps_per_epoch": 1, "history": []},
                wait=True)
