@@ -51,7 +51,6 @@ KINDS = ("train", "export", "concurrent", "bench")
 BENCH = ["bench", "--devices", "2", "--epochs", "2", "--rounds", "1", "--batch-size", "128"]
 REAPER_GRACE_S = 15.0  # the temp-dir reaper's 1 s, and children's exit, on a busy machine
 SECOND_KILL_WINDOW_S = 5.0  # a second train's start-up until the lock refuses it: 2-6 s
-PUBLISH_KILL_WINDOW_S = 0.1  # after metadata.json is written: reference.npz, then publish
 
 
 def cli(workdir: Path, data_dir: str | None) -> list[str]:
@@ -138,6 +137,8 @@ def model_problem(out: Path) -> str | None:
 def leftovers(out: Path) -> list[str]:
     """What exports to `out` leave beside it while running or when killed."""
     prefixes = (f".{out.name}.staging-", f".{out.name}.old-")
+    if not out.parent.is_dir():  # the first export makes it
+        return []
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(prefixes))
 
 
@@ -147,9 +148,28 @@ def verified(out: Path, before: set[str]) -> bool:
                for name in leftovers(out) if name not in before)
 
 
-def kill_export(cmd: list[str], out: Path, duration: float, rng: random.Random) -> str:
+def timed_export(cmd: list[str], out: Path) -> tuple[int, str, float, float]:
+    """Run an export to its end: its exit status and stderr, its wall seconds, and the
+    seconds from its model being verified (publishing begins) to its exit."""
+    before = set(leftovers(out))
+    with tempfile.TemporaryFile() as err:
+        start, seen = time.time(), None
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        while proc.poll() is None:
+            if seen is None and verified(out, before):
+                seen = time.time()
+            time.sleep(0.005)
+        end = time.time()
+        err.seek(0)
+        return proc.returncode, err.read().decode(errors="replace"), end - start, \
+            end - (seen or end)
+
+
+def kill_export(cmd: list[str], out: Path, duration: float, publishing: float,
+                rng: random.Random) -> str:
     """Start an export and SIGKILL it: half the time at a random moment of its run, half
-    the time within 0.1 s of its model being verified, when publishing begins."""
+    the time in the first half of its publishing (`publishing`: the seconds from its
+    model being verified to its exit, measured on an export that ran to its end)."""
     before = set(leftovers(out))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     start = time.time()
@@ -160,7 +180,7 @@ def kill_export(cmd: list[str], out: Path, duration: float, rng: random.Random) 
         deadline = start + 3 * duration + 30
         while proc.poll() is None and time.time() < deadline and not verified(out, before):
             time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, PUBLISH_KILL_WINDOW_S))
+        time.sleep(rng.uniform(0.0, publishing / 2))
         where = "while publishing"
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
@@ -172,14 +192,12 @@ def kill_export(cmd: list[str], out: Path, duration: float, rng: random.Random) 
 def export_trial(workdir: Path, out: Path, kills: int, rng: random.Random,
                  data_dir: str | None) -> tuple[bool, str, list[str]]:
     cmd = export_cli(workdir, out, data_dir)
-    start = time.time()
-    first = subprocess.run(cmd, capture_output=True, text=True)
-    if first.returncode:
-        return False, f"the earlier export FAILED: {first.stderr.strip()[-300:]}", []
-    duration = time.time() - start
+    code, errors, duration, publishing = timed_export(cmd, out)
+    if code:
+        return False, f"the earlier export FAILED: {errors.strip()[-300:]}", []
     outcomes, problems = [], []
     for _ in range(kills):
-        outcomes.append(kill_export(cmd, out, duration, rng))
+        outcomes.append(kill_export(cmd, out, duration, publishing, rng))
         problem = model_problem(out)
         if problem:
             problems.append(f"after {outcomes[-1]}: {problem}")
