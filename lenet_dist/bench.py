@@ -140,7 +140,7 @@ def run_config(run: Run, epochs: int, data_dir: str | None, workdir: str | os.Pa
     args = run.train_args(epochs, data_dir, workdir, checkpoint)
     launched = time.time()
     if run.processes == 1:
-        peak = _train_alone(run, args, timeout)
+        peak = train_alone(run, args, timeout)
     else:
         peak = _train_as_job(run, args, timeout)
     figures = steady_figures(read_metrics(Path(workdir) / rundir.METRICS_FILE), launched)
@@ -153,7 +153,7 @@ def default_timeout(epochs: int) -> float:
     return 300.0 * (epochs + 1)
 
 
-def _train_alone(run: Run, args: list[str], timeout: float) -> float:
+def train_alone(run: Run, args: list[str], timeout: float) -> float:
     """One process, its output into files rather than pipes: os.wait4 (the only way to
     a child's peak memory) then waits with no reader thread to keep a pipe drained."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:

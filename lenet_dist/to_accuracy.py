@@ -16,16 +16,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 from lenet_dist import ledger, rundir, tempdirs
-from lenet_dist.bench import (run_failure, die_with_parent, environment, median_of,
-                              read_metrics, reap)
+from lenet_dist.bench import environment, median_of, read_metrics, train_alone
 from lenet_dist.config import PRESETS
 from lenet_dist.errors import Failure, UserError
 
@@ -55,7 +51,8 @@ class Contender:
         return self
 
     def command(self, workdir: Path, cache: Path, data_dir: str | None) -> list[str]:
-        return [sys.executable, "-m", "lenet_dist", "--compile-cache", os.fspath(cache),
+        """`lenet-dist` arguments (bench.train_alone starts them)."""
+        return ["--compile-cache", os.fspath(cache),
                 "train", "--recipe", self.recipe, "--devices", str(self.devices),
                 "--workdir", os.fspath(workdir), "--no-progress", *self.args,
                 *(["--data-dir", data_dir] if data_dir else [])]
@@ -67,20 +64,8 @@ def run_once(contender: Contender, target: float, workdir: Path, cache: Path,
     test accuracy is >= target (None if none was), its wall seconds to exit, the
     accuracy then and at the end, and its ledger's seconds by phase."""
     started = time.time()
-    with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(contender.command(workdir, cache, data_dir),
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                preexec_fn=die_with_parent)
-        try:
-            _, failed = reap([proc], time.monotonic() + timeout, contender.name)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                proc.wait()
-        wall = time.time() - started
-        if failed is not None:
-            out.seek(0)
-            raise run_failure(contender, proc.returncode, out.read().decode(errors="replace"))
+    train_alone(contender, contender.command(workdir, cache, data_dir), timeout)
+    wall = time.time() - started
     rows = read_metrics(workdir / rundir.METRICS_FILE)
     hit = next((r for r in rows if r.test_accuracy >= target), None)
     attempts = rundir.read_ledger(workdir, log=lambda _: None)

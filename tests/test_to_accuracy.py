@@ -79,7 +79,7 @@ def test_the_defaults_race_the_fast_recipe_on_one_device(monkeypatch, capsys):
 def test_a_contender_runs_the_train_command_a_user_would():
     command = Contender("fast", 2, ("--epochs", "3")).command(
         workdir=Path("/w"), cache=Path("/c"), data_dir="/d")
-    assert command[1:] == ["-m", "lenet_dist", "--compile-cache", "/c", "train", "--recipe",
+    assert command == ["--compile-cache", "/c", "train", "--recipe",
                            "fast", "--devices", "2", "--workdir", "/w", "--no-progress",
                            "--epochs", "3", "--data-dir", "/d"]
 
