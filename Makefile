@@ -45,8 +45,12 @@ train: setup-core data
 run: setup-core
 	$(BIN)/lenet-dist $(ARGS)
 
+# The suite's files spread over TEST_WORKERS processes, a file to a worker (its module
+# fixtures are made once), the longest files first (tests/conftest.py). TEST_WORKERS=0
+# runs it in this one process, in file order.
+TEST_WORKERS ?= 3
 test: setup data tools lint
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(ARGS)
 
 # The lint CI runs (pyproject's [tool.ruff]); .pre-commit-config.yaml runs the same.
 lint: setup
