@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from lenet_dist import runtime
-from lenet_dist.checkpoint import step_of
+from lenet_dist.step_files import step_of
 
 TRAIN = ["train", "--devices", "8", "--epochs", "3", "--train-limit", "2560",
          "--batch-size", "64", "--lr", "0.5", "--save-every-steps", "3",
