@@ -37,7 +37,7 @@ from lenet_dist import distributed, faults, safefs
 # Which fields a resume compares are declared with them, in Config's field metadata.
 from lenet_dist.config import COMPATIBLE_FIELDS, STRUCTURAL_FIELDS, Config
 from lenet_dist.errors import Failure, Restartable, UserError, first_line
-from lenet_dist.history import chosen_on, ranked
+from lenet_dist.records import chosen_on, ranked
 from lenet_dist.rundir import CHECKPOINT_DIR, workdir_path
 from lenet_dist.step_files import (
     BEST_METRIC,
@@ -66,7 +66,7 @@ def selection_metric(metrics: dict) -> float:
 
 
 def best_first(metrics: dict[int, dict | None]) -> list[int]:
-    """Steps by `history.ranked` over their metrics (steps without metrics, mid-epoch
+    """Steps by `records.ranked` over their metrics (steps without metrics, mid-epoch
     saves, are not ranked): the best first, the earliest of equals first."""
     rows = [{**m, "step": step} for step, m in metrics.items() if m is not None]
     return [row["step"] for row in ranked(rows, position="step")]

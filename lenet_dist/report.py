@@ -30,7 +30,7 @@ from lenet_dist.figures import (
     plot_curves,
     plot_misclassified,
 )
-from lenet_dist.history import chosen_on
+from lenet_dist.records import chosen_on
 from lenet_dist.rundir import CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, TB_DIR
 
 CURVES_PNG = "curves.png"

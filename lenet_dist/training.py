@@ -29,7 +29,7 @@ from lenet_dist.errors import Failure, Preempted, UserError
 from lenet_dist.evaluation import evaluate
 from lenet_dist.feed import Feeds, make_feeds
 from lenet_dist.ledger import LedgerFile
-from lenet_dist.history import describe_best, near_chance, stopped_early
+from lenet_dist.records import describe_best, near_chance, stopped_early
 from lenet_dist.mesh import Shardings, check_batch, make_mesh
 from lenet_dist.preemption import StopRule
 from lenet_dist.records import EpochRecord, format_epoch
