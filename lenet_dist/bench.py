@@ -31,7 +31,7 @@ from lenet_dist import rundir, safefs, tempdirs, versions
 from lenet_dist import serving_contract as contract
 from lenet_dist.config import INT_RANGES, PRESETS
 from lenet_dist.data import CLASS_NAMES
-from lenet_dist.distributed import check_devices
+from lenet_dist.joining import check_devices
 from lenet_dist.errors import Failure, UserError
 from lenet_dist.launch import LocalJob
 from lenet_dist.records import EpochRecord
@@ -445,21 +445,9 @@ def bench_serving(workdir: str | None, batch_size: int = 256, rounds: int = 3,
 
     from lenet_dist import exporting as export_lib
     from lenet_dist import serialization
-    from lenet_dist.mesh import Shardings, make_mesh
-    from lenet_dist.model import build, init_params
-    from lenet_dist.restore import restore_checkpoint
-    from lenet_dist.step import forward_for
 
     tf = import_tensorflow()
-    if workdir:
-        restored = restore_checkpoint(workdir, Shardings(make_mesh(1)))
-        variables, forward = restored.variables, restored.forward
-        model, class_names = restored.model, restored.class_names
-    else:
-        variables = init_params(jax.random.key(0))  # speed does not depend on the weights
-        forward = forward_for("d2l")  # init_params' model
-        model, class_names = build("d2l"), CLASS_NAMES["fashion_mnist"]
-    variables = jax.device_get(variables)
+    variables, forward, model, class_names = serving_model(workdir)
 
     def run_jax(x):
         return jax.device_get(forward(variables, x))
@@ -473,33 +461,9 @@ def bench_serving(workdir: str | None, batch_size: int = 256, rounds: int = 3,
         def run_tf(x):
             return contract.call_signature(tf, served, x)
 
-        # TF Serving's own path: the SignatureDef's tensors run in a TF1 session.
-        graph = tf.Graph()
-        session = tf.compat.v1.Session(graph=graph)
-        with graph.as_default():
-            sig = tf.compat.v1.saved_model.loader.load(
-                session, ["serve"], str(model_dir)).signature_def[contract.SIGNATURE]
-        feed = sig.inputs[contract.INPUT].name
-        fetch = {k: v.name for k, v in sig.outputs.items()}
-
-        def run_session(x):
-            return session.run(fetch, {feed: x})
-
-        rng = np.random.default_rng(0)
-        big = rng.integers(0, 256, (batch_size, 28, 28, 1), dtype=np.uint8)
-        one = big[:1]
-        runners = {"JAX jit": run_jax, "SavedModel": run_tf, "TF1 session": run_session}
-        for fn in runners.values():  # compile both shapes outside the timing
-            fn(big), fn(one)
-        rates: dict[str, list[float]] = {k: [] for k in runners}
-        lat: dict[str, list[float]] = {k: [] for k in runners}
-        for r in range(rounds):
-            for name, fn in runners.items():
-                rates[name].append(batch_size / statistics.median(_timed(fn, big, seconds)))
-                lat[name].extend(_timed(fn, one, seconds / 2))
-            echo(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f} img/s"
-                                                for k, v in rates.items()))
-        session.close()
+        with tf1_session(tf, model_dir) as run_session:
+            runners = {"JAX jit": run_jax, "SavedModel": run_tf, "TF1 session": run_session}
+            rates, lat = race_runners(runners, batch_size, rounds, seconds, echo)
     result = {}
     for name in runners:
         ms = sorted(t * 1e3 for t in lat[name])
@@ -514,3 +478,57 @@ def bench_serving(workdir: str | None, batch_size: int = 256, rounds: int = 3,
              f"   batch-1 latency p50 {r['latency_ms_p50']:.3f} ms, "
              f"p90 {r['latency_ms_p90']:.3f} ms")
     return result
+
+
+def serving_model(workdir: str | None):
+    """(variables on the host, forward, model, class names): the run's latest checkpoint,
+    or the d2l model at its initial weights (speed does not depend on the weights)."""
+    import jax
+
+    from lenet_dist.mesh import Shardings, make_mesh
+    from lenet_dist.model import build, init_params
+    from lenet_dist.restore import restore_checkpoint
+    from lenet_dist.step import forward_for
+
+    if workdir:
+        restored = restore_checkpoint(workdir, Shardings(make_mesh(1)))
+        return (jax.device_get(restored.variables), restored.forward, restored.model,
+                restored.class_names)
+    return (jax.device_get(init_params(jax.random.key(0))), forward_for("d2l"),
+            build("d2l"), CLASS_NAMES["fashion_mnist"])
+
+
+@contextlib.contextmanager
+def tf1_session(tf, model_dir):
+    """TF Serving's own path: the SignatureDef's tensors run in a TF1 session; yields
+    the function that runs a batch through it."""
+    graph = tf.Graph()
+    session = tf.compat.v1.Session(graph=graph)
+    with graph.as_default():
+        sig = tf.compat.v1.saved_model.loader.load(
+            session, ["serve"], str(model_dir)).signature_def[contract.SIGNATURE]
+    feed = sig.inputs[contract.INPUT].name
+    fetch = {k: v.name for k, v in sig.outputs.items()}
+    try:
+        yield lambda x: session.run(fetch, {feed: x})
+    finally:
+        session.close()
+
+
+def race_runners(runners: dict, batch_size: int, rounds: int, seconds: float, echo):
+    """Each runner's images/s at `batch_size` and its batch-1 call times, rounds
+    interleaved: ({name: [rate per round]}, {name: [seconds per call]})."""
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 256, (batch_size, 28, 28, 1), dtype=np.uint8)
+    one = big[:1]
+    for fn in runners.values():  # compile both shapes outside the timing
+        fn(big), fn(one)
+    rates: dict[str, list[float]] = {k: [] for k in runners}
+    lat: dict[str, list[float]] = {k: [] for k in runners}
+    for r in range(rounds):
+        for name, fn in runners.items():
+            rates[name].append(batch_size / statistics.median(_timed(fn, big, seconds)))
+            lat[name].extend(_timed(fn, one, seconds / 2))
+        echo(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f} img/s"
+                                            for k, v in rates.items()))
+    return rates, lat

@@ -9,298 +9,48 @@ there exits at once.
 
 from __future__ import annotations
 
-import dataclasses
-import errno
-import functools
-import math
 import os
 import sys
-import time
-import traceback
 
 import click
 
-from lenet_dist import distributed, extras, faults, runtime, safefs, versions
+from lenet_dist import distributed, runtime, safefs, versions
 from lenet_dist import launch as launch_lib
 from lenet_dist.caches import COMPILE_CACHE_ENV
+from lenet_dist.cli_failures import (
+    DEBUG_ENV,
+    Session,
+    run_command,
+)
+from lenet_dist.cli_options import (
+    COMPLETION,
+    DEVICES,
+    EXIT_STATUSES,
+    RECIPE_TYPE,
+    Commands,
+    FiniteFloatRange,
+    JobShape,
+    TextPath,
+    checkpoint_choice,
+    config_option,
+    config_options,
+    int_range,
+    job_options,
+    option,
+    read_workdir,
+)
 from lenet_dist.config import (
-    COUNT_OR_FRACTION,
     DEFAULT_EXPORT_PLATFORMS,
     DEPRECATED_PRESETS,
-    FLOAT_RANGES,
-    INT32_MAX,
-    INT_RANGES,
-    MAX_TEXT_CHARS,
     PRESETS,
-    FIELDS,
-    check_field,
     effective_config,
-    field_type,
-    option_name,
-    preset,
-    read_settings,
 )
-from lenet_dist.distributed import (
-    DEFAULT_HEARTBEAT_TIMEOUT,
-    DEFAULT_JOIN_TIMEOUT,
-    MAX_TIMEOUT,
-    MODES,
-    JobSpec,
-)
-from lenet_dist.errors import RESTART_EXIT_CODE, Failure, Preempted, UserError, first_line
-from lenet_dist.fatal_filter import describe_loss
-from lenet_dist.rundir import DEFAULT_RUN, RUNS_DIR, run_to_read, trained_runs
+from lenet_dist.errors import UserError
+from lenet_dist.rundir import RUNS_DIR, run_to_read, trained_runs
+from lenet_dist.settings_io import read_settings, to_yaml
 from lenet_dist.watchdog import parse_timeout
 
-DEBUG_ENV = "LENET_DIST_DEBUG"
 
-
-NUL_PATH = "the path contains a NUL byte, which no file name can hold"
-
-
-class TextPath(click.Path):
-    """A path that is not empty and is valid text. Bytes that are not UTF-8 reach
-    Python as surrogate escapes, which a later print, JSON write or C++ call fails on."""
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, str):
-            if not value:
-                self.fail("the path is empty", param, ctx)
-            if len(value) > MAX_TEXT_CHARS:
-                self.fail(f"the path is {len(value):,} characters long; the most a path "
-                          f"can be is {MAX_TEXT_CHARS:,}", param, ctx)
-            if "\0" in value:
-                self.fail(NUL_PATH, param, ctx)
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                shown = os.fsencode(value).decode("ascii", "backslashreplace")
-                self.fail(f"'{shown}' is not valid text (bytes that are not UTF-8); "
-                          "rename it or choose another path", param, ctx)
-        return super().convert(value, param, ctx)
-
-
-class FiniteFloatRange(click.FloatRange):
-    """FloatRange that also refuses nan and inf (nan passes every comparison)."""
-
-    def convert(self, value, param, ctx):
-        number = click.FLOAT.convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value} is not a finite number", param, ctx)
-        return super().convert(number, param, ctx)
-
-
-def int_range(field: str) -> click.IntRange:
-    return CountOrFraction(*INT_RANGES[field]) if field in COUNT_OR_FRACTION else \
-        click.IntRange(*INT_RANGES[field])
-
-
-class CountOrFraction(click.IntRange):
-    """An integer is a count (in the IntRange); anything else a fraction in (0, 1):
-    `--validation 5000` or `--validation 0.0833`, the field's rule (check_field)."""
-
-    name = "n|f"
-
-    def convert(self, value, param, ctx):
-        if not isinstance(value, str) or value.strip().lstrip("+-").isdigit():
-            return super().convert(value, param, ctx)
-        number, problem = check_field(param.name, click.FLOAT.convert(value, param, ctx))
-        if problem:
-            self.fail(problem, param, ctx)
-        return number
-
-
-def float_range(field: str) -> FiniteFloatRange:
-    low, high, low_open, high_open = FLOAT_RANGES[field]
-    return FiniteFloatRange(low, high, min_open=low_open, max_open=high_open)
-
-
-class CliOption(click.Option):
-    """Every option of lenet-dist. The help convention (tests/test_cli_convention.py
-    checks it on every option of every command): a default is shown only in click's
-    suffix, `[default: X]`, never written in the help text; an on/off flag's default
-    reads `on` or `off`; a plain flag (off unless given) and an option whose absence
-    needs no words show none; a default that is not a value (`latest`, `the run
-    trained last`) is that suffix's text (show_default="...")."""
-
-    def get_help_extra(self, ctx):
-        extra = super().get_help_extra(ctx)
-        if isinstance(self.show_default, str):  # as a value is shown (click adds brackets)
-            extra["default"] = self.show_default
-        elif self.is_bool_flag and self.secondary_opts and extra.get("default") \
-                and isinstance(self.default, bool):
-            extra["default"] = "on" if self.default else "off"
-        return extra
-
-
-option = functools.partial(click.option, cls=CliOption)
-
-
-class ConfigOption(CliOption):
-    """An option that sets a Config field. Its default comes from the recipe: one value
-    when every recipe has the same, else each recipe's, `d2l: 10, modern: 10, smoke:
-    2`; only the recipe given before --help when there is one (`train --recipe modern
-    --help`: `modern: adamw`)."""
-
-    def get_help_extra(self, ctx):
-        extra = super().get_help_extra(ctx)
-        extra.pop("default", None)
-        chosen = ctx.params.get("preset") or ctx.params.get("recipe")  # eager: parsed
-        names = [DEPRECATED_PRESETS.get(chosen, (chosen,))[0]] if chosen else list(PRESETS)
-        values = {name: show_value(self.name, getattr(preset(name), self.name))
-                  for name in names}
-        if len(set(values.values())) == 1 and (not chosen or self.same_in_every_recipe()):
-            if values[names[0]]:
-                extra["default"] = values[names[0]]
-        else:
-            extra["default"] = ", ".join(f"{name}: {value or 'none'}"
-                                         for name, value in values.items())
-        return extra
-
-    def same_in_every_recipe(self) -> bool:
-        return len({getattr(config, self.name) for config in PRESETS.values()}) == 1
-
-
-def show_value(field: str, value) -> str:
-    if value is None:
-        return FIELDS[field].metadata["unset"]
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return str(value)
-
-
-def config_option(field: str, **changes):
-    """The option of a Config field, from its declaration (config.setting): name and
-    aliases, type and range, help. None when not given, so a preset's or a --config
-    file's value stays. `changes` are click.option arguments for one command."""
-    meta = FIELDS[field].metadata
-    kind, _ = field_type(field)
-    decls = [option_name(field), *meta["aliases"], field]
-    if kind is bool:
-        decls[0] += "/" + option_name(field).replace("--", "--no-", 1)
-        param_type = None
-    elif meta["choices"]:
-        param_type = click.Choice(meta["choices"])
-    elif meta["path"] or field == "dataset":  # a name, or kind:PATH
-        param_type = TextPath()
-    elif field in INT_RANGES:
-        param_type = int_range(field)
-    elif field in FLOAT_RANGES:
-        param_type = float_range(field)
-    else:
-        raise TypeError(f"no option type for the Config field {field}")
-    settings = dict(cls=ConfigOption, type=param_type, default=None, help=meta["doc"] or None)
-    if field == "dataset":
-        settings["metavar"] = "NAME|folder:PATH|idx:DIR"
-    return option(*decls, **{**settings, **changes})
-
-
-def config_options(command):
-    """One option per Config field; `recipe` is set by the --recipe preset instead."""
-    for field in reversed(FIELDS):
-        if field != "recipe":
-            command = config_option(field)(command)
-    return command
-
-
-# Options that more than one command takes: each is defined once, here (or by
-# `config_option`), so a name means the same type and range in every command
-# (tests/test_cli_convention.py checks it).
-DEVICES = config_option("devices")
-RECIPE_TYPE = click.Choice(sorted(PRESETS))  # every recipe train takes, everywhere
-def read_workdir(help_text: str = "The run to read."):
-    """--workdir of a command that reads a run; None when not given (`run_to_read`)."""
-    return option("--workdir", type=TextPath(), default=None, help=help_text,
-                  show_default=f"{DEFAULT_RUN}, where train writes with no options")
-
-
-def job_options(command):
-    """Options to run as one process of a multi-process job; the command gets `job`."""
-
-    @functools.wraps(command)
-    def with_job(*args, distributed, coordinator_address, num_processes, process_id,
-                 heartbeat_timeout, join_timeout, **kwargs):
-        job = JobSpec(distributed, coordinator_address, num_processes, process_id,
-                      heartbeat_timeout, join_timeout)
-        return command(*args, job=job.validate(), **kwargs)
-
-    for job_option in reversed([
-        option("--distributed", type=click.Choice(MODES), default="off",
-               envvar="LENET_DIST_DISTRIBUTED", show_envvar=True,
-               help="auto: join the multi-process job JAX detects (Cloud TPU VM, "
-                    "SLURM, Open MPI, Kubernetes) and run the same command on every "
-                    "host; where none is detected, one process (with a note)."),
-        option("--coordinator-address", metavar="HOST:PORT", default=None,
-               envvar=["LENET_DIST_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS"],
-               show_envvar=True, help="Or join explicitly: process 0's address..."),
-        option("--num-processes", type=click.IntRange(1, INT32_MAX), default=None,
-               envvar="LENET_DIST_NUM_PROCESSES", show_envvar=True,
-               help="...the number of processes..."),
-        option("--process-id", type=click.IntRange(0, INT32_MAX - 1), default=None,
-               envvar="LENET_DIST_PROCESS_ID", show_envvar=True,
-               help="...and this process's id (0 writes logs, metrics, exports)."),
-        option("--join-timeout", type=click.IntRange(1, MAX_TIMEOUT),
-               default=DEFAULT_JOIN_TIMEOUT, envvar="LENET_DIST_JOIN_TIMEOUT",
-               show_envvar=True,
-               help="Seconds to wait for every process of the job to join (on GKE, "
-                    "this includes waiting for the coordinator's DNS name); a wait "
-                    "past 5 s says so once, a wait past this fails with one line."),
-        option("--heartbeat-timeout", type=click.IntRange(1, MAX_TIMEOUT),
-               default=DEFAULT_HEARTBEAT_TIMEOUT, envvar="LENET_DIST_HEARTBEAT_TIMEOUT",
-               show_envvar=True,
-               help="Seconds after which the others stop, with one line, when a "
-                    "process of the job dies."),
-    ]):
-        with_job = job_option(with_job)
-    return with_job
-
-
-@dataclasses.dataclass
-class Session:
-    """What `main` needs to know about the parsed command line after it fails."""
-
-    debug: bool = False
-
-
-def _debug_after_command(ctx, _param, value):
-    if value:
-        ctx.ensure_object(Session).debug = True
-
-
-# The exit statuses of every command, shown at the end of each --help. Each is what
-# `main` (and __main__, runtime, preemption, fatal_filter, launch) returns.
-EXIT_STATUSES = """\b
-Exit status:
-  0    done
-  1    a runtime failure: a busy workdir, a full disk, an unreadable
-       checkpoint, an internal error
-  2    bad input or usage (the one error line says what)
-  42   restart me: a lost process of a job, the gs:// lease lost, storage
-       unreachable; the same command (or a launcher's restart) resumes
-  124  launch: its --timeout ran out; every process was killed
-  130  interrupted (Ctrl-C); train saves a checkpoint first
-  134  in a multi-process job: a process of the job was lost (JAX's abort)
-  143  stopped by SIGTERM; train saves a checkpoint first, and the same
-       command resumes
-launch exits with its job's status."""
-
-# The group's own epilog: the statuses, then how to turn on shell completion.
-COMPLETION = """\b
-Shell completion (bash 4.4+, zsh, fish), e.g. in ~/.bashrc:
-  eval "$(_LENET_DIST_COMPLETE=bash_source lenet-dist)"
-(zsh: zsh_source in ~/.zshrc; fish: fish_source)"""
-
-
-class Commands(click.Group):
-    """Every command gets the exit statuses as its epilog, and takes `--debug` after
-    its name (`lenet-dist train --debug`) as well as before (`lenet-dist --debug
-    train`), hidden from its help (the group's help shows it)."""
-
-    def add_command(self, cmd, name=None):
-        cmd.params.append(click.Option(["--debug"], is_flag=True, hidden=True, is_eager=True,
-                                       expose_value=False, callback=_debug_after_command))
-        cmd.epilog = EXIT_STATUSES
-        super().add_command(cmd, name)
 
 
 def _compile_cache(ctx, param, value):
@@ -385,7 +135,7 @@ def train(recipe, preset, config_file, progress, allow_config_change, tensorboar
     config = effective_config(recipe, settings, fields).validate(cli=True)
     stall_timeout = parse_timeout(stall_timeout)
     if print_config:
-        click.echo(config.to_yaml(), nl=False)
+        click.echo(to_yaml(config), nl=False)
         return
     if progress is None:
         progress = sys.stderr.isatty()
@@ -399,22 +149,6 @@ def train(recipe, preset, config_file, progress, allow_config_change, tensorboar
         stall_timeout=stall_timeout)
 
 
-def checkpoint_choice(command):
-    """--step S | --best, declared and checked in one place for every command."""
-
-    @functools.wraps(command)
-    def checked(*args, **kwargs):
-        if kwargs["step"] is not None and kwargs["best"]:
-            raise click.UsageError("--step and --best are exclusive; give one")
-        return command(*args, **kwargs)
-
-    checked = option("--best", is_flag=True,
-                     help="The checkpoint with the best validation accuracy (test "
-                          "accuracy for a run without --validation).")(checked)
-    return option("--step", type=click.IntRange(0, INT32_MAX), default=None,
-                  help="The checkpoint of this step.", show_default="latest")(checked)
-
-
 @cli.command("eval")
 @read_workdir()
 @checkpoint_choice
@@ -426,15 +160,12 @@ def eval_cmd(workdir, step, best, devices, data_dir, job):
     workdir = run_to_read(workdir)
     with runtime.quick_interrupts():
         runtime.configure(cpu_devices=devices, job=job)
-        from lenet_dist.evaluation import evaluate_checkpoint
+        from lenet_dist.evaluation import describe_evaluation, evaluate_checkpoint
 
     result = evaluate_checkpoint(workdir, step=step, best=best, devices=devices,
                                  data_dir=data_dir)
     if distributed.is_primary():
-        click.echo(f"{workdir} step {result['step']} (epoch {result['epoch']:g}) on "
-                   f"{result['devices']} device(s): test loss {result['test_loss']:.4f}  "
-                   f"test accuracy {result['test_accuracy']:.4f}  "
-                   f"({result['examples']:,} images)")
+        click.echo(f"{workdir} {describe_evaluation(result)}")
 
 
 @cli.command()
@@ -445,7 +176,7 @@ def checkpoints(workdir):
     workdir = run_to_read(workdir)
     with runtime.quick_interrupts():
         runtime.configure()
-        from lenet_dist.evaluation import list_checkpoints
+        from lenet_dist.evaluation import checkpoints_table, list_checkpoints
 
     rows = list_checkpoints(workdir, warn=lambda line: click.echo(line, err=True))
     if not rows:
@@ -453,23 +184,8 @@ def checkpoints(workdir):
     holder = safefs.lock_holder(workdir)
     if holder is not None:
         click.echo(f"(being written by {safefs.describe_holder(holder)})")
-    validation = any(row["validation_accuracy"] is not None for row in rows)
-    click.echo(f"{'step':>8}  " + (f"{'val acc':>8}  " if validation else "")
-               + f"{'test acc':>8}  {'test loss':>9}")
-    for row in rows:
-        def figure(name):
-            return f"{row[name]:.4f}" if row[name] is not None else "-"
-
-        mark = (f"  UNREADABLE: {row['unreadable']}" if row["unreadable"] else
-                "  best" if row["best"] else "")
-        note = f"  (note: {row['note']}; figures from its history)" if row["note"] else ""
-        click.echo(f"{row['step']:>8}  "
-                   + (f"{figure('validation_accuracy'):>8}  " if validation else "")
-                   + f"{figure('test_accuracy'):>8}  {figure('test_loss'):>9}{mark}{note}")
-    click.echo("best: by validation accuracy (the test set is only reported)"
-               if rows[0]["selected_on"] == "validation" else
-               "best: by test accuracy, selected on the test set (train with "
-               "--validation N to choose on held-out training images)")
+    for line in checkpoints_table(rows):
+        click.echo(line)
 
 
 @cli.command("report")
@@ -489,36 +205,13 @@ def report_cmd(runs, workdir, compare, out, step, best, data_dir):
         raise click.UsageError("give the run as RUN or with --workdir, not both")
     if compare and len(runs) < 2:
         raise click.UsageError("--compare takes two or more run directories as arguments")
+    if len(runs) < 2:
+        runs = [runs[0] if runs else run_to_read(workdir)]
     with runtime.quick_interrupts():
         runtime.configure(cpu_devices=1)
-        from lenet_dist import report as report_lib
-        from lenet_dist.evaluation import test_predictions
+        from lenet_dist.evaluation import write_report
 
-    if len(runs) >= 2:
-        out = out or "report-compare"
-        report_lib.check_out_dir(out, runs)  # before restoring and predicting
-        table = {}
-        for run in runs:
-            tested = test_predictions(run, step, best, data_dir)
-            name = os.path.basename(os.path.normpath(run))
-            table[name] = {"history": tested["history"], "config": tested["config"].to_dict(),
-                           "final": {"test_accuracy": float((tested["predictions"]
-                                                             == tested["labels"]).mean()),
-                                     "parameters": tested["parameters"]}}
-        path = report_lib.write_comparison(out, table)
-    else:
-        workdir = runs[0] if runs else run_to_read(workdir)
-        out = out or os.path.join(workdir, "report")
-        report_lib.check_out_dir(out, [workdir])  # before restoring and predicting
-        tested = test_predictions(workdir, step, best, data_dir)
-        path = report_lib.write_report(
-            out, os.path.basename(os.path.normpath(workdir)),
-            tested["history"], tested["config"].to_dict(), tested["labels"],
-            tested["predictions"], tested["images"], tested["class_names"],
-            extra={"parameters": tested["parameters"], "checkpoint step": tested["step"]},
-            image_names=tested.get("image_names"),  # a folder dataset's files, else None
-            attempts=tested["attempts"])
-    click.echo(f"wrote {path}")
+    click.echo(f"wrote {write_report(runs, out, step, best, data_dir)}")
 
 
 @cli.command()
@@ -530,17 +223,8 @@ def summary(recipe):
         runtime.configure()
         from lenet_dist import model
 
-    recipe = PRESETS[recipe].recipe  # the model's layout: d2l or modern
-    rows = model.layer_summary(recipe=recipe)
-    click.echo(f"{'layer':<10}output shape")
-    for name, shape in rows:
-        click.echo(f"{name:<10}{shape}")
-    import jax
-
-    variables = model.init_variables(jax.random.key(0), recipe)
-    click.echo(f"parameters: {model.param_count(variables['params']):,}"
-               + (f" (+ {model.param_count(variables['batch_stats']):,} BatchNorm running "
-                  "statistics)" if "batch_stats" in variables else ""))
+    for line in model.summary_lines(PRESETS[recipe].recipe):  # d2l's or modern's layout
+        click.echo(line)
 
 
 @cli.command()
@@ -557,22 +241,6 @@ def devices(devices, job):
 
 # Each round trains every configuration from scratch: 100 rounds is days on a CPU.
 MAX_BENCH_ROUNDS = 100
-
-
-class JobShape(click.ParamType):
-    """PxD: P local processes of D devices each (parsed by bench.parse_job)."""
-
-    name = "PxD"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        from lenet_dist.bench import parse_job  # inside: bench is heavy (see the top)
-
-        try:
-            return parse_job(value)
-        except UserError as e:
-            self.fail(str(e), param, ctx)
 
 
 @cli.command()
@@ -681,33 +349,15 @@ def export_cmd(workdir, step, best, out, platforms, formats, quantize, overwrite
     workdir = run_to_read(workdir)
     with runtime.quick_interrupts():
         runtime.configure(cpu_devices=None if job.enabled else 1, job=job)
-        from lenet_dist.exporting import export_checkpoint
+        from lenet_dist.exporting import describe_export, export_checkpoint
 
     info = export_checkpoint(workdir, out, step=step, best=best, platforms=platforms,
                              overwrite=overwrite, data_dir=data_dir, formats=formats,
                              quantize=quantize)
     if info is None:  # not process 0
         return
-    ck, ser, ref = info["checkpoint"], info["serialization"], info["reference"]
-    acc = f"{ck['test_accuracy']:.4f}" if ck["test_accuracy"] is not None else "not evaluated"
-    click.echo(f"exported {workdir} step {ck['step']} (test accuracy {acc}) to {out}")
-    click.echo(f"  platforms {','.join(info['platforms'])}; StableHLO "
-               f"{ser['stablehlo_version']} (jax writes {ser['jax_default_stablehlo']}, "
-               f"TensorFlow {info['versions']['tensorflow']} reads <= "
-               f"{ser['tensorflow_max_stablehlo']}); XlaCallModule "
-               f"v{ser['calling_convention_version']}")
-    click.echo(f"  checked: SavedModel vs JAX on {ref['images']} {ref['source']} images, "
-               f"max |logit diff| {ref['max_abs_logit_diff']:.1e}")
-    for name, model in info["formats"].items():
-        if name == "savedmodel":
-            continue
-        checked = model["verified"]
-        how = (f"max |logit diff| {checked['max_abs_logit_diff']:.1e}"
-               if "max_abs_logit_diff" in checked else
-               f"classes agree on {checked['class_agreement']:.1%} of {checked['images']:,}"
-               + (f", accuracy {checked['accuracy']:.4f} (JAX {checked['jax_accuracy']:.4f})"
-                  if "accuracy" in checked else ""))
-        click.echo(f"  {model['file']} ({model['bytes']:,} bytes, {model['dtype']}): {how}")
+    for line in describe_export(info, workdir, out):
+        click.echo(line)
 
 
 @cli.command()
@@ -805,148 +455,7 @@ def launch(processes, timeout, grace, port, max_restarts, command):
 def main(argv=None) -> int:
     """Entry point: every failure is one line on stderr and a non-zero exit; with
     --debug (or LENET_DIST_DEBUG=1) the traceback follows the line."""
-    session = Session()
-    safe_streams()
-    try:
-        faults.check()
-        code = cli.main(args=argv, prog_name="lenet-dist", standalone_mode=False, obj=session)
-        return code if isinstance(code, int) else 0
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.exceptions.NoArgsIsHelpError as e:  # `lenet-dist` alone: the help, as click
-        e.show()
-        return e.exit_code
-    except click.ClickException as e:
-        return report(f"error: {e.format_message()}", e, e.exit_code, session)
-    except UserError as e:
-        if isinstance(e, Failure):  # e.g. a save whose barrier met a dead process
-            lost_process_exit(e)
-        return report(f"error: {e}", e, e.exit_code, session)
-    except Preempted as e:
-        return report(f"{e}", e, e.exit_code, session)
-    except OSError as e:  # permissions, full disk, ...: the last line of defence
-        lost_process_exit(e)
-        where = f" ({e.filename})" if e.filename else ""
-        # a name too long is the name given (bad input), not the system failing
-        code = 2 if e.errno == errno.ENAMETOOLONG else 1
-        return report(f"error: {e.strerror or e}{where}", e, code, session)
-    except (KeyboardInterrupt, click.exceptions.Abort) as e:
-        return report("error: interrupted", e, 130, session)
-    except ModuleNotFoundError as e:
-        hint = extras.missing(e.name or "")
-        if hint is None:  # a core module: a broken install, reported as internal below
-            return internal_error(e, session)
-        return report(f"error: {hint}", e, hint.exit_code, session)
-    except MemoryError as e:
-        lost_process_exit(e)
-        return report("error: out of memory (MemoryError); free memory, or use a smaller "
-                      "--batch-size or fewer --devices", e, 1, session)
-    except Exception as e:
-        known = known_failure(e)
-        if known is not None:
-            return report(f"error: {known[0]}", e, known[1], session)
-        return internal_error(e, session)
-
-
-def known_failure(e: Exception) -> tuple[str, int] | None:
-    """Library errors that are not OSErrors but say the same kind of thing: (the line,
-    the exit code), or None for a bug. Recognised by class name, so that naming them
-    imports neither TensorFlow nor JAX."""
-    names = {cls.__name__ for cls in type(e).__mro__}
-    text = first_line(e)
-    if "ResourceExhaustedError" in names:  # TensorFlow: a full disk, or memory
-        return f"out of resources: {text}", 1
-    if "PermissionDeniedError" in names:  # TensorFlow
-        return f"permission denied: {text}", 1
-    if "XlaRuntimeError" in names and text.startswith("RESOURCE_EXHAUSTED"):
-        return f"out of device memory: {text}", 1
-    if isinstance(e, ValueError) and "null byte" in str(e):  # os.* on a path with "\0"
-        return NUL_PATH, 2
-    if isinstance(e, UnicodeError):  # text this system cannot encode or decode
-        return f"text that cannot be encoded here: {text}", 2
-    return None
-
-
-def safe_streams() -> None:
-    """Printing never fails on a character the terminal's encoding lacks
-    (PYTHONIOENCODING=ascii, LC_ALL=C and a non-ASCII path): it is escaped."""
-    for stream in (sys.stdout, sys.stderr):
-        reconfigure = getattr(stream, "reconfigure", None)
-        if reconfigure is not None:
-            try:
-                reconfigure(errors="backslashreplace")
-            except (ValueError, OSError):  # a closed or detached stream
-                pass
-
-
-def internal_error(e: Exception, session: Session) -> int:
-    """A bug or a broken install: one line, the traceback only with --debug."""
-    lost_process_exit(e)
-    what = type(e).__name__ + (f": {first_line(e)}" if str(e).strip() else "")
-    return report(f"error: internal error: {what}; rerun with --debug (or {DEBUG_ENV}=1) "
-                  "for the traceback", e, 1, session)
-
-
-def debug_from_env() -> bool:
-    """LENET_DIST_DEBUG as click reads a flag, for failures before the group parsed it."""
-    value = os.environ.get(DEBUG_ENV, "").strip().lower()
-    return value in ("1", "true", "t", "yes", "y", "on")
-
-
-# A word of an error line longer than this (a path quoted whole: up to 4,096 characters,
-# or a component over the 255 a file name may have) is cut, saying its length.
-LONGEST_WORD = 200
-
-
-def one_line(text: str) -> str:
-    """`text` on one line, each word at most LONGEST_WORD characters (and its length;
-    the punctuation that ends it kept)."""
-    def cut(word: str) -> str:
-        if len(word) <= LONGEST_WORD:
-            return word
-        core = word.rstrip(";,:.)]'\"")
-        return f"{core[:LONGEST_WORD]}... ({len(core):,} characters){word[len(core):]}"
-
-    return " ".join(cut(word) for word in text.split())
-
-
-def report(line: str, e: BaseException, code: int, session: Session) -> int:
-    """Print the one line; in debug mode, then the traceback, with the library error
-    that a `raise ... from None` hid (the part worth seeing)."""
-    click.echo(one_line(line), err=True)
-    if session.debug or debug_from_env():
-        seen, chain = e, set()
-        while seen is not None and id(seen) not in chain:
-            chain.add(id(seen))
-            seen.__suppress_context__ = False
-            seen = seen.__cause__ or seen.__context__
-        sys.stderr.write("".join(traceback.format_exception(e)))
-    return code
-
-
-def lost_process_exit(e: BaseException) -> None:
-    """In a job, an error from a barrier or collective usually means a process died:
-    say which in one line and exit at once (the shutdown barrier would wait for the
-    dead process, then abort with a second report). When the error does not name it
-    (gloo only sees a closed socket), wait for JAX's heartbeat check, which names
-    it through the output filter."""
-    if distributed.JOINED is None:
-        return
-    chain, seen = [], e
-    while seen is not None:
-        chain.append(str(seen))
-        seen = seen.__cause__ or seen.__context__
-    text = "\n".join(chain)
-    message = describe_loss(text)
-    if message is None and not any(k in text for k in ("Gloo", "barrier", "Barrier")):
-        return
-    if message is None:
-        time.sleep(distributed.JOINED.heartbeat_timeout + 10)  # JAX aborts us before that
-        message = f"error: a collective across the job's processes failed: {text[:200]}"
-    click.echo(message, err=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(RESTART_EXIT_CODE)  # a lost peer: the whole job's restart can go on
+    return run_command(cli, argv)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ a saved checkpoint on the full test set, on any device count."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -79,3 +80,65 @@ def list_checkpoints(workdir: str, warn: Callable[[str], None] = lambda _: None)
                      "best": step == best, "selected_on": split,
                      "unreadable": info.problem, "note": info.metrics_problem})
     return rows
+
+
+def describe_evaluation(result: dict) -> str:
+    """The `eval` command's line for `evaluate_checkpoint`'s result (after the run's path)."""
+    return (f"step {result['step']} (epoch {result['epoch']:g}) on {result['devices']} "
+            f"device(s): test loss {result['test_loss']:.4f}  test accuracy "
+            f"{result['test_accuracy']:.4f}  ({result['examples']:,} images)")
+
+
+def checkpoints_table(rows: list[dict]) -> list[str]:
+    """The `checkpoints` command's lines for `list_checkpoints`' rows: a header, a row
+    per step (the best marked), and how the best was chosen."""
+    validation = any(row["validation_accuracy"] is not None for row in rows)
+    lines = [f"{'step':>8}  " + (f"{'val acc':>8}  " if validation else "")
+             + f"{'test acc':>8}  {'test loss':>9}"]
+    for row in rows:
+        def figure(name):
+            return f"{row[name]:.4f}" if row[name] is not None else "-"
+
+        mark = (f"  UNREADABLE: {row['unreadable']}" if row["unreadable"] else
+                "  best" if row["best"] else "")
+        note = f"  (note: {row['note']}; figures from its history)" if row["note"] else ""
+        lines.append(f"{row['step']:>8}  "
+                     + (f"{figure('validation_accuracy'):>8}  " if validation else "")
+                     + f"{figure('test_accuracy'):>8}  {figure('test_loss'):>9}{mark}{note}")
+    lines.append("best: by validation accuracy (the test set is only reported)"
+                 if rows[0]["selected_on"] == "validation" else
+                 "best: by test accuracy, selected on the test set (train with "
+                 "--validation N to choose on held-out training images)")
+    return lines
+
+
+def write_report(runs: list[str], out: str | None, step: int | None, best: bool,
+                 data_dir: str | None) -> str:
+    """The `report` command: one run's report.md and PNGs (in `out`, default
+    <run>/report), or two or more runs compared in compare.md (default
+    ./report-compare); `out` is checked before anything is restored. The path written."""
+    from lenet_dist import report  # matplotlib: only this command draws
+
+    if len(runs) >= 2:
+        out = out or "report-compare"
+        report.check_out_dir(out, runs)
+        table = {}
+        for run in runs:
+            tested = test_predictions(run, step, best, data_dir)
+            table[os.path.basename(os.path.normpath(run))] = {
+                "history": tested["history"], "config": tested["config"].to_dict(),
+                "final": {"test_accuracy": float((tested["predictions"]
+                                                  == tested["labels"]).mean()),
+                          "parameters": tested["parameters"]}}
+        return report.write_comparison(out, table)
+    (workdir,) = runs
+    out = out or os.path.join(workdir, "report")
+    report.check_out_dir(out, [workdir])
+    tested = test_predictions(workdir, step, best, data_dir)
+    return report.write_report(
+        out, os.path.basename(os.path.normpath(workdir)),
+        tested["history"], tested["config"].to_dict(), tested["labels"],
+        tested["predictions"], tested["images"], tested["class_names"],
+        extra={"parameters": tested["parameters"], "checkpoint step": tested["step"]},
+        image_names=tested.get("image_names"),  # a folder dataset's files, else None
+        attempts=tested["attempts"])

@@ -2,7 +2,7 @@
 
 When a process of the job dies, JAX's coordination service aborts every survivor
 from C++ (a `F... client.h] Terminating process ...` log, the status, a source
-trace and a stack trace): out of Python's reach, so `distributed.join` routes
+trace and a stack trace): out of Python's reach, so `joining.join` routes
 stderr through this small process. Everything passes through unchanged except
 that report, and the C++ error lines logged just before it, which become:
 

@@ -15,6 +15,9 @@ from typing import Callable
 import jax
 import numpy as np
 
+from lenet_dist import data as data_lib
+from lenet_dist import distributed
+from lenet_dist.config import Config
 from lenet_dist.data import Split
 from lenet_dist.errors import UserError
 from lenet_dist.mesh import Shardings, check_batch
@@ -84,3 +87,37 @@ def eval_feed(split: Split, batch_size: int, shardings: Shardings) -> EvalFeed:
     return EvalFeed(put(images.reshape(*shape, *images.shape[1:]), stacked),
                     put(labels.reshape(shape), stacked), put(mask.reshape(shape), stacked),
                     len(split))
+
+
+@dataclasses.dataclass(frozen=True)
+class Feeds:
+    """The run's data on the devices: every process holds the same."""
+
+    train: TrainFeed
+    test: EvalFeed
+    validation: EvalFeed | None
+    train_images: int
+    validation_images: int
+
+    @property
+    def eval_images(self) -> int:
+        """What one evaluation reads: the test set and the validation split."""
+        return self.test.size + (self.validation.size if self.validation else 0)
+
+
+def make_feeds(config: Config, dataset: data_lib.Dataset, shardings: Shardings) -> Feeds:
+    """Host uint8 arrays -> device-resident feeds. The validation images come out of the
+    training split (the seed says which) before --train-limit takes its first N."""
+    train_split, validation_split = data_lib.hold_out(
+        dataset.train, config.validation_images(len(dataset.train)), config.seed)
+    train_split = train_split.take(config.train_limit)
+    names = np.frombuffer("\n".join(dataset.class_names).encode(), np.uint8)
+    distributed.check_same_data((train_split.images, train_split.labels, dataset.test.images,
+                                 dataset.test.labels, validation_split.labels, names),
+                                dataset.source)
+    validation = eval_feed(validation_split, config.eval_batch_size, shardings) \
+        if config.validation else None
+    return Feeds(train=train_feed(train_split, config.batch_size, shardings),
+                 test=eval_feed(dataset.test, config.eval_batch_size, shardings),
+                 validation=validation, train_images=len(train_split),
+                 validation_images=len(validation_split))

@@ -213,7 +213,6 @@ def scan(root: str | os.PathLike, test_fraction: float | None = None) -> Listing
     if test_fraction is not None and not 0 < test_fraction < 1:
         raise UserError(f"--test-fraction {test_fraction:g} is not between 0 and 1")
     has = {s: (root / s).is_dir() for s in SPLITS}
-    files: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
     if has["train"] or has["test"]:
         if not (has["train"] and has["test"]):
             there, missing = ("train", "test") if has["train"] else ("test", "train")
@@ -222,31 +221,43 @@ def scan(root: str | os.PathLike, test_fraction: float | None = None) -> Listing
         if test_fraction is not None:
             raise UserError(f"{root} has its own train/ and test/ splits; drop "
                             "--test-fraction")
-        listed = {s: _class_dirs(root / s) for s in SPLITS}
-        names = {s: listed[s][0] for s in SPLITS}
-        # Entries beside train/ and test/ (a README, a val/ folder) are not read.
-        ignored = sum(listed[s][1] for s in SPLITS) + sum(
-            1 for n in os.listdir(root) if not _is_hidden(n) and n not in SPLITS)
-        if names["train"] != names["test"]:
-            only = sorted(set(names["train"]) ^ set(names["test"]))
-            raise UserError(f"{root}/train and {root}/test hold different classes "
-                            f"(only in one: {', '.join(map(quoted, only[:5]))}"
-                            f"{', ...' if len(only) > 5 else ''}); give both the same "
-                            "class folders")
-        classes = tuple(names["train"])
-        _check_class_count(root, classes)
-        _check_apart([root / split / name for split in SPLITS for name in classes])
-        for split in SPLITS:
-            for label, name in enumerate(classes):
-                found, other = _images_under(root / split / name, root)
-                if not found:
-                    raise _no_images(root / split / name)
-                ignored += other
-                files[split] += [(f, label) for f in found]
-        return Listing(classes, files, ignored)
+        return _scan_splits(root)
     if test_fraction is None:
         raise UserError(f"{root} has no train/ and test/ folders; give --test-fraction F to "
                         "hold out a fraction of each class as the test split")
+    return _scan_and_hold_out(root, test_fraction)
+
+
+def _scan_splits(root: Path) -> Listing:
+    """A folder with train/ and test/, each holding the same class folders."""
+    files: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
+    listed = {s: _class_dirs(root / s) for s in SPLITS}
+    names = {s: listed[s][0] for s in SPLITS}
+    # Entries beside train/ and test/ (a README, a val/ folder) are not read.
+    ignored = sum(listed[s][1] for s in SPLITS) + sum(
+        1 for n in os.listdir(root) if not _is_hidden(n) and n not in SPLITS)
+    if names["train"] != names["test"]:
+        only = sorted(set(names["train"]) ^ set(names["test"]))
+        raise UserError(f"{root}/train and {root}/test hold different classes "
+                        f"(only in one: {', '.join(map(quoted, only[:5]))}"
+                        f"{', ...' if len(only) > 5 else ''}); give both the same "
+                        "class folders")
+    classes = tuple(names["train"])
+    _check_class_count(root, classes)
+    _check_apart([root / split / name for split in SPLITS for name in classes])
+    for split in SPLITS:
+        for label, name in enumerate(classes):
+            found, other = _images_under(root / split / name, root)
+            if not found:
+                raise _no_images(root / split / name)
+            ignored += other
+            files[split] += [(f, label) for f in found]
+    return Listing(classes, files, ignored)
+
+
+def _scan_and_hold_out(root: Path, test_fraction: float) -> Listing:
+    """A folder of class folders: `test_fraction` of each class becomes the test split."""
+    files: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
     names, ignored = _class_dirs(root)
     classes = tuple(names)
     _check_class_count(root, classes)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import math
 import os
 import signal
@@ -297,52 +298,23 @@ def run(args: Sequence[str], processes: int, timeout: float | None = None,
             for i in range(len(jobs[-1].procs)):
                 jobs[-1].signal(i, signal.SIGTERM)
 
-    def grace_for(restarts_left: int) -> Callable[[int], float]:
-        def after(returncode: int) -> float:
-            if exit_status(returncode) == USAGE_ERROR and not stopping:
-                # the same command is as wrong in the others (which may wait to join
-                # a process 0 that refused it: 30 s for a busy --port)
-                return min(grace, RESTART_GRACE)
-            if restart_refusal(returncode, stopping, restarts_left) is not None:
-                return grace
-            # A restart follows: a process that died by a signal leaves the others
-            # nothing to say; one that exited 42 may have told them why (the watchdog's
-            # verdict), so they get a moment to say it and exit 42 themselves.
-            return min(grace, RESTART_GRACE) if returncode == RESTART_EXIT_CODE else 0.0
-        return after
-
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     restarts = 0
     try:
         while True:
             job = LocalJob(args, processes, port=port, env={JOB_ID: job_id}, out=out)
-            job.say(f"launching {processes} processes on 127.0.0.1:{job.port} "
-                    f"(job id {job_id}): lenet-dist {' '.join(args)}")
             jobs.append(job)
-            job.start()
-            job.say("pids: " + ", ".join(f"{i}={p.pid}" for i, p in enumerate(job.procs)))
-            if stopping:  # a signal came while the processes were being started
-                for i in range(processes):
-                    job.signal(i, signal.SIGTERM)
+            start_attempt(job, job_id, args, stopping)
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            codes = job.wait(left, grace_for(max_restarts - restarts))
+            codes = job.wait(left, functools.partial(
+                grace_after, grace=grace, stopping=stopping,
+                restarts_left=max_restarts - restarts))
             job.kill_all()
-            summary = ", ".join(f"{i}: {c}" for i, c in enumerate(codes))
-            if job.timed_out:
-                job.say(f"launch: timed out after {timeout:g} s; killed all processes "
-                        f"({summary}); exit {TIMED_OUT} (--timeout)")
-                return TIMED_OUT
-            job.say(f"launch: exit statuses {summary}")
-            if job.failed_first is None:
-                return next((c for c in codes if c), 0)
-            returncode = job.procs[job.failed_first].returncode
-            cause = describe_exit(job.failed_first, returncode)
-            refusal = restart_refusal(returncode, stopping, max_restarts - restarts)
-            if refusal is not None:
-                if max_restarts:
-                    job.say(f"launch: {cause}; not restarting: {refusal}")
-                return codes[job.failed_first]
+            status = attempt_status(job, codes, timeout, stopping, max_restarts, restarts)
+            if status is not None:
+                return status
             restarts += 1
+            cause = describe_exit(job.failed_first, job.procs[job.failed_first].returncode)
             # The next LocalJob takes a fresh free port (a given `port` is reused).
             job.say(f"launch: {cause}; restarting the job ({restarts} of {max_restarts})")
     finally:
@@ -351,6 +323,56 @@ def run(args: Sequence[str], processes: int, timeout: float | None = None,
         if jobs:  # each earlier attempt was killed when it ended
             jobs[-1].kill_all()
             jobs[-1].groups_gone(GROUPS_GONE_SECONDS)
+
+
+def attempt_status(job: LocalJob, codes: list[int], timeout: float | None,
+                   stopping: Sequence[int], max_restarts: int, restarts: int) -> int | None:
+    """The launch's exit status once an attempt has ended, said in a line; None when
+    the job is to be restarted."""
+    summary = ", ".join(f"{i}: {c}" for i, c in enumerate(codes))
+    if job.timed_out:
+        job.say(f"launch: timed out after {timeout:g} s; killed all processes "
+                f"({summary}); exit {TIMED_OUT} (--timeout)")
+        return TIMED_OUT
+    job.say(f"launch: exit statuses {summary}")
+    if job.failed_first is None:
+        return next((c for c in codes if c), 0)
+    returncode = job.procs[job.failed_first].returncode
+    refusal = restart_refusal(returncode, stopping, max_restarts - restarts)
+    if refusal is None:
+        return None
+    if max_restarts:
+        job.say(f"launch: {describe_exit(job.failed_first, returncode)}; not restarting: "
+                f"{refusal}")
+    return codes[job.failed_first]
+
+
+def start_attempt(job: LocalJob, job_id: str, args: Sequence[str],
+                  stopping: Sequence[int]) -> None:
+    """Start one attempt of the job and say so, passing on a SIGTERM or SIGINT that
+    came while its processes were being started."""
+    job.say(f"launching {job.processes} processes on 127.0.0.1:{job.port} "
+            f"(job id {job_id}): lenet-dist {' '.join(args)}")
+    job.start()
+    job.say("pids: " + ", ".join(f"{i}={p.pid}" for i, p in enumerate(job.procs)))
+    if stopping:
+        for i in range(job.processes):
+            job.signal(i, signal.SIGTERM)
+
+
+def grace_after(returncode: int, grace: float, stopping: Sequence[int],
+                restarts_left: int) -> float:
+    """How long the other processes may run on after one ended with `returncode`."""
+    if exit_status(returncode) == USAGE_ERROR and not stopping:
+        # the same command is as wrong in the others (which may wait to join a process
+        # 0 that refused it: 30 s for a busy --port)
+        return min(grace, RESTART_GRACE)
+    if restart_refusal(returncode, stopping, restarts_left) is not None:
+        return grace
+    # A restart follows: a process that died by a signal leaves the others nothing to
+    # say; one that exited 42 may have told them why (the watchdog's verdict), so they
+    # get a moment to say it and exit 42 themselves.
+    return min(grace, RESTART_GRACE) if returncode == RESTART_EXIT_CODE else 0.0
 
 
 def restart_refusal(returncode: int, stopping: Sequence[int], restarts_left: int) -> str | None:

@@ -22,6 +22,11 @@ import os
 import time
 from typing import Callable, Sequence
 
+from etils import epath
+
+from lenet_dist.errors import Failure, Preempted, UserError
+from lenet_dist.rundir import LEDGER_FILE, read_ledger, write_ledger
+
 # The watchdog's phases -> the ledger's names for them.
 PHASES = {"starting": "start-up", "joining": "joining", "loading data": "loading data",
           "restoring": "restoring", "compiling": "compiling", "training": "training",
@@ -162,3 +167,36 @@ def end() -> None:
 
 
 _ENDED = False
+
+
+class LedgerFile:
+    """This attempt's ledger.json entry (ledger.py's accumulator) after the run's
+    earlier attempts: written by process 0 at each epoch's end and when the attempt
+    ends (before the workdir's lock is released), unless it was refused. A ledger
+    that cannot be written is noted; it never stops a run."""
+
+    def __init__(self, workdir: epath.Path, primary: bool, log: Callable[[str], None]):
+        self.workdir, self.primary, self.log = workdir, primary, log
+        self.earlier = read_ledger(workdir, log) if primary else []
+        self.failed = False
+
+    def write(self, outcome: str = "running") -> dict:
+        """This attempt so far (its open phase counted up to now), written."""
+        attempt = current().attempt(outcome)
+        if self.primary and not self.failed:
+            try:
+                write_ledger(self.workdir, with_lost([*self.earlier, attempt]))
+            except OSError as e:
+                self.failed = True
+                self.log(f"note: cannot write {self.workdir / LEDGER_FILE}: "
+                         f"{e.strerror or e}; the run goes on without it")
+        return attempt
+
+    def __enter__(self) -> "LedgerFile":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None and issubclass(kind, UserError) and not issubclass(kind, Failure):
+            return  # refused (exit 2: another run's workdir, a bad option): no attempt
+        self.write("done" if kind is None else "preempted" if issubclass(kind, Preempted)
+                   else f"failed ({kind.__name__})")

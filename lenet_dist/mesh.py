@@ -14,7 +14,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lenet_dist.distributed import check_devices
+from lenet_dist.joining import check_devices
 from lenet_dist.errors import UserError
 from lenet_dist.runtime import MAX_SIMULATED_CPU_DEVICES
 

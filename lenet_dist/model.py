@@ -188,3 +188,15 @@ def layer_summary(input_shape=INPUT_SHAPE, key=None, recipe: str = "d2l"
             else layer(x)
         rows.append((layer_name(layer), tuple(x.shape)))
     return rows
+
+
+def summary_lines(recipe: str = "d2l") -> list[str]:
+    """The `summary` command's lines: each layer's output shape for one image, then the
+    parameter count (and BatchNorm's running statistics apart)."""
+    lines = [f"{'layer':<10}output shape"]
+    lines += [f"{name:<10}{shape}" for name, shape in layer_summary(recipe=recipe)]
+    variables = init_variables(jax.random.key(0), recipe)
+    lines.append(f"parameters: {param_count(variables['params']):,}"
+                 + (f" (+ {param_count(variables['batch_stats']):,} BatchNorm running "
+                    "statistics)" if "batch_stats" in variables else ""))
+    return lines

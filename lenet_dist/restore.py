@@ -13,7 +13,8 @@ import dataclasses
 import sys
 from typing import Callable
 
-from lenet_dist.checkpoint import Checkpoints, CorruptCheckpoint
+from lenet_dist.checkpoint import Checkpoints
+from lenet_dist.step_files import CorruptCheckpoint
 from lenet_dist.config import FIELDS, Config
 from lenet_dist.data import CLASS_NAMES
 from lenet_dist.errors import Failure, UserError

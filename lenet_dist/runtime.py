@@ -309,7 +309,7 @@ MAX_SIMULATED_CPU_DEVICES = 512
 
 
 def configure(cpu_devices: int | None = None, job=None, sync_preemption: bool = False) -> None:
-    """Prepare JAX: join the multi-process `job` (a `distributed.JobSpec`) if any,
+    """Prepare JAX: join the multi-process `job` (a `joining.JobSpec`) if any,
     then `cpu_devices` simulated CPU devices (the global count: each process of a
     job simulates its share), fast CPU kernels; then start the backend, so that a
     platform that is not here fails now, in one line.
@@ -345,9 +345,9 @@ def _configure(cpu_devices: int | None, job) -> None:
                         f"simulated CPU devices than the {MAX_SIMULATED_CPU_DEVICES} that can "
                         "be; lower or unset it (lenet-dist's --devices sets the count)")
     if job is not None:
-        from lenet_dist import distributed
+        from lenet_dist import joining
 
-        cpu_devices = distributed.join(job, cpu_devices)
+        cpu_devices = joining.join(job, cpu_devices)
     simulate = cpu_devices is not None and cpu_devices <= MAX_SIMULATED_CPU_DEVICES
     if simulate and cpu_devices > jax.config.jax_num_cpu_devices:
         try:

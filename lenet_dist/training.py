@@ -23,11 +23,13 @@ from tqdm.auto import tqdm
 from lenet_dist import checkpoint as ckpt_lib
 from lenet_dist import data as data_lib
 from lenet_dist import distributed, jax_compat, ledger, versions, watchdog
-from lenet_dist.config import Config, write_config
+from lenet_dist.config import Config
+from lenet_dist.settings_io import write_config
 from lenet_dist.errors import Failure, Preempted, UserError
 from lenet_dist.evaluation import evaluate
-from lenet_dist.feed import EvalFeed, TrainFeed, eval_feed, train_feed
-from lenet_dist.history import describe_best, near_chance, stopped_early
+from lenet_dist.feed import Feeds, make_feeds
+from lenet_dist.ledger import LedgerFile
+from lenet_dist.records import describe_best, near_chance, stopped_early
 from lenet_dist.mesh import Shardings, check_batch, make_mesh
 from lenet_dist.preemption import StopRule
 from lenet_dist.records import EpochRecord, format_epoch
@@ -37,8 +39,8 @@ from lenet_dist.state import TrainState, create_state, learning_rate, make_optim
 from lenet_dist.step import (Steps, all_finite, build_steps, checkpoint_tree,
                              from_checkpoint_tree, summarize)
 from lenet_dist.rundir import (CHECKPOINT_DIR, LEDGER_FILE, METRICS_FILE, TB_DIR,
-                               lock_workdir, prepare_workdir, read_ledger, start_metrics,
-                               write_ledger, write_metrics)
+                               lock_workdir, prepare_workdir, start_metrics,
+                               write_metrics)
 from lenet_dist.tboard import Board, ProfileWindow, epoch_scalars, parse_profile_steps
 
 
@@ -160,116 +162,6 @@ def open_checkpoints(config: Config, workdir: epath.Path, lock, attempt: str,
         fence=lambda: distributed.on_primary(lambda: lock.check(),
                                              "checking the lease before a save"),
         attempt=attempt, commit_check=lock.check if lock is not None else lambda: None)
-
-
-class LedgerFile:
-    """This attempt's ledger.json entry (ledger.py's accumulator) after the run's
-    earlier attempts: written by process 0 at each epoch's end and when the attempt
-    ends (before the workdir's lock is released), unless it was refused. A ledger
-    that cannot be written is noted; it never stops a run."""
-
-    def __init__(self, workdir: epath.Path, primary: bool, log: Callable[[str], None]):
-        self.workdir, self.primary, self.log = workdir, primary, log
-        self.earlier = read_ledger(workdir, log) if primary else []
-        self.failed = False
-
-    def write(self, outcome: str = "running") -> dict:
-        """This attempt so far (its open phase counted up to now), written."""
-        attempt = ledger.current().attempt(outcome)
-        if self.primary and not self.failed:
-            try:
-                write_ledger(self.workdir, ledger.with_lost([*self.earlier, attempt]))
-            except OSError as e:
-                self.failed = True
-                self.log(f"note: cannot write {self.workdir / LEDGER_FILE}: "
-                         f"{e.strerror or e}; the run goes on without it")
-        return attempt
-
-    def __enter__(self) -> "LedgerFile":
-        return self
-
-    def __exit__(self, kind, error, traceback) -> None:
-        if kind is not None and issubclass(kind, UserError) and not issubclass(kind, Failure):
-            return  # refused (exit 2: another run's workdir, a bad option): no attempt
-        self.write("done" if kind is None else "preempted" if issubclass(kind, Preempted)
-                   else f"failed ({kind.__name__})")
-
-
-# ------------------------------------------------------------------ input
-
-
-@dataclasses.dataclass(frozen=True)
-class Feeds:
-    """The run's data on the devices: every process holds the same."""
-
-    train: TrainFeed
-    test: EvalFeed
-    validation: EvalFeed | None
-    train_images: int
-    validation_images: int
-
-    @property
-    def eval_images(self) -> int:
-        """What one evaluation reads: the test set and the validation split."""
-        return self.test.size + (self.validation.size if self.validation else 0)
-
-
-def make_feeds(config: Config, dataset: data_lib.Dataset, shardings: Shardings) -> Feeds:
-    """Host uint8 arrays -> device-resident feeds. The validation images come out of the
-    training split (the seed says which) before --train-limit takes its first N."""
-    train_split, validation_split = data_lib.hold_out(
-        dataset.train, config.validation_images(len(dataset.train)), config.seed)
-    train_split = train_split.take(config.train_limit)
-    names = np.frombuffer("\n".join(dataset.class_names).encode(), np.uint8)
-    distributed.check_same_data((train_split.images, train_split.labels, dataset.test.images,
-                                 dataset.test.labels, validation_split.labels, names),
-                                dataset.source)
-    validation = eval_feed(validation_split, config.eval_batch_size, shardings) \
-        if config.validation else None
-    return Feeds(train=train_feed(train_split, config.batch_size, shardings),
-                 test=eval_feed(dataset.test, config.eval_batch_size, shardings),
-                 validation=validation, train_images=len(train_split),
-                 validation_images=len(validation_split))
-
-
-# ------------------------------------------------------------------ the steps of an epoch
-
-
-def run_steps(run: Trainer, epoch: int, first: int, xs, ys, timed: bool) -> None:
-    """Steps first.. of `epoch`, on `run.state` and `run.sums`.
-
-    The host dispatches step i and only then waits for step i-1, so the device always
-    has work queued. That step's loss (its sum minus the one before) is read then, at
-    no extra stall: checked, so a divergence stops the run at its step, and shown on
-    the progress bar and TensorBoard. `timed`: the host waits once for step `first`
-    and keeps its wall seconds (dispatch, compile and run: what a benchmark reports
-    apart from the steady state)."""
-    offset, last, size = epoch * run.steps_per_epoch, run.steps_per_epoch, xs.shape[1]
-    before = float(run.sums["loss_sum"]) if first > 0 else 0.0
-    for i in range(first, last):
-        previous = run.sums
-        run.profile.before_step(offset + i + 1)
-        t_step = time.perf_counter()
-        watchdog.mark("compiling" if i == first and timed else "training", offset + i + 1)
-        run.state, run.sums = run.steps.train(run.state, run.sums, xs, ys, i)
-        if i == first and timed:
-            jax.block_until_ready(run.sums)  # once a run: the first step's time, compile included
-            run.first_step = {"first_step_seconds": time.perf_counter() - t_step,
-                              "first_step_time": time.time()}
-        run.profile.after_step(offset + i + 1, run.sums)
-        jax.block_until_ready(previous)  # wait one step behind: the device stays busy
-        if i > first:
-            total = float(previous["loss_sum"])
-            if not math.isfinite(total):
-                raise Diverged(offset + i)  # the step whose sums are `previous`
-            run.show_loss(offset + i, (total - before) / size)
-            before = total
-        run.bar.update()
-        run.after_step(epoch, i)
-    if last > first:  # the epoch's last step: the epoch's summary waits for it anyway
-        total = float(run.sums["loss_sum"])
-        if math.isfinite(total):  # (a divergence there is the epoch check's to name)
-            run.show_loss(offset + last, (total - before) / size)
 
 
 # ------------------------------------------------------------------ the run
@@ -475,7 +367,7 @@ class Trainer:
         if first == 0:
             self.sums = self.steps.zeros()
         xs, ys = self.feeds.train.epoch(self.config.seed, epoch)
-        run_steps(self, epoch, first, xs, ys, timed=first_of_run)
+        self.train_steps(epoch, first, xs, ys, timed=first_of_run)
         metrics = summarize(self.sums)
         seconds = time.perf_counter() - t_train
         if not math.isfinite(metrics["loss"]):
@@ -483,6 +375,43 @@ class Trainer:
         return {"train_loss": metrics["loss"], "train_accuracy": metrics["accuracy"],
                 "images_per_sec": (spe - first) * self.config.batch_size / seconds,
                 "train_seconds": seconds, **(self.first_step if first_of_run else {})}
+
+    def train_steps(self, epoch: int, first: int, xs, ys, timed: bool) -> None:
+        """Steps first.. of `epoch`, on `self.state` and `self.sums`.
+
+        The host dispatches step i and only then waits for step i-1, so the device always
+        has work queued. That step's loss (its sum minus the one before) is read then, at
+        no extra stall: checked, so a divergence stops the run at its step, and shown on
+        the progress bar and TensorBoard. `timed`: the host waits once for step `first`
+        and keeps its wall seconds (dispatch, compile and run: what a benchmark reports
+        apart from the steady state)."""
+        offset, last, size = epoch * self.steps_per_epoch, self.steps_per_epoch, xs.shape[1]
+        before = float(self.sums["loss_sum"]) if first > 0 else 0.0
+        for i in range(first, last):
+            previous = self.sums
+            self.profile.before_step(offset + i + 1)
+            t_step = time.perf_counter()
+            watchdog.mark("compiling" if i == first and timed else "training", offset + i + 1)
+            self.state, self.sums = self.steps.train(self.state, self.sums, xs, ys, i)
+            if i == first and timed:
+                # once a run: the first step's time, compile included
+                jax.block_until_ready(self.sums)
+                self.first_step = {"first_step_seconds": time.perf_counter() - t_step,
+                                  "first_step_time": time.time()}
+            self.profile.after_step(offset + i + 1, self.sums)
+            jax.block_until_ready(previous)  # wait one step behind: the device stays busy
+            if i > first:
+                total = float(previous["loss_sum"])
+                if not math.isfinite(total):
+                    raise Diverged(offset + i)  # the step whose sums are `previous`
+                self.show_loss(offset + i, (total - before) / size)
+                before = total
+            self.bar.update()
+            self.after_step(epoch, i)
+        if last > first:  # the epoch's last step: the epoch's summary waits for it anyway
+            total = float(self.sums["loss_sum"])
+            if math.isfinite(total):  # (a divergence there is the epoch check's to name)
+                self.show_loss(offset + last, (total - before) / size)
 
     def show_loss(self, step: int, loss: float) -> None:
         """One step's loss: on the progress bar, and every K steps on TensorBoard."""

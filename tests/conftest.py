@@ -28,11 +28,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from lenet_dist import checkpoint as checkpoint_lib  # noqa: E402
 from lenet_dist import data as data_lib  # noqa: E402
 from lenet_dist.cli import main  # noqa: E402
 from lenet_dist.config import Config  # noqa: E402
 from lenet_dist.restore import restore_checkpoint  # noqa: E402
+from lenet_dist.step_files import step_of  # noqa: E402
 from lenet_dist.exporting import export_checkpoint  # noqa: E402
 from lenet_dist.mesh import Shardings, make_mesh  # noqa: E402
 
@@ -120,7 +120,7 @@ def copy_run_until(run, work, step):
     """A copy of a run's workdir as if it was killed just after saving `step`."""
     shutil.copytree(run, work)
     for step_dir in (work / "checkpoints").iterdir():
-        saved = checkpoint_lib.step_of(step_dir.name)
+        saved = step_of(step_dir.name)
         if saved is not None and saved > step:
             shutil.rmtree(step_dir)
     return work

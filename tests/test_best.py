@@ -1,12 +1,12 @@
 """One meaning of "best": training's line, early stopping, the keep policy, the
-`checkpoints` listing and `--best` all rank by `history.ranked`: on the split the newest
+`checkpoints` listing and `--best` all rank by `records.ranked`: on the split the newest
 epoch was scored on, the highest accuracy, the first of equals."""
 
 import numpy as np
 import pytest
 
 from lenet_dist.checkpoint import Checkpoints, best_first
-from lenet_dist.history import best_epoch, describe_best, near_chance, ranked, stopped_early
+from lenet_dist.records import best_epoch, describe_best, near_chance, ranked, stopped_early
 from lenet_dist.restore import candidate_steps
 
 

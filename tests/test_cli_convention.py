@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from lenet_dist import cli as cli_lib
+from lenet_dist import cli_options
 from lenet_dist import launch as launch_lib
 from lenet_dist import rundir
 from lenet_dist.cli import main
@@ -64,12 +65,12 @@ def test_every_option_shows_its_default_one_way():
             shown = extra.get("default")
             if shown is not None:
                 assert shown and "[" not in shown and not shown.startswith("("), (where, shown)
-            if isinstance(param, cli_lib.ConfigOption):
+            if isinstance(param, cli_options.ConfigOption):
                 if ": " in (shown or ""):
                     assert recipe_form.match(shown), (where, shown)
                 continue
-            assert isinstance(param, cli_lib.CliOption) or param.name in ("help", "version"), \
-                f"{where}: not declared with cli.option (CliOption)"
+            assert isinstance(param, cli_options.CliOption) or param.name in ("help", "version"), \
+                f"{where}: not declared with cli_options.option (CliOption)"
             if param.is_flag and param.secondary_opts:
                 assert shown in ("on", "off") or isinstance(param.show_default, str), \
                     (where, shown)
@@ -315,7 +316,7 @@ def test_report_without_a_run_reads_where_train_writes(reported, tmp_path, monke
 def test_every_help_shows_the_exit_statuses(capsys, name):
     assert main([name, "--help"] if name else ["--help"]) == 0
     text = capsys.readouterr().out
-    for line in cli_lib.EXIT_STATUSES.splitlines()[1:]:  # after click's \b marker
+    for line in cli_options.EXIT_STATUSES.splitlines()[1:]:  # after click's \b marker
         assert line.strip() in text, (name, line)
     if not name:
         assert "_LENET_DIST_COMPLETE=bash_source lenet-dist" in text
@@ -324,7 +325,7 @@ def test_every_help_shows_the_exit_statuses(capsys, name):
 def test_the_exit_statuses_are_the_real_ones():
     from lenet_dist import errors, runtime
 
-    text = cli_lib.EXIT_STATUSES
+    text = cli_options.EXIT_STATUSES
     codes = {int(c) for c in re.findall(r"^\s+(\d+)\s", text, re.M)}
     assert codes == {0, 1, 2, 42, 124, 130, 134, 143}
     assert errors.UserError.exit_code == 2 and errors.Failure.exit_code == 1

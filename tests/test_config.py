@@ -15,7 +15,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from lenet_dist import cli as cli_lib
+from lenet_dist import cli_options
 from lenet_dist import config as config_lib
+from lenet_dist import rundir, settings_io
 from lenet_dist.cli import main
 from lenet_dist.config import PRESETS, Config
 from lenet_dist.errors import UserError
@@ -50,11 +52,11 @@ def test_train_options_keep_their_names_types_and_ranges():
         assert (options[name].type.min, options[name].type.max) == (low, high), name
     for name, (low, high, low_open, high_open) in config_lib.FLOAT_RANGES.items():
         kind = options[name].type
-        assert isinstance(kind, cli_lib.FiniteFloatRange), name
+        assert isinstance(kind, cli_options.FiniteFloatRange), name
         assert (kind.min, kind.max, kind.min_open, kind.max_open) == (
             low, high, low_open, high_open), name
     assert options["optimizer"].type.choices == config_lib.OPTIMIZERS
-    assert isinstance(options["workdir"].type, cli_lib.TextPath)
+    assert isinstance(options["workdir"].type, cli_options.TextPath)
     for name in {f.name for f in dataclasses.fields(Config)} - {"recipe"}:
         assert options[name].default is None, name  # unset: the preset or file decides
 
@@ -154,15 +156,15 @@ def test_config_json_is_written_and_runs_again(tmp_path, captured):
     config = PRESETS["modern"].replace(devices=4, seed=3, train_limit=4096,
                                        workdir=str(tmp_path / "w"))
     os.makedirs(config.workdir)
-    config_lib.write_config(config.workdir, config)
-    path = tmp_path / "w" / config_lib.CONFIG_FILE
+    settings_io.write_config(config.workdir, config)
+    path = tmp_path / "w" / rundir.CONFIG_FILE
     assert json.loads(path.read_text()) == config.to_dict()
     assert [p.name for p in path.parent.iterdir()] == ["config.json"]  # no temporary left
     assert main(["train", "--config", str(path)]) == 0
     assert captured == [config]
     smoke = dataclasses.replace(PRESETS["smoke"], workdir=str(tmp_path / "s"))
     os.makedirs(smoke.workdir)
-    config_lib.write_config(smoke.workdir, smoke)
+    settings_io.write_config(smoke.workdir, smoke)
     assert main(["train", "--config", os.path.join(smoke.workdir, "config.json")]) == 0
     assert captured[1] == smoke  # smoke's recipe field is d2l: the file holds every field
 
@@ -171,7 +173,7 @@ def test_write_config_refuses_a_planted_link(tmp_path):
     (tmp_path / "elsewhere").write_text("precious")
     (tmp_path / "config.json").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(UserError, match="config.json is a symlink"):
-        config_lib.write_config(tmp_path, Config())
+        settings_io.write_config(tmp_path, Config())
     assert (tmp_path / "elsewhere").read_text() == "precious"
 
 
@@ -249,7 +251,7 @@ def test_any_settings_file_is_read_or_refused_in_one_line(tmp_path, text, suffix
     path = tmp_path / f"run{suffix}"
     path.write_text(text, errors="surrogatepass")
     try:
-        settings_read = config_lib.read_settings(str(path))
+        settings_read = settings_io.read_settings(str(path))
     except UserError as e:
         assert str(path) in str(e)
         return
@@ -262,10 +264,10 @@ def test_any_settings_file_is_read_or_refused_in_one_line(tmp_path, text, suffix
 
 def test_a_training_run_leaves_its_config_json(trained):
     """train writes <workdir>/config.json, and reading it back gives the run's Config."""
-    path = os.path.join(trained.config.workdir, config_lib.CONFIG_FILE)
+    path = os.path.join(trained.config.workdir, rundir.CONFIG_FILE)
     saved = json.loads(open(path).read())
     assert saved == trained.config.to_dict()
-    assert Config(**config_lib.read_settings(path)) == trained.config
+    assert Config(**settings_io.read_settings(path)) == trained.config
 
 
 def billion_laughs(levels: int = 9, fan: int = 10, key: str = "epochs") -> str:
@@ -277,13 +279,13 @@ def billion_laughs(levels: int = 9, fan: int = 10, key: str = "epochs") -> str:
 
 BILLION_LAUGHS_CHILD = """
 import json, sys, time, tracemalloc
-from lenet_dist import config
+from lenet_dist import rundir, settings_io
 from lenet_dist.errors import UserError
 import yaml  # imported before measuring: its import is not the read
 tracemalloc.start()
 start = time.perf_counter()
 try:
-    config.read_settings(sys.argv[1])
+    settings_io.read_settings(sys.argv[1])
     message = None
 except UserError as e:
     message = str(e)
@@ -313,7 +315,7 @@ def test_billion_laughs_is_refused_at_once_in_bounded_memory(tmp_path):
     assert result["message"] == (f"--config {path} is not valid YAML (line 2: alias *a0: a "
                                  "config file cannot use aliases; write the value out)")
     assert result["seconds"] < 0.5, result
-    assert result["peak"] < 4 * config_lib.MAX_CONFIG_BYTES, result  # the read buffer
+    assert result["peak"] < 4 * settings_io.MAX_CONFIG_BYTES, result  # the read buffer
 
 
 @pytest.mark.parametrize("text", [
@@ -325,11 +327,11 @@ def test_yaml_aliases_are_refused_anchors_alone_are_not(tmp_path, text):
     path = tmp_path / "run.yaml"
     path.write_text(text)
     if "*" not in text:
-        assert config_lib.read_settings(str(path)) == {"epochs": 3}
+        assert settings_io.read_settings(str(path)) == {"epochs": 3}
         return
     with pytest.raises(UserError, match=r"is not valid YAML \(line 2: alias \*[nb]: a config "
                                         r"file cannot use aliases; write the value out\)$"):
-        config_lib.read_settings(str(path))
+        settings_io.read_settings(str(path))
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -346,10 +348,10 @@ def test_yaml_numbers_are_yaml_1_2_decimal_never_base_60_or_octal(tmp_path, text
     path = tmp_path / "run.yaml"
     path.write_text(text)
     if isinstance(expected, dict):
-        assert config_lib.read_settings(str(path)) == expected
+        assert settings_io.read_settings(str(path)) == expected
         return
     with pytest.raises(UserError, match=re.escape(expected) + "$"):
-        config_lib.read_settings(str(path))
+        settings_io.read_settings(str(path))
 
 
 BIG = "x" * 5000
@@ -406,7 +408,7 @@ def test_settings_files_get_the_clis_bounds_in_one_short_line(tmp_path, name, co
     path = tmp_path / name
     path.write_text(content)
     with pytest.raises(UserError) as caught:
-        config_lib.read_settings(str(path))
+        settings_io.read_settings(str(path))
     text = str(caught.value)
     assert message in text, text
     assert "\n" not in text and len(text) < len(str(path)) + 500, text
@@ -505,6 +507,6 @@ def test_print_config_shows_the_effective_config_and_reads_back(tmp_path, capsys
 ])
 def test_to_yaml_reads_back_to_the_same_config(tmp_path, changes):
     config = dataclasses.replace(PRESETS["smoke"], **changes)
-    (tmp_path / "run.yaml").write_text(config.to_yaml(), encoding="utf-8")
-    settings = config_lib.read_settings(str(tmp_path / "run.yaml"))
+    (tmp_path / "run.yaml").write_text(settings_io.to_yaml(config), encoding="utf-8")
+    settings = settings_io.read_settings(str(tmp_path / "run.yaml"))
     assert config_lib.effective_config(None, settings, {}) == config

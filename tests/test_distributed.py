@@ -14,7 +14,7 @@ import pytest
 
 from lenet_dist import faults, preemption
 from lenet_dist.cli import main
-from lenet_dist.distributed import JobSpec, check_devices, detect_cluster
+from lenet_dist.joining import JobSpec, check_devices, detect_cluster
 from lenet_dist.errors import UserError
 from lenet_dist.launch import (describe_exit, exit_status, first_failure, free_port,
                                restart_refusal)

@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from lenet_dist.checkpoint import Checkpoints, scan, step_of
+from lenet_dist.checkpoint import Checkpoints
+from lenet_dist.step_files import scan, step_of
 from lenet_dist.rundir import CHECKPOINT_DIR
 from lenet_dist.errors import Failure
 from lenet_dist.mesh import Shardings, make_mesh

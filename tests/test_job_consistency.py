@@ -14,13 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from lenet_dist.distributed import (
-    MAX_PROCESSES,
-    JobSpec,
-    JoinWatch,
-    Rendezvous,
-    disagreement,
-)
+from lenet_dist.joining import MAX_PROCESSES, JobSpec
+from lenet_dist.rendezvous import JoinWatch, Rendezvous, disagreement
 from lenet_dist.errors import UserError
 from lenet_dist.launch import free_port
 

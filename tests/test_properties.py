@@ -31,6 +31,7 @@ from lenet_dist import config as config_lib
 from lenet_dist import data as data_lib
 from lenet_dist import images
 from lenet_dist import prediction as predict_lib
+from lenet_dist import settings_io
 from lenet_dist.errors import UserError
 from tests.conftest import make_special, returns_within, write_idx
 
@@ -545,7 +546,7 @@ def test_yaml_aliases_are_refused_at_once_however_nested(tmp_path, text):
     path.write_text(text)
     with time_limit(1):
         with pytest.raises(UserError) as err:
-            config_lib.read_settings(str(path))
+            settings_io.read_settings(str(path))
     message = str(err.value)
     assert "\n" not in message and len(message) < len(str(path)) + 200, message
     assert "a config file cannot use aliases; write the value out" in message, message
@@ -579,7 +580,7 @@ def test_a_key_given_twice_is_refused_not_last_wins(tmp_path, keys, suffix):
     """Settings with any field repeated are refused naming the first repeated key."""
     keys, repeated = keys
     with pytest.raises(UserError, match=f"key '{repeated}' is given twice"):
-        config_lib.read_settings(str(settings_file(tmp_path, keys, suffix)))
+        settings_io.read_settings(str(settings_file(tmp_path, keys, suffix)))
 
 
 @settings(max_examples=50, deadline=None, derandomize=True, database=None,
@@ -589,4 +590,4 @@ def test_a_key_given_twice_is_refused_not_last_wins(tmp_path, keys, suffix):
 def test_distinct_keys_are_all_read(tmp_path, keys, suffix):
     """The other side of the refusal: no repetition, every key is read."""
     path = settings_file(tmp_path, keys, suffix)
-    assert set(config_lib.read_settings(str(path))) == set(keys)
+    assert set(settings_io.read_settings(str(path))) == set(keys)

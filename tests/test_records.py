@@ -1,5 +1,5 @@
 """records: one typed epoch record, the same JSON keys on disk as ever, read back from
-files of older versions; rundir's metrics.jsonl and history.py through it."""
+files of older versions; rundir's metrics.jsonl and the history functions through it."""
 
 import dataclasses
 import json
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lenet_dist import rundir
-from lenet_dist.history import best_epoch, chosen_on, describe_best, stopped_early
+from lenet_dist.records import best_epoch, chosen_on, describe_best, stopped_early
 from lenet_dist.records import (EPOCH_METRICS, EpochRecord, as_record, field, from_lines,
                                 to_lines)
 

@@ -9,6 +9,7 @@ import pytest
 from etils import epath
 from PIL import Image
 
+from lenet_dist import figures as figures_lib
 from lenet_dist import report, safefs
 from lenet_dist.errors import UserError
 
@@ -141,7 +142,7 @@ def test_comparison_without_parameters_has_no_parameters_column(tmp_path):
 
 def test_no_misclassified_images(tmp_path):
     labels, _, images = predictions(50)
-    report.plot_misclassified(images, labels, labels, CLASSES, tmp_path / "m.png")
+    figures_lib.plot_misclassified(images, labels, labels, CLASSES, tmp_path / "m.png")
     png(tmp_path / "m.png", (300, 100))
     path = report.write_report(tmp_path / "r", "perfect", history(2), CONFIG, labels, labels,
                                images, CLASSES)
@@ -152,11 +153,11 @@ def test_no_misclassified_images(tmp_path):
 
 def test_misclassified_grid_shows_at_most_n_and_accepts_squeezed_images(tmp_path):
     labels, preds, images = predictions(200, wrong=0.9)
-    report.plot_misclassified(images[..., 0], labels, preds, CLASSES, tmp_path / "m.png", n=4)
+    figures_lib.plot_misclassified(images[..., 0], labels, preds, CLASSES, tmp_path / "m.png", n=4)
     rgb = png(tmp_path / "m.png", (300, 200))
     assert rgb.shape[0] < 800  # 2x2 tiles, not 6x6
     with pytest.raises(ValueError, match="n must be"):
-        report.plot_misclassified(images, labels, preds, CLASSES, tmp_path / "x.png", n=0)
+        figures_lib.plot_misclassified(images, labels, preds, CLASSES, tmp_path / "x.png", n=0)
 
 
 def test_one_epoch_history(tmp_path):
@@ -188,7 +189,7 @@ def test_non_finite_and_missing_values_do_not_crash(tmp_path):
 def test_all_nan_and_empty_histories(tmp_path):
     nan_row = {"epoch": 1, "train_loss": math.nan, "test_loss": math.nan,
                "train_accuracy": math.nan, "test_accuracy": math.nan}
-    report.plot_curves({"nan": [nan_row]}, tmp_path / "nan.png")
+    figures_lib.plot_curves({"nan": [nan_row]}, tmp_path / "nan.png")
     png(tmp_path / "nan.png")
     labels, preds, images = predictions(30)
     md = report.write_report(tmp_path, "empty", [], {}, labels, preds, images,
@@ -199,20 +200,20 @@ def test_all_nan_and_empty_histories(tmp_path):
 def test_confusion_matrix_counts():
     labels = np.array([0, 0, 1, 2, 2, 2])
     preds = np.array([0, 1, 1, 2, 0, 2])
-    counts = report.confusion_matrix(labels, preds, 3)
+    counts = figures_lib.confusion_matrix(labels, preds, 3)
     np.testing.assert_array_equal(counts, [[1, 1, 0], [0, 1, 0], [1, 0, 2]])
 
 
 def test_bad_predictions_are_refused(tmp_path):
     labels, preds, images = predictions(20)
     with pytest.raises(ValueError, match="20 labels but 19 predictions"):
-        report.plot_confusion(labels, preds[:19], CLASSES, tmp_path / "c.png")
+        figures_lib.plot_confusion(labels, preds[:19], CLASSES, tmp_path / "c.png")
     with pytest.raises(ValueError, match="class ids in 0..9"):
-        report.plot_confusion(labels, preds + 10, CLASSES, tmp_path / "c.png")
+        figures_lib.plot_confusion(labels, preds + 10, CLASSES, tmp_path / "c.png")
     with pytest.raises(ValueError, match="integer class ids"):
-        report.plot_confusion(labels, preds.astype(float), CLASSES, tmp_path / "c.png")
+        figures_lib.plot_confusion(labels, preds.astype(float), CLASSES, tmp_path / "c.png")
     with pytest.raises(ValueError, match="images must be"):
-        report.plot_misclassified(images[:5], labels, preds, CLASSES, tmp_path / "m.png")
+        figures_lib.plot_misclassified(images[:5], labels, preds, CLASSES, tmp_path / "m.png")
 
 
 def test_a_link_planted_at_an_output_is_refused(tmp_path):
@@ -220,7 +221,7 @@ def test_a_link_planted_at_an_output_is_refused(tmp_path):
     target.write_text("keep")
     (tmp_path / "curves.png").symlink_to(target)
     with pytest.raises(safefs.UnsafePath):
-        report.plot_curves({"a": history(2)}, tmp_path / "curves.png")
+        figures_lib.plot_curves({"a": history(2)}, tmp_path / "curves.png")
     assert target.read_text() == "keep"
 
 
@@ -299,10 +300,10 @@ def test_out_on_an_object_store_is_checked_against_the_runs_named():
 
 
 def test_run_entries_are_the_names_training_uses():
-    from lenet_dist import config, rundir
+    from lenet_dist import rundir
 
     assert set(report.RUN_ENTRIES) == {rundir.CHECKPOINT_DIR, rundir.METRICS_FILE,
-                                      config.CONFIG_FILE, rundir.TB_DIR, safefs.LOCK_FILE}
+                                      rundir.CONFIG_FILE, rundir.TB_DIR, safefs.LOCK_FILE}
 
 
 def test_report_out_into_checkpoints_is_one_line_before_any_work(run_dir):
@@ -328,7 +329,7 @@ def tiny_run(directory, config, accuracies):
     """A run directory as train leaves it, but the checkpoints: config.json, and
     metrics.jsonl written through EpochRecord."""
     from lenet_dist import rundir
-    from lenet_dist.config import write_config
+    from lenet_dist.settings_io import write_config
     from lenet_dist.records import EpochRecord
 
     directory.mkdir()
@@ -347,7 +348,8 @@ def test_a_comparison_of_a_d2l_and_a_modern_run_names_both_recipes(tmp_path):
     import json
 
     from lenet_dist import rundir
-    from lenet_dist.config import CONFIG_FILE, PRESETS
+    from lenet_dist.config import PRESETS
+    from lenet_dist.rundir import CONFIG_FILE
 
     runs = {}
     for name, accuracies in (("d2l", [0.5, 0.72]), ("modern", [0.8, 0.9])):
@@ -363,13 +365,13 @@ def test_a_comparison_of_a_d2l_and_a_modern_run_names_both_recipes(tmp_path):
 def figures(monkeypatch):
     """Every figure the report saves, by file name, as well as its PNG."""
     saved = {}
-    save = report._save
+    save = figures_lib._save
 
     def keep(fig, path):
         saved[epath.Path(path).name] = fig
         return save(fig, path)
 
-    monkeypatch.setattr(report, "_save", keep)
+    monkeypatch.setattr(figures_lib, "_save", keep)
     return saved
 
 
@@ -395,7 +397,7 @@ def test_curves_draw_the_validation_split_early_stopping_used(tmp_path, figures)
 
 
 def test_a_run_without_validation_has_no_validation_curve():
-    fig = report.curves_figure({"plain": history(3)})
+    fig = figures_lib.curves_figure({"plain": history(3)})
     assert not any(label.startswith("validation") for label in lines_of(fig))
 
 
@@ -411,7 +413,7 @@ def test_misclassified_images_of_a_folder_are_named_by_file(tmp_path, figures):
     i = wrong[0]
     assert f"| {files[i]} | {CLASSES[labels[i]]} | {CLASSES[preds[i]]} |" in md
     # Without names (an IDX dataset), the index as before.
-    fig = report.misclassified_figure(images, labels, preds, CLASSES)
+    fig = figures_lib.misclassified_figure(images, labels, preds, CLASSES)
     assert [ax.get_title() for ax in fig.axes if ax.get_visible()][0] == f"#{wrong[0]}"
 
 

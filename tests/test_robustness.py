@@ -275,8 +275,9 @@ def test_unwritable_checkpoints_fail_before_the_first_step(dataset, tmp_path, mo
     """Any failure of the probe save (here: the disk is full) stops the run before an
     epoch is spent; the existing checkpoints and metrics stay as they were."""
     calls = []
-    real = train_mod.run_steps
-    monkeypatch.setattr(train_mod, "run_steps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = train_mod.Trainer.train_steps
+    monkeypatch.setattr(train_mod.Trainer, "train_steps",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")

@@ -14,7 +14,7 @@ from lenet_dist.checkpoint import Checkpoints
 from lenet_dist.cli import main
 from lenet_dist.config import PRESETS, Config
 from lenet_dist.errors import UserError
-from lenet_dist.history import best_epoch, describe_best, stopped_early
+from lenet_dist.records import best_epoch, describe_best, stopped_early
 from lenet_dist.training import train
 from tests.conftest import assert_same_params, small
 
