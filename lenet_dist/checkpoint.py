@@ -38,12 +38,11 @@ from lenet_dist import distributed, faults, safefs
 from lenet_dist.config import COMPATIBLE_FIELDS, STRUCTURAL_FIELDS, Config
 from lenet_dist.errors import Failure, Restartable, UserError, first_line
 from lenet_dist.records import chosen_on, ranked
-from lenet_dist.rundir import CHECKPOINT_DIR, workdir_path
+from lenet_dist.rundir import CHECKPOINT_DIR, PROBE_DIR, QUARANTINE_DIR, workdir_path
 from lenet_dist.step_files import (
     BEST_METRIC,
     METRICS_FILE,
     ORBAX_TMP,
-    PROBE_DIR,
     VALIDATION_METRIC,
     CorruptCheckpoint,
     StepInfo,
@@ -54,7 +53,6 @@ from lenet_dist.step_files import (
     step_of,
 )
 
-QUARANTINE_DIR = "corrupt-checkpoints"
 
 log = logging.getLogger(__name__)
 

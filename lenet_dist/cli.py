@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from lenet_dist import distributed, runtime, safefs, versions
+from lenet_dist import distributed, runtime, versions
 from lenet_dist import launch as launch_lib
 from lenet_dist.caches import COMPILE_CACHE_ENV
 from lenet_dist.cli_failures import (
@@ -45,8 +45,8 @@ from lenet_dist.config import (
     PRESETS,
     effective_config,
 )
-from lenet_dist.errors import UserError
-from lenet_dist.rundir import RUNS_DIR, run_to_read, trained_runs
+from lenet_dist.errors import UserError, describe_holder
+from lenet_dist.rundir import RUNS_DIR, lock_holder, run_to_read, trained_runs
 from lenet_dist.settings_io import read_settings, to_yaml
 from lenet_dist.watchdog import parse_timeout
 
@@ -181,9 +181,9 @@ def checkpoints(workdir):
     rows = list_checkpoints(workdir, warn=lambda line: click.echo(line, err=True))
     if not rows:
         raise UserError(f"no checkpoints in {workdir}")
-    holder = safefs.lock_holder(workdir)
+    holder = lock_holder(workdir)
     if holder is not None:
-        click.echo(f"(being written by {safefs.describe_holder(holder)})")
+        click.echo(f"(being written by {describe_holder(holder)})")
     for line in checkpoints_table(rows):
         click.echo(line)
 

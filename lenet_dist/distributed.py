@@ -23,8 +23,8 @@ import numpy as np
 from lenet_dist import jax_compat, joining, safefs
 from lenet_dist.errors import Failure, Restartable, UserError, first_line
 from lenet_dist.rendezvous import disagreement
+from lenet_dist.rundir import JOB_TOKEN_FILE
 
-JOB_TOKEN_FILE = ".lenet-dist-job"  # in the workdir: the job that holds it (check_same_workdir)
 
 
 def process_index() -> int:

@@ -14,7 +14,7 @@ from lenet_dist.feed import EvalFeed, eval_feed
 from lenet_dist.mesh import Shardings, make_mesh
 from lenet_dist.model import param_count
 from lenet_dist.restore import restore_checkpoint
-from lenet_dist.rundir import read_ledger, workdir_path
+from lenet_dist.rundir import REPORT_DIR, read_ledger, workdir_path
 from lenet_dist.sources import load_dataset
 from lenet_dist.step import Steps, summarize
 
@@ -132,7 +132,7 @@ def write_report(runs: list[str], out: str | None, step: int | None, best: bool,
                           "parameters": tested["parameters"]}}
         return report.write_comparison(out, table)
     (workdir,) = runs
-    out = out or os.path.join(workdir, "report")
+    out = out or os.path.join(workdir, REPORT_DIR)
     report.check_out_dir(out, [workdir])
     tested = test_predictions(workdir, step, best, data_dir)
     return report.write_report(

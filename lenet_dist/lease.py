@@ -2,7 +2,7 @@
 
 A bucket cannot be flock'ed, so `Lease` holds <workdir>/lock as an object, created and
 rewritten only with generation preconditions (google-cloud-storage, which gcsfs
-depends on). safefs.workdir_lock hands it out for gs:// workdirs, as it hands out a
+depends on). rundir.workdir_lock hands it out for gs:// workdirs, as it hands out a
 flock for local ones.
 """
 
@@ -21,7 +21,6 @@ from lenet_dist.errors import (RESTART_EXIT_CODE, Busy, Restartable, UserError,
                                describe_holder, first_line)
 from lenet_dist.gcs import REQUEST_TIMEOUT_S, split, storage
 
-LOCK_OBJECT = "lock"  # safefs.LOCK_FILE's name, as an object
 # The holder rewrites its lease every REFRESH seconds; a lease not seen to change for
 # STALE_AFTER refreshes belongs to a trainer that died (or lost the network that
 # long) and may be taken over. LENET_DIST_LEASE_REFRESH shortens it for tests.
@@ -74,9 +73,9 @@ class Lease:
     refresh. Releasing deletes it, again on our generation.
     """
 
-    def __init__(self, workdir: str, command: str, refresh: float | None = None,
+    def __init__(self, url: str, command: str, refresh: float | None = None,
                  on_lost=None, log=None):
-        self.url = os.fspath(workdir).rstrip("/") + "/" + LOCK_OBJECT
+        self.url = os.fspath(url)  # the lock object (rundir.lock_path names it)
         self.bucket, self.name = split(self.url)
         self.command = command
         self.refresh = refresh_seconds() if refresh is None else refresh
@@ -299,12 +298,12 @@ def parse_holder(raw: bytes) -> dict:
     return holder if isinstance(holder, dict) else {}
 
 
-def lease_holder(workdir: str) -> dict | None:
+def lease_holder(url: str) -> dict | None:
     """Who holds a gs:// workdir's lease now (None if nobody), with when the server
     last saw it renewed ("renewed_at", the server's clock): a reader does not wait to
     judge whether its holder is alive."""
     client, errors = storage()
-    bucket, name = split(os.fspath(workdir).rstrip("/") + "/" + LOCK_OBJECT)
+    bucket, name = split(os.fspath(url))
     blob = client.bucket(bucket).get_blob(name, timeout=REQUEST_TIMEOUT_S)
     if blob is None:
         return None

@@ -25,6 +25,7 @@ from pathlib import Path
 from etils import epath
 
 from lenet_dist import edge, faults, gcs
+from lenet_dist.rundir import CHECKPOINT_DIR
 from lenet_dist.errors import Failure, UserError, first_line
 
 PUBLISH_POINTS = faults.PUBLISH_POINTS  # where a kill must leave `out` a complete model
@@ -43,7 +44,7 @@ def check_destination(out: Path, overwrite: bool, workdir: Path | str) -> None:
             raise UserError(f"--out {out} would replace {what} ({place}); "
                             "choose a new directory, e.g. serving/lenet/1")
     if isinstance(workdir, Path) and workdir in out.parents \
-            and (workdir / "checkpoints") in (out, *out.parents):
+            and (workdir / CHECKPOINT_DIR) in (out, *out.parents):
         raise UserError(f"--out {out} is inside the checkpoints of {workdir}; choose another")
     if not out.exists():
         return

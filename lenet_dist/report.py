@@ -31,7 +31,7 @@ from lenet_dist.figures import (
     plot_misclassified,
 )
 from lenet_dist.records import chosen_on
-from lenet_dist.rundir import CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, TB_DIR
+from lenet_dist.rundir import CHECKPOINT_DIR, CONFIG_FILE, LOCK_FILE, METRICS_FILE, TB_DIR
 
 CURVES_PNG = "curves.png"
 CONFUSION_PNG = "confusion.png"
@@ -42,7 +42,7 @@ COMPARE_MD = "compare.md"
 
 # What training keeps in a workdir (rundir's names): a report written into or over one
 # of these would mix with (or replace) the run's own files.
-RUN_ENTRIES = (CHECKPOINT_DIR, METRICS_FILE, CONFIG_FILE, TB_DIR, safefs.LOCK_FILE)
+RUN_ENTRIES = (CHECKPOINT_DIR, METRICS_FILE, CONFIG_FILE, TB_DIR, LOCK_FILE)
 # What makes a directory a run's workdir, for a run that --out names but the report
 # was not asked about.
 RUN_MARKERS = (CHECKPOINT_DIR, METRICS_FILE, CONFIG_FILE)
@@ -184,7 +184,7 @@ def check_out_dir(out_dir: str | os.PathLike, workdirs: Sequence[str | os.PathLi
             return
         name = _basename(path)
         if name in RUN_ENTRIES and (parent in runs or _holds_a_run(parent)):
-            slash = "/" if name in ("checkpoints", "tb") else ""
+            slash = "/" if name in (CHECKPOINT_DIR, TB_DIR) else ""
             raise UserError(f"{option} {os.fspath(out_dir)} is {'' if path == out else 'inside '}"
                             f"the run {parent}'s {name}{slash}, which only training writes; "
                             f"choose another directory, e.g. {parent}/report")

@@ -1,29 +1,46 @@
-"""The run directory (the workdir): its names, its lock, and its metrics.jsonl.
+"""The run directory (the workdir): every name inside it, its lock, its metrics.jsonl,
+and the rule for finding runs.
 
 What lives there: checkpoints/ (checkpoint.py's, through Orbax), metrics.jsonl (one
 EpochRecord a line), ledger.json (each attempt's time by phase: ledger.py), config.json
-(config.py's), tb/ (TensorBoard events and profiles)
-and the lock. Below training, checkpoint, report and bench; no JAX, no Orbax.
+(settings_io.py's), tb/ (TensorBoard events and profiles), the lock (a flock, or a
+gs:// lease), the job's token and corrupt-checkpoints/. Below training, checkpoint,
+report and bench; no JAX, no Orbax.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import errno
+import fcntl
 import json
 import os
+import socket
+import stat
+import time
 from typing import Callable, Sequence
 
 from etils import epath
 
-from lenet_dist import gcs, safefs
-from lenet_dist.errors import Failure, Restartable, UserError
+from lenet_dist import gcs, lease, safefs
+from lenet_dist.errors import Busy, Failure, Restartable, UserError, describe_holder
 from lenet_dist.records import EpochRecord, from_lines, to_lines
 
+# Every name inside a run directory is here (tests/test_rooms.py finds no other module
+# spelling one).
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 LEDGER_FILE = "ledger.json"  # the run's attempts and where their time went (ledger.py)
 TB_DIR = "tb"
-CONFIG_FILE = "config.json"  # the run's effective Config (config.py writes it)
+CONFIG_FILE = "config.json"  # the run's effective Config (settings_io.py writes it)
+LOCK_FILE = "lock"  # a flock locally; on gs://, the lease object (lease.py)
+JOB_TOKEN_FILE = ".lenet-dist-job"  # the job that holds the workdir (distributed.py)
+QUARANTINE_DIR = "corrupt-checkpoints"  # bad steps set aside, never deleted (checkpoint.py)
+PROBE_DIR = ".probe"  # in checkpoints/: the write probe before the first step
+REPORT_DIR = "report"  # `report`'s output when --out is not given
+RUN_NAMES = (CHECKPOINT_DIR, METRICS_FILE, LEDGER_FILE, TB_DIR, CONFIG_FILE, LOCK_FILE,
+             JOB_TOKEN_FILE, QUARANTINE_DIR, PROBE_DIR)
 RUNS_DIR = "runs"  # where `train` puts each recipe's run by default
 DEFAULT_RUN = f"{RUNS_DIR}/lenet"  # `train`'s --workdir with no options (the d2l recipe)
 
@@ -46,7 +63,7 @@ def prepare_workdir(path: str, create: bool = True) -> epath.Path:
             raise UserError(f"--workdir {path} is a file, not a directory; choose another path")
         if create:
             workdir.mkdir(parents=True, exist_ok=True)
-        for name in (METRICS_FILE, LEDGER_FILE, CHECKPOINT_DIR, safefs.LOCK_FILE):
+        for name in (METRICS_FILE, LEDGER_FILE, CHECKPOINT_DIR, LOCK_FILE):
             safefs.refuse_symlink(workdir / name)
         if (workdir / METRICS_FILE).exists() and not (workdir / METRICS_FILE).is_file():
             raise UserError(f"{workdir / METRICS_FILE} is not a regular file; move it away")
@@ -57,13 +74,13 @@ def prepare_workdir(path: str, create: bool = True) -> epath.Path:
     return workdir
 
 
-def lock_workdir(workdir: epath.Path, log: Callable[[str], None]) -> safefs.Lock:
+def lock_workdir(workdir: epath.Path, log: Callable[[str], None]) -> Lock:
     """Take the workdir's lock before anything touches its checkpoints (a second train
     would delete the first one's in-flight save), or say who holds it (on gs://, a
-    lease object: safefs.workdir_lock)."""
+    lease object: workdir_lock)."""
     try:
-        lock = safefs.workdir_lock(workdir, "lenet-dist train", log).acquire()
-    except safefs.Busy as e:
+        lock = workdir_lock(workdir, "lenet-dist train", log).acquire()
+    except Busy as e:
         raise Failure(f"--workdir {workdir} is in use by {e}; wait for it to finish, stop "
                       "it, or use another --workdir") from None
     except OSError as e:  # a permission is the user's to fix (2); storage may recover (42)
@@ -73,7 +90,7 @@ def lock_workdir(workdir: epath.Path, log: Callable[[str], None]) -> safefs.Lock
         raise kind(f"cannot lock --workdir {workdir}: {e.strerror or e}") from None
     if lock.stale:
         log(f"note: took over the lock of a run that is no longer running "
-            f"({safefs.describe_holder(lock.stale)})")
+            f"({describe_holder(lock.stale)})")
     return lock
 
 
@@ -206,3 +223,121 @@ def run_to_read(workdir: str | None) -> str:
         raise UserError(f"no run in {DEFAULT_RUN} (where `lenet-dist train` writes by "
                         f"default); give --workdir, one of: {listed}")
     return DEFAULT_RUN  # the command then says there is nothing there to read
+
+
+# ------------------------------------------------------------------- the lock
+
+def lock_path(workdir: epath.Path | str) -> str:
+    """The lock's path: a file locally, the lease's object URL on gs://."""
+    return os.fspath(workdir).rstrip("/") + "/" + LOCK_FILE
+
+
+class WorkdirLock:
+    """An exclusive flock on <workdir>/lock, with who holds it written inside.
+
+    The kernel drops a flock when its holder dies, however it dies, so a lock left
+    by a killed run is simply free: taking it over needs no guessing from PIDs or
+    ages (which would be wrong across hosts). `stale` says whose it was.
+    Works on local disks and NFSv4; a gs:// workdir holds a lease instead (lease.Lease).
+    """
+
+    def __init__(self, workdir: epath.Path | str, command: str):
+        self.path = os.path.join(os.fspath(workdir), LOCK_FILE)
+        self.command = command
+        self.fd: int | None = None
+        self.stale: dict = {}
+
+    def acquire(self) -> "WorkdirLock":
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise safefs.UnsafePath(errno.ELOOP, "is a symlink; remove it", self.path) from None
+            raise
+        try:
+            kind = stat.S_IFMT(os.fstat(fd).st_mode)
+            if kind != stat.S_IFREG:
+                raise safefs.UnsafePath(
+                    errno.EINVAL, f"is {safefs.describe_mode(kind)}, not a lock file", self.path)
+            for attempt in range(5):  # `lock_holder` peeks with a brief shared lock
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if attempt == 4:
+                        raise Busy(read_holder(fd)) from None
+                    time.sleep(0.02)
+            self.stale = read_holder(fd)  # a holder recorded but not locking: it died
+            holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                      "since": datetime.datetime.now(datetime.timezone.utc)
+                      .isoformat(timespec="seconds"), "command": self.command}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        return self
+
+    def check(self) -> None:
+        """Held until released: the kernel drops a flock only with its holder (a
+        gs:// lease can be lost while its holder runs: lease.Lease.check)."""
+
+    def release(self) -> None:
+        """Clear the holder record, then unlock (the file stays: unlinking a lock
+        file races with the next process that opened it)."""
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.fd, 0)
+        os.close(self.fd)  # closing drops the flock
+        self.fd = None
+
+    def __enter__(self) -> "WorkdirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+Lock = WorkdirLock | lease.Lease
+
+
+def workdir_lock(workdir: epath.Path | str, command: str, log=None) -> Lock:
+    """The workdir's lock, not yet taken: a flock locally, a lease object on gs://
+    (`log` hears that it watches a lease before taking it over)."""
+    if safefs.is_local(workdir):
+        return WorkdirLock(workdir, command)
+    return lease.Lease(lock_path(workdir), command, log=log)
+
+
+def read_holder(fd: int) -> dict:
+    try:
+        text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        holder = json.loads(text) if text else {}
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def lock_holder(workdir: epath.Path | str) -> dict | None:
+    """Who holds the workdir's lock now (None if nobody), without taking it."""
+    if not safefs.is_local(workdir):
+        return lease.lease_holder(lock_path(workdir))
+    path = os.path.join(os.fspath(workdir), LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        try:  # a shared lock succeeds only when nobody holds the exclusive one
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return read_holder(fd)
+        return None
+    finally:
+        os.close(fd)

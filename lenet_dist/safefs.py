@@ -1,19 +1,16 @@
 """Files in directories we do not control: no planted symlink is followed, no reader
-sees a half-written file, no special file blocks us, and one writer per workdir.
+sees a half-written file, and no special file blocks us. (One writer per workdir is
+rundir's lock.)
 
-Stdlib only (plus etils.epath, lenet_dist.gcs and .lease for gs:// workdirs), so every module
+Stdlib only (plus etils.epath and lenet_dist.gcs for gs:// workdirs), so every module
 may use it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import errno
-import fcntl
-import json
 import os
-import socket
 import stat
 import tempfile
 import time
@@ -24,10 +21,8 @@ from lenet_dist import gcs  # isort: skip
 
 from etils import epath  # noqa: E402
 
-from lenet_dist import lease  # noqa: E402
-from lenet_dist.errors import Busy, Failure, describe_holder  # noqa: E402, F401 - Busy: the lock's API
+from lenet_dist.errors import Failure  # noqa: E402
 
-LOCK_FILE = "lock"
 # The process's umask, read once at import (reading it means setting it): files made
 # through mkstemp (0600) get the mode an ordinary open() would have given them.
 _UMASK = os.umask(0o022)
@@ -185,116 +180,3 @@ def make_dir(path: epath.Path | str) -> None:
     refuse_symlink(path)
     epath.Path(path).mkdir(parents=True, exist_ok=True)
 
-
-# ------------------------------------------------------------------- locking
-
-
-class WorkdirLock:
-    """An exclusive flock on <workdir>/lock, with who holds it written inside.
-
-    The kernel drops a flock when its holder dies, however it dies, so a lock left
-    by a killed run is simply free: taking it over needs no guessing from PIDs or
-    ages (which would be wrong across hosts). `stale` says whose it was.
-    Works on local disks and NFSv4; a gs:// workdir holds a lease instead (lease.Lease).
-    """
-
-    def __init__(self, workdir: epath.Path | str, command: str):
-        self.path = os.path.join(os.fspath(workdir), LOCK_FILE)
-        self.command = command
-        self.fd: int | None = None
-        self.stale: dict = {}
-
-    def acquire(self) -> "WorkdirLock":
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-        try:
-            fd = os.open(self.path, flags, 0o644)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise UnsafePath(errno.ELOOP, "is a symlink; remove it", self.path) from None
-            raise
-        try:
-            kind = stat.S_IFMT(os.fstat(fd).st_mode)
-            if kind != stat.S_IFREG:
-                raise UnsafePath(errno.EINVAL, f"is {describe_mode(kind)}, not a lock file",
-                                 self.path)
-            for attempt in range(5):  # `lock_holder` peeks with a brief shared lock
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if attempt == 4:
-                        raise Busy(read_holder(fd)) from None
-                    time.sleep(0.02)
-            self.stale = read_holder(fd)  # a holder recorded but not locking: it died
-            holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                      "since": datetime.datetime.now(datetime.timezone.utc)
-                      .isoformat(timespec="seconds"), "command": self.command}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.fd = fd
-        return self
-
-    def check(self) -> None:
-        """Held until released: the kernel drops a flock only with its holder (a
-        gs:// lease can be lost while its holder runs: lease.Lease.check)."""
-
-    def release(self) -> None:
-        """Clear the holder record, then unlock (the file stays: unlinking a lock
-        file races with the next process that opened it)."""
-        if self.fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.ftruncate(self.fd, 0)
-        os.close(self.fd)  # closing drops the flock
-        self.fd = None
-
-    def __enter__(self) -> "WorkdirLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-Lock = WorkdirLock | lease.Lease
-
-
-def workdir_lock(workdir: epath.Path | str, command: str, log=None) -> Lock:
-    """The workdir's lock, not yet taken: a flock locally, a lease object on gs://
-    (`log` hears that it watches a lease before taking it over)."""
-    if is_local(workdir):
-        return WorkdirLock(workdir, command)
-    return lease.Lease(os.fspath(workdir), command, log=log)
-
-
-def read_holder(fd: int) -> dict:
-    try:
-        text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-        holder = json.loads(text) if text else {}
-        return holder if isinstance(holder, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def lock_holder(workdir: epath.Path | str) -> dict | None:
-    """Who holds the workdir's lock now (None if nobody), without taking it."""
-    if not is_local(workdir):
-        return lease.lease_holder(os.fspath(workdir))
-    path = os.path.join(os.fspath(workdir), LOCK_FILE)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        try:  # a shared lock succeeds only when nobody holds the exclusive one
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return read_holder(fd)
-        return None
-    finally:
-        os.close(fd)

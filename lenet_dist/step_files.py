@@ -21,7 +21,7 @@ from lenet_dist import safefs
 from lenet_dist.config import REQUIRED_FIELDS
 from lenet_dist.errors import first_line
 from lenet_dist.records import EPOCH_METRICS
-from lenet_dist.rundir import CHECKPOINT_DIR
+from lenet_dist.rundir import CHECKPOINT_DIR, PROBE_DIR
 
 # Every checkpoint's metrics hold the test accuracy; a run with a validation split holds
 # its accuracy too, and then "best" means best on it: the test set is only reported.
@@ -31,7 +31,6 @@ META_FILE = ("meta", "metadata")  # Orbax's JsonSave item "meta"
 METRICS_FILE = ("metrics", "metrics")
 STATE_INDEX = ("state", "_METADATA")
 MAX_JSON_BYTES = 16 * 2**20  # metadata holds the history: a few KB per epoch
-PROBE_DIR = ".probe"  # under the lock, so no other writer uses it
 
 
 class CorruptCheckpoint(ValueError):

@@ -183,7 +183,7 @@ def serve(tmp_path_factory, name: str = "gcs"):
 
 # Holds a workdir's lease like a live trainer (renewed every 0.5 s) until stdin closes.
 HOLD = ("import sys; from lenet_dist.lease import Lease\n"
-        "lease = Lease(sys.argv[1], 'lenet-dist train', refresh=0.5).acquire()\n"
+        "lease = Lease(sys.argv[1] + '/lock', 'lenet-dist train', refresh=0.5).acquire()\n"
         "print('held', flush=True); sys.stdin.read(); lease.release()\n")
 
 

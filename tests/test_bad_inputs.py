@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from lenet_dist import safefs
+from lenet_dist import rundir
 
 ROOT = Path(__file__).resolve().parent.parent
 ERRORS_DOC = ROOT / "docs" / "errors.md"  # the page that shows the table
@@ -609,7 +609,7 @@ def run_case(case: Case, pristine: Pristine, root: Path) -> Outcome:
         return arg
 
     before = pristine.watched(run, model)
-    with safefs.WorkdirLock(run, "lenet-dist train") if case.hold_lock \
+    with rundir.WorkdirLock(run, "lenet-dist train") if case.hold_lock \
             else contextlib.nullcontext():
         proc = cli([fill(a) for a in case.argv], cwd=here, env=case.env)
     return Outcome(proc, before, pristine.watched(run, model), paths)

@@ -139,7 +139,7 @@ def test_second_trainer_is_refused_and_the_first_untouched(gcs_run):
 
 def test_lease_takeover_has_one_winner(emulator):
     """Two takers of one stale lease: the generation precondition lets exactly one win."""
-    race = ("import json, os, threading, time; from lenet_dist import safefs\n"
+    race = ("import json, os, threading, time; from lenet_dist.errors import Busy\n"
             "from lenet_dist.lease import Lease\n"
             "from google.cloud import storage\n"  # a lease its holder stopped renewing
             "storage.Client().bucket('bucket').blob('race/lock').upload_from_string(\n"
@@ -147,11 +147,11 @@ def test_lease_takeover_has_one_winner(emulator):
             "time.sleep(1.0)\n"
             "won, go = [], threading.Barrier(2)\n"
             "def take(i):\n"
-            "    lease = Lease('gs://bucket/race', f'taker {i}', refresh=1, on_lost=print)\n"
+            "    lease = Lease('gs://bucket/race/lock', f'taker {i}', refresh=1, on_lost=print)\n"
             "    go.wait()\n"
             "    try:\n"
             "        won.append(lease.acquire())\n"
-            "    except safefs.Busy:\n"
+            "    except Busy:\n"
             "        pass\n"
             "ts = [threading.Thread(target=take, args=(i,)) for i in range(2)]\n"
             "[t.start() for t in ts]; [t.join() for t in ts]\n"
@@ -168,7 +168,7 @@ def test_two_processes_share_the_bucket(emulator, data_dir, local_run):
     taking over the lease a dead trainer left (not renewed for 3 of its periods)."""
     url = f"gs://{BUCKET}/job"
     leave = ("import os; from lenet_dist.lease import Lease; "
-             f"Lease('{url}', 'lenet-dist train', refresh=0.2).acquire(); "
+             f"Lease('{url}/lock', 'lenet-dist train', refresh=0.2).acquire(); "
              "os._exit(0)")  # dies holding it
     left = subprocess.run(["nsenter", emulator.net, "--", sys.executable, "-c", leave],
                           env=emulator.env(), capture_output=True, text=True, timeout=60)

@@ -367,7 +367,7 @@ TAKE = ("import json, sys, time; from lenet_dist.lease import Lease\n"
         "from lenet_dist.errors import Busy\n"
         "t = time.monotonic()\n"
         "try:\n"
-        "    lease = Lease(sys.argv[1], 'newcomer', refresh=0.5, log=lambda _: None)\n"
+        "    lease = Lease(sys.argv[1] + '/lock', 'newcomer', refresh=0.5, log=lambda _: None)\n"
         "    lease.acquire()\n"
         "except Busy as e:\n"
         "    print(json.dumps(['busy', str(e), time.monotonic() - t])); sys.exit(0)\n"
@@ -441,7 +441,8 @@ from lenet_dist.checkpoint import Checkpoints
 from lenet_dist.errors import Restartable
 from lenet_dist.lease import Lease
 url, lost = sys.argv[1], []
-lease = Lease(url, 'fence', refresh=0.5, on_lost=lambda url, why, holder: lost.append(why))
+lease = Lease(url + '/lock', 'fence', refresh=0.5,
+              on_lost=lambda url, why, holder: lost.append(why))
 lease.acquire()
 ckpts = Checkpoints(url, fence=lease.check, warn=lambda _: None)
 ckpts.save(1, {"w": np.zeros(3)}, {"step": 1}, wait=True)
@@ -507,7 +508,7 @@ def test_a_bucket_that_does_not_exist_is_one_line(emulator):
 def test_a_refused_job_writes_nothing_into_the_workdir(emulator, small_data):
     """A 2-process job refused by another run's live lease: the lease is taken before
     the job's shared-directory token is written, so the bucket holds only the lease."""
-    from lenet_dist.distributed import JOB_TOKEN_FILE
+    from lenet_dist.rundir import JOB_TOKEN_FILE
 
     emulator.create_bucket("refused")
     url = "gs://refused/run"

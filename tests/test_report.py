@@ -303,7 +303,7 @@ def test_run_entries_are_the_names_training_uses():
     from lenet_dist import rundir
 
     assert set(report.RUN_ENTRIES) == {rundir.CHECKPOINT_DIR, rundir.METRICS_FILE,
-                                      rundir.CONFIG_FILE, rundir.TB_DIR, safefs.LOCK_FILE}
+                                      rundir.CONFIG_FILE, rundir.TB_DIR, rundir.LOCK_FILE}
 
 
 def test_report_out_into_checkpoints_is_one_line_before_any_work(run_dir):

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lenet_dist import checkpoint as ckpt_lib
-from lenet_dist import safefs
+from lenet_dist import rundir, safefs, step_files
 from lenet_dist import training as train_mod
 from lenet_dist.cli import main
 from lenet_dist.errors import Failure, UserError
@@ -52,7 +52,7 @@ def run_copy(reference, tmp_path):
 
 def test_second_train_on_a_locked_workdir_is_refused_untouched(run_copy, dataset):
     before = checksums(run_copy)
-    with safefs.WorkdirLock(run_copy, "lenet-dist train"):
+    with rundir.WorkdirLock(run_copy, "lenet-dist train"):
         with pytest.raises(Failure, match=r"is in use by `lenet-dist train` \(PID "
                                           rf"{os.getpid()} on .*, since 20"):
             train(small(run_copy, epochs=3), dataset=dataset, **QUIET)
@@ -71,7 +71,7 @@ def test_a_dead_holders_lock_is_taken_over(run_copy, dataset):
     assert any("took over the lock of a run that is no longer running" in line
                and "PID 999999 on gone" in line for line in logs), logs
     assert (run_copy / "lock").read_text() == ""  # released: no holder recorded
-    assert safefs.lock_holder(run_copy) is None
+    assert rundir.lock_holder(run_copy) is None
 
 
 def test_read_only_commands_work_while_a_train_holds_the_lock(run_copy, tmp_path, capsys):
@@ -80,7 +80,7 @@ def test_read_only_commands_work_while_a_train_holds_the_lock(run_copy, tmp_path
     in_flight = run_copy / "checkpoints" / "21.orbax-checkpoint-tmp-1234"
     in_flight.mkdir()
     before = checksums(run_copy / "checkpoints")
-    with safefs.WorkdirLock(run_copy, "lenet-dist train"):
+    with rundir.WorkdirLock(run_copy, "lenet-dist train"):
         assert main(["eval", "--workdir", str(run_copy), "--devices", "8"]) == 0
         assert main(["checkpoints", "--workdir", str(run_copy)]) == 0
         assert main(["export", "--workdir", str(run_copy), "--out",
@@ -100,7 +100,7 @@ def test_two_trains_at_once_one_refused_the_other_finishes(data_dir, tmp_path):
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
-        while safefs.lock_holder(tmp_path) is None and time.time() < deadline:
+        while rundir.lock_holder(tmp_path) is None and time.time() < deadline:
             time.sleep(0.05)
         assert first.poll() is None, first.communicate()
         second = subprocess.run(args, capture_output=True, text=True, timeout=120)
@@ -234,8 +234,8 @@ def test_every_checkpoint_bad_read_only_says_so(run_copy, capsys):
                            st.integers(0, 400), st.binary(max_size=8))))
 def test_metadata_reader_only_raises_its_own_error(raw):
     try:
-        ckpt_lib.parse_meta(raw, 20)
-    except ckpt_lib.CorruptCheckpoint:
+        step_files.parse_meta(raw, 20)
+    except step_files.CorruptCheckpoint:
         pass
 
 
@@ -252,8 +252,8 @@ def test_mutated_metadata_is_parsed_or_refused(flips):
     for at, value in flips:
         raw[at] = value
     try:
-        meta = ckpt_lib.parse_meta(bytes(raw), 20)
-    except ckpt_lib.CorruptCheckpoint:
+        meta = step_files.parse_meta(bytes(raw), 20)
+    except step_files.CorruptCheckpoint:
         return
     assert meta["step"] == 20 and isinstance(meta["history"], list)
 

@@ -57,3 +57,19 @@ def test_the_limits_see_what_they_measure():
     found = {name: node.end_lineno - node.lineno + 1 for name, node in functions(tree)}
     assert set(found) == {"A.m", "A.m.inner"}
     assert found["A.m.inner"] == MAX_FUNCTION_LINES + 1 > MAX_FUNCTION_LINES
+
+
+def test_only_rundir_names_the_files_of_a_run_directory():
+    """Every name inside a workdir (rundir.RUN_NAMES) is spelled in rundir.py alone; the
+    others import it, so a rename is one edit and no reader looks in the wrong place."""
+    from lenet_dist import rundir
+
+    spelled = {}
+    for name, path in modules().items():
+        if name == "rundir.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in rundir.RUN_NAMES:
+                spelled.setdefault(name, []).append(f"{node.value!r} at line {node.lineno}")
+    assert not spelled, f"run-directory names spelled outside rundir.py: {spelled}"
+    assert len(set(rundir.RUN_NAMES)) == len(rundir.RUN_NAMES) >= 9
