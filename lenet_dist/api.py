@@ -283,8 +283,7 @@ def start_jax(devices: int | None) -> None:
         return
     from lenet_dist import runtime
 
-    runtime.tune_cpu()  # as runtime.configure does
-    runtime._configure(devices, None)  # configure's body, without quick_interrupts
+    runtime.configure(devices, quick_exit=False)  # a Ctrl-C is the caller's to catch
 
 
 def jax_started() -> bool:

@@ -308,7 +308,8 @@ def quick_interrupts():
 MAX_SIMULATED_CPU_DEVICES = 512
 
 
-def configure(cpu_devices: int | None = None, job=None, sync_preemption: bool = False) -> None:
+def configure(cpu_devices: int | None = None, job=None, sync_preemption: bool = False,
+              quick_exit: bool = True) -> None:
     """Prepare JAX: join the multi-process `job` (a `joining.JobSpec`) if any,
     then `cpu_devices` simulated CPU devices (the global count: each process of a
     job simulates its share), fast CPU kernels; then start the backend, so that a
@@ -319,10 +320,12 @@ def configure(cpu_devices: int | None = None, job=None, sync_preemption: bool = 
     stops (one line, 143) instead of running on until SIGKILL.
 
     Simulating devices only changes the CPU backend; on a GPU/TPU host the
-    accelerators stay the default backend.
+    accelerators stay the default backend. `quick_exit`: Ctrl-C while JAX starts exits
+    the process at once (the CLI's `quick_interrupts`); the Python API passes False, so
+    a KeyboardInterrupt reaches its caller.
     """
     tune_cpu()
-    with quick_interrupts():
+    with quick_interrupts() if quick_exit else contextlib.nullcontext():
         _configure(cpu_devices, job)
     if job is not None and job.enabled and not sync_preemption:
         from lenet_dist.preemption import exit_on_sigterm  # JAX-free; after the join
