@@ -12,7 +12,6 @@ generated file may still be valid). Random bytes are refused by both (the tests 
 import contextlib
 import functools
 import gzip
-import importlib.util
 import json
 import math
 import os
@@ -33,7 +32,7 @@ from lenet_dist import images
 from lenet_dist import prediction as predict_lib
 from lenet_dist import settings_io
 from lenet_dist.errors import UserError
-from tests.conftest import make_special, returns_within, write_idx
+from tests.conftest import load_kit_module, make_special, returns_within, write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,14 +44,7 @@ FUZZ = settings(max_examples=int(os.environ.get("LENET_DIST_FUZZ_EXAMPLES", 300)
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def load_kit():
-    spec = importlib.util.spec_from_file_location("serving_io", ROOT / "export" / "serving_io.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-kit = load_kit()
+kit = load_kit_module("serving_io")
 
 
 @pytest.fixture(scope="module")
