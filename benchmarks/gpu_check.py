@@ -68,7 +68,7 @@ def dataset(n: int) -> tuple[data_lib.Split, str]:
 
 def bf16_step(state, images, labels, tx, config):
     """Mixed precision: the forward and backward in bf16, the update on fp32 weights."""
-    model = model_lib.build(config.recipe)
+    model = model_lib.build(config.network)
     has_bn = hasattr(state, "batch_stats")
     x16 = preprocess(images).astype(jnp.bfloat16)
 
@@ -207,7 +207,7 @@ def diagnose(args, shardings, out_dir: str) -> list[dict]:
         tx = make_optimizer(config, feed.steps_per_epoch)
         xs, ys = feed.epoch(0, 0)
         for name, step_fn in step_fns(tx, config).items():
-            state = create_state(0, tx, shardings, config.recipe)
+            state = create_state(0, tx, shardings, config.network)
             t = time.perf_counter()
             lowered = jax.jit(scan_epoch_fn(step_fn), donate_argnums=0).lower(state, xs, ys)
             t_lower = time.perf_counter() - t
@@ -220,7 +220,7 @@ def diagnose(args, shardings, out_dir: str) -> list[dict]:
                 f.write(text)
             # single steps, one dispatch each: the distribution a scan epoch hides
             one = jax.jit(step_fn, donate_argnums=0)
-            state = create_state(0, tx, shardings, config.recipe)
+            state = create_state(0, tx, shardings, config.network)
             t = time.perf_counter()
             one_c = one.lower(state, xs[0], ys[0]).compile()
             t_compile_step = time.perf_counter() - t
@@ -319,7 +319,7 @@ def main() -> None:
         if "loop_fp32" in variants:
             # 1. lenet-dist's loop: one dispatch per step, waiting one step behind.
             steps = build_steps(tx, shardings, config)
-            box = {"state": create_state(0, tx, shardings, config.recipe)}
+            box = {"state": create_state(0, tx, shardings, config.network)}
 
             def loop_epoch(e):
                 xs, ys = feed.epoch(0, e)
@@ -340,7 +340,7 @@ def main() -> None:
         for name, step_fn in step_fns(tx, config).items():
             if name not in variants:
                 continue
-            state = create_state(0, tx, shardings, config.recipe)
+            state = create_state(0, tx, shardings, config.network)
             xs0, ys0 = feed.epoch(0, 0)
             t = time.perf_counter()
             run = jax.jit(scan_epoch_fn(step_fn), donate_argnums=0).lower(

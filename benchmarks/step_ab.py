@@ -108,7 +108,7 @@ def make_chunk(variant: dict, args) -> tuple[int, object]:
     rng = np.random.default_rng(0)
     xs = put(rng.integers(0, 256, (steps, batch, 28, 28, 1), np.uint8), sh.stacked_batches)
     ys = put(rng.integers(0, 10, (steps, batch), np.int32), sh.stacked_batches)
-    box = {"state": create_state(0, tx, sh, config.recipe)}
+    box = {"state": create_state(0, tx, sh, config.network)}
 
     def run():
         state, sums = box["state"], jitted.zeros()

@@ -189,7 +189,7 @@ class Model:
 
     def __repr__(self) -> str:
         return (f"Model(workdir={self.workdir!r}, step={self.step}, "
-                f"recipe={self.config.recipe!r}, classes={len(self.class_names)})")
+                f"network={self.config.network!r}, classes={len(self.class_names)})")
 
     def predict(self, images: Any) -> Predictions:
         """Classify 28x28 grayscale images, light objects on dark as in Fashion-MNIST:

@@ -223,7 +223,7 @@ def summary(recipe):
         runtime.configure()
         from lenet_dist import model
 
-    for line in model.summary_lines(PRESETS[recipe].recipe):  # d2l's or modern's layout
+    for line in model.summary_lines(PRESETS[recipe].network):  # d2l's or modern's layout
         click.echo(line)
 
 

@@ -174,10 +174,9 @@ def config_option(field: str, **changes):
 
 
 def config_options(command):
-    """One option per Config field; `recipe` is set by the --recipe preset instead."""
+    """One option per Config field."""
     for field in reversed(FIELDS):
-        if field != "recipe":
-            command = config_option(field)(command)
+        command = config_option(field)(command)
     return command
 
 

@@ -10,7 +10,7 @@ import math
 import numbers
 import os
 import typing
-from typing import Any
+from typing import Any, Mapping
 
 from lenet_dist.errors import QUOTE_CHARS, UserError, quoted
 from lenet_dist.rundir import DEFAULT_RUN, RUNS_DIR
@@ -20,9 +20,10 @@ DATASETS = ("fashion_mnist", "mnist")
 # folders, or a directory of the four IDX files (data.py, folder.py).
 DATASET_KINDS = ("folder", "idx")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
-# The model and its training parts: the seed's 1998 LeNet-5, or its skeleton with
-# ReLU, max pooling, BatchNorm and He init (model.py).
-RECIPES = ("d2l", "modern")
+# The network (Config.network): the seed's 1998 LeNet-5, or its skeleton with ReLU, max
+# pooling, BatchNorm and He init (model.py). A recipe (PRESETS, --recipe) is a whole
+# Config: a network and the way it is trained.
+NETWORKS = ("d2l", "modern")
 SCHEDULES = ("constant", "cosine", "onecycle")
 # Where an exported SavedModel can run (jax2tf lowers for each; XlaCallModule picks).
 EXPORT_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -129,8 +130,11 @@ class Config:
                               first_release=True)
     seed: int = setting(0, "Init and data-order seed.", resume="same", first_release=True)
     # The modern parts; the d2l defaults leave the seed's computation unchanged. The
-    # CLI's --recipe picks a preset, which sets this field (the model).
-    recipe: str = setting("d2l", choices=RECIPES, resume="layout")
+    # CLI's --recipe picks a preset, which sets this field. Files written before
+    # 2026-12-08 call it `recipe` (`upgraded`).
+    network: str = setting("d2l", "The model: d2l's LeNet-5 (sigmoid, average pooling) or "
+                           "modern (ReLU, max pooling, BatchNorm); --recipe sets it.",
+                           choices=NETWORKS, resume="layout")
     # A constant rate and a schedule differ in the optimizer state's layout.
     schedule: str = setting("constant", "Learning-rate schedule over the run: warm-up + "
                             "cosine, or one-cycle.", choices=SCHEDULES, resume="layout")
@@ -225,6 +229,22 @@ class Config:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
 
+# Fields renamed since the first release: old name -> new. A checkpoint's metadata (and
+# an export's, which holds the same config) written before keeps the old name.
+RENAMED_FIELDS = {"recipe": "network"}
+
+
+def upgraded(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved config's fields under today's names (see RENAMED_FIELDS); a field saved
+    under both names keeps today's."""
+    out = dict(fields)
+    for old, new in RENAMED_FIELDS.items():
+        if old in out:
+            value = out.pop(old)
+            out.setdefault(new, value)
+    return out
+
+
 def dataset_kind(spec: str) -> tuple[str, str | None]:
     """("builtin", None), ("folder", PATH) or ("idx", DIR) for a --dataset value."""
     kind, sep, where = spec.partition(":")
@@ -297,14 +317,14 @@ PRESETS: dict[str, Config] = {
     # flips done on the devices. It holds out a twelfth of the training split: 5,000 of
     # Fashion-MNIST's 60,000 (the images a count of 5,000 held out), and a fraction fits
     # a folder of a few thousand images too.
-    "modern": Config(recipe="modern", optimizer="adamw", learning_rate=0.003,
+    "modern": Config(network="modern", optimizer="adamw", learning_rate=0.003,
                      schedule="cosine", warmup_epochs=1.0, weight_decay=0.0005,
                      label_smoothing=0.1, augment=True, validation=1 / 12,
                      workdir=f"{RUNS_DIR}/modern"),
     # The shortest time to 0.90 test accuracy on Fashion-MNIST measured here (docs/
     # recipes.md has the ablation): the modern network, 2 epochs of one-cycle AdamW
     # (peak 0.01), no augmentation (it slows a 2-epoch run down), every training image.
-    "fast": Config(recipe="modern", optimizer="adamw", learning_rate=0.01,
+    "fast": Config(network="modern", optimizer="adamw", learning_rate=0.01,
                    schedule="onecycle", epochs=2, weight_decay=0.0005,
                    label_smoothing=0.1, workdir=f"{RUNS_DIR}/fast"),
     # A run that shows learning in seconds on a CPU: a 2,000-image slice and
@@ -342,6 +362,11 @@ MAX_TEXT_CHARS = 4096
 def checked_setting(where: str, key: Any, value: Any) -> Any:
     """`value` for field `key` as Config holds it, or a UserError naming `where` and key.
     A message quotes at most QUOTE_CHARS of a value or key (`quoted`)."""
+    if key == "recipe":  # a file's recipe picks a preset (effective_config), smoke too
+        if not (isinstance(value, str) and value in PRESETS):
+            raise UserError(f"{where}: recipe must be one of {', '.join(PRESETS)}, "
+                            f"got {quoted(value)}")
+        return value
     if not isinstance(key, str) or key not in FIELDS:
         hint = close_field(key) if isinstance(key, str) and len(key) <= QUOTE_CHARS else ""
         raise UserError(f"{where}: unknown key {quoted(key)}{hint}; the keys are Config's "
@@ -354,11 +379,6 @@ def checked_setting(where: str, key: Any, value: Any) -> Any:
             value = float(value)
         except ValueError:
             pass
-    if key == "recipe":  # a file's recipe picks a preset (effective_config), smoke too
-        if not (isinstance(value, str) and value in PRESETS):
-            raise UserError(f"{where}: recipe must be one of {', '.join(PRESETS)}, "
-                            f"got {quoted(value)}")
-        return value
     value, problem = check_field(key, value)
     if problem:
         raise UserError(f"{where}: {key} {problem}")

@@ -75,7 +75,7 @@ def jax_reference(variables, images: np.ndarray, model: nn.Module
     """`model`'s outputs computed by JAX on the CPU, where float32 convolutions are exact
     float32 (GPU/TPU defaults may use reduced precision, which is not what is checked)."""
     cpu = jax.devices("cpu")[0]
-    forward = forward_for(model_lib.recipe_of(model), model.num_classes)
+    forward = forward_for(model_lib.network_of(model), model.num_classes)
     out = forward(jax.device_put(variables, cpu), jax.device_put(images, cpu))
     return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
 

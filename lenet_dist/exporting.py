@@ -1,7 +1,7 @@
 """Checkpoint -> verified SavedModel (and TFLite/ONNX) at `out`: the export command.
 
 The orchestrator only: the run's checkpoint is restored with its model (its config's
-recipe, its class names' count), converted and checked against JAX in a staging
+network, its class names' count), converted and checked against JAX in a staging
 directory (conversion.py; edge.py for --format tflite/onnx and --quantize int8), and
 only then published (publishing.py: an atomic rename locally, an upload with
 saved_model.pb last for gs://), so a failed export never leaves a half-written model or
@@ -205,8 +205,8 @@ def metadata(restored, work_path, platforms, plan, tf, wanted, model_dir: Path,
     evaluated = next((r for r in meta.get("history", []) if r.get("step") == chosen), {})
     return {
         "format": FORMAT_VERSION,
-        "model": f"LeNet-5 ({config.recipe} recipe), Flax",
-        "recipe": config.recipe,
+        "model": f"LeNet-5 ({config.network} network), Flax",
+        "network": config.network,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "checkpoint": {"workdir": str(work_path), "step": chosen,
                        "epoch": meta.get("epoch"),

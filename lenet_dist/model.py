@@ -108,17 +108,17 @@ MODELS = {"d2l": LeNet, "modern": ModernLeNet}
 MIN_CLASSES, MAX_CLASSES = 2, 1000
 
 
-def build(recipe: str = "d2l", num_classes: int = NUM_CLASSES) -> nn.Module:
-    return MODELS[recipe](num_classes=num_classes)
+def build(network: str = "d2l", num_classes: int = NUM_CLASSES) -> nn.Module:
+    return MODELS[network](num_classes=num_classes)
 
 
-def recipe_of(model: nn.Module) -> str:
+def network_of(model: nn.Module) -> str:
     return next(name for name, cls in MODELS.items() if isinstance(model, cls))
 
 
 @functools.cache
-def _expected_shapes(recipe: str, num_classes: int) -> dict[str, tuple[int, ...]]:
-    shapes = jax.eval_shape(lambda k: init_variables(k, recipe, num_classes),
+def _expected_shapes(network: str, num_classes: int) -> dict[str, tuple[int, ...]]:
+    shapes = jax.eval_shape(lambda k: init_variables(k, network, num_classes),
                             jax.random.key(0))
     return _shapes(shapes)
 
@@ -134,11 +134,11 @@ def _shapes(tree, prefix: str = "") -> dict[str, tuple[int, ...]]:
 
 
 def check_variables(model: nn.Module, variables: dict) -> None:
-    """A one-line UserError when `variables` are not `model`'s (another recipe's, or a
+    """A one-line UserError when `variables` are not `model`'s (another network's, or a
     head of another width), instead of Flax's scope error from deep inside `apply`.
     Reads shapes only, so under jit it costs nothing after the trace."""
-    recipe = recipe_of(model)
-    want, got = _expected_shapes(recipe, model.num_classes), _shapes(variables)
+    network = network_of(model)
+    want, got = _expected_shapes(network, model.num_classes), _shapes(variables)
     if want == got:
         return
     missing = sorted(want.keys() - got.keys())
@@ -147,8 +147,8 @@ def check_variables(model: nn.Module, variables: dict) -> None:
                & got.keys()) if want[k] != got[k]]
     problems = ([f"missing {', '.join(missing[:3])}"] if missing else []) \
         + ([f"unexpected {', '.join(extra[:3])}"] if extra else []) + resized[:2]
-    raise UserError(f"the variables do not fit the {recipe} recipe's model with "
-                    f"{model.num_classes} classes ({'; '.join(problems)}); the recipe and "
+    raise UserError(f"the variables do not fit the {network} network with "
+                    f"{model.num_classes} classes ({'; '.join(problems)}); the network and "
                     "class count come from the run's config and class names")
 
 
@@ -160,10 +160,10 @@ def layer_name(layer) -> str:
         layer, getattr(layer, "__name__", "?"))
 
 
-def init_variables(key: jax.Array, recipe: str = "d2l", num_classes: int = NUM_CLASSES
+def init_variables(key: jax.Array, network: str = "d2l", num_classes: int = NUM_CLASSES
                    ) -> dict:
     """{"params": ...} and, for BatchNorm recipes, {"batch_stats": ...}."""
-    return dict(build(recipe, num_classes).init(key, jnp.zeros(INPUT_SHAPE, jnp.float32)))
+    return dict(build(network, num_classes).init(key, jnp.zeros(INPUT_SHAPE, jnp.float32)))
 
 
 def init_params(key: jax.Array, model: nn.Module | None = None):
@@ -175,12 +175,12 @@ def param_count(params) -> int:
     return sum(int(p.size) for p in jax.tree.leaves(params))
 
 
-def layer_summary(input_shape=INPUT_SHAPE, key=None, recipe: str = "d2l"
+def layer_summary(input_shape=INPUT_SHAPE, key=None, network: str = "d2l"
                   ) -> list[tuple[str, tuple[int, ...]]]:
     """(layer name, output shape) for every layer, as the seed's layer_summary prints."""
-    model = build(recipe)
+    model = build(network)
     key = jax.random.key(0) if key is None else key
-    bound = model.bind(init_variables(key, recipe))
+    bound = model.bind(init_variables(key, network))
     x = jnp.zeros(input_shape, jnp.float32)
     rows = []
     for layer in bound.layers:
@@ -190,12 +190,12 @@ def layer_summary(input_shape=INPUT_SHAPE, key=None, recipe: str = "d2l"
     return rows
 
 
-def summary_lines(recipe: str = "d2l") -> list[str]:
+def summary_lines(network: str = "d2l") -> list[str]:
     """The `summary` command's lines: each layer's output shape for one image, then the
     parameter count (and BatchNorm's running statistics apart)."""
     lines = [f"{'layer':<10}output shape"]
-    lines += [f"{name:<10}{shape}" for name, shape in layer_summary(recipe=recipe)]
-    variables = init_variables(jax.random.key(0), recipe)
+    lines += [f"{name:<10}{shape}" for name, shape in layer_summary(network=network)]
+    variables = init_variables(jax.random.key(0), network)
     lines.append(f"parameters: {param_count(variables['params']):,}"
                  + (f" (+ {param_count(variables['batch_stats']):,} BatchNorm running "
                     "statistics)" if "batch_stats" in variables else ""))

@@ -148,11 +148,11 @@ def write_comparison(out_dir: str | epath.Path,
         wall = finite_number(final.get("wall_seconds"))
         if wall is None:
             wall = _total(history, "epoch_seconds")
-        rows.append((name, recipe(run.get("config") or {}), accuracy,
+        rows.append((name, describe_config(run.get("config") or {}), accuracy,
                      final.get("parameters"), wall))
     best = max((r[2] for r in rows if r[2] is not None and math.isfinite(r[2])), default=None)
     with_params = any(r[3] is not None for r in rows)
-    headers = ("run", "recipe", "final test accuracy",
+    headers = ("run", "settings", "final test accuracy",
                *(("parameters",) if with_params else ()), "wall time")
     cells = []
     for name, text, accuracy, params, wall in rows:
@@ -218,12 +218,13 @@ def _holds_a_run(directory: str) -> bool:
         os.path.lexists(os.path.join(directory, marker)) for marker in RUN_MARKERS)
 
 
-def recipe(config: Mapping[str, Any]) -> str:
+def describe_config(config: Mapping[str, Any]) -> str:
     """A config in one short phrase: what differs between the runs of a comparison."""
     parts = []
-    name = config.get("recipe") or config.get("preset")  # "preset": older runs' config.json
+    # older runs' config.json: "recipe" (before 2026-12-08), "preset" (before that)
+    name = config.get("network") or config.get("recipe") or config.get("preset")
     if name:
-        parts.append(f"recipe {name}")
+        parts.append(f"network {name}")
     if config.get("optimizer"):
         text = str(config["optimizer"])
         if config.get("learning_rate") is not None:

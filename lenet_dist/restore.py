@@ -15,7 +15,7 @@ from typing import Callable
 
 from lenet_dist.checkpoint import Checkpoints
 from lenet_dist.step_files import CorruptCheckpoint
-from lenet_dist.config import FIELDS, Config
+from lenet_dist.config import FIELDS, Config, upgraded
 from lenet_dist.data import CLASS_NAMES
 from lenet_dist.errors import Failure, UserError
 from lenet_dist.mesh import Shardings
@@ -35,7 +35,7 @@ class Restored:
 
     @property
     def model(self):
-        """The run's model: its config's recipe, one output per class name."""
+        """The run's model: its config's network, one output per class name."""
         return self.step_fns.model
 
     @property
@@ -98,7 +98,7 @@ def restore_checkpoint(workdir: str, shardings: Shardings, step: int | None = No
             if best or s > candidates[0]:
                 warn(f"warning: checkpoint step {s} is unreadable ({problem}); skipped")
     for chosen in candidates:
-        # The model from the metadata: the config's recipe, one output per class name.
+        # The model from the metadata: the config's network, one output per class name.
         config = config_from(ckpts.meta(chosen))
         step_fns = build_steps(make_optimizer(config), shardings, config,
                                len(class_names_of(ckpts.meta(chosen), config)))
@@ -126,4 +126,4 @@ def class_names_of(meta: dict, config: Config) -> tuple[str, ...]:
 
 def config_from(meta: dict) -> Config:
     """The run's Config from checkpoint metadata; fields this version lacks are dropped."""
-    return Config(**{k: v for k, v in meta["config"].items() if k in FIELDS})
+    return Config(**{k: v for k, v in upgraded(meta["config"]).items() if k in FIELDS})

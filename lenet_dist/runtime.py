@@ -48,15 +48,15 @@ CPU_TRAIN_OPTIONS: dict[str, dict[str, str | bool]] = {
 }
 
 
-def train_compiler_options(recipe: str, platform: str) -> dict | None:
-    """`CPU_TRAIN_OPTIONS[recipe]` on the CPU backend of a CPU without AVX-512, less any
+def train_compiler_options(network: str, platform: str) -> dict | None:
+    """`CPU_TRAIN_OPTIONS[network]` on the CPU backend of a CPU without AVX-512, less any
     option the user set in XLA_FLAGS (theirs wins, as with `add_xla_flags`); None when
     none apply, and with LENET_DIST_ONEDNN=0 (lenet-dist's CPU tuning off, to compare)."""
     if platform != "cpu" or not tuning_on() or cpu_has_avx512():
         return None
     entries = split_xla_flags(os.environ.get("XLA_FLAGS", ""))[0]
     names = {f.split("=")[0].lstrip("-") for f in entries}
-    options = {k: v for k, v in CPU_TRAIN_OPTIONS.get(recipe, {}).items() if k not in names}
+    options = {k: v for k, v in CPU_TRAIN_OPTIONS.get(network, {}).items() if k not in names}
     return options or None
 
 

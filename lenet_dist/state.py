@@ -63,8 +63,8 @@ def make_optimizer(config: Config, steps_per_epoch: int = 1) -> optax.GradientTr
 
 
 def init_state(key: jax.Array, tx: optax.GradientTransformation,
-               recipe: str = "d2l", num_classes: int = model_lib.NUM_CLASSES) -> TrainState:
-    variables = model_lib.init_variables(key, recipe, num_classes)
+               network: str = "d2l", num_classes: int = model_lib.NUM_CLASSES) -> TrainState:
+    variables = model_lib.init_variables(key, network, num_classes)
     params, step = variables["params"], jnp.zeros((), jnp.int32)
     if "batch_stats" in variables:
         return BNTrainState(step=step, params=params, opt_state=tx.init(params),
@@ -72,10 +72,10 @@ def init_state(key: jax.Array, tx: optax.GradientTransformation,
     return TrainState(step=step, params=params, opt_state=tx.init(params))
 
 
-def abstract_state(tx: optax.GradientTransformation, recipe: str = "d2l",
+def abstract_state(tx: optax.GradientTransformation, network: str = "d2l",
                    num_classes: int = model_lib.NUM_CLASSES) -> TrainState:
     """The state's shapes and dtypes (ShapeDtypeStructs), traced, never computed."""
-    return jax.eval_shape(lambda k: init_state(k, tx, recipe, num_classes), jax.random.key(0))
+    return jax.eval_shape(lambda k: init_state(k, tx, network, num_classes), jax.random.key(0))
 
 
 def state_shardings(shardings: Shardings, abstract: TrainState):
@@ -84,8 +84,8 @@ def state_shardings(shardings: Shardings, abstract: TrainState):
 
 
 def create_state(seed: int, tx: optax.GradientTransformation, shardings: Shardings,
-                 recipe: str = "d2l", num_classes: int = model_lib.NUM_CLASSES) -> TrainState:
+                 network: str = "d2l", num_classes: int = model_lib.NUM_CLASSES) -> TrainState:
     """Initialise directly into the replicated placement: no host copy of the state."""
-    placement = state_shardings(shardings, abstract_state(tx, recipe, num_classes))
-    init = jax.jit(lambda k: init_state(k, tx, recipe, num_classes), out_shardings=placement)
+    placement = state_shardings(shardings, abstract_state(tx, network, num_classes))
+    init = jax.jit(lambda k: init_state(k, tx, network, num_classes), out_shardings=placement)
     return init(jax.random.key(seed))

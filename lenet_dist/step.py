@@ -72,8 +72,8 @@ def train_step(state: TrainState, images, labels, tx, config: Config = Config(),
     """One optimizer step on the mean softmax cross-entropy of the global batch
     (label-smoothed if asked), after on-device augmentation if asked. BatchNorm
     recipes normalise with the global batch's statistics and update running ones.
-    `model` defaults to the config's recipe with the default class count."""
-    model = model or model_lib.build(config.recipe)
+    `model` defaults to the config's network with the default class count."""
+    model = model or model_lib.build(config.network)
     model_lib.check_variables(model, state.variables)  # at trace time: shapes only
     if config.augment:
         key = jax.random.fold_in(jax.random.key(config.seed), state.step)
@@ -128,12 +128,12 @@ def outputs_of(model: nn.Module, variables, images) -> dict[str, jax.Array]:
 
 
 @functools.cache
-def forward_for(recipe: str, num_classes: int = model_lib.NUM_CLASSES) -> Callable:
+def forward_for(network: str, num_classes: int = model_lib.NUM_CLASSES) -> Callable:
     """`forward(variables, uint8 images) -> {"logits", "probabilities", "classes"}`,
-    jitted once per (recipe, class count) for the whole process: evaluation, predict,
+    jitted once per (network, class count) for the whole process: evaluation, predict,
     the API, export's reference and training's image grid share one compiled forward.
     No shardings: it runs where its inputs are."""
-    return jax.jit(functools.partial(outputs_of, model_lib.build(recipe, num_classes)))
+    return jax.jit(functools.partial(outputs_of, model_lib.build(network, num_classes)))
 
 
 def _add(sums, new):
@@ -159,17 +159,17 @@ class Steps:
     # (variables, uint8 images) -> {"logits", "probabilities", "classes"}: `forward_for`'s
     # jitted forward of this run's model, unsharded (predict, export, the image grid)
     forward: Callable
-    model: nn.Module  # the run's model: the config's recipe, the dataset's class count
+    model: nn.Module  # the run's model: the config's network, the dataset's class count
 
 
 def build_steps(tx: optax.GradientTransformation, shardings: Shardings,
                 config: Config = Config(), num_classes: int = model_lib.NUM_CLASSES) -> Steps:
-    """Every sharding decision for the steps, in one place; `config` gives the recipe
+    """Every sharding decision for the steps, in one place; `config` gives the network
     (model, augmentation, label smoothing, seed of the augmentation), `num_classes` the
     width of the model's head (the dataset's class count). The model is built from these
     two, never guessed from a checkpoint's variables."""
-    model = model_lib.build(config.recipe, num_classes)
-    state_shapes = abstract_state(tx, config.recipe, num_classes)
+    model = model_lib.build(config.network, num_classes)
+    state_shapes = abstract_state(tx, config.network, num_classes)
     state_sh = state_shardings(shardings, state_shapes)
     rep = shardings.replicated
     stacked = shardings.stacked_batches
@@ -191,7 +191,7 @@ def build_steps(tx: optax.GradientTransformation, shardings: Shardings,
         out_shardings=(state_sh, metrics_sh),
         donate_argnums=(0,),
         # per-recipe XLA:CPU options, measured (runtime.CPU_TRAIN_OPTIONS)
-        compiler_options=runtime.train_compiler_options(config.recipe, platform),
+        compiler_options=runtime.train_compiler_options(config.network, platform),
     )
     evaluate = jax.jit(
         eval_at,
@@ -206,7 +206,7 @@ def build_steps(tx: optax.GradientTransformation, shardings: Shardings,
                                jax.tree.map(attach, jax.eval_shape(zero_metrics), metrics_sh))
 
     return Steps(train=train, evaluate=evaluate, zeros=zeros, abstract=abstract,
-                 forward=forward_for(config.recipe, num_classes), model=model)
+                 forward=forward_for(config.network, num_classes), model=model)
 
 
 # The metric sums' key in a checkpoint's tree, as every saved checkpoint spells it.

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from lenet_dist import safefs
-from lenet_dist.config import REQUIRED_FIELDS
+from lenet_dist.config import REQUIRED_FIELDS, upgraded
 from lenet_dist.errors import first_line
 from lenet_dist.records import EPOCH_METRICS
 from lenet_dist.rundir import CHECKPOINT_DIR, PROBE_DIR
@@ -59,6 +59,7 @@ def parse_meta(raw: bytes, step: int | None = None) -> dict:
     config = meta.get("config")
     if not isinstance(config, dict):
         raise CorruptCheckpoint("metadata has no config")
+    config = meta["config"] = upgraded(config)  # older versions' field names
     missing = [k for k in REQUIRED_FIELDS if k not in config]
     if missing:
         raise CorruptCheckpoint(f"metadata config lacks {', '.join(missing)}")

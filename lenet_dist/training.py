@@ -263,7 +263,7 @@ class Trainer:
                                             check=compatible) if self.ckpt else None
         if restored is None:
             self.state = create_state(self.config.seed, self.tx, self.shardings,
-                                      self.config.recipe, self.dataset.num_classes)
+                                      self.config.network, self.dataset.num_classes)
             self.sums = self.steps.zeros()
         else:
             tree, meta = restored
@@ -561,6 +561,6 @@ class Trainer:
                      f"{classes} classes): " + (
                          "the d2l recipe (sigmoid, SGD) learns slowly on small data; "
                          "--recipe modern learns on it (docs/data.md)"
-                         if self.config.recipe == "d2l" else
+                         if self.config.network == "d2l" else
                          "check the labels and images (docs/data.md)"))
 

@@ -147,7 +147,7 @@ def modern(workdir, **kw) -> Config:
     from lenet_dist.config import PRESETS
 
     fields = {k: getattr(PRESETS["modern"], k) for k in (
-        "recipe", "optimizer", "schedule", "warmup_epochs", "weight_decay",
+        "network", "optimizer", "schedule", "warmup_epochs", "weight_decay",
         "label_smoothing", "augment")}
     return small(workdir, **{**fields, "learning_rate": 0.003, **kw})
 

@@ -41,7 +41,7 @@ def test_interrupted_run_continues_exactly(request, dataset, tmp_path, recipe, r
     logs = []
     resumed = train(config(work, save_every_steps=3, keep_checkpoints=20), dataset=dataset,
                     log=logs.append)
-    assert resumed.config.recipe == ref.config.recipe == recipe
+    assert resumed.config.network == ref.config.network == recipe
     assert any(f"resuming from checkpoint at step {resume_from}" in line for line in logs)
     assert_same_params(resumed.state.variables, ref.state.variables, atol=1e-6)
     assert len(resumed.history) == len(ref.history) == 2

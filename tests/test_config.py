@@ -57,19 +57,19 @@ def test_train_options_keep_their_names_types_and_ranges():
             low, high, low_open, high_open), name
     assert options["optimizer"].type.choices == config_lib.OPTIMIZERS
     assert isinstance(options["workdir"].type, cli_options.TextPath)
-    for name in {f.name for f in dataclasses.fields(Config)} - {"recipe"}:
+    for name in {f.name for f in dataclasses.fields(Config)} - {"network"}:
         assert options[name].default is None, name  # unset: the preset or file decides
 
 
 def test_resume_fields_come_from_the_declarations():
     assert set(config_lib.COMPATIBLE_FIELDS) == {
         "dataset", "batch_size", "optimizer", "learning_rate", "momentum", "seed",
-        "train_limit", "recipe", "schedule", "warmup_epochs", "weight_decay",
+        "train_limit", "network", "schedule", "warmup_epochs", "weight_decay",
         "label_smoothing", "augment", "test_fraction", "skip_bad_files", "validation"}
     assert set(config_lib.REQUIRED_FIELDS) == {
         "dataset", "batch_size", "optimizer", "learning_rate", "momentum", "seed",
         "train_limit"}
-    assert set(config_lib.STRUCTURAL_FIELDS) == {"optimizer", "recipe", "schedule"}
+    assert set(config_lib.STRUCTURAL_FIELDS) == {"optimizer", "network", "schedule"}
     assert set(config_lib.STRUCTURAL_FIELDS) <= set(config_lib.COMPATIBLE_FIELDS)
 
     from lenet_dist import checkpoint
@@ -443,7 +443,7 @@ VALUES = st.one_of(st.booleans(), st.integers(), st.floats(), st.text(max_size=8
 
 
 @settings(max_examples=400, deadline=None, derandomize=True, database=None)
-@given(field=st.sampled_from([f for f in config_lib.FIELDS if f != "recipe"]), value=VALUES)
+@given(field=st.sampled_from(list(config_lib.FIELDS)), value=VALUES)
 def test_a_value_is_judged_alike_by_config_and_by_a_settings_file(field, value):
     """The rules of a field live once (config.check_field): Config.validate and the
     settings-file reader take the same values, as the same Python values, and refuse

@@ -112,7 +112,7 @@ def test_scan_epochs_report_the_mean_loss_in_both_dtypes(gpu_check):
     xs, ys = feed.epoch(0, 0)
     losses = {}
     for name, step_fn in gpu_check.step_fns(tx, config).items():
-        state = create_state(0, tx, shardings, config.recipe)
+        state = create_state(0, tx, shardings, config.network)
         _, out = jax.jit(gpu_check.scan_epoch_fn(step_fn))(state, xs, ys)
         losses[name] = np.asarray(out)
     assert losses["scan_fp32"].shape == (3,)

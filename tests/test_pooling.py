@@ -28,4 +28,4 @@ def test_pooling_matches_flax_forward_and_backward(shape, ours, flax_pool):
 
 def test_layer_summary_shapes_unchanged():
     assert model.layer_summary()[2] == ("AvgPool", (1, 14, 14, 6))
-    assert model.layer_summary(recipe="modern")[3] == ("MaxPool", (1, 14, 14, 16))
+    assert model.layer_summary(network="modern")[3] == ("MaxPool", (1, 14, 14, 16))

@@ -27,7 +27,7 @@ QUIET = dict(log=lambda _: None)
 def test_modern_model_shapes_and_budget(capsys):
     variables = model_lib.init_variables(jax.random.key(0), "modern")
     assert model_lib.param_count(variables["params"]) == 81_514 < 100_000
-    assert [s for _, s in model_lib.layer_summary(recipe="modern")][-1] == (1, 10)
+    assert [s for _, s in model_lib.layer_summary(network="modern")][-1] == (1, 10)
     assert main(["summary", "--recipe", "modern"]) == 0
     out = capsys.readouterr().out
     assert "BatchNorm" in out and "MaxPool" in out and "parameters: 81,514" in out
@@ -63,7 +63,7 @@ def test_modern_checkpoint_evaluates_on_other_device_counts(modern_reference, da
     for n in (1, 4):
         restored = restore_checkpoint(str(work), Shardings(make_mesh(n)))
         variables, config = restored.variables, restored.config
-        assert config.recipe == "modern" and set(variables) == {"params", "batch_stats"}
+        assert config.network == "modern" and set(variables) == {"params", "batch_stats"}
         result = evaluate_checkpoint(str(work), devices=n)
         assert result["test_accuracy"] == pytest.approx(ref.final["test_accuracy"], abs=1e-6)
 
@@ -71,7 +71,7 @@ def test_modern_checkpoint_evaluates_on_other_device_counts(modern_reference, da
 def test_other_recipe_on_a_workdir_is_refused(modern_reference, dataset):
     from lenet_dist.errors import UserError
 
-    with pytest.raises(UserError, match=r"recipe: saved 'modern', now 'd2l'"):
+    with pytest.raises(UserError, match=r"network: saved 'modern', now 'd2l'"):
         train(small(modern_reference[0], epochs=3), dataset=dataset, **QUIET)
 
 
@@ -112,7 +112,7 @@ def test_mnist_with_both_recipes(recipe, tmp_path, capsys):
                  str(work), "--no-progress", "--no-tensorboard", "--validation", "64"]) == 0
     assert "training LeNet-5 on mnist" in capsys.readouterr().out
     config = restore_checkpoint(str(work), Shardings(make_mesh(1))).config
-    assert (config.dataset, config.recipe) == ("mnist", recipe)
+    assert (config.dataset, config.network) == ("mnist", recipe)
     assert main(["predict", "--workdir", str(work), str(data / "t10k-images-idx3-ubyte"),
                  "--labels", str(data / "t10k-labels-idx1-ubyte"), "-q"]) == 0
     assert "accuracy" in capsys.readouterr().out
@@ -135,7 +135,7 @@ def test_tensorboard_events_of_a_run_read_back(dataset, tmp_path):
     lrs = dict(board.scalars["lr"])
     assert lrs[5] > 0 and lrs[20] < lrs[10]  # warm-up, then cosine decay
     assert [s for s, _ in board.images["test/predictions"]] == [10, 20]
-    assert board.hparams["recipe"] == "modern" and "final/test_accuracy" in board.hparam_metrics
+    assert board.hparams["network"] == "modern" and "final/test_accuracy" in board.hparam_metrics
     assert list((tmp_path / "tb").glob("plugins/profile/*/*.xplane.pb"))
 
 
@@ -163,7 +163,7 @@ def test_modern_export_serves_batchnorm_in_eval_mode(modern_reference, dataset, 
     out = tmp_path / "m" / "1"
     assert main(["export", "--workdir", str(work), "--out", str(out)]) == 0
     meta = json.loads((out / "assets.extra" / "metadata.json").read_text())
-    assert meta["recipe"] == "modern"
+    assert meta["network"] == "modern"
     images = write_idx(tmp_path / "images", dataset.test.images[..., 0])
     labels = write_idx(tmp_path / "labels", dataset.test.labels)
     capsys.readouterr()

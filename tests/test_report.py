@@ -135,7 +135,7 @@ def test_comparison_without_parameters_has_no_parameters_column(tmp_path):
     runs = {"a": {"history": history(2), "config": {}, "final": {}},
             "b": {"history": [], "config": {}, "final": {}}}
     md = report.write_comparison(tmp_path, runs).read_text()
-    assert "| run | recipe | final test accuracy | wall time |" in md
+    assert "| run | settings | final test accuracy | wall time |" in md
     assert "| b | n/a | n/a | n/a |" in md
     png(tmp_path / "compare.png")
 
@@ -317,12 +317,16 @@ def test_report_out_into_checkpoints_is_one_line_before_any_work(run_dir):
         f"training writes; choose another directory, e.g. {run_dir}/report"]
 
 
-def test_a_comparison_names_each_runs_recipe():
-    """Config's field is `recipe`; runs written before it was renamed say `preset`."""
-    assert report.recipe({"recipe": "modern", "optimizer": "adamw", "learning_rate": 0.003,
-                          "batch_size": 128}).startswith("recipe modern, adamw lr 0.003")
-    assert report.recipe({"preset": "d2l"}).startswith("recipe d2l")
-    assert "recipe" not in report.recipe({"optimizer": "sgd"})
+def test_a_comparison_names_each_runs_network():
+    """Config's field is `network`; runs written before it was renamed say `recipe`, and
+    before that `preset`."""
+    assert report.describe_config({"network": "modern", "optimizer": "adamw",
+                                   "learning_rate": 0.003, "batch_size": 128}
+                                  ).startswith("network modern, adamw lr 0.003")
+    # config.json before 2026-12-08 named the network "recipe"; before that, "preset"
+    assert report.describe_config({"recipe": "modern"}).startswith("network modern")
+    assert report.describe_config({"preset": "d2l"}).startswith("network d2l")
+    assert "network" not in report.describe_config({"optimizer": "sgd"})
 
 
 def tiny_run(directory, config, accuracies):
@@ -357,8 +361,8 @@ def test_a_comparison_of_a_d2l_and_a_modern_run_names_both_recipes(tmp_path):
         runs[name] = {"config": json.loads((work / CONFIG_FILE).read_text()),
                       "history": rundir.read_metrics(work / rundir.METRICS_FILE)}
     md = report.write_comparison(tmp_path / "compare", runs).read_text()
-    assert "| d2l | recipe d2l, sgd lr 0.1, batch 128, 10 epochs | 72.00% |" in md
-    assert "| modern | recipe modern, adamw lr 0.003, batch 128, 10 epochs | **90.00%** |" in md
+    assert "| d2l | network d2l, sgd lr 0.1, batch 128, 10 epochs | 72.00% |" in md
+    assert "| modern | network modern, adamw lr 0.003, batch 128, 10 epochs | **90.00%** |" in md
 
 
 @pytest.fixture

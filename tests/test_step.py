@@ -133,7 +133,7 @@ def test_a_checkpoint_whose_config_says_modern_restores_the_modern_model(tmp_pat
     from lenet_dist.model import ModernLeNet
     from lenet_dist.restore import restore_checkpoint
 
-    config = Config(recipe="modern", optimizer="adamw", workdir=str(tmp_path))
+    config = Config(network="modern", optimizer="adamw", workdir=str(tmp_path))
     names = ["a", "b", "c", "d", "e"]
     sh = Shardings(make_mesh(1))
     tx = make_optimizer(config)
@@ -152,7 +152,7 @@ def test_a_checkpoint_whose_config_says_modern_restores_the_modern_model(tmp_pat
 
 
 @pytest.mark.parametrize("recipe, classes, says", [
-    ("d2l", 10, "do not fit the d2l recipe's model with 10 classes (missing params/layers_0/"),
+    ("d2l", 10, "do not fit the d2l network with 10 classes (missing params/layers_0/"),
     ("modern", 7, "params/layers_12/kernel is [84, 10], not [84, 7]"),
 ])
 def test_variables_of_another_model_are_a_one_line_error(recipe, classes, says):
