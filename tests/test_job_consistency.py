@@ -69,7 +69,7 @@ MISMATCHES = [
     ("learning_rate", ("--lr", "0.1"), ("--lr", "0.05"), (2, 2)),
     ("epochs", (), ("--epochs", "2"), (2, 2)),
     ("batch_size", (), ("--batch-size", "64"), (2, 2)),
-    ("recipe", ("--recipe", "d2l"), ("--recipe", "modern"), (2, 2)),
+    ("network", ("--recipe", "d2l"), ("--recipe", "modern"), (2, 2)),
     ("devices", (), ("--devices", "4"), (2, 2)),
     ("num_processes", (), (), (3, 2)),  # --devices 2 does not split over 3: still named
     ("num_processes", (), (), (2, 3)),
