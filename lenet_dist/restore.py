@@ -15,7 +15,7 @@ from typing import Callable
 
 from lenet_dist.checkpoint import Checkpoints
 from lenet_dist.step_files import CorruptCheckpoint
-from lenet_dist.config import FIELDS, Config, upgraded
+from lenet_dist.config import FIELDS, Config
 from lenet_dist.data import CLASS_NAMES
 from lenet_dist.errors import Failure, UserError
 from lenet_dist.mesh import Shardings
@@ -125,5 +125,6 @@ def class_names_of(meta: dict, config: Config) -> tuple[str, ...]:
 
 
 def config_from(meta: dict) -> Config:
-    """The run's Config from checkpoint metadata; fields this version lacks are dropped."""
-    return Config(**{k: v for k, v in upgraded(meta["config"]).items() if k in FIELDS})
+    """The run's Config from checkpoint metadata (read through step_files.parse_meta,
+    which renamed older versions' fields); fields this version lacks are dropped."""
+    return Config(**{k: v for k, v in meta["config"].items() if k in FIELDS})

@@ -242,7 +242,7 @@ class WorkdirLock:
     """
 
     def __init__(self, workdir: epath.Path | str, command: str):
-        self.path = os.path.join(os.fspath(workdir), LOCK_FILE)
+        self.path = lock_path(workdir)
         self.command = command
         self.fd: int | None = None
         self.stale: dict = {}
@@ -326,7 +326,7 @@ def lock_holder(workdir: epath.Path | str) -> dict | None:
     """Who holds the workdir's lock now (None if nobody), without taking it."""
     if not safefs.is_local(workdir):
         return lease.lease_holder(lock_path(workdir))
-    path = os.path.join(os.fspath(workdir), LOCK_FILE)
+    path = lock_path(workdir)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
